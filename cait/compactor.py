@@ -1,0 +1,156 @@
+"""CDCP compactors (paper §III-C after ResRep [70], SPEC §2).
+
+A compactor is a learnable square matrix Q, initialised to the identity, applied to a linear layer's output:
+``y = Q(Wx + b)``. CDCP places one per head on each of q, k and v (``d_h × d_h``, after the fused ``qkv`` Linear)
+and one per block on the FFN hidden layer (``4C × 4C``, after ``fc1``, before the activation). Channel j of a
+compactor is row j of Q; its importance is ``‖Q[j, :]‖₂``.
+
+The compactors wrap timm's own ``attn.qkv`` and ``mlp.fc1`` Linears, so timm's Attention and Mlp forwards run
+unchanged (layer scale, dropout and the fused attention kernel included). Worked example, DeiT-Tiny block 0::
+
+    attn.qkv   = CompactorQKV(Linear(192, 576), num_heads=3)
+                 .q, .k, .v : Parameter (3, 64, 64)      # (heads, d_h, d_h), each head's Q is eye(64)
+    mlp.fc1    = CompactorLinear(Linear(192, 768))
+                 .q         : Parameter (768, 768)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention, Mlp
+
+from .merge import Block
+
+
+class CompactorQKV(nn.Module):
+    """The fused ``qkv`` Linear followed by per-head q, k and v compactors.
+
+    Args:
+        linear: timm's ``attn.qkv``, ``Linear(C, 3·H·d_h)`` with output laid out as ``[q | k | v]``, heads contiguous.
+        num_heads: H.
+
+    Attributes:
+        q, k, v: ``(H, d_h, d_h)`` compactors, identity at construction.
+    """
+
+    def __init__(self, linear: nn.Linear, num_heads: int) -> None:
+        super().__init__()
+        if linear.out_features % (3 * num_heads):
+            raise ValueError(f"qkv has {linear.out_features} outputs, not divisible by 3 × {num_heads} heads")
+        self.linear = linear
+        self.num_heads = num_heads
+        self.head_dim = linear.out_features // (3 * num_heads)
+        w = linear.weight
+        eye = torch.eye(self.head_dim, device=w.device, dtype=w.dtype).expand(num_heads, -1, -1)
+        self.q = nn.Parameter(eye.clone())
+        self.k = nn.Parameter(eye.clone())
+        self.v = nn.Parameter(eye.clone())
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def stacked(self) -> torch.Tensor:
+        """All compactors as one ``(3, H, d_h, d_h)`` tensor, order q, k, v."""
+        return torch.stack([self.q, self.k, self.v])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)                                                # (B, N, 3·H·d)
+        shape = y.shape
+        y = y.reshape(*shape[:-1], 3, self.num_heads, self.head_dim)      # (B, N, 3, H, d)
+        y = torch.einsum("...thd,thed->...the", y, self.stacked())        # y'_e = Σ_d Q[e, d] y_d
+        return y.reshape(shape)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W', b')`` with ``W' = QW``, ``b' = Qb`` per head (exact: Q is linear, SPEC §2 "Fold").
+
+        Returns:
+            ``W'`` of shape ``(3·H·d_h, C)`` and ``b'`` of shape ``(3·H·d_h,)`` (None without bias).
+        """
+        Q = self.stacked()                                                # (3, H, d, d)
+        W = self.linear.weight.reshape(3, self.num_heads, self.head_dim, -1)
+        Wf = (Q @ W).reshape(self.linear.weight.shape)
+        b = self.linear.bias
+        bf = None if b is None else (Q @ b.reshape(3, self.num_heads, self.head_dim, 1)).reshape(b.shape)
+        return Wf, bf
+
+
+class CompactorLinear(nn.Module):
+    """A Linear followed by one ``(D, D)`` compactor on its output (the FFN's ``fc1``).
+
+    Attributes:
+        q: ``(D, D)`` compactor, identity at construction.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+        w = linear.weight
+        self.q = nn.Parameter(torch.eye(linear.out_features, device=w.device, dtype=w.dtype))
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) @ self.q.T                                  # (B, N, D)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(QW, Qb)``: shapes ``(D, C)`` and ``(D,)``."""
+        b = self.linear.bias
+        return self.q @ self.linear.weight, None if b is None else self.q @ b
+
+
+def add_compactors(model: nn.Module) -> nn.Module:
+    """Wrap every block's ``attn.qkv`` and ``mlp.fc1`` with identity compactors, in place.
+
+    Outputs are unchanged until the compactors are trained (identity). Merged blocks (ATME) are handled too.
+
+    Returns:
+        The same model.
+
+    Raises:
+        TypeError: if a block's attention or MLP is not timm's ``Attention``/``Mlp`` (e.g. already pruned).
+        ValueError: if the model already has compactors, or uses q/k normalisation (pruning q/k would change it).
+    """
+    for i, block in enumerate(model.blocks):
+        if not isinstance(block, Block):
+            raise TypeError(f"block {i} is {type(block).__name__}, not a timm Block")
+        attn, mlp = block.attn, block.mlp
+        if isinstance(attn.qkv if isinstance(attn, Attention) else None, CompactorQKV):
+            raise ValueError(f"block {i} already has compactors")
+        if type(attn) is not Attention or type(mlp) is not Mlp:
+            raise TypeError(f"block {i} has {type(attn).__name__}/{type(mlp).__name__}; compactors need timm's "
+                            "Attention and Mlp (a pruned model cannot take compactors)")
+        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+            raise ValueError(f"block {i} normalises q/k; CDCP cannot prune q/k channels through a norm")
+        attn.qkv = CompactorQKV(attn.qkv, attn.num_heads)
+        mlp.fc1 = CompactorLinear(mlp.fc1)
+    return model
+
+
+def has_compactors(model: nn.Module) -> bool:
+    """True if the model's blocks carry compactors."""
+    return any(isinstance(m, (CompactorQKV, CompactorLinear)) for m in model.modules())
+
+
+def iter_compactors(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Every compactor parameter as ``(name, Q)``: ``(H, d_h, d_h)`` for q/k/v, ``(D, D)`` for the FFN.
+
+    Use this for the compactor optimizer group (SPEC §2: AdamW β₁ = 0.99, no weight decay).
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, CompactorQKV):
+            yield from ((f"{name}.{t}", getattr(m, t)) for t in ("q", "k", "v"))
+        elif isinstance(m, CompactorLinear):
+            yield f"{name}.q", m.q

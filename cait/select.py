@@ -1,0 +1,228 @@
+"""CDCP: choosing the masked set S with head-level and attention-level consistency (paper Alg. 1–3, SPEC §2).
+
+Data structures, worked example for a 2-block model with 3 heads of d_h = 4 and FFN width 8::
+
+    scores = ChannelScores(
+        q=[(3, 4) tensor, (3, 4) tensor],    # ‖Q^q_{l,h}[j, :]‖₂ per block l, head h, channel j
+        k=[...], v=[...],                    # same shapes
+        ffn=[(8,) tensor, (8,) tensor])      # ‖Q^ffn_l[j, :]‖₂
+    mask = select_channels(scores, describe(model), target_flops)
+    mask.qk[0]  -> (3, 4) bool, True = channel pair (q_j, k_j) of that head is in S (to be removed)
+    mask.v[0]   -> (3, 4) bool
+    mask.ffn[0] -> (8,) bool
+    mask.widths() -> [(qk kept per head, v kept per head, ffn kept), ...]   e.g. [(3, 2, 5), (4, 4, 6)]
+
+Units and their scores: a q/k *pair* (l, h, j) scored by the mean of s^q_j and s^k_j (attention-level
+consistency: q_j and k_j go together); a v channel (l, h, j); an FFN channel (l, j). The walk takes units in
+ascending score order; a q/k or v unit in head h also pulls, from every other head of its block, that head's
+lowest-scored unit of the same kind not yet in S (head-level consistency), so every head of a block keeps the same
+widths. It stops when the model with S removed meets the FLOPs target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .compactor import CompactorLinear, CompactorQKV
+from .flops import ModelSpec
+
+
+@dataclass
+class ChannelScores:
+    """Importance per channel: ``q``, ``k``, ``v`` are lists (one per block) of ``(H, d_h)``; ``ffn`` of ``(D_f,)``."""
+
+    q: list[torch.Tensor]
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    ffn: list[torch.Tensor]
+
+    def qk(self) -> list[torch.Tensor]:
+        """Scores of q/k pairs: the mean of s^q and s^k (attention-level consistency)."""
+        return [(a + b) / 2 for a, b in zip(self.q, self.k)]
+
+
+@dataclass
+class ChannelMask:
+    """The masked set S. True marks a channel in S (masked during training, removed by pruning).
+
+    Attributes:
+        qk: per block, ``(H, d_h)`` bool: the q/k channel pair j of head h.
+        v: per block, ``(H, d_h)`` bool.
+        ffn: per block, ``(D_f,)`` bool.
+    """
+
+    qk: list[torch.Tensor]
+    v: list[torch.Tensor]
+    ffn: list[torch.Tensor]
+
+    @classmethod
+    def empty_like(cls, scores: ChannelScores) -> "ChannelMask":
+        """A mask with nothing in S, shaped like ``scores``."""
+        z = lambda ts: [torch.zeros(t.shape, dtype=torch.bool) for t in ts]  # noqa: E731
+        return cls(z(scores.q), z(scores.v), z(scores.ffn))
+
+    def widths(self) -> list[tuple[int, int, int]]:
+        """Per block ``(qk kept per head, v kept per head, ffn kept)``.
+
+        Raises:
+            ValueError: if the heads of a block keep different widths (the mask breaks head-level consistency).
+        """
+        self.check_consistency()
+        return [(int((~qk[0]).sum()), int((~v[0]).sum()), int((~f).sum())) for qk, v, f in
+                zip(self.qk, self.v, self.ffn)]
+
+    def check_consistency(self) -> None:
+        """Raise ``ValueError`` unless every head of every block keeps the same q/k width and the same v width."""
+        for l, (qk, v) in enumerate(zip(self.qk, self.v)):
+            for kind, m in (("q/k", qk), ("v", v)):
+                kept = (~m).sum(dim=1)
+                if not bool((kept == kept[0]).all()):
+                    raise ValueError(f"block {l}: heads keep different {kind} widths {kept.tolist()}")
+
+    def size(self) -> int:
+        """|S| counted in units: q/k pairs + v channels + FFN channels."""
+        return int(sum(int(t.sum()) for t in self.qk + self.v + self.ffn))
+
+    def to_dict(self) -> dict[str, list[list]]:
+        """JSON-friendly form (lists of 0/1)."""
+        return {k: [t.to(torch.uint8).tolist() for t in getattr(self, k)] for k in ("qk", "v", "ffn")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ChannelMask":
+        return cls(*([torch.tensor(t, dtype=torch.bool) for t in d[k]] for k in ("qk", "v", "ffn")))
+
+
+def _check_blocks(model: nn.Module) -> None:
+    if not len(model.blocks):
+        raise ValueError("model has no blocks")
+
+
+def compactor_scores(model: nn.Module) -> ChannelScores:
+    """Scores from compactor rows, ``s_j = ‖Q[j, :]‖₂`` (SPEC §2). Needs :func:`cait.add_compactors` first.
+
+    Raises:
+        ValueError: if a block has no compactors.
+    """
+    _check_blocks(model)
+    q, k, v, f = [], [], [], []
+    for i, block in enumerate(model.blocks):
+        qkv, fc1 = block.attn.qkv, block.mlp.fc1
+        if not isinstance(qkv, CompactorQKV) or not isinstance(fc1, CompactorLinear):
+            raise ValueError(f"block {i} has no compactors; call cait.add_compactors(model) first")
+        with torch.no_grad():
+            q.append(qkv.q.norm(dim=-1).float().cpu())
+            k.append(qkv.k.norm(dim=-1).float().cpu())
+            v.append(qkv.v.norm(dim=-1).float().cpu())
+            f.append(fc1.q.norm(dim=-1).float().cpu())
+    return ChannelScores(q, k, v, f)
+
+
+def weight_scores(model: nn.Module) -> ChannelScores:
+    """Scores from the (folded) weight rows, for one-shot compression with no training.
+
+    With identity compactors every compactor score is 1, so the untrained preview scores channel j by the L2 norm of
+    the row of ``qkv`` (q, k, v) or ``fc1`` (FFN) that produces it, compactors folded in if present.
+    """
+    _check_blocks(model)
+    q, k, v, f = [], [], [], []
+    for block in model.blocks:
+        attn = block.attn
+        H = attn.num_heads
+        with torch.no_grad():
+            W = attn.qkv.folded()[0] if isinstance(attn.qkv, CompactorQKV) else attn.qkv.weight
+            rows = W.norm(dim=1).float().cpu().reshape(3, H, -1)       # (3, H, d_h)
+            q.append(rows[0]); k.append(rows[1]); v.append(rows[2])
+            fc1 = block.mlp.fc1
+            W1 = fc1.folded()[0] if isinstance(fc1, CompactorLinear) else fc1.weight
+            f.append(W1.norm(dim=1).float().cpu())
+    return ChannelScores(q, k, v, f)
+
+
+def select_channels(scores: ChannelScores, spec: ModelSpec, target_flops: int, min_channels: int = 1
+                    ) -> ChannelMask:
+    """Build S from scratch: the consistent selection of paper Alg. 1–3 (SPEC §2, "Choosing the masked set S").
+
+    Args:
+        scores: channel importances (:func:`compactor_scores` during training, :func:`weight_scores` one-shot).
+        spec: the model's shape before pruning (:func:`cait.flops.describe`), ATME included.
+        target_flops: stop once the model with S removed has at most this many FLOPs (multiply-adds, one image).
+        min_channels: channels kept at least per head (q/k and v) and per FFN (SPEC §2 choice; default 1).
+
+    Returns:
+        The mask; every head of a block keeps the same q/k width and the same v width.
+
+    Raises:
+        ValueError: if ``target_flops`` cannot be reached even with every block at ``min_channels``, or if
+            ``scores`` do not match ``spec``.
+    """
+    if min_channels < 1:
+        raise ValueError(f"min_channels must be >= 1, got {min_channels}")
+    if len(scores.q) != len(spec.blocks):
+        raise ValueError(f"scores cover {len(scores.q)} blocks, the model has {len(spec.blocks)}")
+    for l, b in enumerate(spec.blocks):
+        if scores.q[l].shape != (b.heads, b.qk_dim) or scores.v[l].shape != (b.heads, b.v_dim) \
+                or scores.ffn[l].shape != (b.ffn_dim,):
+            raise ValueError(f"block {l}: score shapes do not match the model "
+                             f"(heads {b.heads}, q/k {b.qk_dim}, v {b.v_dim}, ffn {b.ffn_dim})")
+    mask = ChannelMask.empty_like(scores)
+    flops = spec.flops()
+    if flops <= target_flops:
+        return mask
+
+    qk_scores = scores.qk()
+    per_kind = {"qk": (qk_scores, mask.qk), "v": (scores.v, mask.v)}
+    # Per (kind, block, head): channel indices in ascending score order, and a cursor past those already in S.
+    order = {(kind, l): torch.argsort(s[l], dim=1, stable=True).tolist()
+             for kind, (s, _) in per_kind.items() for l in range(len(spec.blocks))}
+    cursor = {key: [0] * len(order[key]) for key in order}
+    kept = {(kind, l): (spec.blocks[l].qk_dim if kind == "qk" else spec.blocks[l].v_dim)
+            for kind in per_kind for l in range(len(spec.blocks))}
+    kept_ffn = [b.ffn_dim for b in spec.blocks]
+
+    # All units, ascending by score; ties keep enumeration order (block, kind, head, channel).
+    values, units = [], []
+    for l, b in enumerate(spec.blocks):
+        for kind, (s, _) in per_kind.items():
+            values.append(s[l].flatten())
+            units += [(kind, l, h, j) for h in range(b.heads) for j in range(s[l].shape[1])]
+        values.append(scores.ffn[l])
+        units += [("ffn", l, 0, j) for j in range(b.ffn_dim)]
+    walk = torch.argsort(torch.cat(values), stable=True).tolist()
+
+    def lowest_free(kind: str, l: int, h: int) -> int:
+        """Head h's lowest-scored unit of this kind not yet in S."""
+        taken, idx = per_kind[kind][1][l][h], order[(kind, l)][h]
+        c = cursor[(kind, l)]
+        while taken[idx[c[h]]]:
+            c[h] += 1
+        return idx[c[h]]
+
+    for u in walk:
+        if flops <= target_flops:
+            break
+        kind, l, h, j = units[u]
+        b = spec.blocks[l]
+        if kind == "ffn":
+            if mask.ffn[l][j] or kept_ffn[l] <= min_channels:
+                continue
+            mask.ffn[l][j] = True
+            kept_ffn[l] -= 1
+            flops -= b.ffn_unit_flops()
+            continue
+        taken = per_kind[kind][1][l]
+        if taken[h, j] or kept[(kind, l)] <= min_channels:
+            continue
+        taken[h, j] = True                                       # the unit itself ...
+        for h2 in range(b.heads):                                # ... and the lowest free unit of every other head
+            if h2 != h:
+                taken[h2, lowest_free(kind, l, h2)] = True
+        kept[(kind, l)] -= 1
+        flops -= b.heads * (b.qk_unit_flops() if kind == "qk" else b.v_unit_flops())
+
+    if flops > target_flops:
+        floor = spec.with_widths([(min_channels, min_channels, min_channels)] * len(spec.blocks)).flops()
+        raise ValueError(f"FLOPs target {target_flops / 1e9:.3f} G is out of reach: with {min_channels} channel(s) "
+                         f"per head and per FFN the model still needs {floor / 1e9:.3f} G")
+    return mask
