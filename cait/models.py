@@ -6,13 +6,16 @@ together with a `WeightsInfo` that says so — never a crash and never a silent 
 """
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import timm
 import torch.nn as nn
-from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 DEIT_MODELS: dict[str, str] = {
     "deit_tiny_patch16_224": "DeiT-Tiny",
@@ -25,6 +28,14 @@ TEST_MODEL = "deit_test_patch4_32"
 """A tiny DeiT (32 px, patch 4 → 8×8 grid, C=48, 3 heads of 16, depth 6, 10 classes) that exists for tests."""
 
 
+# timm's registry reads this module-level table for the models registered below.
+default_cfgs = generate_default_cfgs({
+    f"{TEST_MODEL}.untrained": dict(
+        url="", num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, interpolation="bicubic",
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="patch_embed.proj", classifier="head"),
+})
+
+
 @register_model
 def deit_test_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Tiny DeiT-shaped ViT for tests and demos where size doesn't matter. Has no pretrained weights.
@@ -35,12 +46,8 @@ def deit_test_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer
     if pretrained:
         raise ValueError(f"{TEST_MODEL} has no pretrained weights")
     args = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10, qkv_bias=True)
-    args.update(kwargs)
-    model = VisionTransformer(**args)
-    model.pretrained_cfg = dict(architecture=TEST_MODEL, input_size=(3, args["img_size"], args["img_size"]),
-                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0,
-                                interpolation="bicubic", num_classes=args["num_classes"])
-    return model
+    return build_model_with_cfg(VisionTransformer, TEST_MODEL, pretrained=False,
+                                pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs))
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,37 @@ def architecture(model: nn.Module) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=1)
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """None if the Hugging Face Hub answers a TCP connection within ``timeout`` seconds, else why not.
+
+    Checked once per process, so an offline machine falls back in seconds rather than after the Hub client's
+    retries (about 50 s here).
+    """
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{host} unreachable: {e.strerror or e}"
+
+
+def cached_weights(name: str) -> str | None:
+    """Path of timm's pretrained weights for ``name`` in the local Hugging Face cache, if already downloaded."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+        hub_id = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+        for filename in ("model.safetensors", "pytorch_model.bin") if hub_id else ():
+            path = try_to_load_from_cache(hub_id, filename)
+            if isinstance(path, str) and filename.endswith(".safetensors"):
+                return path
+    except Exception:  # no cfg, no cache: nothing cached
+        return None
+    return None
+
+
 def create_model(name: str, pretrained: bool = True, **kwargs) -> tuple[nn.Module, WeightsInfo]:
     """Create a timm DeiT, with ImageNet weights when the Hub is reachable.
 
@@ -99,15 +137,19 @@ def create_model(name: str, pretrained: bool = True, **kwargs) -> tuple[nn.Modul
     info = WeightsInfo("random", "random initialisation (pretrained weights not requested)")
     model = None
     if pretrained:
-        if hub_offline():
-            info = WeightsInfo("random", "random initialisation: the Hub is disabled (HF_HUB_OFFLINE/CAIT_OFFLINE)")
+        reason = "the Hub is disabled (HF_HUB_OFFLINE/CAIT_OFFLINE)" if hub_offline() else hub_unreachable_reason()
+        cached = cached_weights(name) if reason else None
+        if reason and not cached:
+            info = WeightsInfo("random", f"random initialisation: {reason}")
         else:
             try:
-                model = timm.create_model(name, pretrained=True, **kwargs)
-                info = WeightsInfo("timm-imagenet", f"timm ImageNet weights for {name}")
-            except Exception as e:  # offline, missing weights, hub errors: all mean "fall back, and say so"
-                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                info = WeightsInfo("random", f"random initialisation: pretrained weights unavailable ({reason})")
+                overlay = {"pretrained_cfg_overlay": dict(file=cached)} if cached else {}
+                model = timm.create_model(name, pretrained=True, **overlay, **kwargs)
+                where = "from the local cache" if cached else "from the Hub"
+                info = WeightsInfo("timm-imagenet", f"timm ImageNet weights for {name} ({where})")
+            except Exception as e:  # missing weights, hub errors: all mean "fall back, and say so"
+                why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                info = WeightsInfo("random", f"random initialisation: pretrained weights unavailable ({why})")
     if model is None:
         model = timm.create_model(name, pretrained=False, **kwargs)
     return model.eval(), info

@@ -1,0 +1,111 @@
+"""CLS attention maps, mapped back to image pixels through the merged grid (paper Fig. 8).
+
+The CLS token's attention row in block l, over the patch tokens, says where the classifier "looks". With ATME, block
+l sees a merged grid (e.g. 7×7 after ``h4,v7`` on DeiT-S); :func:`cait.merge.upsample_to_patch_grid` maps each merged
+token back onto the 14×14 patches it covers, and :meth:`ClsAttention.to_pixels` onto the image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention
+
+from .merge import model_token_grids, upsample_to_patch_grid
+from .prune import PrunedAttention
+
+
+def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax attention probabilities of one attention module for its input.
+
+    Args:
+        attn: timm ``Attention`` (with or without compactors) or :class:`cait.prune.PrunedAttention`.
+        x: the module's input (after ``norm1``), ``(B, N, C)``.
+
+    Returns:
+        ``(B, H, N, N)``; each row sums to 1.
+
+    Raises:
+        TypeError: for another attention type.
+    """
+    if isinstance(attn, PrunedAttention):
+        q, k, _ = attn.qkv_heads(x)
+    elif isinstance(attn, Attention):
+        B, N, _ = x.shape
+        qkv = attn.qkv(x)
+        head_dim = qkv.shape[-1] // (3 * attn.num_heads)   # from the output, not C // H
+        q, k, _ = qkv.reshape(B, N, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    else:
+        raise TypeError(f"cannot read attention from {type(attn).__name__}")
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+@dataclass
+class ClsAttention:
+    """CLS attention of one block for a batch of images.
+
+    Attributes:
+        maps: ``(B, H, h, w)``, CLS→patch attention on the block's (merged) grid; sums to ≤ 1 per head (the rest
+            is the CLS token's attention to itself).
+        patch_maps: ``(B, H, Hp, Wp)``, the same values on the full patch grid (each merged token repeated over the
+            patches it covers).
+        logits: ``(B, num_classes)``, the model's output for the images.
+        block: the block index (non-negative).
+        grid: ``(h, w)``.
+    """
+
+    maps: torch.Tensor
+    patch_maps: torch.Tensor
+    logits: torch.Tensor
+    block: int
+    grid: tuple[int, int]
+
+    def mean(self) -> torch.Tensor:
+        """Head-mean on the patch grid, ``(B, Hp, Wp)``."""
+        return self.patch_maps.mean(dim=1)
+
+    def to_pixels(self, size: tuple[int, int], mode: str = "bilinear", heads: bool = True) -> torch.Tensor:
+        """Maps resized to image pixels: ``(B, H, *size)`` (or ``(B, *size)`` with ``heads=False``, the head-mean)."""
+        m = self.patch_maps if heads else self.mean()[:, None]
+        kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        out = F.interpolate(m.float(), size=size, mode=mode, **kw)
+        return out if heads else out[:, 0]
+
+
+@torch.no_grad()
+def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> ClsAttention:
+    """The CLS token's attention over the patches in one block, per head (SPEC "CLS attention maps").
+
+    Args:
+        model: any DeiT built by this package (original, ATME, compactor or compact).
+        images: ``(B, 3, S, S)``, normalised as the model expects (see :func:`cait.photos.preprocess`).
+        block: block index, negative from the end (default: the last block).
+
+    Returns:
+        A :class:`ClsAttention` with the maps and the model's logits from the same forward pass.
+
+    Raises:
+        IndexError: if ``block`` is out of range.
+    """
+    depth = len(model.blocks)
+    if not -depth <= block < depth:
+        raise IndexError(f"block {block} out of range for a model with {depth} blocks")
+    block %= depth
+    attn = model.blocks[block].attn
+    captured: dict[str, torch.Tensor] = {}
+    handle = attn.register_forward_hook(lambda mod, args, out: captured.__setitem__("x", args[0]))
+    try:
+        logits = model(images)
+    finally:
+        handle.remove()
+    probs = attention_probs(attn, captured["x"])                    # (B, H, N, N)
+    h, w = model_token_grids(model)[block]
+    maps = probs[:, :, 0, 1:].reshape(probs.shape[0], probs.shape[1], h, w)
+    return ClsAttention(maps=maps, patch_maps=upsample_to_patch_grid(maps, model, block=block), logits=logits,
+                        block=block, grid=(h, w))
+
+
+__all__ = ["ClsAttention", "attention_probs", "cls_attention"]
