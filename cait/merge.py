@@ -240,19 +240,21 @@ def upsample_to_patch_grid(maps: torch.Tensor, model_or_layout, grid: tuple[int,
         maps: ``(..., H', W')`` values on the merged grid of block ``block``.
         model_or_layout: a model (its patch grid and layout are used) or a layout (then ``grid`` is required).
         grid: the patch grid ``(H, W)`` when a layout is given.
-        block: the block whose grid ``maps`` lives on (default: the last).
+        block: the block whose grid ``maps`` lives on (default: the last; with a bare layout, a negative index
+            means after every merge).
 
     Returns:
         ``(..., H, W)``.
     """
     if isinstance(model_or_layout, nn.Module):
-        grid, layout, depth = patch_grid(model_or_layout), get_layout(model_or_layout), len(model_or_layout.blocks)
+        grid, layout = patch_grid(model_or_layout), get_layout(model_or_layout)
+        block %= len(model_or_layout.blocks)
     else:
-        layout, depth = parse_layout(model_or_layout), None
+        layout = parse_layout(model_or_layout)
         if grid is None:
             raise ValueError("grid is required when a layout is given")
-    depth = depth if depth is not None else (max(layout) + 1 if layout else 1)
-    block = block % depth
+        if block < 0:                       # without a model, "from the end" means after every merge
+            block = max(layout, default=0)
     fh = 2 ** sum(1 for i, d in layout.items() if i <= block and d == "v")
     fw = 2 ** sum(1 for i, d in layout.items() if i <= block and d == "h")
     out = maps.repeat_interleave(fh, dim=-2).repeat_interleave(fw, dim=-1)

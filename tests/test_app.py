@@ -1,0 +1,59 @@
+"""The app starts and answers API calls (gradio_client), offline, on the CPU."""
+import socket
+
+import pytest
+from PIL import Image
+
+import app
+from cait.photos import SAMPLE_PHOTOS
+from cait.studio import Studio
+
+PHOTO = next(iter(SAMPLE_PHOTOS))
+
+
+@pytest.fixture(scope="module")
+def client():
+    from gradio_client import Client
+    demo = app.build_app(Studio(device="cpu", pretrained=True))          # offline: falls back visibly
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        demo.close()
+
+
+def test_build_reports_device_and_untrained_weights(client):
+    status = client.predict("DeiT-Tiny", 0.5, "", api_name="/build")
+    assert "`cpu`" in status and "not trained" in status and "Untrained preview" in status
+
+
+def test_attention_map_for_a_bundled_photo(client):
+    orig, comp, orig_heads, comp_heads, top5, _ = client.predict("DeiT-Tiny", 0.5, "", PHOTO, None, 12,
+                                                                 api_name="/attention")
+    for path in (orig, comp):
+        img = Image.open(path)
+        assert img.size == (224, 224)
+    assert len(orig_heads) == 3 and len(comp_heads) == 3
+    assert len(top5["confidences"]) == 5
+
+
+def test_bad_upload_and_bad_layout_give_clear_errors(client, tmp_path):
+    from gradio_client import handle_file
+    bad = tmp_path / "notes.png"
+    bad.write_text("hello")
+    with pytest.raises(Exception, match="notes.png: not an image"):
+        client.predict("DeiT-Tiny", 0.5, "", PHOTO, handle_file(str(bad)), 12, api_name="/attention")
+    with pytest.raises(Exception, match="has 12 blocks"):
+        client.predict("DeiT-Tiny", 0.5, "h40", PHOTO, None, 12, api_name="/attention")
+
+
+def test_channels_and_cost(client):
+    fig = client.predict("DeiT-Tiny", 0.5, "", api_name="/channels")
+    assert fig is not None
+    table, _ = client.predict("DeiT-Tiny", 0.5, "", True, 2, api_name="/cost")
+    rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
+    assert rows["original"]["GFLOPs"] == 1.254 and rows["compressed"]["FLOPs reduction (%)"] >= 50.0
+    assert rows["compressed"]["images/s"] > 0

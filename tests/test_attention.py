@@ -1,0 +1,59 @@
+"""CLS attention maps through the merged grid."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_
+
+import cait
+from cait.attention import attention_probs
+
+
+def test_cls_attention_shapes_and_mass(tiny):
+    model = randomize_(tiny())
+    x = torch.randn(2, 3, 32, 32)
+    a = cait.cls_attention(model, x)
+    assert a.block == 5 and a.grid == (8, 8)
+    assert a.maps.shape == (2, 3, 8, 8) and a.patch_maps.shape == (2, 3, 8, 8)
+    assert torch.equal(a.logits, model(x))
+    assert bool((a.maps.sum((-2, -1)) <= 1 + 1e-5).all()) and bool((a.maps >= 0).all())
+    assert a.to_pixels((32, 32)).shape == (2, 3, 32, 32) and a.to_pixels((32, 32), heads=False).shape == (2, 32, 32)
+
+
+def test_merged_grid_is_mapped_back_onto_the_patches(tiny):
+    model = cait.compress(randomize_(tiny()), 0.6, layout="h1,v2")
+    a = cait.cls_attention(model, torch.randn(1, 3, 32, 32), block=-1)
+    assert a.grid == (4, 4) and a.patch_maps.shape == (1, 3, 8, 8)
+    assert torch.equal(a.patch_maps[0, :, 2:4, 6:8], a.maps[0, :, 1:2, 3:4].expand(3, 2, 2))
+    early = cait.cls_attention(model, torch.randn(1, 3, 32, 32), block=0)
+    assert early.grid == (8, 8)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_recomputed_probabilities_reproduce_the_attention_output(tiny, compressed):
+    model = randomize_(tiny())
+    if compressed:
+        model = cait.compress(model, 0.5)
+    attn = model.blocks[3].attn
+    x = torch.randn(2, 17, 48)
+    probs = attention_probs(attn, x)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    if compressed:
+        _, _, v = attn.qkv_heads(x)
+    else:
+        v = attn.qkv(x).reshape(2, 17, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)[2]
+    out = (probs @ v).transpose(1, 2).reshape(2, 17, -1)
+    torch.testing.assert_close(attn.proj(out), attn(x), rtol=1e-4, atol=1e-5)
+
+
+def test_block_out_of_range(tiny):
+    with pytest.raises(IndexError, match="block 6 out of range"):
+        cait.cls_attention(tiny(), torch.randn(1, 3, 32, 32), block=6)
+
+
+def test_overlay_has_image_size():
+    from PIL import Image
+
+    from cait.viz import overlay
+    img = Image.new("RGB", (50, 40), (10, 200, 30))
+    out = overlay(img, F.softmax(torch.randn(7, 4).flatten(), 0).reshape(7, 4))
+    assert out.size == (50, 40) and out.mode == "RGB"

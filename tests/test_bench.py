@@ -1,0 +1,42 @@
+"""Throughput measurement and the ``python -m cait.bench`` command line."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import cait
+from cait.bench import main, resolve_device
+
+
+def test_measure_throughput_reports_images_per_second(tiny):
+    r = cait.measure_throughput(tiny(), batch_size=4, device="cpu", warmup=1, iters=2)
+    assert r["images_per_s"] > 0 and r["latency_s"] > 0 and r["batch_size"] == 4 and r["device"] == "cpu"
+    assert r["images_per_s"] == pytest.approx(4 / r["latency_s"])
+
+
+def test_bench_cli_prints_one_json_object(capsys):
+    code = main(["--model", cait.TEST_MODEL, "--flops-reduction", "0.5", "--merge", "h2,v4", "--batch-size", "4",
+                 "--device", "cpu", "--iters", "1", "--rounds", "1", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["merge"] == "h2,v4" and out["device"] == "cpu" and out["batch_size"] == 4
+    for k in ("original", "compressed"):
+        assert {"flops", "params", "images_per_s"} <= set(out[k])
+    assert out["compressed"]["flops"] <= 0.5 * out["original"]["flops"]
+    assert out["flops_ratio"] == pytest.approx(out["original"]["flops"] / out["compressed"]["flops"])
+    assert out["speedup"] == pytest.approx(out["compressed"]["images_per_s"] / out["original"]["images_per_s"])
+
+
+def test_bench_cli_bad_input_is_a_clear_error():
+    r = subprocess.run([sys.executable, "-m", "cait.bench", "--model", cait.TEST_MODEL, "--flops-reduction", "0.3",
+                        "--merge", "h0,v1,h2", "--json"], capture_output=True, text=True)
+    assert r.returncode == 2 and "alone removes" in r.stderr and r.stdout == ""
+
+
+def test_cuda_request_without_gpu_is_refused():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="CUDA was asked for"):
+        resolve_device("cuda")

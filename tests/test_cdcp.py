@@ -1,0 +1,169 @@
+"""CDCP: compactors, the consistent selection of S, and prune + fold (SPEC §2)."""
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import randomize_
+
+import cait
+from cait.compactor import CompactorLinear, CompactorQKV
+from cait.flops import describe
+from cait.select import ChannelMask, ChannelScores
+
+
+def test_identity_compactors_change_nothing(tiny):
+    model = cait.apply_atme(randomize_(tiny()), "h1,v3")
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    cait.add_compactors(model)
+    assert isinstance(model.blocks[0].attn.qkv, CompactorQKV) and isinstance(model.blocks[0].mlp.fc1, CompactorLinear)
+    assert model.blocks[0].attn.qkv.q.shape == (3, 16, 16) and model.blocks[0].mlp.fc1.q.shape == (192, 192)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    names = [n for n, _ in cait.iter_compactors(model)]
+    assert len(names) == 6 * 4 and names[0] == "blocks.0.attn.qkv.q"
+    with pytest.raises(ValueError, match="already has compactors"):
+        cait.add_compactors(model)
+
+
+def random_consistent_mask(spec, seed, p=0.4):
+    """A random S that keeps head-level consistency: each head drops the same number of q/k and v channels."""
+    g = torch.Generator().manual_seed(seed)
+    qk, v, ffn = [], [], []
+    for b in spec.blocks:
+        for out, d in ((qk, b.qk_dim), (v, b.v_dim)):
+            n = int(torch.randint(0, int(p * d) + 1, (1,), generator=g))
+            m = torch.zeros(b.heads, d, dtype=torch.bool)
+            for h in range(b.heads):
+                m[h, torch.randperm(d, generator=g)[:n]] = True              # different channels per head
+            out.append(m)
+        ffn.append(torch.rand(b.ffn_dim, generator=g) < p)
+    return ChannelMask(qk, v, ffn)
+
+
+def zero_masked_rows_(model, mask):
+    """The compactor model with S's rows zeroed — what training converges to before pruning."""
+    with torch.no_grad():
+        for l, block in enumerate(model.blocks):
+            qkv = block.attn.qkv
+            qkv.q[mask.qk[l]] = 0
+            qkv.k[mask.qk[l]] = 0
+            qkv.v[mask.v[l]] = 0
+            block.mlp.fc1.q[mask.ffn[l]] = 0
+
+
+@pytest.mark.parametrize("seed,layout", [(0, ""), (1, "h1,v3"), (2, "v0,h2,v4")])
+def test_folded_compact_model_equals_masked_compactor_model(tiny, seed, layout):
+    model = cait.add_compactors(cait.apply_atme(randomize_(tiny(seed)), layout))
+    randomize_(model, seed=seed + 100, std=0.1)                              # compactors far from identity
+    mask = random_consistent_mask(describe(model), seed)
+    zero_masked_rows_(model, mask)
+    x = torch.randn(3, 3, 32, 32)
+    masked_out = model(x)
+    compact = cait.prune(copy.deepcopy(model), mask)
+    assert not cait.has_compactors(compact)
+    assert [(b.qk_dim, b.v_dim, b.ffn_dim) for b in describe(compact).blocks] == mask.widths()
+    torch.testing.assert_close(compact(x), masked_out, rtol=1e-4, atol=1e-5)
+    # The manual attention path agrees with the fused one.
+    for b in compact.blocks:
+        b.attn.fused_attn = False
+    torch.testing.assert_close(compact(x), masked_out, rtol=1e-4, atol=1e-5)
+
+
+def test_pruned_attention_keeps_original_scale(tiny):
+    model = randomize_(tiny())
+    mask = random_consistent_mask(describe(model), 3, p=0.6)
+    compact = cait.prune(copy.deepcopy(model), mask)
+    for b in compact.blocks:
+        assert b.attn.scale == 16 ** -0.5                                     # d_h of the original, not qk_dim
+
+
+def test_prune_refuses_inconsistent_or_empty_masks(tiny):
+    model = tiny()
+    spec = describe(model)
+    mask = ChannelMask.empty_like(cait.weight_scores(model))
+    mask.qk[2][0, 3] = True                                                  # only head 0 loses a channel
+    with pytest.raises(ValueError, match="block 2: heads keep different q/k widths"):
+        cait.prune(copy.deepcopy(model), mask)
+    mask = ChannelMask.empty_like(cait.weight_scores(model))
+    mask.ffn[1][:] = True
+    with pytest.raises(ValueError, match="removes every channel"):
+        cait.prune(copy.deepcopy(model), mask)
+    assert spec == describe(model)                                           # refused masks leave it untouched
+
+
+@pytest.fixture(scope="module")
+def deit_s_selection():
+    model = cait.apply_atme(timm.create_model("deit_small_patch16_224").eval(), "h4,v7")
+    spec = describe(model)
+    target = int(0.45 * 4_598_882_304)
+    return spec, target, cait.select_channels(cait.weight_scores(model), spec, target)
+
+
+def test_selection_meets_target_and_is_consistent_in_every_block(deit_s_selection):
+    spec, target, mask = deit_s_selection
+    mask.check_consistency()
+    widths = mask.widths()
+    pruned = spec.with_widths(widths)
+    assert pruned.flops() <= target
+    # It stops as soon as the target is met: the last step is at most one head-consistent unit (H units).
+    worst_step = max(b.heads * b.qk_unit_flops() for b in spec.blocks)
+    assert target - pruned.flops() < worst_step
+    for l, (qk, v, f) in enumerate(widths):
+        assert 1 <= qk <= 64 and 1 <= v <= 64 and 1 <= f <= 1536
+        assert int(mask.qk[l].sum()) == 6 * (64 - qk) and int(mask.v[l].sum()) == 6 * (64 - v)
+
+
+def test_head_level_consistency_pulls_each_other_heads_lowest_unit():
+    # One block, 2 heads of 4, FFN 2. Head 0 has the globally lowest v score; head 1's lowest v is channel 2.
+    from cait.flops import BlockSpec, ModelSpec
+    spec = ModelSpec((BlockSpec(tokens=5, dim=8, heads=2, qk_dim=4, v_dim=4, ffn_dim=2),), 0, 0)
+    big = torch.full((2, 4), 10.0)
+    v = torch.tensor([[0.1, 5.0, 6.0, 7.0], [3.0, 4.0, 2.0, 9.0]])
+    scores = ChannelScores(q=[big], k=[big], v=[v], ffn=[torch.tensor([20.0, 20.0])])
+    one_v_step = 2 * spec.blocks[0].v_unit_flops()
+    mask = cait.select_channels(scores, spec, spec.flops() - one_v_step)
+    assert mask.v[0].tolist() == [[True, False, False, False], [False, False, True, False]]
+    assert not mask.qk[0].any() and not mask.ffn[0].any()
+
+
+def test_attention_level_consistency_scores_qk_pairs_by_their_mean():
+    # q_0 is tiny but k_0 is large; pair 1 has the lowest mean: it goes first, and q and k go together.
+    from cait.flops import BlockSpec, ModelSpec
+    spec = ModelSpec((BlockSpec(tokens=5, dim=8, heads=1, qk_dim=3, v_dim=3, ffn_dim=2),), 0, 0)
+    q = torch.tensor([[0.01, 1.0, 5.0]])
+    k = torch.tensor([[9.0, 1.0, 5.0]])
+    big = torch.full((1, 3), 50.0)
+    scores = ChannelScores(q=[q], k=[k], v=[big], ffn=[torch.tensor([50.0, 50.0])])
+    mask = cait.select_channels(scores, spec, spec.flops() - spec.blocks[0].qk_unit_flops())
+    assert mask.qk[0].tolist() == [[False, True, False]]
+
+
+def test_selection_respects_min_channels_and_refuses_impossible_targets(tiny):
+    model = tiny()
+    spec = describe(model)
+    scores = cait.weight_scores(model)
+    with pytest.raises(ValueError, match="out of reach"):
+        cait.select_channels(scores, spec, 1000)
+    floor = spec.with_widths([(4, 4, 4)] * 6).flops()
+    mask = cait.select_channels(scores, spec, floor, min_channels=4)
+    assert mask.widths() == [(4, 4, 4)] * 6
+
+
+def test_selection_is_rebuilt_from_scores_so_a_recovered_channel_comes_back(tiny):
+    model = tiny()
+    spec = describe(model)
+    scores = cait.weight_scores(model)
+    target = int(0.8 * spec.flops())
+    first = cait.select_channels(scores, spec, target)
+    l, j = next((l, int(m.nonzero()[0])) for l, m in enumerate(first.ffn) if m.any())
+    scores.ffn[l][j] = 1e6                                                    # that channel's score recovered
+    second = cait.select_channels(scores, spec, target)
+    assert not second.ffn[l][j]
+
+
+def test_mask_dict_round_trip(tiny):
+    model = tiny()
+    mask = cait.select_channels(cait.weight_scores(model), describe(model), int(0.7 * cait.analytic_flops(model)))
+    again = ChannelMask.from_dict(mask.to_dict())
+    assert all(torch.equal(a, b) for a, b in zip(mask.qk + mask.v + mask.ffn, again.qk + again.v + again.ffn))
