@@ -22,10 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from math import prod
 
+import warnings
+
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
+
+with warnings.catch_warnings():          # fvcore's import touches the deprecated torch.jit.script
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 from .merge import MergeBlock, model_token_grids
 

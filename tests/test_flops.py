@@ -1,7 +1,6 @@
 """FLOPs and params against SPEC §4/§5; analytic count against fvcore."""
 import pytest
 import timm
-import torch
 
 import cait
 from cait.flops import count_flops

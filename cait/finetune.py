@@ -1,0 +1,523 @@
+"""CDCP fine-tuning with hard distillation: ``python -m cait.finetune`` or :func:`finetune` (SPEC §2, §3).
+
+One process or many (``torchrun --nproc_per_node=N -m cait.finetune ...``: DDP, NCCL on GPU, Gloo on CPU).
+
+The run: build the student (ATME layout from the budget split, identity compactors) from an uncompressed teacher;
+train with AdamW (compactors in their own group: β₁ 0.99, no weight decay), cosine LR, Mixup/CutMix with
+soft-target cross-entropy, and hard distillation from the teacher; after every backward rewrite the compactor
+gradients by Eq. 2; rebuild S every ``mask_interval`` steps after the warm-up from the compactor row norms with both
+consistencies while the FLOPs target ramps, then holds. At the end zero S's rows, prune and fold, and write a
+compact checkpoint that :func:`cait.load_pretrained` (and the app) loads.
+
+Files in ``--output``: ``log.jsonl`` (one JSON object per logging step / evaluation / end), ``train_state-*.json``
++ ``.safetensors`` (atomic, last two kept; ``--resume`` continues from the newest), ``compact/`` (the result).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .cdcp import (FlopsSchedule, apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_,
+                   zero_masked_rows_)
+from .checkpoint import CheckpointError, _atomic_write, load_pretrained, save_pretrained
+from .compactor import add_compactors, iter_compactors
+from .data import StepBatchSampler, build_datasets
+from .flops import describe
+from .merge import apply_atme, format_layout, get_layout
+from .models import create_model
+from .plan import split_budget
+from .prune import is_pruned, prune
+from .select import ChannelMask, compactor_scores, select_channels
+
+
+class FinetuneError(RuntimeError):
+    """A run that cannot start or continue; earlier checkpoints are left intact."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class FinetuneConfig:
+    """Every option of a run; the command line has one flag per field (``--flops-reduction`` for flops_reduction)."""
+
+    model: str = _f("deit_tiny_patch16_224", "timm DeiT name, or a checkpoint directory of an uncompressed model")
+    pretrained: bool = _f(False, "start from timm's ImageNet weights when the Hub is reachable")
+    data: str = _f("synthetic", "'synthetic' or an ImageFolder root with train/ and val/")
+    flops_reduction: float = _f(0.5, "total FLOPs reduction R (ATME planned first, CDCP the rest)")
+    merge: str | None = _f(None, "explicit ATME layout, e.g. h4,v7 (default: planned from R)")
+    atme_share: float = _f(0.8, "share of R planned for ATME when --merge is not given")
+    steps: int = _f(300, "optimizer steps")
+    batch_size: int = _f(64, "global batch size (split across processes)")
+    img_size: int | None = _f(None, "input side in pixels (default: the model's)")
+    device: str | None = _f(None, "cpu or cuda (default: cuda when available)")
+    output: str = _f("runs/finetune", "run directory")
+    resume: bool = _f(False, "continue the run in --output from its newest training state")
+    lr: float = _f(1e-4, "peak learning rate (paper: 1e-4 at batch 256)")
+    min_lr: float = _f(1e-6, "final learning rate of the cosine decay")
+    lr_warmup: float = _f(0.05, "fraction of steps of linear LR warm-up")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on compactors, biases, norms, tokens)")
+    compactor_beta1: float = _f(0.99, "AdamW beta1 of the compactor group (0.9 elsewhere)")
+    compactor_lr: float | None = _f(None, "peak LR of the compactors, constant until the hold, then cosine to 0 "
+                                          "(default: max(lr, 4 / hold steps), so masked rows reach ~0)")
+    label_smoothing: float = _f(0.1, "label smoothing")
+    mixup: float = _f(0.8, "Mixup alpha (0 disables)")
+    cutmix: float = _f(1.0, "CutMix alpha (0 disables)")
+    distill_alpha: float | None = _f(None, "weight of hard distillation (default: 0.1 for Tiny, 0.25 otherwise)")
+    lasso: float = _f(1e-5, "group-lasso strength lambda of Eq. 2")
+    mask_interval: int = _f(10, "rebuild the masked set S every this many steps")
+    cdcp_warmup: float = _f(0.1, "fraction of steps before S is first built")
+    cdcp_ramp: float = _f(0.4, "fraction of steps over which the FLOPs target ramps to its final value")
+    min_channels: int = _f(1, "channels kept at least per head and per FFN")
+    eval_interval: int = _f(100, "evaluate every this many steps (and at the end)")
+    val_size: int = _f(512, "validation images of the synthetic set")
+    synthetic_size: int = _f(20000, "training images of the synthetic set (one epoch)")
+    log_interval: int = _f(10, "log every this many steps")
+    ckpt_interval: int = _f(100, "write a training state every this many steps")
+    workers: int = _f(0, "data-loader worker processes per rank")
+    seed: int = _f(0, "seed of data order, augmentation and selection ties")
+    amp: bool = _f(True, "bfloat16 autocast on CUDA")
+    stop_at: int | None = _f(None, "stop after this step as if killed (for tests and time-boxed runs)")
+
+    # Fields that define a run: a resume must match them.
+    IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
+                "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr", "label_smoothing",
+                "mixup", "cutmix", "distill_alpha", "lasso", "mask_interval", "cdcp_warmup", "cdcp_ramp",
+                "min_channels", "val_size", "synthetic_size", "seed")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Process group
+# ------------------------------------------------------------------------------------------------------------------
+def _setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise FinetuneError("CUDA was asked for, but torch sees no GPU here; use --device cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _broadcast(obj, rank: int, world: int):
+    if world == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Models, optimizer, loss
+# ------------------------------------------------------------------------------------------------------------------
+def _teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, bool, str]:
+    """The uncompressed model; returns (model, whether it can teach these classes, where it came from)."""
+    if Path(cfg.model).is_dir():
+        try:
+            model = load_pretrained(cfg.model)
+        except CheckpointError as e:
+            raise FinetuneError(str(e)) from None
+        if get_layout(model) or is_pruned(model):
+            raise FinetuneError(f"{cfg.model}: fine-tuning starts from an uncompressed model; this checkpoint is "
+                                "already merged or pruned")
+        if model.num_classes != num_classes:
+            raise FinetuneError(f"{cfg.model}: the checkpoint has {model.num_classes} classes, the data "
+                                f"{cfg.data!r} has {num_classes}")
+        return model, True, f"checkpoint {cfg.model}"
+    kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
+    try:
+        model, info = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    teaches = info.trained and model.num_classes == num_classes
+    if model.num_classes != num_classes:
+        model.reset_classifier(num_classes)
+    return model, teaches, info.detail
+
+
+def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    compactor_ids = {id(p) for _, p in iter_compactors(model)}
+    no_decay_names = set(getattr(model, "no_weight_decay", lambda: set())())
+    compactors, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in compactor_ids:
+            compactors.append(p)
+        elif p.ndim <= 1 or name in no_decay_names:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": compactors, "weight_decay": 0.0, "betas": (cfg.compactor_beta1, 0.999),    # SPEC §2
+         "lr": compactor_lr_at(cfg, 0)},
+    ]
+
+
+def _compactor_lr(cfg: FinetuneConfig) -> float:
+    """Peak compactor LR (choice). Under AdamW a masked row, which sees only the lasso term, moves about 0.5–0.6 LR
+    per step whatever λ is (measured after its moments restart), so it needs ~2/LR steps to reach zero: the paper's
+    1.5 M steps at 1e-4 are plenty, a short run's hold phase is not. The default brings a unit row to ~0 within the
+    hold; annealing to 0 over the hold then removes Adam's oscillation around zero (its amplitude scales with LR)."""
+    if cfg.compactor_lr is not None:
+        return cfg.compactor_lr
+    return max(cfg.lr, 4.0 / _hold_steps(cfg))
+
+
+def _hold_steps(cfg: FinetuneConfig) -> int:
+    first = int(round(cfg.cdcp_warmup * cfg.steps))
+    return max(1, cfg.steps - (first + max(1, int(round(cfg.cdcp_ramp * cfg.steps))) - 1))
+
+
+def compactor_lr_at(cfg: FinetuneConfig, step: int) -> float:
+    """Compactor LR at ``step``: the peak until the hold phase starts, then a cosine to 0 at the last step."""
+    peak, hold = _compactor_lr(cfg), _hold_steps(cfg)
+    into = step - (cfg.steps - hold)
+    return peak if into < 0 else 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (into + 1) / hold)))
+
+
+def _seed_step(seed: int, step: int) -> None:
+    """Seed every RNG from (seed, step): augmentation is then the same whether or not the run was resumed."""
+    s = (seed * 1_000_003 + step) % (2 ** 31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, device: torch.device, batch_size: int = 64, rank: int = 0, world: int = 1
+             ) -> float:
+    """Top-1 (%) on a dataset, sharded across ranks and summed."""
+    model.eval()
+    correct = total = 0
+    idx = list(range(rank, len(dataset), world))
+    for i in range(0, len(idx), batch_size):
+        xs, ys = zip(*(dataset[j] for j in idx[i:i + batch_size]))
+        out = model(torch.stack(xs).to(device))
+        correct += int((out.argmax(-1).cpu() == torch.tensor(ys)).sum())
+        total += len(ys)
+    if world > 1:
+        t = torch.tensor([correct, total], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        correct, total = int(t[0]), int(t[1])
+    return 100.0 * correct / max(total, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training state on disk (safetensors + JSON, no pickle)
+# ------------------------------------------------------------------------------------------------------------------
+def _state_files(out: Path) -> list[tuple[int, Path, Path]]:
+    found = []
+    for j in out.glob("train_state-*.json"):
+        st = j.with_suffix(".safetensors")
+        try:
+            step = int(j.stem.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if st.is_file():
+            found.append((step, j, st))
+    return sorted(found)
+
+
+def _save_state(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, mask: ChannelMask | None,
+                extra: dict) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
+    meta = {"step": step, "mask": None if mask is None else mask.to_dict(), "opt_groups": groups, **extra}
+    stem = out / f"train_state-{step:07d}"
+    _atomic_write(stem.with_suffix(".safetensors"), lambda f: save_file(tensors, f))
+    _atomic_write(stem.with_suffix(".json"), lambda f: Path(f).write_text(json.dumps(meta)))   # written last
+    for _, j, st in _state_files(out)[:-2]:
+        j.unlink(missing_ok=True)
+        st.unlink(missing_ok=True)
+
+
+def _load_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: FinetuneConfig) -> dict:
+    states = _state_files(out)
+    if not states:
+        raise FinetuneError(f"{out}: --resume given but there is no training state to resume from")
+    step, jfile, sfile = states[-1]
+    try:
+        meta = json.loads(jfile.read_text())
+        tensors = load_file(sfile)
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise FinetuneError(f"{jfile.parent}: training state of step {step} is unreadable ({e})") from None
+    before = meta.get("config", {})
+    diff = [k for k in FinetuneConfig.IDENTITY if before.get(k) != getattr(cfg, k)]
+    if diff:
+        raise FinetuneError(f"{out}: cannot resume a different configuration; changed: "
+                            + ", ".join(f"{k} ({before.get(k)!r} → {getattr(cfg, k)!r})" for k in diff))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    osd = {"state": {}, "param_groups": meta["opt_groups"]}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            osd["state"].setdefault(int(pid), {})[name] = v
+    for g in osd["param_groups"]:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict(osd)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------------------
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run CDCP fine-tuning; returns the final summary (also the last line of ``log.jsonl``).
+
+    Raises:
+        FinetuneError: bad data (:class:`cait.data.DataError` is re-raised as is), a class mismatch with a
+            checkpoint, an unreachable FLOPs target, a resume of a different configuration, or a NaN loss. Earlier
+            training states are left intact.
+    """
+    rank, world, device = _setup_distributed(cfg.device)
+    try:
+        return _run(cfg, rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> dict:
+    if cfg.batch_size % world or (cfg.batch_size // world) % 2:
+        raise FinetuneError(f"--batch-size {cfg.batch_size} must split into an even batch per process "
+                            f"({world} processes; Mixup/CutMix pair images)")
+    out = Path(cfg.output)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and _state_files(out):
+            raise FinetuneError(f"{out}: holds an earlier run; pass --resume to continue it or choose a new --output")
+
+    # Data first: the teacher's head must match its classes.
+    train_set, val_set, classes = build_datasets(cfg.data, cfg.img_size or _default_img_size(cfg), cfg.seed,
+                                                 cfg.synthetic_size, cfg.val_size)
+    torch.manual_seed(cfg.seed)                           # the same student initialisation on every rank
+    teacher, teaches, source = _teacher(cfg, len(classes))
+    try:
+        split = split_budget(teacher, cfg.flops_reduction, cfg.merge, cfg.atme_share)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    student = add_compactors(apply_atme(copy.deepcopy(teacher), split.layout)).to(device)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    spec = describe(student)
+    schedule = FlopsSchedule(cfg.steps, spec.flops(), split.target_flops, cfg.cdcp_warmup, cfg.cdcp_ramp,
+                             cfg.mask_interval)
+    try:                                                  # fail now, not after hours, if the target is out of reach
+        select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    alpha = cfg.distill_alpha if cfg.distill_alpha is not None else (0.1 if "tiny" in cfg.model else 0.25)
+    alpha = alpha if teaches else 0.0
+
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    opt = create_optimizer_v2(_param_groups(student, cfg), opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = CosineLRScheduler(opt, t_initial=cfg.steps, lr_min=cfg.min_lr,
+                              warmup_t=int(cfg.lr_warmup * cfg.steps), warmup_lr_init=cfg.min_lr, t_in_epochs=False)
+    mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                   num_classes=len(classes)) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
+    criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
+
+    start, mask, history, entered = 0, None, {}, 0
+    if cfg.resume:
+        meta = _load_state(out, student, opt, cfg) if rank == 0 else None
+        meta = _broadcast(meta, rank, world)              # weights reach ranks > 0 by the broadcast below
+        start = meta["step"]
+        mask = None if meta["mask"] is None else ChannelMask.from_dict(meta["mask"])
+        history = meta.get("history", {})
+    if world > 1:
+        for t in student.state_dict().values():
+            dist.broadcast(t, src=0)
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
+    else:
+        model = student
+
+    per_rank = cfg.batch_size // world
+    sampler = StepBatchSampler(len(train_set), per_rank, cfg.steps, start, rank, world, cfg.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda")
+    log = (out / "log.jsonl").open("a") if rank == 0 else None
+    amp = cfg.amp and device.type == "cuda"
+
+    def emit(rec: dict) -> None:
+        if log:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+
+    if rank == 0 and not cfg.resume:
+        emit({"type": "start", "config": cfg.to_dict(), "teacher": source, "distill_alpha": alpha,
+              "merge": format_layout(split.layout), "base_flops": split.base_flops,
+              "atme_flops": spec.flops(), "target_flops": split.target_flops, "classes": len(classes),
+              "world_size": world, "device": str(device)})
+    bar = None
+    if rank == 0 and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="cait.finetune", dynamic_ncols=True)
+
+    t_last, seen = time.perf_counter(), 0
+    step = start
+    for step, (x, y) in enumerate(loader, start=start):
+        model.train()
+        if schedule.rebuild_at(step):
+            m = (select_channels(compactor_scores(student), spec, schedule.target(step), cfg.min_channels)
+                 if rank == 0 else None)
+            m = _broadcast(m, rank, world)
+            entered = reset_optimizer_rows_(student, opt, mask, m)
+            mask = m
+        _seed_step(cfg.seed, step * world + rank)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        hard = y
+        if mixup:
+            x, y = mixup(x, y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            loss = criterion(logits, y)
+            if alpha > 0:
+                with torch.no_grad():
+                    hard = teacher(x).argmax(-1)
+                loss = (1 - alpha) * loss + alpha * F.cross_entropy(logits, hard)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FinetuneError(f"loss became {loss_value} at step {step}; stopped without saving this state "
+                                f"(earlier training states in {out} are intact). Try a lower --lr.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        apply_gradient_rule(student, mask, cfg.lasso)      # after the DDP all-reduce, identical on every rank
+        opt.step()
+        sched.step_update(step + 1)
+        opt.param_groups[2]["lr"] = compactor_lr_at(cfg, step + 1)   # compactors: their own schedule
+        seen += x.shape[0] * world
+        done = step + 1
+
+        if rank == 0 and (done % cfg.log_interval == 0 or done == cfg.steps):
+            now = time.perf_counter()
+            emit({"type": "train", "step": done, "epoch": done * cfg.batch_size / len(train_set),
+                  "loss": loss_value, "lr": opt.param_groups[0]["lr"],
+                  "flops_target": schedule.target(step), "s_size": 0 if mask is None else mask.size(),
+                  "s_entered": entered, "max_masked_norm": max_masked_row_norm(student, mask), "images_per_s": seen / (now - t_last)})
+            t_last, seen = now, 0
+        if done % cfg.eval_interval == 0 and done < cfg.steps:
+            top1 = evaluate(student, val_set, device, rank=rank, world=world)
+            history[str(done)] = top1
+            emit({"type": "eval", "step": done, "top1_student": top1})
+        if done % cfg.ckpt_interval == 0 and done < cfg.steps and rank == 0:
+            _save_state(out, done, student, opt, mask, {"config": cfg.to_dict(), "history": history})
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", S=0 if mask is None else mask.size())
+        if cfg.stop_at is not None and done >= cfg.stop_at:
+            if rank == 0:
+                _save_state(out, done, student, opt, mask, {"config": cfg.to_dict(), "history": history})
+                emit({"type": "stopped", "step": done})
+            if bar:
+                bar.close()
+            return {"type": "stopped", "step": done, "mask": None if mask is None else mask.to_dict()}
+    if bar:
+        bar.close()
+
+    # Prune and fold ------------------------------------------------------------------------------------------------
+    final_mask = select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels) \
+        if rank == 0 and (mask is None or schedule.target(cfg.steps - 1) != split.target_flops) else None
+    if final_mask is not None or world > 1:
+        mask = _broadcast(final_mask if final_mask is not None else mask, rank, world)
+    removed = zero_masked_rows_(student, mask)
+    top1_masked = evaluate(student, val_set, device, rank=rank, world=world)
+    top1_teacher = evaluate(teacher, val_set, device, rank=rank, world=world)
+    compact = prune(student, mask).eval()
+    top1_compact = evaluate(compact, val_set, device, rank=rank, world=world)
+    summary = {"type": "final", "step": cfg.steps, "merge": format_layout(split.layout),
+               "base_flops": split.base_flops, "flops": describe(compact).flops(),
+               "flops_reduction": 1 - describe(compact).flops() / split.base_flops,
+               "top1_teacher": top1_teacher, "top1_masked": top1_masked, "top1_student": top1_compact,
+               "max_removed_row_norm": removed, "s_size": mask.size(), "mask": mask.to_dict()}
+    if rank == 0:
+        compact.cait_meta = {"preview": False, "finetune": {k: v for k, v in summary.items() if k != "mask"},
+                             "config": cfg.to_dict(), "classes": classes}
+        save_pretrained(compact, out / "compact")
+        emit({k: v for k, v in summary.items() if k != "mask"})
+        log.close()
+    if world > 1:
+        (out / f"final_mask_rank{rank}.json").write_text(json.dumps(mask.to_dict()))
+    return summary
+
+
+def _default_img_size(cfg: FinetuneConfig) -> int:
+    if Path(cfg.model).is_dir():
+        try:
+            return int(json.loads((Path(cfg.model) / "config.json").read_text())["img_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise FinetuneError(f"{cfg.model}: unreadable config.json") from None
+    import timm
+    if not timm.is_model(cfg.model):
+        raise FinetuneError(f"unknown model {cfg.model!r} (neither a timm name nor a checkpoint directory)")
+    return int(timm.models.get_pretrained_cfg(cfg.model).input_size[-1]) if timm.models.get_pretrained_cfg(
+        cfg.model) else 224
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cait.finetune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = FinetuneConfig(**vars(args))
+    try:
+        summary = finetune(cfg)
+    except (FinetuneError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "mask"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
