@@ -24,7 +24,7 @@ from .flops import analytic_flops, count_flops, count_params, describe, flops_by
 from .merge import apply_atme, format_layout, get_layout, parse_layout, upsample_to_patch_grid
 from .models import DEIT_MODELS, TEST_MODEL, WeightsInfo, create_model
 from .plan import BudgetSplit, atme_reduction, plan_atme, split_budget
-from .prune import PrunedAttention, prune
+from .prune import PrunedAttention, fold_compactors, prune
 from .select import ChannelMask, ChannelScores, compactor_scores, select_channels, weight_scores
 
 __version__ = "0.1.0"
@@ -39,6 +39,6 @@ __all__ = [
     "apply_atme", "format_layout", "get_layout", "parse_layout", "upsample_to_patch_grid",
     "DEIT_MODELS", "TEST_MODEL", "WeightsInfo", "create_model",
     "BudgetSplit", "atme_reduction", "plan_atme", "split_budget",
-    "PrunedAttention", "prune",
+    "PrunedAttention", "fold_compactors", "prune",
     "ChannelMask", "ChannelScores", "compactor_scores", "select_channels", "weight_scores",
 ]

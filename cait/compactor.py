@@ -24,7 +24,21 @@ from timm.layers import Attention, Mlp
 from .merge import Block
 
 
-class CompactorQKV(nn.Module):
+class _CompactedLinear(nn.Module):
+    """A wrapped ``self.linear`` that looks like a Linear from outside (in/out features)."""
+
+    linear: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+
+class CompactorQKV(_CompactedLinear):
     """The fused ``qkv`` Linear followed by per-head q, k and v compactors.
 
     Args:
@@ -47,14 +61,6 @@ class CompactorQKV(nn.Module):
         self.q = nn.Parameter(eye.clone())
         self.k = nn.Parameter(eye.clone())
         self.v = nn.Parameter(eye.clone())
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
 
     def stacked(self) -> torch.Tensor:
         """All compactors as one ``(3, H, d_h, d_h)`` tensor, order q, k, v."""
@@ -81,7 +87,7 @@ class CompactorQKV(nn.Module):
         return Wf, bf
 
 
-class CompactorLinear(nn.Module):
+class CompactorLinear(_CompactedLinear):
     """A Linear followed by one ``(D, D)`` compactor on its output (the FFN's ``fc1``).
 
     Attributes:
@@ -93,14 +99,6 @@ class CompactorLinear(nn.Module):
         self.linear = linear
         w = linear.weight
         self.q = nn.Parameter(torch.eye(linear.out_features, device=w.device, dtype=w.dtype))
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) @ self.q.T                                  # (B, N, D)

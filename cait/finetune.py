@@ -43,7 +43,7 @@ from .flops import describe
 from .merge import apply_atme, format_layout, get_layout
 from .models import create_model
 from .plan import split_budget
-from .prune import is_pruned, prune
+from .prune import fold_compactors, is_pruned, prune
 from .select import ChannelMask, compactor_scores, select_channels
 
 
@@ -459,7 +459,8 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     removed = zero_masked_rows_(student, mask)
     top1_masked = evaluate(student, val_set, device, rank=rank, world=world)
     top1_teacher = evaluate(teacher, val_set, device, rank=rank, world=world)
-    compact = prune(student, mask).eval()
+    # Nothing to remove (R = 0, e.g. training a teacher): fold only, so the result stays an uncompressed DeiT.
+    compact = (fold_compactors(student) if mask.size() == 0 else prune(student, mask)).eval()
     top1_compact = evaluate(compact, val_set, device, rank=rank, world=world)
     summary = {"type": "final", "step": cfg.steps, "merge": format_layout(split.layout),
                "base_flops": split.base_flops, "flops": describe(compact).flops(),

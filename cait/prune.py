@@ -139,6 +139,20 @@ def prune(model: nn.Module, mask: ChannelMask) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def fold_compactors(model: nn.Module) -> nn.Module:
+    """Fold every compactor into its Linear (``W' = QW``, ``b' = Qb``) without removing channels, in place.
+
+    The model keeps timm's Attention/Mlp, so it is again an ordinary (uncompressed or ATME) DeiT.
+    """
+    for block in model.blocks:
+        for parent, name in ((block.attn, "qkv"), (block.mlp, "fc1")):
+            layer = getattr(parent, name)
+            if isinstance(layer, (CompactorQKV, CompactorLinear)):
+                setattr(parent, name, _linear(*layer.folded()))
+    return model
+
+
 def restructure(model: nn.Module, widths: list[tuple[int, int, int]]) -> nn.Module:
     """Give an unpruned DeiT the compact shapes ``[(qk_dim, v_dim, ffn_dim), ...]`` (per-head q/k, v), in place.
 

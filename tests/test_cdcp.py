@@ -167,3 +167,14 @@ def test_mask_dict_round_trip(tiny):
     mask = cait.select_channels(cait.weight_scores(model), describe(model), int(0.7 * cait.analytic_flops(model)))
     again = ChannelMask.from_dict(mask.to_dict())
     assert all(torch.equal(a, b) for a, b in zip(mask.qk + mask.v + mask.ffn, again.qk + again.v + again.ffn))
+
+
+def test_fold_compactors_keeps_timm_modules_and_outputs(tiny):
+    from timm.layers import Attention
+    model = cait.add_compactors(randomize_(tiny()))
+    randomize_(model, seed=5, std=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    cait.fold_compactors(model)
+    assert not cait.has_compactors(model) and type(model.blocks[0].attn) is Attention
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
