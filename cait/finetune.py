@@ -353,7 +353,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
                    num_classes=len(classes)) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
 
-    start, mask, history, entered = 0, None, {}, 0
+    start, mask, history, entered, top1_teacher = 0, None, {}, 0, None
     if cfg.resume:
         meta = _load_state(out, student, opt, cfg) if rank == 0 else None
         meta = _broadcast(meta, rank, world)              # weights reach ranks > 0 by the broadcast below
@@ -434,8 +434,10 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
             t_last, seen = now, 0
         if done % cfg.eval_interval == 0 and done < cfg.steps:
             top1 = evaluate(student, val_set, device, rank=rank, world=world)
+            if top1_teacher is None:                       # frozen: evaluated once
+                top1_teacher = evaluate(teacher, val_set, device, rank=rank, world=world)
             history[str(done)] = top1
-            emit({"type": "eval", "step": done, "top1_student": top1})
+            emit({"type": "eval", "step": done, "top1_student": top1, "top1_teacher": top1_teacher})
         if done % cfg.ckpt_interval == 0 and done < cfg.steps and rank == 0:
             _save_state(out, done, student, opt, mask, {"config": cfg.to_dict(), "history": history})
         if bar:
