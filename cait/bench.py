@@ -102,18 +102,19 @@ def measure_throughput(model: nn.Module, batch_size: int = 32, device: str | tor
 
 
 def run(model_name: str, flops_reduction: float, merge: str | None = None, batch_size: int = 32,
-        device: str | None = None, pretrained: bool = False, warmup: int = 2, iters: int = 5, rounds: int = 3
-        ) -> dict:
+        device: str | None = None, pretrained: bool = False, warmup: int = 2, iters: int = 5, rounds: int = 3,
+        round_to: int = 1) -> dict:
     """Build a DeiT and its CAIT twin, count FLOPs and params, and measure both. Returns the JSON-ready dict."""
     from .compress import compress
     from .flops import count_flops, count_params
     from .models import create_model
 
     original, info = create_model(model_name, pretrained=pretrained)
-    compressed = compress(original, flops_reduction, layout=merge)
+    compressed = compress(original, flops_reduction, layout=merge, round_to=round_to)
     speed = compare_throughput({"original": original, "compressed": compressed}, batch_size, device, warmup, iters,
                                rounds)
     out: dict = {"model": model_name, "flops_reduction": flops_reduction, "merge": compressed.cait_meta["merge"],
+                 "round_to": round_to,
                  "weights": info.source, "device": speed["original"]["device"], "batch_size": batch_size,
                  "torch": torch.__version__, "threads": torch.get_num_threads()}
     for name, m in (("original", original), ("compressed", compressed)):
@@ -136,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per model")
     p.add_argument("--iters", type=int, default=5, help="timed batches per model per round")
     p.add_argument("--rounds", type=int, default=3, help="alternation rounds")
+    p.add_argument("--round-to", type=int, default=1, help="kept widths in multiples of this (e.g. 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a = p.parse_args(argv)
     try:
         out = run(a.model, a.flops_reduction, a.merge, a.batch_size, a.device, a.pretrained, a.warmup, a.iters,
-                  a.rounds)
+                  a.rounds, a.round_to)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from .select import select_channels, weight_scores
 
 
 def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None, atme_share: float = 0.8,
-             min_channels: int = 1) -> nn.Module:
+             min_channels: int = 1, round_to: int = 1) -> nn.Module:
     """Compress a DeiT to a total FLOPs reduction: ATME first, then CDCP pruning for the rest (SPEC §2 budget split).
 
     Args:
@@ -30,6 +30,7 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
         layout: explicit ATME layout (``"h4,v7"`` or ``{4: "h", 7: "v"}``); default: planned for ``atme_share · R``.
         atme_share: share of R planned for ATME when ``layout`` is None.
         min_channels: channels kept at least per head and per FFN.
+        round_to: kept widths in multiples of this (8 suits CPU vector units and GPU tensor cores); 1 = exact.
 
     Returns:
         A compact model (timm ``VisionTransformer`` with merged and pruned blocks) whose FLOPs are at most
@@ -42,7 +43,7 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
     out = copy.deepcopy(model).eval()
     apply_atme(out, split.layout)
     add_compactors(out)                                   # identity: prune() folds them away unchanged
-    mask = select_channels(weight_scores(out), describe(out), split.target_flops, min_channels)
+    mask = select_channels(weight_scores(out), describe(out), split.target_flops, min_channels, round_to)
     prune(out, mask)
     out.cait_meta = {
         "base_model": architecture(model),
@@ -50,6 +51,7 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
         "merge": format_layout(split.layout),
         "atme_reduction": round(split.atme_reduction, 6),
         "achieved_reduction": round(1.0 - analytic_flops(out) / split.base_flops, 6),
+        "round_to": round_to,
         "preview": True,
         "note": "untrained preview: channels scored by weight-row norms, no CDCP fine-tuning",
     }

@@ -87,6 +87,7 @@ class FinetuneConfig:
     cdcp_warmup: float = _f(0.1, "fraction of steps before S is first built")
     cdcp_ramp: float = _f(0.4, "fraction of steps over which the FLOPs target ramps to its final value")
     min_channels: int = _f(1, "channels kept at least per head and per FFN")
+    round_to: int = _f(1, "kept widths in multiples of this (8 suits tensor cores and CPU vector units)")
     eval_interval: int = _f(100, "evaluate every this many steps (and at the end)")
     val_size: int = _f(512, "validation images of the synthetic set")
     synthetic_size: int = _f(20000, "training images of the synthetic set (one epoch)")
@@ -101,7 +102,7 @@ class FinetuneConfig:
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
                 "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr", "label_smoothing",
                 "mixup", "cutmix", "distill_alpha", "lasso", "mask_interval", "cdcp_warmup", "cdcp_ramp",
-                "min_channels", "val_size", "synthetic_size", "seed")
+                "min_channels", "round_to", "val_size", "synthetic_size", "seed")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -336,7 +337,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     schedule = FlopsSchedule(cfg.steps, spec.flops(), split.target_flops, cfg.cdcp_warmup, cfg.cdcp_ramp,
                              cfg.mask_interval)
     try:                                                  # fail now, not after hours, if the target is out of reach
-        select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels)
+        select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to)
     except ValueError as e:
         raise FinetuneError(str(e)) from None
     alpha = cfg.distill_alpha if cfg.distill_alpha is not None else (0.1 if "tiny" in cfg.model else 0.25)
@@ -395,7 +396,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     for step, (x, y) in enumerate(loader, start=start):
         model.train()
         if schedule.rebuild_at(step):
-            m = (select_channels(compactor_scores(student), spec, schedule.target(step), cfg.min_channels)
+            m = (select_channels(compactor_scores(student), spec, schedule.target(step), cfg.min_channels, cfg.round_to)
                  if rank == 0 else None)
             m = _broadcast(m, rank, world)
             entered = reset_optimizer_rows_(student, opt, mask, m)
@@ -454,7 +455,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
         bar.close()
 
     # Prune and fold ------------------------------------------------------------------------------------------------
-    final_mask = select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels) \
+    final_mask = select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to) \
         if rank == 0 and (mask is None or schedule.target(cfg.steps - 1) != split.target_flops) else None
     if final_mask is not None or world > 1:
         mask = _broadcast(final_mask if final_mask is not None else mask, rank, world)

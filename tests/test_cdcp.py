@@ -178,3 +178,28 @@ def test_fold_compactors_keeps_timm_modules_and_outputs(tiny):
     cait.fold_compactors(model)
     assert not cait.has_compactors(model) and type(model.blocks[0].attn) is Attention
     torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_rounded_widths_are_multiples_consistent_and_meet_the_target(multiple):
+    model = cait.apply_atme(timm.create_model("deit_small_patch16_224").eval(), "h4,v7")
+    spec = describe(model)
+    target = int(0.45 * 4_598_882_304)
+    scores = cait.weight_scores(model)
+    exact = cait.select_channels(scores, spec, target)
+    rounded = cait.select_channels(scores, spec, target, round_to=multiple)
+    widths = rounded.widths()                                       # raises if heads disagree
+    assert all(w % multiple == 0 for block in widths for w in block)
+    assert spec.with_widths(widths).flops() <= target
+    # Rounding to the nearest multiple costs little: attention widths move by at most one multiple; FFN groups,
+    # cheap per channel, absorb the compensating step-downs (at most three multiples).
+    for (q0, v0, f0), (q1, v1, f1) in zip(exact.widths(), widths):
+        assert abs(q1 - q0) <= multiple and abs(v1 - v0) <= multiple and abs(f1 - f0) <= 3 * multiple
+    assert spec.with_widths(widths).flops() > 0.97 * target
+
+
+def test_compress_with_rounding_equals_its_masked_twin(tiny):
+    model = randomize_(tiny())
+    compact = cait.compress(model, 0.5, round_to=4)
+    assert all(w % 4 == 0 for b in describe(compact).blocks for w in (b.qk_dim, b.v_dim, b.ffn_dim))
+    assert cait.count_flops(compact) <= 0.5 * cait.count_flops(model)
