@@ -1,0 +1,128 @@
+"""Speed of CAIT models against their originals: original, ATME-only, CDCP-only and CAIT for DeiT-T/S/B.
+
+    python benchmarks/speed.py --device cpu --batch-sizes 32 --precisions fp32 --out runs/speed_cpu
+    python benchmarks/speed.py --device cuda --batch-sizes 1,32,64,128,256 --precisions fp32,bf16 --out runs/speed_gpu
+
+For every model, batch size and precision the four variants are timed in alternation on the same input (warm-up,
+then several rounds; CUDA events on GPU, wall clock on CPU; medians). Weights are random: speed does not depend on
+them. Writes ``OUT/speed.json`` (every row), ``OUT/speedup.png`` (speed-up against the FLOPs-ideal 1/(1-r)) and
+prints a table with the issue's targets and where each stands.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cait  # noqa: E402
+from cait.bench import compare_throughput, resolve_device  # noqa: E402
+
+SETTINGS = {  # total FLOPs reduction of the paper's CAIT models (SPEC §5)
+    "deit_tiny_patch16_224": 0.50,
+    "deit_small_patch16_224": 0.55,
+    "deit_base_patch16_224": 0.58,
+}
+TARGETS = {  # (variant, model) → GPU bf16 batch-256 speed-up target; CPU target is 90% of the FLOPs-ideal
+    ("cait", "deit_small_patch16_224"): 2.0,
+    ("cait", "deit_tiny_patch16_224"): 1.8,
+    ("cait", "deit_base_patch16_224"): 2.2,
+    ("atme", "deit_small_patch16_224"): 1.75,
+}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def variants(name: str, round_to: int) -> dict[str, torch.nn.Module]:
+    """original, ATME-only (the layout CAIT plans for R), CDCP-only (R by channels alone) and CAIT (both)."""
+    original, _ = cait.create_model(name, pretrained=False)
+    r = SETTINGS.get(name, 0.5)
+    split = cait.split_budget(original, r)
+    out = {"original": original,
+           "atme": cait.apply_atme(cait.create_model(name, pretrained=False)[0], split.layout),
+           "cdcp": cait.compress(original, r, layout="", round_to=round_to),
+           "cait": cait.compress(original, r, round_to=round_to)}
+    return {k: m.eval() for k, m in out.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", default=",".join(SETTINGS), help="comma-separated timm names")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--batch-sizes", default="32", help="comma-separated")
+    p.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16 (autocast)")
+    p.add_argument("--round-to", type=int, default=8, help="kept widths in multiples of this (1 = exact)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant (measured, not assumed)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default="runs/speed")
+    a = p.parse_args()
+    dev = resolve_device(a.device)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in a.models.split(","):
+        models = variants(name, a.round_to)
+        flops = {k: cait.analytic_flops(m) for k, m in models.items()}
+        run = {k: (torch.compile(m) if a.compile else m) for k, m in models.items()}
+        for prec in a.precisions.split(","):
+            for bs in map(int, a.batch_sizes.split(",")):
+                speed = compare_throughput(run, bs, dev, a.warmup, a.iters, a.rounds, amp_dtype=PRECISIONS[prec])
+                base = speed["original"]["images_per_s"]
+                for k in models:
+                    r = 1 - flops[k] / flops["original"]
+                    rows.append({"model": name, "variant": k, "device": dev.type, "precision": prec, "batch_size": bs,
+                                 "flops": flops[k], "flops_reduction": r, "images_per_s": speed[k]["images_per_s"],
+                                 "latency_ms": 1e3 * speed[k]["latency_s"], "speedup": speed[k]["images_per_s"] / base,
+                                 "ideal_speedup": 1 / (1 - r), "compiled": a.compile, "round_to": a.round_to})
+                print(f"{name} {prec} batch {bs}: " + ", ".join(
+                    f"{r['variant']} {r['speedup']:.2f}x" for r in rows[-len(models):]), flush=True)
+    meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+            "cpu", "threads": torch.get_num_threads()}
+    (out_dir / "speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    report(rows, out_dir)
+
+
+def report(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df["of_ideal"] = df["speedup"] / df["ideal_speedup"]
+    status = []
+    for _, r in df.iterrows():
+        tgt = TARGETS.get((r.variant, r.model))
+        if r.variant == "original" or tgt is None:
+            status.append("")
+        elif r.device == "cuda":
+            ok = r.batch_size == 256 and r.precision == "bf16"
+            status.append(("met" if r.speedup >= tgt else "NOT met") + f" (>= {tgt}x)" if ok else "")
+        else:
+            ok = r.batch_size == 32 and r.precision == "fp32"
+            status.append(("met" if r.of_ideal >= 0.9 else "NOT met") + " (>= 90% of ideal)" if ok else "")
+    df["target"] = status
+    show = df[df.variant != "original"][["model", "variant", "device", "precision", "batch_size", "flops_reduction",
+                                         "images_per_s", "speedup", "ideal_speedup", "of_ideal", "target"]]
+    print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    lim = max(df.ideal_speedup.max(), df.speedup.max()) * 1.1
+    ax.plot([1, lim], [1, lim], "k--", lw=1, label="FLOPs-ideal 1/(1-r)")
+    ax.plot([1, lim], [1, 0.9 * lim + 0.1], ":", color="grey", lw=1, label="90% of ideal")
+    for (variant, prec), g in df[df.variant != "original"].groupby(["variant", "precision"]):
+        ax.scatter(g.ideal_speedup, g.speedup, label=f"{variant} {prec}")
+    ax.set_xlabel("FLOPs-ideal speed-up 1/(1-r)")
+    ax.set_ylabel("measured speed-up")
+    ax.set_title(f"CAIT speed-ups ({df.device.iloc[0]})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "speedup.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

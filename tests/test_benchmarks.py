@@ -1,0 +1,32 @@
+"""The benchmark scripts run (smoke: tiny model, tiny batches). They assert nothing about speed: that is their job."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cait
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_speed_benchmark_writes_json_chart_and_table(tmp_path):
+    out = run("benchmarks/speed.py", "--models", cait.TEST_MODEL, "--device", "cpu", "--batch-sizes", "2",
+              "--iters", "1", "--rounds", "1", "--warmup", "1", "--round-to", "4", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "speed.json").read_text())
+    assert {r["variant"] for r in data["rows"]} == {"original", "atme", "cdcp", "cait"}
+    assert (tmp_path / "speedup.png").stat().st_size > 0 and "ideal_speedup" in out
+
+
+def test_finetune_step_and_levers_benchmarks_print_json():
+    step = json.loads(run("benchmarks/finetune_step.py", "--model", cait.TEST_MODEL, "--batch-size", "4",
+                          "--steps", "1"))
+    assert step["ratio"] > 0
+    levers = json.loads(run("benchmarks/levers.py", "--model", cait.TEST_MODEL, "--flops-reduction", "0.5",
+                            "--batch-size", "2", "--device", "cpu", "--rounds", "1"))
+    assert set(levers["speedup"]) >= {"original", "cait_round8", "cait_round8_manual_attention"}
