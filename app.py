@@ -12,17 +12,22 @@ import os
 
 import gradio as gr
 
-from cait.models import DEIT_MODELS
+from cait.jobs import JobManager
+from cait.models import TEST_MODEL
 from cait.photos import SAMPLE_PHOTOS
-from cait.studio import Studio
+from cait.studio import Studio, compactor_view, job_view, jobs_table
 
 DEFAULT_MODEL = "DeiT-Tiny"
 DEFAULT_REDUCTION = 0.5
+FINETUNE_MODELS = {f"tiny test DeiT (32 px, {TEST_MODEL}): about a minute on a CPU": TEST_MODEL,
+                   "DeiT-Tiny (224 px)": "deit_tiny_patch16_224", "DeiT-Small (224 px)": "deit_small_patch16_224",
+                   "DeiT-Base (224 px)": "deit_base_patch16_224"}
 
 
-def build_app(studio: Studio | None = None) -> gr.Blocks:
-    """The Gradio Blocks UI over a :class:`cait.studio.Studio` (one is created if not given)."""
-    studio = studio or Studio()
+def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
+    """The Gradio Blocks UI over a :class:`cait.studio.Studio` (one with a job manager is created if not given)."""
+    studio = studio or Studio(jobs=JobManager())
+    jobs = studio.jobs
 
     def pair(model, reduction, merge):
         try:
@@ -53,7 +58,8 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
         gr.Markdown("# CAIT Studio\nA DeiT next to its CAIT twin: asymmetric token merging (ATME) + consistent "
                     "dynamic channel pruning (CDCP).")
         with gr.Row():
-            model = gr.Dropdown(list(DEIT_MODELS.values()), value=DEFAULT_MODEL, label="Model")
+            model = gr.Dropdown(list(studio.model_choices()), value=DEFAULT_MODEL, label="Model",
+                                info="DeiTs, then the results of finished fine-tune jobs")
             reduction = gr.Slider(0.05, 0.8, value=DEFAULT_REDUCTION, step=0.01, label="Total FLOPs reduction")
             merge = gr.Textbox(label="ATME layout (optional)", placeholder="planned; or e.g. h4,v7 (0-based blocks)")
             build = gr.Button("Build CAIT twin", variant="primary")
@@ -98,9 +104,103 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
             flops_plot = gr.Plot(label="FLOPs per block")
             show_cost.click(on_cost, settings + [measure, batch_size], [cost_df, flops_plot], api_name="cost")
 
+        if jobs is not None:
+            _finetune_tabs(studio, jobs, model, poll_s)
+
         build.click(on_build, settings, status, api_name="build")
         demo.load(on_build, settings, status, api_visibility="private")
     return demo
+
+
+def _finetune_tabs(studio: Studio, jobs: JobManager, model: gr.Dropdown, poll_s: float) -> None:
+    """The Fine-tune and Compactors tabs (inside the Blocks context)."""
+
+    def job_ids():
+        return [j.id for j in jobs.list()]
+
+    def on_start(ft_model, data, reduction, steps, batch_size, device):
+        try:
+            job = jobs.submit(device=device, model=FINETUNE_MODELS.get(ft_model, ft_model), data=data.strip(),
+                              flops_reduction=float(reduction), steps=int(steps), batch_size=int(batch_size),
+                              eval_interval=max(10, int(steps) // 5), log_interval=max(1, int(steps) // 50),
+                              ckpt_interval=max(10, int(steps) // 4))
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        return job.id, gr.update(choices=job_ids(), value=job.id), jobs_table(jobs)
+
+    def on_poll(job_id):
+        table = jobs_table(jobs)
+        choices = list(studio.model_choices())
+        if not job_id:
+            return table, "No job selected.", None, gr.update(choices=choices)
+        try:
+            text, fig = job_view(jobs, job_id)
+        except KeyError as e:
+            raise gr.Error(str(e)) from None
+        return table, text, fig, gr.update(choices=choices)
+
+    def on_cancel(job_id):
+        if not job_id:
+            raise gr.Error("select a job first")
+        try:
+            return jobs.cancel(job_id)
+        except KeyError as e:
+            raise gr.Error(str(e)) from None
+
+    def on_use(job_id):
+        label = next((k for k, v in studio.model_choices().items() if v == f"job:{job_id}"), None)
+        if label is None:
+            raise gr.Error(f"job {job_id} has no finished model yet")
+        return gr.update(choices=list(studio.model_choices()), value=label)
+
+    def on_compactors(job_id):
+        if not job_id:
+            raise gr.Error("select a job first")
+        try:
+            return compactor_view(jobs, job_id)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    devices = ["cuda", "cpu"] if studio.device.type == "cuda" else ["cpu"]
+    with gr.Tab("Fine-tune"):
+        gr.Markdown("Each fine-tune runs `python -m cait.finetune` as its own process (a crash or a cancel never "
+                    f"takes the app down); one job per device, the others queue. Jobs live in `{jobs.root}` and "
+                    "survive an app restart.")
+        with gr.Row():
+            ft_model = gr.Dropdown(list(FINETUNE_MODELS), value=next(iter(FINETUNE_MODELS)), label="Model")
+            data = gr.Textbox("synthetic", label="Data", info="'synthetic' or an ImageFolder path on the server")
+            ft_reduction = gr.Slider(0.0, 0.8, value=0.5, step=0.01, label="Total FLOPs reduction")
+        with gr.Row():
+            steps = gr.Number(300, precision=0, minimum=10, label="Steps")
+            ft_batch = gr.Number(32, precision=0, minimum=2, label="Batch size (even)")
+            device = gr.Dropdown(devices, value=devices[0], label="Device")
+            start = gr.Button("Start fine-tune", variant="primary")
+        started = gr.Textbox(label="Started job", interactive=False)
+        with gr.Row():
+            job = gr.Dropdown(job_ids(), value=(job_ids() or [None])[0], label="Job", allow_custom_value=True)
+            cancel = gr.Button("Cancel job", variant="stop")
+            use = gr.Button("Compare its model in the other tabs")
+        job_status = gr.Markdown()
+        cancelled = gr.Markdown()
+        curves = gr.Plot(label="Live training curves")
+        table = gr.Dataframe(jobs_table(jobs), label="Jobs (newest first)", interactive=False)
+        start.click(on_start, [ft_model, data, ft_reduction, steps, ft_batch, device], [started, job, table],
+                    api_name="start_finetune")
+        cancel.click(on_cancel, job, cancelled, api_name="cancel_finetune")
+        use.click(on_use, job, model, api_name="use_job_model")
+        gr.Timer(poll_s).tick(on_poll, job, [table, job_status, curves, model], api_visibility="private")
+        job.change(on_poll, job, [table, job_status, curves, model], api_name="job_status")
+
+    with gr.Tab("Compactors"):
+        gr.Markdown("Compactor row norms ‖Q_j‖ of q, k and v per head and of the FFN per block (the paper's Fig. 7), "
+                    "with the masked set S shaded, for the job selected in the Fine-tune tab; and what plain global "
+                    "selection, without head- or attention-level consistency, could remove at the same FLOPs "
+                    "(the contrast of the paper's Tab. XI).")
+        show = gr.Button("Show compactors of the selected job", variant="primary")
+        summary = gr.Markdown()
+        norms = gr.Plot(label="Compactor row norms")
+        contrast = gr.Plot(label="CDCP vs global selection")
+        show.click(on_compactors, job, [summary, norms, contrast], api_name="compactors")
 
 
 def main() -> None:
@@ -111,7 +211,7 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--offline", action="store_true", help="do not try the Hugging Face Hub (random weights)")
     a = p.parse_args()
-    studio = Studio(device=a.device, pretrained=not a.offline)
+    studio = Studio(device=a.device, pretrained=not a.offline, jobs=JobManager())
     build_app(studio).queue().launch(server_name=a.host, server_port=a.port)
 
 

@@ -57,7 +57,9 @@ def model_config(model: nn.Module) -> dict:
     }
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` via ``write(tmp_path)`` into a temporary file beside it, then rename: readers never see a
+    half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -92,8 +94,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
     config["meta"].update(meta or {})
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
-    _atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": FORMAT}))
-    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": FORMAT}))
+    atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 

@@ -36,15 +36,15 @@ from safetensors.torch import load_file, save_file
 
 from .cdcp import (FlopsSchedule, apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_,
                    zero_masked_rows_)
-from .checkpoint import CheckpointError, _atomic_write, load_pretrained, save_pretrained
+from .checkpoint import CheckpointError, atomic_write, load_pretrained, save_pretrained
 from .compactor import add_compactors, iter_compactors
 from .data import StepBatchSampler, build_datasets
-from .flops import describe
+from .flops import ModelSpec, describe
 from .merge import apply_atme, format_layout, get_layout
 from .models import create_model
 from .plan import split_budget
 from .prune import fold_compactors, is_pruned, prune
-from .select import ChannelMask, compactor_scores, select_channels
+from .select import ChannelMask, ChannelScores, compactor_scores, select_channels
 
 
 class FinetuneError(RuntimeError):
@@ -258,8 +258,8 @@ def _save_state(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimiz
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
     meta = {"step": step, "mask": None if mask is None else mask.to_dict(), "opt_groups": groups, **extra}
     stem = out / f"train_state-{step:07d}"
-    _atomic_write(stem.with_suffix(".safetensors"), lambda f: save_file(tensors, f))
-    _atomic_write(stem.with_suffix(".json"), lambda f: Path(f).write_text(json.dumps(meta)))   # written last
+    atomic_write(stem.with_suffix(".safetensors"), lambda f: save_file(tensors, f))
+    atomic_write(stem.with_suffix(".json"), lambda f: Path(f).write_text(json.dumps(meta)))   # written last
     for _, j, st in _state_files(out)[:-2]:
         j.unlink(missing_ok=True)
         st.unlink(missing_ok=True)
@@ -382,6 +382,8 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
             log.flush()
 
     if rank == 0 and not cfg.resume:
+        teacher.cait_meta = {"role": "teacher", "source": source, "classes": classes}
+        save_pretrained(teacher, out / "teacher")         # the app shows it next to the result
         emit({"type": "start", "config": cfg.to_dict(), "teacher": source, "distill_alpha": alpha,
               "merge": format_layout(split.layout), "base_flops": split.base_flops,
               "atme_flops": spec.flops(), "target_flops": split.target_flops, "classes": len(classes),
@@ -455,8 +457,11 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
         bar.close()
 
     # Prune and fold ------------------------------------------------------------------------------------------------
-    final_mask = select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to) \
-        if rank == 0 and (mask is None or schedule.target(cfg.steps - 1) != split.target_flops) else None
+    if rank == 0:                                          # the compactors as trained (the compactor view reads it)
+        _save_state(out, cfg.steps, student, opt, mask, {"config": cfg.to_dict(), "history": history})
+    needs_final = mask is None or schedule.target(cfg.steps - 1) != split.target_flops
+    final_mask = (select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels,
+                                  cfg.round_to) if rank == 0 and needs_final else None)
     if final_mask is not None or world > 1:
         mask = _broadcast(final_mask if final_mask is not None else mask, rank, world)
     removed = zero_masked_rows_(student, mask)
@@ -525,3 +530,59 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading a run back (the app's compactor view)
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class CompactorSnapshot:
+    """The compactors of a run at its newest training state.
+
+    Attributes:
+        step: the training step of the state.
+        scores: compactor row norms (:class:`cait.select.ChannelScores`).
+        mask: the masked set S at that step (None before the first selection).
+        spec: the student's shape before pruning (ATME applied), for FLOPs.
+        target_flops: the run's final FLOPs target.
+    """
+
+    step: int
+    scores: ChannelScores
+    mask: ChannelMask | None
+    spec: ModelSpec
+    target_flops: int
+
+
+def compactor_snapshot(run_dir: str | os.PathLike) -> CompactorSnapshot:
+    """Read the newest training state of a run directory (running or finished).
+
+    Raises:
+        FinetuneError: if the run has no training state or no start record yet.
+    """
+    from .checkpoint import build_skeleton, read_config
+    run = Path(run_dir)
+    states = _state_files(run)
+    start = next((r for r in _read_jsonl(run / "log.jsonl") if r.get("type") == "start"), None)
+    if not states or start is None or not (run / "teacher" / "config.json").is_file():
+        raise FinetuneError(f"{run}: no training state yet")
+    step, jfile, sfile = states[-1]
+    meta = json.loads(jfile.read_text())
+    tensors = load_file(sfile)
+    skeleton = apply_atme(build_skeleton(read_config(run / "teacher")), start["merge"])
+    spec = describe(skeleton)
+    norms = {kind: [tensors[f"model.blocks.{l}.{path}"].float().norm(dim=-1) for l in range(len(spec.blocks))]
+             for kind, path in (("q", "attn.qkv.q"), ("k", "attn.qkv.k"), ("v", "attn.qkv.v"), ("ffn", "mlp.fc1.q"))}
+    mask = None if meta.get("mask") is None else ChannelMask.from_dict(meta["mask"])
+    return CompactorSnapshot(step, ChannelScores(**norms), mask, spec, int(start["target_flops"]))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out

@@ -297,3 +297,57 @@ def round_widths(mask: ChannelMask, scores: ChannelScores, spec: ModelSpec, targ
         kept[(kind, l)] = step
         _set_kept(kinds[kind][0][l], kinds[kind][1][l], step)
     return mask
+
+
+@dataclass
+class GlobalSelection:
+    """Plain global compactor selection, without head- or attention-level consistency (the paper's contrast).
+
+    Attributes:
+        q, k, v: per block ``(H, d_h)`` bool, True = selected (near-zero after training).
+        ffn: per block ``(D_f,)`` bool.
+        widths: per block ``(qk, v, ffn)`` that a batched attention could actually drop to: a q/k channel goes only
+            when both q_j and k_j are selected, and every head keeps as many as the head that keeps most.
+    """
+
+    q: list[torch.Tensor]
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    ffn: list[torch.Tensor]
+    widths: list[tuple[int, int, int]]
+
+
+def global_selection(scores: ChannelScores, spec: ModelSpec, target_flops: int) -> GlobalSelection:
+    """Select the lowest-scored q, k, v and FFN channels one by one, with no consistency, until the *nominal* FLOPs
+    (each channel counted as if it could be removed on its own: half a q/k pair for q or k) meet the target.
+
+    The result shows what vanilla compactor pruning would push to zero; :attr:`GlobalSelection.widths` shows how
+    little of it a batched attention can actually remove (SPEC §2, paper §III-C, Fig. 7, Tab. XI).
+    """
+    values, units = [], []
+    for l, b in enumerate(spec.blocks):
+        for kind, s in (("q", scores.q[l]), ("k", scores.k[l]), ("v", scores.v[l])):
+            values.append(s.flatten())
+            units += [(kind, l, h, j) for h in range(s.shape[0]) for j in range(s.shape[1])]
+        values.append(scores.ffn[l])
+        units += [("ffn", l, 0, j) for j in range(scores.ffn[l].numel())]
+    sel = {kind: [torch.zeros(getattr(scores, kind)[l].shape, dtype=torch.bool) for l in range(len(spec.blocks))]
+           for kind in ("q", "k", "v", "ffn")}
+    flops = spec.flops()
+    for u in torch.argsort(torch.cat(values), stable=True).tolist():
+        if flops <= target_flops:
+            break
+        kind, l, h, j = units[u]
+        b = spec.blocks[l]
+        if kind == "ffn":
+            sel["ffn"][l][j] = True
+            flops -= b.ffn_unit_flops()
+        else:
+            sel[kind][l][h, j] = True
+            flops -= b.qk_unit_flops() // 2 if kind in ("q", "k") else b.v_unit_flops()
+    widths = []
+    for l, b in enumerate(spec.blocks):
+        qk_drop = int((sel["q"][l] & sel["k"][l]).sum(dim=1).min())
+        v_drop = int(sel["v"][l].sum(dim=1).min())
+        widths.append((b.qk_dim - qk_drop, b.v_dim - v_drop, b.ffn_dim - int(sel["ffn"][l].sum())))
+    return GlobalSelection(sel["q"], sel["k"], sel["v"], sel["ffn"], widths)

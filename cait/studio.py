@@ -6,8 +6,10 @@ browser; ``app.py`` only lays out widgets and calls it.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -22,7 +24,11 @@ from .flops import count_params, describe, flops_by_block
 from .merge import format_layout, parse_layout
 from .models import DEIT_MODELS, WeightsInfo, create_model
 from .photos import SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
-from .viz import block_flops_figure, channels_figure, cost_table, overlay, top_k
+from .viz import (block_flops_figure, channels_figure, compactor_figure, consistency_figure, cost_table, overlay,
+                  top_k, training_figure)
+
+if TYPE_CHECKING:
+    from .jobs import JobManager
 
 
 @dataclass
@@ -68,18 +74,22 @@ class Studio:
         cache_size: model pairs kept in memory.
     """
 
-    def __init__(self, device: str | None = None, pretrained: bool = True, cache_size: int = 2) -> None:
+    def __init__(self, device: str | None = None, pretrained: bool = True, cache_size: int = 2,
+                 jobs: "JobManager | None" = None) -> None:
         self.device = resolve_device(device)
+        self.jobs = jobs
         self.pretrained = pretrained
         self.cache_size = cache_size
         self._originals: OrderedDict[str, tuple[nn.Module, WeightsInfo]] = OrderedDict()
         self._pairs: OrderedDict[tuple, ModelPair] = OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def model_choices() -> dict[str, str]:
-        """Display name → timm name."""
-        return {v: k for k, v in DEIT_MODELS.items()}
+    def model_choices(self) -> dict[str, str]:
+        """Display name → model: timm DeiTs, then every finished fine-tune job (``"job:<id>"``)."""
+        choices = {v: k for k, v in DEIT_MODELS.items()}
+        if self.jobs is not None:
+            choices.update(self.jobs.finished_models())
+        return choices
 
     def _original(self, name: str) -> tuple[nn.Module, WeightsInfo]:
         if name not in self._originals:
@@ -102,6 +112,8 @@ class Studio:
             ValueError: unknown model, bad layout, or an unreachable FLOPs target (message says which).
         """
         name = self.model_choices().get(name, name)
+        if name.startswith("job:"):
+            return self._job_pair(name)
         layout = format_layout(parse_layout(merge or None)) or None
         key = (name, round(float(flops_reduction), 4), layout)
         with self._lock:
@@ -115,9 +127,43 @@ class Studio:
             self._pairs.move_to_end(key)
             return self._pairs[key]
 
+    def _job_pair(self, name: str) -> ModelPair:
+        """Teacher and compact model of a finished fine-tune job (settings come from the job, not the sliders)."""
+        from .checkpoint import CheckpointError, load_pretrained
+        if self.jobs is None:
+            raise ValueError("no job manager: fine-tuned models are not available here")
+        job_id = name.split(":", 1)[1]
+        with self._lock:
+            key = (name,)
+            if key not in self._pairs:
+                try:
+                    run = self.jobs.run_dir(job_id)
+                    original = load_pretrained(run / "teacher", self.device)
+                    compressed = load_pretrained(run / "compact", self.device)
+                except (KeyError, CheckpointError) as e:
+                    raise ValueError(f"job {job_id}: its models cannot be loaded ({e})") from None
+                final = compressed.cait_meta.get("finetune", {})
+                info = WeightsInfo("checkpoint", f"fine-tuned by job {job_id} (teacher: "
+                                                 f"{original.cait_meta.get('source', '?')})")
+                self._pairs[key] = ModelPair(name, 1 - final.get("flops", 0) / max(final.get("base_flops", 1), 1),
+                                             final.get("merge", ""), original, compressed, info, self.device)
+                while len(self._pairs) > self.cache_size:
+                    self._pairs.popitem(last=False)
+            self._pairs.move_to_end(key)
+            return self._pairs[key]
+
     def status(self, pair: ModelPair) -> str:
         """Markdown: device, where the weights came from, and what the twin is."""
         meta = pair.compressed.cait_meta
+        if "finetune" in meta:
+            f = meta["finetune"]
+            return "\n\n".join([
+                f"**Device:** `{pair.device}` · **Model:** `{pair.name}` ({pair.weights.detail})",
+                f"**CAIT twin, fine-tuned with CDCP:** ATME `{f['merge'] or 'none'}`, "
+                f"{f['base_flops'] / 1e9:.4f} → {f['flops'] / 1e9:.4f} GFLOPs "
+                f"({100 * f['flops_reduction']:.1f}% fewer); held-out top-1 {f['top1_student']:.1f}% "
+                f"(teacher {f['top1_teacher']:.1f}%). The reduction and layout controls do not apply to it.",
+            ])
         f = pair.flops()
         fo, fc = sum(f["original"].values()), sum(f["compressed"].values())
         weights = (f"**Weights:** {pair.weights.detail}." if pair.weights.trained else
@@ -184,8 +230,77 @@ class Studio:
 
 
 def _labels(model: nn.Module) -> list[str] | None:
+    classes = (getattr(model, "cait_meta", None) or {}).get("classes")
+    if classes and len(classes) == getattr(model, "num_classes", -1):
+        return list(classes)
     if getattr(model, "num_classes", 0) != 1000:
         return None
     from timm.data import ImageNetInfo
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(1000)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tune jobs and the compactor view
+# ----------------------------------------------------------------------------------------------------------------
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds)))
+
+
+def jobs_table(jobs: "JobManager") -> pd.DataFrame:
+    """One row per job, newest first: id, status, model, FLOPs target, steps, device, step reached, message."""
+    rows = []
+    for j in jobs.list():
+        p = jobs.progress(j.id)
+        rows.append({"job": j.id, "status": j.status, "model": j.args.get("model"), "data": j.args.get("data"),
+                     "FLOPs reduction": j.args.get("flops_reduction"), "step": f"{p['step']}/{p['steps']}",
+                     "device": j.device, "message": j.message.splitlines()[0] if j.message else ""})
+    return pd.DataFrame(rows, columns=["job", "status", "model", "data", "FLOPs reduction", "step", "device",
+                                       "message"])
+
+
+def job_view(jobs: "JobManager", job_id: str) -> tuple[str, go.Figure]:
+    """Markdown status (step, loss, |S|, images/s, elapsed, ETA, message with log tail) and the live curves."""
+    p = jobs.progress(job_id)
+    job = p["job"]
+    lines = [f"**Job `{job.id}`** — **{job.status}** on `{job.device}` · step {p['step']}/{p['steps']}"
+             + (f" · loss {p['loss']:.3f}" if p["loss"] is not None else "")
+             + f" · |S| {p['s_size']}"
+             + (f" · {p['images_per_s']:.0f} images/s" if p["images_per_s"] else "")
+             + f" · elapsed {_fmt_s(p['elapsed_s'])} · ETA {_fmt_s(p['eta_s'])}"]
+    if job.status == "queued":
+        lines.append("Waiting for its device to be free (one job per device).")
+    if job.message:
+        lines.append("```\n" + job.message + "\n```")
+    return "\n\n".join(lines), training_figure(p["records"])
+
+
+def compactor_view(jobs: "JobManager", job_id: str) -> tuple[str, go.Figure, go.Figure]:
+    """Compactor heatmaps of a job's newest state, and CDCP against plain global selection at the same FLOPs.
+
+    Raises:
+        ValueError: if the job has written no training state yet.
+    """
+    from .finetune import FinetuneError, compactor_snapshot
+    from .select import global_selection
+    try:
+        snap = compactor_snapshot(jobs.run_dir(job_id))
+    except (FinetuneError, KeyError) as e:
+        raise ValueError(str(e)) from None
+    g = global_selection(snap.scores, snap.spec, snap.target_flops)
+    g_flops = snap.spec.with_widths(g.widths).flops()
+    cdcp_widths = snap.mask.widths() if snap.mask is not None else None
+    near_zero = sum(int((t < 1e-2).sum()) for t in snap.scores.q + snap.scores.k + snap.scores.v + snap.scores.ffn)
+    text = [f"**Job `{job_id}`, training state of step {snap.step}.** FLOPs target {snap.target_flops / 1e9:.4f} G. "
+            f"Near-zero compactor rows (‖Q_j‖ < 0.01): {near_zero}."]
+    if cdcp_widths is not None:
+        text.append(f"**CDCP** (S, {snap.mask.size()} units): every head of a block keeps the same widths, so all "
+                    f"of S can go: {snap.spec.with_widths(cdcp_widths).flops() / 1e9:.4f} G.")
+    text.append(f"**Plain global selection** at the same nominal FLOPs selects channels head by head and q apart "
+                f"from k; a batched attention can only drop q/k channels selected in both, down to the head that "
+                f"keeps most: it deploys at {g_flops / 1e9:.4f} G "
+                f"({100 * (g_flops / snap.target_flops - 1):+.1f}% against the target).")
+    return ("\n\n".join(text), compactor_figure(snap.scores, snap.mask, f"Compactors at step {snap.step}"),
+            consistency_figure(snap.spec, cdcp_widths, g.widths, "Kept per block: CDCP vs global selection"))

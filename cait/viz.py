@@ -91,3 +91,64 @@ def cost_table(rows: dict[str, dict]) -> pd.DataFrame:
             row["speed-up"] = round(r["images_per_s"] / ref["images_per_s"], 2) if ref.get("images_per_s") else None
         out.append(row)
     return pd.DataFrame(out)
+
+
+def training_figure(records: list[dict]) -> go.Figure:
+    """Live view of a fine-tune from its ``log.jsonl`` records: loss, top-1, FLOPs target and |S| against step."""
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    fig = make_subplots(rows=2, cols=2, subplot_titles=("loss", "top-1 (%)", "FLOPs target (G)", "|S| (units)"),
+                        vertical_spacing=0.18)
+    steps = [r["step"] for r in train]
+    fig.add_scatter(x=steps, y=[r["loss"] for r in train], name="loss", row=1, col=1)
+    fig.add_scatter(x=[r["step"] for r in evals], y=[r["top1_student"] for r in evals], name="student",
+                    mode="lines+markers", row=1, col=2)
+    if evals and evals[0].get("top1_teacher") is not None:
+        fig.add_scatter(x=[r["step"] for r in evals], y=[r["top1_teacher"] for r in evals], name="teacher",
+                        mode="lines", line=dict(dash="dash"), row=1, col=2)
+    fig.add_scatter(x=steps, y=[None if r["flops_target"] is None else r["flops_target"] / 1e9 for r in train],
+                    name="FLOPs target", row=2, col=1)
+    fig.add_scatter(x=steps, y=[r["s_size"] for r in train], name="|S|", row=2, col=2)
+    fig.update_layout(height=520, showlegend=False, margin=dict(t=40, l=40, r=20, b=30))
+    fig.update_xaxes(title_text="step", row=2)
+    return fig
+
+
+def compactor_figure(scores, mask, title: str = "") -> go.Figure:
+    """Compactor row norms as heatmaps (paper Fig. 7): q, k, v with one column per (head, channel), FFN per channel;
+    rows are blocks, each panel on its own colour scale. Channels in S are overlaid in red; near-zero rows show as
+    the darkest cells."""
+    kinds = [("q", scores.q, None if mask is None else mask.qk), ("k", scores.k, None if mask is None else mask.qk),
+             ("v", scores.v, None if mask is None else mask.v), ("FFN", scores.ffn, None if mask is None else mask.ffn)]
+    fig = make_subplots(rows=4, cols=1, vertical_spacing=0.07,
+                        subplot_titles=[f"{k}: ‖Q_j‖₂ per block and channel (S in red)" for k, _, _ in kinds])
+    for i, (name, ts, ms) in enumerate(kinds, start=1):
+        z = torch.stack([t.flatten() for t in ts]).numpy()                         # (blocks, H·d or D)
+        fig.add_heatmap(z=z, zmin=0, zmax=max(float(z.max()), 1e-9), colorscale="Viridis", row=i, col=1,
+                        colorbar=dict(len=0.2, y=1 - (i - 0.5) / 4, thickness=12),
+                        hovertemplate="block %{y}, column %{x}: %{z:.3f}<extra>" + name + "</extra>")
+        if ms is not None:
+            s = torch.stack([m.flatten() for m in ms]).numpy().astype(float)
+            s[s == 0] = np.nan
+            fig.add_heatmap(z=s, zmin=0, zmax=1, colorscale=[[0, "red"], [1, "red"]], opacity=0.6,
+                            showscale=False, hoverinfo="skip", row=i, col=1)
+        fig.update_yaxes(title_text="block", autorange="reversed", row=i, col=1)
+    fig.update_layout(height=900, title=title or "Compactor row norms", margin=dict(t=60, l=50, r=20, b=30))
+    return fig
+
+
+def consistency_figure(spec: ModelSpec, cdcp_widths: list[tuple[int, int, int]] | None,
+                       global_widths: list[tuple[int, int, int]], title: str = "") -> go.Figure:
+    """Per block: channels a batched attention can actually drop with CDCP (consistent S) and with plain global
+    selection at the same FLOPs (paper Tab. XI / Fig. 7): q/k and v per head, FFN."""
+    blocks = list(range(1, len(spec.blocks) + 1))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("q/k kept per head", "v kept per head", "FFN kept"))
+    for col, idx in enumerate((0, 1, 2), start=1):
+        if cdcp_widths is not None:
+            fig.add_bar(x=blocks, y=[w[idx] for w in cdcp_widths], name="CDCP", marker_color="#1f77b4",
+                        showlegend=col == 1, row=1, col=col)
+        fig.add_bar(x=blocks, y=[w[idx] for w in global_widths], name="global selection (deployable)",
+                    marker_color="#ff7f0e", showlegend=col == 1, row=1, col=col)
+    fig.update_layout(barmode="group", height=380, title=title, legend=dict(orientation="h", y=-0.2),
+                      margin=dict(t=70, l=40, r=20, b=40))
+    return fig

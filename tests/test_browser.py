@@ -1,0 +1,83 @@
+"""End to end in a real browser: headless Chromium (Debian's package) driven by Playwright.
+
+Clicks through: a bundled photo → both attention maps; a tiny fine-tune → live curves → finished → its model is
+selected and compared in the Attention tab; the Compactors tab. Screenshots go to ``test-artifacts/`` (or
+``$CAIT_TEST_ARTIFACTS``).
+"""
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed "
+                                "(the README's test command installs it)")
+ARTIFACTS = Path(os.environ.get("CAIT_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    import app
+    from cait.jobs import JobManager
+    from cait.studio import Studio
+    studio = Studio(device="cpu", pretrained=True, jobs=JobManager(tmp_path_factory.mktemp("runs"), poll_interval=0.5))
+    demo = app.build_app(studio, poll_s=1.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_click_through_attention_finetune_and_compare(app_url):
+    from playwright.sync_api import expect, sync_playwright
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(app_url, wait_until="domcontentloaded")
+        body = page.locator("body")
+        expect(body).to_contain_text("CAIT twin:", timeout=120_000)
+
+        # Attention: a bundled photo, both maps.
+        page.get_by_role("button", name="Show CLS attention").click()
+        maps = page.locator("img[src*='gradio_api/file']")
+        expect(maps.nth(1)).to_be_visible(timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "1-attention.png"))
+
+        # Fine-tune: a tiny job, live curves, finished.
+        page.get_by_role("tab", name="Fine-tune").click()
+        steps = page.get_by_label("Steps")
+        steps.fill("80")
+        page.get_by_role("button", name="Start fine-tune").click()
+        expect(body).to_contain_text(re.compile(r"running on cpu · step [1-9]"), timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "2-finetune-running.png"))
+        expect(body).to_contain_text(re.compile(r"— done on cpu"), timeout=240_000)
+        expect(page.locator(".js-plotly-plot").first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "3-finetune-done.png"))
+
+        # Its model, compared with its teacher in the Attention tab.
+        page.get_by_role("button", name="Compare its model in the other tabs").click()
+        page.get_by_role("tab", name="Attention").click()
+        page.get_by_role("button", name="Build CAIT twin").click()
+        expect(body).to_contain_text("fine-tuned with CDCP", timeout=60_000)
+        page.get_by_role("button", name="Show CLS attention").click()
+        expect(body).to_contain_text(re.compile(r"circle|ring|square|diamond|triangle|cross|star|hexagon"),
+                                     timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "4-job-model-attention.png"))
+
+        # Compactors of that job.
+        page.get_by_role("tab", name="Compactors").click()
+        page.get_by_role("button", name="Show compactors of the selected job").click()
+        expect(body).to_contain_text("Plain global selection", timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "5-compactors.png"), full_page=True)
+        browser.close()
+    (ARTIFACTS / "browser-test-seconds.txt").write_text(f"{time.time() - t0:.1f}\n")

@@ -1,0 +1,88 @@
+"""Background fine-tune jobs: life cycle, queue, cancel, killed processes, restarts; the app engine over them."""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+import cait
+from cait.jobs import Job, JobManager
+from cait.studio import Studio, compactor_view, job_view, jobs_table
+from cait.synthetic import SyntheticShapes
+
+FAST = dict(model=cait.TEST_MODEL, steps=30, batch_size=8, val_size=32, synthetic_size=200, eval_interval=10,
+            log_interval=5, ckpt_interval=10, lr=1e-3)
+LONG = dict(FAST, steps=100000, eval_interval=100000, ckpt_interval=5)
+
+
+def wait_for(jm, job_id, pred, timeout=180):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        jm.refresh()
+        job = jm.get(job_id)
+        if pred(job, jm.progress(job_id)):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; job is {jm.get(job_id).status}: {jm.get(job_id).message}")
+
+
+def test_job_life_cycle_and_the_model_becomes_selectable(tmp_path):
+    jm = JobManager(tmp_path, poll_interval=0)
+    job = jm.submit(device="cpu", **FAST)
+    assert job.status == "running" and job.pid
+    seen_progress = wait_for(jm, job.id, lambda j, p: p["step"] > 0 or j.status != "running")
+    done = wait_for(jm, job.id, lambda j, p: j.status in ("done", "failed"))
+    assert done.status == "done", done.message
+    assert seen_progress and "fewer FLOPs" in done.message
+    text, fig = job_view(jm, job.id)
+    assert "done" in text and len(fig.data) >= 3
+    assert jobs_table(jm).iloc[0]["status"] == "done"
+
+    studio = Studio(device="cpu", pretrained=False, jobs=jm)
+    label = next(k for k, v in studio.model_choices().items() if v == f"job:{job.id}")
+    pair = studio.pair(label, 0.5, "")
+    assert "fine-tuned with CDCP" in studio.status(pair)
+    view = studio.attention(pair, SyntheticShapes(4, 32, split="val").sample(0)[0])
+    assert set(view.compressed_top5) <= set(cait.synthetic.CLASSES)
+    summary, norms, contrast = compactor_view(jm, job.id)
+    assert "Plain global selection" in summary and len(norms.data) >= 4 and len(contrast.data) >= 3
+
+
+def test_queue_cancel_and_killed_jobs(tmp_path):
+    jm = JobManager(tmp_path, poll_interval=0)
+    first = jm.submit(device="cpu", **LONG)
+    second = jm.submit(device="cpu", **LONG)
+    assert jm.get(first.id).status == "running" and jm.get(second.id).status == "queued"   # one per device
+    wait_for(jm, first.id, lambda j, p: p["step"] >= 10)
+    message = jm.cancel(first.id)
+    assert jm.get(first.id).status == "cancelled" and "cancelled at step" in message and "kept: training state" in message
+    with pytest.raises(ProcessLookupError):
+        os.kill(first.pid, 0)
+    # The queued job starts once the device is free; kill it from outside: it shows as failed with its log tail.
+    running = wait_for(jm, second.id, lambda j, p: j.status == "running" and p["step"] >= 5)
+    os.killpg(running.pid, signal.SIGKILL)
+    failed = wait_for(jm, second.id, lambda j, p: j.status != "running", timeout=30)
+    assert failed.status == "failed" and "exit code" in failed.message
+    assert jm.cancel(second.id) == f"job {second.id} is already failed"
+
+
+def test_jobs_survive_a_restart_and_dead_processes_are_noticed(tmp_path):
+    jm = JobManager(tmp_path, poll_interval=0)
+    job = jm.submit(device="cpu", **FAST)
+    wait_for(jm, job.id, lambda j, p: j.status != "running")
+    # A job the previous app left "running" whose process is gone (pid 999999 does not exist).
+    ghost = Job(id="20000101-000000-dead", args=dict(FAST), status="running", pid=999999, created=1.0, started=2.0)
+    (tmp_path / "jobs" / ghost.id).mkdir(parents=True)
+    (tmp_path / "jobs" / ghost.id / "stdout.log").write_text("Traceback ...\nMemoryError\n")
+    (tmp_path / "jobs" / ghost.id / "job.json").write_text(json.dumps(ghost.__dict__))
+    again = JobManager(tmp_path, poll_interval=0)                    # the app is rebuilt
+    assert [j.id for j in again.list()] == [job.id, ghost.id]
+    assert again.get(job.id).status == "done"
+    dead = again.get(ghost.id)
+    assert dead.status == "failed" and "its process is gone" in dead.message and "MemoryError" in dead.message
+
+
+def test_submit_refuses_unknown_options(tmp_path):
+    with pytest.raises(ValueError, match="unknown fine-tune options: colour"):
+        JobManager(tmp_path, poll_interval=0).submit(colour="red")
