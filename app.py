@@ -36,7 +36,9 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
             raise gr.Error(str(e)) from None
 
     def on_build(model, reduction, merge):
-        return studio.status(pair(model, reduction, merge))
+        p = pair(model, reduction, merge)
+        depth = len(p.original.blocks)                     # the block slider follows the model (6 for the tiny DeiT)
+        return studio.status(p), gr.update(maximum=depth, value=depth)
 
     def on_attention(model, reduction, merge, sample, upload, block):
         p = pair(model, reduction, merge)
@@ -44,7 +46,10 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
             image = studio.image(sample, upload)
         except ValueError as e:
             raise gr.Error(str(e)) from None
-        v = studio.attention(p, image, int(block) - 1)
+        try:
+            v = studio.attention(p, image, int(block) - 1)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
         return (v.original_mean, v.compressed_mean, v.original_heads, v.compressed_heads, v.original_top5,
                 v.compressed_top5)
 
@@ -107,8 +112,8 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
         if jobs is not None:
             _finetune_tabs(studio, jobs, model, poll_s)
 
-        build.click(on_build, settings, status, api_name="build")
-        demo.load(on_build, settings, status, api_visibility="private")
+        build.click(on_build, settings, [status, block], api_name="build")
+        demo.load(on_build, settings, [status, block], api_visibility="private")
     return demo
 
 
@@ -122,8 +127,10 @@ def _finetune_tabs(studio: Studio, jobs: JobManager, model: gr.Dropdown, poll_s:
         try:
             job = jobs.submit(device=device, model=FINETUNE_MODELS.get(ft_model, ft_model), data=data.strip(),
                               flops_reduction=float(reduction), steps=int(steps), batch_size=int(batch_size),
-                              eval_interval=max(10, int(steps) // 5), log_interval=max(1, int(steps) // 50),
-                              ckpt_interval=max(10, int(steps) // 4))
+                              # Live view: log often, evaluate and checkpoint a few times, whatever the length.
+                              eval_interval=min(1000, max(10, int(steps) // 5)),
+                              log_interval=min(50, max(1, int(steps) // 50)),
+                              ckpt_interval=min(500, max(10, int(steps) // 4)))
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return job.id, gr.update(choices=job_ids(), value=job.id), jobs_table(jobs)

@@ -194,7 +194,15 @@ class Studio:
 
     @torch.no_grad()
     def attention(self, pair: ModelPair, image: Image.Image, block: int = -1) -> AttentionView:
-        """CLS attention of both models in one block (default: the last), head-mean and per head, with top-5."""
+        """CLS attention of both models in one block (default: the last), head-mean and per head, with top-5.
+
+        Raises:
+            ValueError: if ``block`` is out of range for the models.
+        """
+        depth = len(pair.original.blocks)
+        if not -depth <= block < depth:
+            raise ValueError(f"block {block + 1 if block >= 0 else block} is out of range: the model has {depth} "
+                             f"blocks (1..{depth})")
         x = preprocess(pair.original, [image]).to(self.device)
         view = model_view(pair.original, image)
         labels = _labels(pair.original)

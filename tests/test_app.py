@@ -26,7 +26,8 @@ def client():
 
 
 def test_build_reports_device_and_untrained_weights(client):
-    status = client.predict("DeiT-Tiny", 0.5, "", api_name="/build")
+    status, block = client.predict("DeiT-Tiny", 0.5, "", api_name="/build")
+    assert block["maximum"] == 12
     assert "`cpu`" in status and "not trained" in status and "Untrained preview" in status
 
 
@@ -57,3 +58,12 @@ def test_channels_and_cost(client):
     rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
     assert rows["original"]["GFLOPs"] == 1.254 and rows["compressed"]["FLOPs reduction (%)"] >= 50.0
     assert rows["compressed"]["images/s"] > 0
+
+
+def test_out_of_range_block_is_a_clear_error(client):
+    with pytest.raises(Exception, match="greater than maximum value 12"):           # the slider's own check
+        client.predict("DeiT-Tiny", 0.5, "", PHOTO, None, 13, api_name="/attention")
+    studio = Studio(device="cpu", pretrained=False)
+    pair = studio.pair("DeiT-Tiny", 0.5, "")
+    with pytest.raises(ValueError, match="block 13 is out of range: the model has 12 blocks"):
+        studio.attention(pair, studio.image(PHOTO), 12)

@@ -1,7 +1,8 @@
 """End to end in a real browser: headless Chromium (Debian's package) driven by Playwright.
 
 Clicks through: a bundled photo → both attention maps; a tiny fine-tune → live curves → finished → its model is
-selected and compared in the Attention tab; the Compactors tab. Screenshots go to ``test-artifacts/`` (or
+selected and compared with its teacher in the Attention, Channels and Cost tabs; the Compactors tab; a long
+fine-tune, cancelled. Screenshots go to ``test-artifacts/`` (or
 ``$CAIT_TEST_ARTIFACTS``).
 """
 import os
@@ -26,14 +27,20 @@ def app_url(tmp_path_factory):
     import app
     from cait.jobs import JobManager
     from cait.studio import Studio
-    studio = Studio(device="cpu", pretrained=True, jobs=JobManager(tmp_path_factory.mktemp("runs"), poll_interval=0.5))
+    jobs = JobManager(tmp_path_factory.mktemp("runs"), poll_interval=0.5)
+    studio = Studio(device="cpu", pretrained=True, jobs=jobs)
     demo = app.build_app(studio, poll_s=1.0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+        for job in jobs.list():                # jobs outlive their app by design; not a test's
+            if job.status in ("queued", "running"):
+                jobs.cancel(job.id)
 
 
 def test_click_through_attention_finetune_and_compare(app_url):
@@ -70,14 +77,36 @@ def test_click_through_attention_finetune_and_compare(app_url):
         page.get_by_role("button", name="Build CAIT twin").click()
         expect(body).to_contain_text("fine-tuned with CDCP", timeout=60_000)
         page.get_by_role("button", name="Show CLS attention").click()
-        expect(body).to_contain_text(re.compile(r"circle|ring|square|diamond|triangle|cross|star|hexagon"),
+        expect(body).to_contain_text(re.compile(r"\b(circle|ring|square|diamond|triangle|cross|star|hexagon)\b"),
                                      timeout=60_000)
+        expect(page.get_by_text("Error", exact=True)).to_have_count(0)
         page.screenshot(path=str(ARTIFACTS / "4-job-model-attention.png"))
+
+        # The same pair in the Channels and Cost tabs.
+        page.get_by_role("tab", name="Channels").click()
+        page.get_by_role("button", name="Show retained channels").click()
+        expect(body).to_contain_text("retained channels per block", timeout=60_000)
+        page.get_by_role("tab", name="Cost").click()
+        page.get_by_role("button", name="Compute cost").click()
+        expect(body).to_contain_text("images/s", timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "4b-job-model-cost.png"))
 
         # Compactors of that job.
         page.get_by_role("tab", name="Compactors").click()
         page.get_by_role("button", name="Show compactors of the selected job").click()
         expect(body).to_contain_text("Plain global selection", timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "5-compactors.png"), full_page=True)
+
+        # A long job, cancelled: the app says what was kept.
+        page.get_by_role("tab", name="Fine-tune").click()
+        page.get_by_label("Steps").fill("100000")
+        page.get_by_role("button", name="Start fine-tune").click()
+        try:
+            expect(body).to_contain_text(re.compile(r"running on cpu · step [1-9]"), timeout=120_000)
+        finally:
+            page.screenshot(path=str(ARTIFACTS / "6a-long-job.png"))
+        page.get_by_role("button", name="Cancel job").click()
+        expect(body).to_contain_text("cancelled at step", timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "6-cancelled.png"))
         browser.close()
     (ARTIFACTS / "browser-test-seconds.txt").write_text(f"{time.time() - t0:.1f}\n")

@@ -16,6 +16,21 @@ FAST = dict(model=cait.TEST_MODEL, steps=30, batch_size=8, val_size=32, syntheti
 LONG = dict(FAST, steps=100000, eval_interval=100000, ckpt_interval=5)
 
 
+@pytest.fixture
+def managers():
+    """JobManagers made by a test; every job they still run is cancelled at teardown, even after a failure."""
+    made = []
+
+    def make(root):
+        made.append(JobManager(root, poll_interval=0))
+        return made[-1]
+    yield make
+    for jm in made:
+        for job in jm.list():
+            if job.status in ("queued", "running"):
+                jm.cancel(job.id)
+
+
 def wait_for(jm, job_id, pred, timeout=180):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -27,8 +42,8 @@ def wait_for(jm, job_id, pred, timeout=180):
     raise AssertionError(f"timed out; job is {jm.get(job_id).status}: {jm.get(job_id).message}")
 
 
-def test_job_life_cycle_and_the_model_becomes_selectable(tmp_path):
-    jm = JobManager(tmp_path, poll_interval=0)
+def test_job_life_cycle_and_the_model_becomes_selectable(tmp_path, managers):
+    jm = managers(tmp_path)
     job = jm.submit(device="cpu", **FAST)
     assert job.status == "running" and job.pid
     seen_progress = wait_for(jm, job.id, lambda j, p: p["step"] > 0 or j.status != "running")
@@ -49,8 +64,8 @@ def test_job_life_cycle_and_the_model_becomes_selectable(tmp_path):
     assert "Plain global selection" in summary and len(norms.data) >= 4 and len(contrast.data) >= 3
 
 
-def test_queue_cancel_and_killed_jobs(tmp_path):
-    jm = JobManager(tmp_path, poll_interval=0)
+def test_queue_cancel_and_killed_jobs(tmp_path, managers):
+    jm = managers(tmp_path)
     first = jm.submit(device="cpu", **LONG)
     second = jm.submit(device="cpu", **LONG)
     assert jm.get(first.id).status == "running" and jm.get(second.id).status == "queued"   # one per device
@@ -67,8 +82,8 @@ def test_queue_cancel_and_killed_jobs(tmp_path):
     assert jm.cancel(second.id) == f"job {second.id} is already failed"
 
 
-def test_jobs_survive_a_restart_and_dead_processes_are_noticed(tmp_path):
-    jm = JobManager(tmp_path, poll_interval=0)
+def test_jobs_survive_a_restart_and_dead_processes_are_noticed(tmp_path, managers):
+    jm = managers(tmp_path)
     job = jm.submit(device="cpu", **FAST)
     wait_for(jm, job.id, lambda j, p: j.status != "running")
     # A job the previous app left "running" whose process is gone (pid 999999 does not exist).
@@ -76,7 +91,7 @@ def test_jobs_survive_a_restart_and_dead_processes_are_noticed(tmp_path):
     (tmp_path / "jobs" / ghost.id).mkdir(parents=True)
     (tmp_path / "jobs" / ghost.id / "stdout.log").write_text("Traceback ...\nMemoryError\n")
     (tmp_path / "jobs" / ghost.id / "job.json").write_text(json.dumps(ghost.__dict__))
-    again = JobManager(tmp_path, poll_interval=0)                    # the app is rebuilt
+    again = managers(tmp_path)                                       # the app is rebuilt
     assert [j.id for j in again.list()] == [job.id, ghost.id]
     assert again.get(job.id).status == "done"
     dead = again.get(ghost.id)
