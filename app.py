@@ -12,7 +12,7 @@ import os
 
 import gradio as gr
 
-from cait.jobs import JobManager
+from cait.jobs import JobManager, on_space
 from cait.models import TEST_MODEL
 from cait.photos import SAMPLE_PHOTOS
 from cait.studio import Studio, compactor_view, job_view, jobs_table
@@ -171,8 +171,11 @@ def _finetune_tabs(studio: Studio, jobs: JobManager, model: gr.Dropdown, poll_s:
     devices = ["cuda", "cpu"] if studio.device.type == "cuda" else ["cpu"]
     with gr.Tab("Fine-tune"):
         gr.Markdown("Each fine-tune runs `python -m cait.finetune` as its own process (a crash or a cancel never "
-                    f"takes the app down); one job per device, the others queue. Jobs live in `{jobs.root}` and "
-                    "survive an app restart.")
+                    f"takes the app down); one job per device, the others queue. Jobs and their checkpoints live in "
+                    f"`{jobs.root}` and survive an app restart."
+                    + (" **On this Space that disk is ephemeral**: set `CAIT_RUNS_DIR` to persistent storage (e.g. "
+                       "a mounted bucket) to keep them." if on_space() and not str(jobs.root).startswith("/data")
+                       else ""))
         with gr.Row():
             ft_model = gr.Dropdown(list(FINETUNE_MODELS), value=next(iter(FINETUNE_MODELS)), label="Model")
             data = gr.Textbox("synthetic", label="Data", info="'synthetic' or an ImageFolder path on the server")

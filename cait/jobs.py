@@ -29,9 +29,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ACTIVE = ("queued", "running")
 
 
+def on_space() -> bool:
+    """True when running on a Hugging Face Space (it sets ``SPACE_ID``)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
 def default_runs_dir() -> Path:
-    """``$CAIT_RUNS_DIR`` if set, else ``runs/`` in the repository (on a Hugging Face Space: point it at a bucket)."""
-    return Path(os.environ.get("CAIT_RUNS_DIR", REPO_ROOT / "runs")).expanduser()
+    """Where jobs and checkpoints go: ``$CAIT_RUNS_DIR`` if set; on a Space, ``/data/cait-runs`` when persistent
+    storage is mounted at ``/data``, else a temporary directory (a Space's disk is ephemeral, and its repository
+    directory is not ours to write); elsewhere ``runs/`` in the repository."""
+    if os.environ.get("CAIT_RUNS_DIR"):
+        return Path(os.environ["CAIT_RUNS_DIR"]).expanduser()
+    if on_space():
+        data = Path("/data")
+        if data.is_dir() and os.access(data, os.W_OK):
+            return data / "cait-runs"
+        import tempfile
+        return Path(tempfile.gettempdir()) / "cait-runs"
+    return REPO_ROOT / "runs"
 
 
 @dataclass
