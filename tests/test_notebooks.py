@@ -1,5 +1,4 @@
 """Every notebook runs top to bottom (small settings) and is stored without outputs."""
-import os
 from pathlib import Path
 
 import nbformat
