@@ -15,7 +15,7 @@ import gradio as gr
 from cait.jobs import JobManager, on_space
 from cait.models import TEST_MODEL
 from cait.photos import SAMPLE_PHOTOS
-from cait.studio import Studio, compactor_view, job_view, jobs_table
+from cait.studio import SYNTHETIC_SAMPLES, Studio, compactor_view, job_view, jobs_table
 
 DEFAULT_MODEL = "DeiT-Tiny"
 DEFAULT_REDUCTION = 0.5
@@ -43,15 +43,12 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
     def on_attention(model, reduction, merge, sample, upload, block):
         p = pair(model, reduction, merge)
         try:
-            image = studio.image(sample, upload)
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
-        try:
-            v = studio.attention(p, image, int(block) - 1)
+            image = None if upload in (None, "") and sample in SYNTHETIC_SAMPLES else studio.image(sample, upload)
+            v = studio.attention(p, image, int(block) - 1, sample=sample)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return (v.original_mean, v.compressed_mean, v.original_heads, v.compressed_heads, v.original_top5,
-                v.compressed_top5)
+                v.compressed_top5, v.localisation_text())
 
     def on_channels(model, reduction, merge):
         return studio.channels(pair(model, reduction, merge))
@@ -73,7 +70,8 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
 
         with gr.Tab("Attention"):
             with gr.Row():
-                sample = gr.Dropdown(list(SAMPLE_PHOTOS), value=next(iter(SAMPLE_PHOTOS)), label="Bundled photo")
+                sample = gr.Dropdown(studio.sample_names(), value=next(iter(SAMPLE_PHOTOS)),
+                                     label="Bundled photo or synthetic sample")
                 # A File, not an Image: our own validation then explains a bad upload (gr.Image fails opaquely).
                 upload = gr.File(label="…or your own image (overrides the photo)", file_types=["image"],
                                  type="filepath", height=140)
@@ -88,8 +86,10 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
             with gr.Row():
                 orig_top5 = gr.Label(num_top_classes=5, label="Original: top-5")
                 comp_top5 = gr.Label(num_top_classes=5, label="CAIT twin: top-5")
+            localisation = gr.Markdown()
             show.click(on_attention, settings + [sample, upload, block],
-                       [orig_mean, comp_mean, orig_heads, comp_heads, orig_top5, comp_top5], api_name="attention")
+                       [orig_mean, comp_mean, orig_heads, comp_heads, orig_top5, comp_top5, localisation],
+                       api_name="attention")
 
         with gr.Tab("Channels"):
             gr.Markdown("Channels each block keeps after CDCP, as a share of the original (the paper's Fig. 6). "

@@ -15,7 +15,7 @@ The pipeline, one module per step::
     attention   CLS attention maps through the merged grid                        (Fig. 8)
 """
 from . import models as _models  # noqa: F401  (registers the tiny test DeiT with timm)
-from .attention import ClsAttention, attention_probs, cls_attention
+from .attention import ClsAttention, attention_in_mask, attention_probs, cls_attention
 from .bench import compare_throughput, measure_throughput
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .compactor import add_compactors, has_compactors, iter_compactors
@@ -30,7 +30,7 @@ from .select import ChannelMask, ChannelScores, compactor_scores, select_channel
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClsAttention", "attention_probs", "cls_attention",
+    "ClsAttention", "attention_in_mask", "attention_probs", "cls_attention",
     "compare_throughput", "measure_throughput",
     "CheckpointError", "load_pretrained", "save_pretrained",
     "add_compactors", "has_compactors", "iter_compactors",

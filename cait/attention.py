@@ -108,4 +108,28 @@ def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> Cl
                         block=block, grid=(h, w))
 
 
-__all__ = ["ClsAttention", "attention_probs", "cls_attention"]
+__all__ = ["ClsAttention", "attention_in_mask", "attention_probs", "cls_attention"]
+
+
+def attention_in_mask(att: ClsAttention, masks: torch.Tensor, heads: bool = False) -> torch.Tensor:
+    """Share of the CLS attention mass that falls inside the object (the paper's Fig. 8 claim, made a number).
+
+    The CLS→patch attention is renormalised to sum to 1 over the patches; each patch counts with the fraction of
+    its pixels inside the mask. A model that attends uniformly scores the object's area fraction; one that attends
+    only to object patches scores 1.
+
+    Args:
+        att: from :func:`cls_attention` on images whose pixels align with ``masks``.
+        masks: ``(B, S, S)`` bool object masks at the model's input resolution.
+        heads: per head ``(B, H)`` instead of the head-mean ``(B,)``.
+
+    Raises:
+        ValueError: if the masks' batch size differs from the maps'.
+    """
+    if masks.shape[0] != att.patch_maps.shape[0]:
+        raise ValueError(f"{masks.shape[0]} masks for {att.patch_maps.shape[0]} attention maps")
+    maps = att.patch_maps if heads else att.mean()[:, None]                     # (B, H or 1, Hp, Wp)
+    maps = maps / maps.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    frac = F.adaptive_avg_pool2d(masks.float()[:, None], maps.shape[-2:])        # (B, 1, Hp, Wp) object share
+    inside = (maps * frac).sum(dim=(-2, -1))                                      # (B, H or 1)
+    return inside if heads else inside[:, 0]

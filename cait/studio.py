@@ -17,13 +17,14 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .attention import cls_attention
+from .attention import attention_in_mask, cls_attention
 from .bench import compare_throughput, resolve_device
 from .compress import compress
 from .flops import count_params, describe, flops_by_block
 from .merge import format_layout, parse_layout
 from .models import DEIT_MODELS, WeightsInfo, create_model
 from .photos import SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
+from .synthetic import SyntheticShapes
 from .viz import (block_flops_figure, channels_figure, compactor_figure, consistency_figure, cost_table, overlay,
                   top_k, training_figure)
 
@@ -63,6 +64,20 @@ class AttentionView:
     original_top5: dict[str, float]
     compressed_top5: dict[str, float]
     grids: tuple[tuple[int, int], tuple[int, int]]
+    localisation: tuple[float, float] | None = None   # CLS attention mass inside the object (original, twin)
+    object_area: float | None = None                  # the object's share of the image (uniform attention's score)
+
+    def localisation_text(self) -> str:
+        """Markdown line for the UI."""
+        if self.localisation is None:
+            return "Attention localisation: needs a sample with a known object mask (the synthetic ones)."
+        o, c = self.localisation
+        return (f"**Attention inside the object:** original {100 * o:.1f}%, CAIT twin {100 * c:.1f}% "
+                f"(the object covers {100 * self.object_area:.1f}% of the image: uniform attention scores that).")
+
+
+SYNTHETIC_SAMPLES = {f"synthetic shapes, held-out #{i} (object mask known)": i for i in range(4)}
+"""Samples of the held-out split of :mod:`cait.synthetic`, rendered at the model's input size."""
 
 
 class Studio:
@@ -179,6 +194,11 @@ class Studio:
         ])
 
     @staticmethod
+    def sample_names() -> list[str]:
+        """Bundled photos, then synthetic samples with known masks."""
+        return list(SAMPLE_PHOTOS) + list(SYNTHETIC_SAMPLES)
+
+    @staticmethod
     def image(sample: str | None = None, upload=None) -> Image.Image:
         """The image to analyse: an upload (path, array or PIL) if given, else a bundled photo.
 
@@ -190,10 +210,13 @@ class Studio:
             return load_image(upload)
         if sample in SAMPLE_PHOTOS:
             return sample_photo(sample)
+        if sample in SYNTHETIC_SAMPLES:
+            return SyntheticShapes(8, 224, split="val").sample(SYNTHETIC_SAMPLES[sample])[0]
         raise ValueError("pick a bundled photo or upload an image")
 
     @torch.no_grad()
-    def attention(self, pair: ModelPair, image: Image.Image, block: int = -1) -> AttentionView:
+    def attention(self, pair: ModelPair, image: Image.Image | None, block: int = -1, sample: str | None = None
+                  ) -> AttentionView:
         """CLS attention of both models in one block (default: the last), head-mean and per head, with top-5.
 
         Raises:
@@ -203,16 +226,26 @@ class Studio:
         if not -depth <= block < depth:
             raise ValueError(f"block {block + 1 if block >= 0 else block} is out of range: the model has {depth} "
                              f"blocks (1..{depth})")
-        x = preprocess(pair.original, [image]).to(self.device)
-        view = model_view(pair.original, image)
+        mask = None
+        if sample in SYNTHETIC_SAMPLES and image is None:   # rendered at the input size: pixels align with the mask
+            size = pair.original.patch_embed.img_size[0]
+            ds = SyntheticShapes(8, size, split="val")
+            x, _, mask = ds.tensor(SYNTHETIC_SAMPLES[sample])
+            x, mask, view = x[None].to(self.device), mask[None], ds.sample(SYNTHETIC_SAMPLES[sample])[0]
+        else:
+            x = preprocess(pair.original, [image]).to(self.device)
+            view = model_view(pair.original, image)
         labels = _labels(pair.original)
         res = {}
         for which, model in (("original", pair.original), ("compressed", pair.compressed)):
             a = cls_attention(model, x, block)
             heads = [(overlay(view, a.patch_maps[0, h]), f"head {h + 1}") for h in range(a.patch_maps.shape[1])]
-            res[which] = (overlay(view, a.mean()[0]), heads, top_k(a.logits[0], labels), a.grid)
+            inside = None if mask is None else float(attention_in_mask(a, mask.to(a.patch_maps.device))[0])
+            res[which] = (overlay(view, a.mean()[0]), heads, top_k(a.logits[0], labels), a.grid, inside)
         o, c = res["original"], res["compressed"]
-        return AttentionView(view, o[0], c[0], o[1], c[1], o[2], c[2], (o[3], c[3]))
+        return AttentionView(view, o[0], c[0], o[1], c[1], o[2], c[2], (o[3], c[3]),
+                             None if mask is None else (o[4], c[4]),
+                             None if mask is None else float(mask.float().mean()))
 
     def channels(self, pair: ModelPair) -> go.Figure:
         """Retained q/k, v and FFN channels per block (paper Fig. 6)."""

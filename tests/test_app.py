@@ -32,8 +32,9 @@ def test_build_reports_device_and_untrained_weights(client):
 
 
 def test_attention_map_for_a_bundled_photo(client):
-    orig, comp, orig_heads, comp_heads, top5, _ = client.predict("DeiT-Tiny", 0.5, "", PHOTO, None, 12,
-                                                                 api_name="/attention")
+    orig, comp, orig_heads, comp_heads, top5, _, local = client.predict("DeiT-Tiny", 0.5, "", PHOTO, None, 12,
+                                                                        api_name="/attention")
+    assert "needs a sample with a known object mask" in local
     for path in (orig, comp):
         img = Image.open(path)
         assert img.size == (224, 224)
@@ -67,3 +68,10 @@ def test_out_of_range_block_is_a_clear_error(client):
     pair = studio.pair("DeiT-Tiny", 0.5, "")
     with pytest.raises(ValueError, match="block 13 is out of range: the model has 12 blocks"):
         studio.attention(pair, studio.image(PHOTO), 12)
+
+
+def test_synthetic_sample_reports_attention_localisation(client):
+    from cait.studio import SYNTHETIC_SAMPLES
+    out = client.predict("DeiT-Tiny", 0.5, "", next(iter(SYNTHETIC_SAMPLES)), None, 12, api_name="/attention")
+    assert Image.open(out[0]).size == (224, 224)
+    assert "Attention inside the object:" in out[-1] and "the object covers" in out[-1]

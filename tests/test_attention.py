@@ -57,3 +57,21 @@ def test_overlay_has_image_size():
     img = Image.new("RGB", (50, 40), (10, 200, 30))
     out = overlay(img, F.softmax(torch.randn(7, 4).flatten(), 0).reshape(7, 4))
     assert out.size == (50, 40) and out.mode == "RGB"
+
+
+def test_attention_in_mask_bounds_and_uniform_baseline():
+    from cait.attention import ClsAttention
+    B, H = 2, 3
+    masks = torch.zeros(B, 32, 32, dtype=torch.bool)
+    masks[:, :8, :8] = True                                         # exactly patch (0, 0) of an 8×8 grid (4 px patches)
+    focused = torch.zeros(B, H, 8, 8)
+    focused[:, :, 0, 0] = 0.7                                       # all attention on the object patch
+    uniform = torch.full((B, H, 8, 8), 0.01)
+    half = torch.zeros(B, H, 8, 8)
+    half[:, :, 0, 0], half[:, :, 7, 7] = 0.3, 0.3
+    for maps, expected in ((focused, 1.0), (uniform, 64 / 1024), (half, 0.5)):
+        att = ClsAttention(maps, maps, torch.zeros(B, 2), 5, (8, 8))
+        torch.testing.assert_close(cait.attention_in_mask(att, masks), torch.full((B,), expected))
+        assert cait.attention_in_mask(att, masks, heads=True).shape == (B, H)
+    with pytest.raises(ValueError, match="1 masks for 2"):
+        cait.attention_in_mask(att, masks[:1])
