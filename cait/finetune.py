@@ -331,13 +331,18 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
         split = split_budget(teacher, cfg.flops_reduction, cfg.merge, cfg.atme_share)
     except ValueError as e:
         raise FinetuneError(str(e)) from None
-    student = add_compactors(apply_atme(copy.deepcopy(teacher), split.layout)).to(device)
+    student = apply_atme(copy.deepcopy(teacher), split.layout)
+    # No channel budget (R = 0, e.g. training a teacher, or a layout that alone meets R): no CDCP at all. Identity
+    # compactors would only cost time (2x per step on CPU for DeiT-Tiny, benchmarks/finetune_step.py).
+    cdcp = split.target_flops < describe(student).flops()
+    student = (add_compactors(student) if cdcp else student).to(device)
     teacher = teacher.to(device).eval().requires_grad_(False)
     spec = describe(student)
     schedule = FlopsSchedule(cfg.steps, spec.flops(), split.target_flops, cfg.cdcp_warmup, cfg.cdcp_ramp,
                              cfg.mask_interval)
     try:                                                  # fail now, not after hours, if the target is out of reach
-        select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to)
+        if cdcp:
+            select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to)
     except ValueError as e:
         raise FinetuneError(str(e)) from None
     alpha = cfg.distill_alpha if cfg.distill_alpha is not None else (0.1 if "tiny" in cfg.model else 0.25)
@@ -397,7 +402,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     step = start
     for step, (x, y) in enumerate(loader, start=start):
         model.train()
-        if schedule.rebuild_at(step):
+        if cdcp and schedule.rebuild_at(step):
             m = (select_channels(compactor_scores(student), spec, schedule.target(step), cfg.min_channels, cfg.round_to)
                  if rank == 0 else None)
             m = _broadcast(m, rank, world)
@@ -421,7 +426,8 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
                                 f"(earlier training states in {out} are intact). Try a lower --lr.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        apply_gradient_rule(student, mask, cfg.lasso)      # after the DDP all-reduce, identical on every rank
+        if cdcp:
+            apply_gradient_rule(student, mask, cfg.lasso)  # after the DDP all-reduce, identical on every rank
         opt.step()
         sched.step_update(step + 1)
         opt.param_groups[2]["lr"] = compactor_lr_at(cfg, step + 1)   # compactors: their own schedule
@@ -433,7 +439,8 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
             emit({"type": "train", "step": done, "epoch": done * cfg.batch_size / len(train_set),
                   "loss": loss_value, "lr": opt.param_groups[0]["lr"],
                   "flops_target": schedule.target(step), "s_size": 0 if mask is None else mask.size(),
-                  "s_entered": entered, "max_masked_norm": max_masked_row_norm(student, mask), "images_per_s": seen / (now - t_last)})
+                  "s_entered": entered, "max_masked_norm": max_masked_row_norm(student, mask) if cdcp else 0.0,
+                  "images_per_s": seen / (now - t_last)})
             t_last, seen = now, 0
         if done % cfg.eval_interval == 0 and done < cfg.steps:
             top1 = evaluate(student, val_set, device, rank=rank, world=world)
@@ -459,15 +466,22 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     # Prune and fold ------------------------------------------------------------------------------------------------
     if rank == 0:                                          # the compactors as trained (the compactor view reads it)
         _save_state(out, cfg.steps, student, opt, mask, {"config": cfg.to_dict(), "history": history})
-    needs_final = mask is None or schedule.target(cfg.steps - 1) != split.target_flops
-    final_mask = (select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels,
-                                  cfg.round_to) if rank == 0 and needs_final else None)
-    if final_mask is not None or world > 1:
-        mask = _broadcast(final_mask if final_mask is not None else mask, rank, world)
-    removed = zero_masked_rows_(student, mask)
+    if cdcp:
+        needs_final = mask is None or schedule.target(cfg.steps - 1) != split.target_flops
+        final_mask = (select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels,
+                                      cfg.round_to) if rank == 0 and needs_final else None)
+        if final_mask is not None or world > 1:
+            mask = _broadcast(final_mask if final_mask is not None else mask, rank, world)
+        removed = zero_masked_rows_(student, mask)
+    else:
+        mask, removed = ChannelMask.empty_like(ChannelScores(*([torch.zeros(b.heads, b.qk_dim) for b in spec.blocks],
+                                                              [torch.zeros(b.heads, b.qk_dim) for b in spec.blocks],
+                                                              [torch.zeros(b.heads, b.v_dim) for b in spec.blocks],
+                                                              [torch.zeros(b.ffn_dim) for b in spec.blocks]))), 0.0
     top1_masked = evaluate(student, val_set, device, rank=rank, world=world)
-    top1_teacher = evaluate(teacher, val_set, device, rank=rank, world=world)
-    # Nothing to remove (R = 0, e.g. training a teacher): fold only, so the result stays an uncompressed DeiT.
+    if top1_teacher is None:                               # frozen: evaluated once
+        top1_teacher = evaluate(teacher, val_set, device, rank=rank, world=world)
+    # Nothing to remove: fold only (or nothing to fold), so the result stays an uncompressed (or ATME) DeiT.
     compact = (fold_compactors(student) if mask.size() == 0 else prune(student, mask)).eval()
     top1_compact = evaluate(compact, val_set, device, rank=rank, world=world)
     summary = {"type": "final", "step": cfg.steps, "merge": format_layout(split.layout),
@@ -569,6 +583,8 @@ def compactor_snapshot(run_dir: str | os.PathLike) -> CompactorSnapshot:
     step, jfile, sfile = states[-1]
     meta = json.loads(jfile.read_text())
     tensors = load_file(sfile)
+    if "model.blocks.0.attn.qkv.q" not in tensors:
+        raise FinetuneError(f"{run}: this run has no compactors (no channel budget: nothing for CDCP to do)")
     skeleton = apply_atme(build_skeleton(read_config(run / "teacher")), start["merge"])
     spec = describe(skeleton)
     norms = {kind: [tensors[f"model.blocks.{l}.{path}"].float().norm(dim=-1) for l in range(len(spec.blocks))]

@@ -207,3 +207,14 @@ def test_torchrun_two_processes_gloo_hold_the_same_mask(tmp_path):
     m1 = json.loads((out / "final_mask_rank1.json").read_text())
     assert m0 == m1 and any(any(row) for block in m0["qk"] + m0["v"] for row in block)
     assert cait.load_pretrained(out / "compact") is not None
+
+
+def test_zero_reduction_trains_a_plain_deit_without_compactors(tmp_path):
+    summary = finetune(_cfg(tmp_path, flops_reduction=0.0, steps=10, eval_interval=100))
+    assert summary["flops_reduction"] == 0.0 and summary["s_size"] == 0
+    model = cait.load_pretrained(tmp_path / "run" / "compact")
+    from timm.layers import Attention
+    assert type(model.blocks[0].attn) is Attention and not cait.get_layout(model)
+    # ... so it can teach a CAIT run.
+    student = finetune(_cfg(tmp_path / "next", model=str(tmp_path / "run" / "compact"), steps=20, eval_interval=100))
+    assert student["flops_reduction"] >= 0.5
