@@ -100,8 +100,8 @@ class FinetuneConfig:
 
     # Fields that define a run: a resume must match them.
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
-                "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr", "label_smoothing",
-                "mixup", "cutmix", "distill_alpha", "lasso", "mask_interval", "cdcp_warmup", "cdcp_ramp",
+                "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr",
+                "label_smoothing", "mixup", "cutmix", "distill_alpha", "lasso", "mask_interval", "cdcp_warmup", "cdcp_ramp",
                 "min_channels", "round_to", "val_size", "synthetic_size", "seed")
 
     def to_dict(self) -> dict:
@@ -360,9 +360,8 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
 
     start, mask, history, entered, top1_teacher = 0, None, {}, 0, None
-    if cfg.resume:
-        meta = _load_state(out, student, opt, cfg) if rank == 0 else None
-        meta = _broadcast(meta, rank, world)              # weights reach ranks > 0 by the broadcast below
+    if cfg.resume:                                         # every rank: each holds its own optimizer state
+        meta = _load_state(out, student, opt, cfg)
         start = meta["step"]
         mask = None if meta["mask"] is None else ChannelMask.from_dict(meta["mask"])
         history = meta.get("history", {})
@@ -403,14 +402,13 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     for step, (x, y) in enumerate(loader, start=start):
         model.train()
         if cdcp and schedule.rebuild_at(step):
-            m = (select_channels(compactor_scores(student), spec, schedule.target(step), cfg.min_channels, cfg.round_to)
-                 if rank == 0 else None)
+            m = (select_channels(compactor_scores(student), spec, schedule.target(step), cfg.min_channels,
+                                 cfg.round_to) if rank == 0 else None)
             m = _broadcast(m, rank, world)
             entered = reset_optimizer_rows_(student, opt, mask, m)
             mask = m
         _seed_step(cfg.seed, step * world + rank)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        hard = y
         if mixup:
             x, y = mixup(x, y)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -165,5 +165,6 @@ def export_imagefolder(root: str | Path, n_train: int = 800, n_val: int = 200, i
             img, label, mask = render(seed, split, i, img_size)
             Image.fromarray(img).save(root / split / CLASSES[label] / f"{i:06d}.png")
             if masks and split == "val":
-                Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / split / CLASSES[label] / f"{i:06d}.png")
+                mask_path = root / "masks" / split / CLASSES[label] / f"{i:06d}.png"
+                Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
     return root
