@@ -5,6 +5,7 @@ browser; ``app.py`` only lays out widgets and calls it.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -135,12 +136,16 @@ class Studio:
             if key not in self._pairs:
                 original, info = self._original(name)
                 compressed = compress(original, float(flops_reduction), layout=layout).to(self.device)
-                self._pairs[key] = ModelPair(name, float(flops_reduction), compressed.cait_meta["merge"], original,
-                                             compressed, info, self.device)
-                while len(self._pairs) > self.cache_size:
-                    self._pairs.popitem(last=False)
+                self._remember(key, ModelPair(name, float(flops_reduction), compressed.cait_meta["merge"], original,
+                                              compressed, info, self.device))
             self._pairs.move_to_end(key)
             return self._pairs[key]
+
+    def _remember(self, key: tuple, pair: ModelPair) -> None:
+        """Cache a pair, dropping the least recently used beyond ``cache_size``."""
+        self._pairs[key] = pair
+        while len(self._pairs) > self.cache_size:
+            self._pairs.popitem(last=False)
 
     def _job_pair(self, name: str) -> ModelPair:
         """Teacher and compact model of a finished fine-tune job (settings come from the job, not the sliders)."""
@@ -160,10 +165,8 @@ class Studio:
                 final = compressed.cait_meta.get("finetune", {})
                 info = WeightsInfo("checkpoint", f"fine-tuned by job {job_id} (teacher: "
                                                  f"{original.cait_meta.get('source', '?')})")
-                self._pairs[key] = ModelPair(name, 1 - final.get("flops", 0) / max(final.get("base_flops", 1), 1),
-                                             final.get("merge", ""), original, compressed, info, self.device)
-                while len(self._pairs) > self.cache_size:
-                    self._pairs.popitem(last=False)
+                self._remember(key, ModelPair(name, 1 - final.get("flops", 0) / max(final.get("base_flops", 1), 1),
+                                              final.get("merge", ""), original, compressed, info, self.device))
             self._pairs.move_to_end(key)
             return self._pairs[key]
 
@@ -271,11 +274,15 @@ class Studio:
 
 
 def _labels(model: nn.Module) -> list[str] | None:
+    """Class names: the model's own (fine-tuned on synthetic shapes, say), else ImageNet's for 1000 classes."""
     classes = (getattr(model, "cait_meta", None) or {}).get("classes")
     if classes and len(classes) == getattr(model, "num_classes", -1):
         return list(classes)
-    if getattr(model, "num_classes", 0) != 1000:
-        return None
+    return _imagenet_labels() if getattr(model, "num_classes", 0) == 1000 else None
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_labels() -> list[str]:
     from timm.data import ImageNetInfo
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(1000)]
