@@ -126,6 +126,7 @@ def run(model_name: str, flops_reduction: float, merge: str | None = None, batch
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line (see the module docstring); exit 2 with a message on bad input."""
     p = argparse.ArgumentParser(prog="python -m cait.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="deit_small_patch16_224", help="timm DeiT name")

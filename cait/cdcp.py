@@ -129,6 +129,7 @@ class FlopsSchedule:
 
     @property
     def first_step(self) -> int:
+        """First step at which S is built (the end of the warm-up)."""
         return int(round(self.warmup * self.steps))
 
     def target(self, step: int) -> int | None:

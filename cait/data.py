@@ -35,6 +35,7 @@ class StepBatchSampler(Sampler[list[int]]):
         return self._perm[1]
 
     def batch(self, step: int) -> list[int]:
+        """Dataset indices of this rank's batch at ``step`` (``B`` ints)."""
         G = self.B * self.world
         out = []
         for i in range(self.B):

@@ -105,6 +105,7 @@ class FinetuneConfig:
                 "min_channels", "round_to", "val_size", "synthetic_size", "seed")
 
     def to_dict(self) -> dict:
+        """All fields, JSON-ready."""
         return dataclasses.asdict(self)
 
 
@@ -528,6 +529,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: run, print the final summary as JSON (rank 0); exit 2 with a message on bad input."""
     args = _parser().parse_args(argv)
     cfg = FinetuneConfig(**vars(args))
     try:

@@ -65,6 +65,7 @@ class Job:
     message: str = ""
 
     def dir(self, root: Path) -> Path:
+        """This job's directory under a runs directory."""
         return root / "jobs" / self.id
 
 
@@ -274,6 +275,7 @@ class JobManager:
         return out
 
     def run_dir(self, job_id: str) -> Path:
+        """The engine's ``--output`` of a job. Raises ``KeyError`` for an unknown id."""
         return self.get(job_id).dir(self.root) / "run"
 
     def progress(self, job_id: str) -> dict:

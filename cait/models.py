@@ -64,6 +64,7 @@ class WeightsInfo:
 
     @property
     def trained(self) -> bool:
+        """False for random initialisation."""
         return self.source != "random"
 
 

@@ -91,6 +91,7 @@ class ChannelMask:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ChannelMask":
+        """Inverse of :meth:`to_dict`."""
         return cls(*([torch.tensor(t, dtype=torch.bool) for t in d[k]] for k in ("qk", "v", "ffn")))
 
 
