@@ -15,7 +15,7 @@ import gradio as gr
 from cait.jobs import JobManager, on_space
 from cait.models import TEST_MODEL
 from cait.photos import SAMPLE_PHOTOS
-from cait.studio import SYNTHETIC_SAMPLES, Studio, compactor_view, job_view, jobs_table
+from cait.studio import Studio, compactor_view, job_view, jobs_table
 
 DEFAULT_MODEL = "DeiT-Tiny"
 DEFAULT_REDUCTION = 0.5
@@ -43,8 +43,7 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
     def on_attention(model, reduction, merge, sample, upload, block):
         p = pair(model, reduction, merge)
         try:
-            image = None if upload in (None, "") and sample in SYNTHETIC_SAMPLES else studio.image(sample, upload)
-            v = studio.attention(p, image, int(block) - 1, sample=sample)
+            v = studio.attention(p, studio.image(sample, upload), int(block) - 1, sample=sample)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return (v.original_mean, v.compressed_mean, v.original_heads, v.compressed_heads, v.original_top5,

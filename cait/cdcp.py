@@ -10,6 +10,7 @@ so the masked rows reach ~0 before pruning; all three are fractions of the run, 
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -85,7 +86,7 @@ def reset_optimizer_rows_(model: nn.Module, optimizer: torch.optim.Optimizer, ol
     Returns:
         The number of rows reset.
     """
-    olds = [None] * 10 ** 6 if old is None else [m for _, m in compactor_rows(model, old)]
+    olds = itertools.repeat(None) if old is None else (m for _, m in compactor_rows(model, old))
     count = 0
     for (Q, in_new), in_old in zip(compactor_rows(model, new), olds):
         entering = in_new if in_old is None else in_new & ~in_old

@@ -178,7 +178,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         if tensors[k].shape != v.shape:
             raise CheckpointError(f"{wfile}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
                                   f"{CONFIG_NAME} implies {tuple(v.shape)}")
-        if not torch.isfinite(tensors[k]).all() if tensors[k].is_floating_point() else False:
+        if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all():
             raise CheckpointError(f"{wfile}: tensor {k!r} contains NaN or infinity")
     model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, strict=True)
     model.cait_meta = dict(config.get("meta") or {})

@@ -335,10 +335,10 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     student = apply_atme(copy.deepcopy(teacher), split.layout)
     # No channel budget (R = 0, e.g. training a teacher, or a layout that alone meets R): no CDCP at all. Identity
     # compactors would only cost time (2x per step on CPU for DeiT-Tiny, benchmarks/finetune_step.py).
-    cdcp = split.target_flops < describe(student).flops()
+    spec = describe(student)                              # the same with compactors: they fold away
+    cdcp = split.target_flops < spec.flops()
     student = (add_compactors(student) if cdcp else student).to(device)
     teacher = teacher.to(device).eval().requires_grad_(False)
-    spec = describe(student)
     schedule = FlopsSchedule(cfg.steps, spec.flops(), split.target_flops, cfg.cdcp_warmup, cfg.cdcp_ramp,
                              cfg.mask_interval)
     try:                                                  # fail now, not after hours, if the target is out of reach
@@ -473,10 +473,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
             mask = _broadcast(final_mask if final_mask is not None else mask, rank, world)
         removed = zero_masked_rows_(student, mask)
     else:
-        mask, removed = ChannelMask.empty_like(ChannelScores(*([torch.zeros(b.heads, b.qk_dim) for b in spec.blocks],
-                                                              [torch.zeros(b.heads, b.qk_dim) for b in spec.blocks],
-                                                              [torch.zeros(b.heads, b.v_dim) for b in spec.blocks],
-                                                              [torch.zeros(b.ffn_dim) for b in spec.blocks]))), 0.0
+        mask, removed = ChannelMask.keep_all(spec), 0.0
     top1_masked = evaluate(student, val_set, device, rank=rank, world=world)
     if top1_teacher is None:                               # frozen: evaluated once
         top1_teacher = evaluate(teacher, val_set, device, rank=rank, world=world)
@@ -508,8 +505,8 @@ def _default_img_size(cfg: FinetuneConfig) -> int:
     import timm
     if not timm.is_model(cfg.model):
         raise FinetuneError(f"unknown model {cfg.model!r} (neither a timm name nor a checkpoint directory)")
-    return int(timm.models.get_pretrained_cfg(cfg.model).input_size[-1]) if timm.models.get_pretrained_cfg(
-        cfg.model) else 224
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.model)
+    return int(pretrained_cfg.input_size[-1]) if pretrained_cfg else 224
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -577,7 +574,7 @@ def compactor_snapshot(run_dir: str | os.PathLike) -> CompactorSnapshot:
     from .checkpoint import build_skeleton, read_config
     run = Path(run_dir)
     states = _state_files(run)
-    start = next((r for r in _read_jsonl(run / "log.jsonl") if r.get("type") == "start"), None)
+    start = next((r for r in read_log(run) if r.get("type") == "start"), None)
     if not states or start is None or not (run / "teacher" / "config.json").is_file():
         raise FinetuneError(f"{run}: no training state yet")
     step, jfile, sfile = states[-1]
@@ -593,7 +590,9 @@ def compactor_snapshot(run_dir: str | os.PathLike) -> CompactorSnapshot:
     return CompactorSnapshot(step, ChannelScores(**norms), mask, spec, int(start["target_flops"]))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_log(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of a run's ``log.jsonl`` (a partial last line, still being written, is skipped)."""
+    path = Path(run_dir) / "log.jsonl"
     out = []
     if path.is_file():
         for line in path.read_text().splitlines():

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import atomic_write
+from .finetune import read_log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ACTIVE = ("queued", "running")
@@ -87,10 +88,6 @@ def _alive(pid: int | None, job_dir: Path) -> bool:
         return True                                                 # no /proc: trust kill(0)
 
 
-def read_log(run_dir: Path) -> list[dict]:
-    """The engine's ``log.jsonl`` records (a partial last line, being written, is skipped)."""
-    from .finetune import _read_jsonl
-    return _read_jsonl(Path(run_dir) / "log.jsonl")
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -216,8 +213,9 @@ class JobManager:
                         self._finish(job, code)
                 elif not _alive(job.pid, job.dir(self.root)):
                     self._finish(job, None)                          # died while no app was watching
-            busy = {j.device for j in self.list() if j.status == "running"}
-            for job in sorted((j for j in self.list() if j.status == "queued"), key=lambda j: j.created):
+            # _finish/_start update these Job objects in place: no need to read job.json again.
+            busy = {j.device for j in jobs if j.status == "running"}
+            for job in sorted((j for j in jobs if j.status == "queued"), key=lambda j: j.created):
                 if job.device not in busy:
                     self._start(job)
                     busy.add(job.device)
@@ -287,9 +285,8 @@ class JobManager:
         step = train[-1]["step"] if train else 0
         now = job.ended or time.time()
         elapsed = now - job.started if job.started else 0.0
-        first = next((r for r in records if r.get("type") == "start"), None)
         # Average pace since the start (model building included): a slight over-estimate early on.
         eta = elapsed / step * (steps - step) if job.status == "running" and step else None
         return {"job": job, "step": step, "steps": steps, "records": records, "elapsed_s": elapsed, "eta_s": eta,
                 "loss": train[-1]["loss"] if train else None, "s_size": train[-1]["s_size"] if train else 0,
-                "images_per_s": train[-1]["images_per_s"] if train else None, "start": first}
+                "images_per_s": train[-1]["images_per_s"] if train else None}

@@ -63,6 +63,13 @@ class ChannelMask:
         z = lambda ts: [torch.zeros(t.shape, dtype=torch.bool) for t in ts]  # noqa: E731
         return cls(z(scores.q), z(scores.v), z(scores.ffn))
 
+    @classmethod
+    def keep_all(cls, spec: ModelSpec) -> "ChannelMask":
+        """A mask with nothing in S for a model of this shape."""
+        z = lambda *shape: torch.zeros(shape, dtype=torch.bool)  # noqa: E731
+        return cls([z(b.heads, b.qk_dim) for b in spec.blocks], [z(b.heads, b.v_dim) for b in spec.blocks],
+                   [z(b.ffn_dim) for b in spec.blocks])
+
     def widths(self) -> list[tuple[int, int, int]]:
         """Per block ``(qk kept per head, v kept per head, ffn kept)``.
 

@@ -25,7 +25,7 @@ from .flops import count_params, describe, flops_by_block
 from .merge import format_layout, parse_layout
 from .models import DEIT_MODELS, WeightsInfo, create_model
 from .photos import SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
-from .synthetic import SyntheticShapes
+from .synthetic import SyntheticShapes, render
 from .viz import (block_flops_figure, channels_figure, compactor_figure, consistency_figure, cost_table, overlay,
                   top_k, training_figure)
 
@@ -202,8 +202,9 @@ class Studio:
         return list(SAMPLE_PHOTOS) + list(SYNTHETIC_SAMPLES)
 
     @staticmethod
-    def image(sample: str | None = None, upload=None) -> Image.Image:
-        """The image to analyse: an upload (path, array or PIL) if given, else a bundled photo.
+    def image(sample: str | None = None, upload=None) -> Image.Image | None:
+        """The image to analyse: an upload (path, array or PIL) if given, else a bundled photo; None for a
+        synthetic sample, which :meth:`attention` renders at the model's input size (so its mask aligns).
 
         Raises:
             ImageError: for an upload that is not a usable image.
@@ -214,7 +215,7 @@ class Studio:
         if sample in SAMPLE_PHOTOS:
             return sample_photo(sample)
         if sample in SYNTHETIC_SAMPLES:
-            return SyntheticShapes(8, 224, split="val").sample(SYNTHETIC_SAMPLES[sample])[0]
+            return None
         raise ValueError("pick a bundled photo or upload an image")
 
     @torch.no_grad()
@@ -230,11 +231,13 @@ class Studio:
             raise ValueError(f"block {block + 1 if block >= 0 else block} is out of range: the model has {depth} "
                              f"blocks (1..{depth})")
         mask = None
-        if sample in SYNTHETIC_SAMPLES and image is None:   # rendered at the input size: pixels align with the mask
-            size = pair.original.patch_embed.img_size[0]
-            ds = SyntheticShapes(8, size, split="val")
-            x, _, mask = ds.tensor(SYNTHETIC_SAMPLES[sample])
-            x, mask, view = x[None].to(self.device), mask[None], ds.sample(SYNTHETIC_SAMPLES[sample])[0]
+        if image is None:                                  # a synthetic sample, rendered at the input size
+            if sample not in SYNTHETIC_SAMPLES:
+                raise ValueError("pick a bundled photo or upload an image")
+            ds = SyntheticShapes(8, pair.original.patch_embed.img_size[0], split="val")
+            img, _, mask_np = render(ds.seed, ds.split, SYNTHETIC_SAMPLES[sample], ds.img_size)
+            x, mask, view = ds.normalise(img)[None].to(self.device), torch.from_numpy(mask_np)[None], \
+                Image.fromarray(img)
         else:
             x = preprocess(pair.original, [image]).to(self.device)
             view = model_view(pair.original, image)

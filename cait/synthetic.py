@@ -136,11 +136,15 @@ class SyntheticShapes(Dataset):
         img, label, mask = render(self.seed, self.split, index, self.img_size)
         return Image.fromarray(img), label, mask
 
+    def normalise(self, img: np.ndarray) -> torch.Tensor:
+        """``(S, S, 3)`` uint8 → normalised ``(3, S, S)`` float tensor."""
+        x = torch.from_numpy(img).permute(2, 0, 1).float().div(255)
+        return (x - self.mean) / self.std
+
     def tensor(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Normalised ``(3, S, S)`` image, label, ``(S, S)`` bool mask."""
         img, label, mask = render(self.seed, self.split, index, self.img_size)
-        x = torch.from_numpy(img).permute(2, 0, 1).float().div(255)
-        return (x - self.mean) / self.std, label, torch.from_numpy(mask)
+        return self.normalise(img), label, torch.from_numpy(mask)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.length:
