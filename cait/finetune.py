@@ -67,7 +67,8 @@ class FinetuneConfig:
     atme_share: float = _f(0.8, "share of R planned for ATME when --merge is not given")
     steps: int = _f(300, "optimizer steps")
     batch_size: int = _f(64, "global batch size (split across processes)")
-    img_size: int | None = _f(None, "input side in pixels (default: the model's)")
+    img_size: int | None = _f(None, "input side in pixels (default: the model's; a checkpoint trained at another size "
+                                         "has its position embedding resampled)")
     device: str | None = _f(None, "cpu or cuda (default: cuda when available)")
     output: str = _f("runs/finetune", "run directory")
     resume: bool = _f(False, "continue the run in --output from its newest training state")
@@ -151,6 +152,14 @@ def _teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, bool, st
         if model.num_classes != num_classes:
             raise FinetuneError(f"{cfg.model}: the checkpoint has {model.num_classes} classes, the data "
                                 f"{cfg.data!r} has {num_classes}")
+        trained_at = int(model.patch_embed.img_size[0])
+        if cfg.img_size and cfg.img_size != trained_at:
+            # Progressive resizing (FixRes-style): timm resamples the position embedding to the new grid.
+            if cfg.img_size % model.patch_embed.patch_size[0]:
+                raise FinetuneError(f"--img-size {cfg.img_size} is not a multiple of the patch size "
+                                    f"{model.patch_embed.patch_size[0]}")
+            model.set_input_size(img_size=(cfg.img_size, cfg.img_size))
+            return model, True, f"checkpoint {cfg.model} (trained at {trained_at} px, resized to {cfg.img_size} px)"
         return model, True, f"checkpoint {cfg.model}"
     kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
     try:

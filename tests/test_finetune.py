@@ -218,3 +218,19 @@ def test_zero_reduction_trains_a_plain_deit_without_compactors(tmp_path):
     # ... so it can teach a CAIT run.
     student = finetune(_cfg(tmp_path / "next", model=str(tmp_path / "run" / "compact"), steps=20, eval_interval=100))
     assert student["flops_reduction"] >= 0.5
+
+
+def test_checkpoint_trained_at_one_size_continues_at_another(tmp_path):
+    """Progressive resizing: a 32 px checkpoint fine-tunes at 48 px; its position embedding is resampled, and the
+    result is a 48 px checkpoint. A size the patch does not divide is refused before anything is written."""
+    small = cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0]
+    ckpt = cait.save_pretrained(small, tmp_path / "at32")
+    with pytest.raises(FinetuneError, match="not a multiple of the patch size 4"):
+        finetune(_cfg(tmp_path / "bad", model=str(ckpt), img_size=50, flops_reduction=0.0))
+    assert not (tmp_path / "bad" / "run" / "compact").exists()
+    summary = finetune(_cfg(tmp_path, model=str(ckpt), img_size=48, flops_reduction=0.0, steps=10,
+                            eval_interval=100, distill_alpha=0.0))
+    assert "resized to 48 px" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["teacher"]
+    big = cait.load_pretrained(tmp_path / "run" / "compact")
+    assert big.patch_embed.img_size == (48, 48) and big.pos_embed.shape[1] == 1 + 12 * 12
+    assert big(torch.randn(2, 3, 48, 48)).shape == (2, 8) and summary["flops"] > cait.count_flops(small)
