@@ -14,10 +14,8 @@ import gradio as gr
 
 from cait.jobs import JobManager, on_space
 from cait.models import TEST_MODEL
-from cait.photos import SAMPLE_PHOTOS
 from cait.studio import Studio, compactor_view, job_view, jobs_table
 
-DEFAULT_MODEL = "DeiT-Tiny"
 DEFAULT_REDUCTION = 0.5
 FINETUNE_MODELS = {f"tiny test DeiT (32 px, {TEST_MODEL}): about a minute on a CPU": TEST_MODEL,
                    "DeiT-Tiny (224 px)": "deit_tiny_patch16_224", "DeiT-Small (224 px)": "deit_small_patch16_224",
@@ -59,17 +57,18 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
         gr.Markdown("# CAIT Studio\nA DeiT next to its CAIT twin: asymmetric token merging (ATME) + consistent "
                     "dynamic channel pruning (CDCP).")
         with gr.Row():
-            model = gr.Dropdown(list(studio.model_choices()), value=DEFAULT_MODEL, label="Model",
-                                info="DeiTs, then the results of finished fine-tune jobs")
+            model = gr.Dropdown(list(studio.model_choices()), value=studio.default_model(), label="Model",
+                                info="the bundled offline pair, DeiTs (timm ImageNet weights), then finished "
+                                     "fine-tune jobs")
             reduction = gr.Slider(0.05, 0.8, value=DEFAULT_REDUCTION, step=0.01, label="Total FLOPs reduction")
             merge = gr.Textbox(label="ATME layout (optional)", placeholder="planned; or e.g. h4,v7 (0-based blocks)")
             build = gr.Button("Build CAIT twin", variant="primary")
-        status = gr.Markdown(f"Device: `{studio.device}`. Press *Build CAIT twin* to load the models.")
+        status = gr.Markdown(studio.startup_note())
         settings = [model, reduction, merge]
 
         with gr.Tab("Attention"):
             with gr.Row():
-                sample = gr.Dropdown(studio.sample_names(), value=next(iter(SAMPLE_PHOTOS)),
+                sample = gr.Dropdown(studio.sample_names(), value=studio.default_sample(),
                                      label="Bundled photo or synthetic sample")
                 # A File, not an Image: our own validation then explains a bad upload (gr.Image fails opaquely).
                 upload = gr.File(label="…or your own image (overrides the photo)", file_types=["image"],

@@ -108,7 +108,7 @@ def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> Cl
                         block=block, grid=(h, w))
 
 
-__all__ = ["ClsAttention", "attention_in_mask", "attention_probs", "cls_attention"]
+__all__ = ["ClsAttention", "attention_in_mask", "attention_probs", "cls_attention", "localisation_score"]
 
 
 def attention_in_mask(att: ClsAttention, masks: torch.Tensor, heads: bool = False) -> torch.Tensor:
@@ -133,3 +133,37 @@ def attention_in_mask(att: ClsAttention, masks: torch.Tensor, heads: bool = Fals
     frac = F.adaptive_avg_pool2d(masks.float()[:, None], maps.shape[-2:])        # (B, 1, Hp, Wp) object share
     inside = (maps * frac).sum(dim=(-2, -1))                                      # (B, H or 1)
     return inside if heads else inside[:, 0]
+
+
+@torch.no_grad()
+def localisation_score(model: nn.Module, images: int = 1000, seed: int = 0, split: str = "val", block: int = -1,
+                       batch_size: int = 50, device: str | torch.device = "cpu") -> dict:
+    """Mean share of CLS attention inside the object over synthetic images (:mod:`cait.synthetic`, which knows
+    each object's mask), rendered at the model's input size: the paper's Fig. 8 claim as one number.
+
+    Args:
+        model: any DeiT built by this package, trained on (or at least shown) the synthetic shapes.
+        images: how many images of the split (indices ``0..images-1``).
+        seed, split: the synthetic set's seed and split (``"val"`` is held out from training).
+        block: whose CLS attention (default: the last block's).
+        batch_size: images per forward pass.
+        device: where to run.
+
+    Returns:
+        ``{"attention_in_object": float, "object_area": float, "ratio": float, "images": int, "block": int}``:
+        the mean of :func:`attention_in_mask` (head-mean), the mean object area fraction (what uniform attention
+        scores), their ratio, and the 1-based block.
+    """
+    from .synthetic import SyntheticShapes
+    ds = SyntheticShapes(images, int(model.patch_embed.img_size[0]), seed, split)
+    model = model.to(device).eval()
+    inside, area = [], []
+    for start in range(0, images, batch_size):
+        xs, masks = zip(*((x, m) for x, _, m in (ds.tensor(i) for i in range(start, min(images, start + batch_size)))))
+        att = cls_attention(model, torch.stack(xs).to(device), block)
+        m = torch.stack(masks).to(device)
+        inside.append(attention_in_mask(att, m).cpu())
+        area.append(m.float().mean(dim=(1, 2)).cpu())
+    i, a = torch.cat(inside).mean().item(), torch.cat(area).mean().item()
+    return {"attention_in_object": round(i, 4), "object_area": round(a, 4), "ratio": round(i / a, 2),
+            "images": images, "block": att.block + 1}

@@ -20,10 +20,11 @@ from PIL import Image
 
 from .attention import attention_in_mask, cls_attention
 from .bench import compare_throughput, resolve_device
+from .bundled import BUNDLED_KEY, BUNDLED_LABEL, BundledPair, bundled_pair
 from .compress import compress
 from .flops import count_params, describe, flops_by_block
 from .merge import format_layout, parse_layout
-from .models import DEIT_MODELS, WeightsInfo, create_model
+from .models import DEIT_MODELS, WeightsInfo, create_model, hub_offline, hub_unreachable_reason
 from .photos import SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
 from .synthetic import SyntheticShapes, render
 from .viz import (block_flops_figure, channels_figure, compactor_figure, consistency_figure, cost_table, overlay,
@@ -88,24 +89,61 @@ class Studio:
         device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
         pretrained: try timm's ImageNet weights (falls back to random initialisation, visibly).
         cache_size: model pairs kept in memory.
+        jobs: the fine-tune job manager whose finished jobs join the model list.
+        bundled: the trained offline pair (:mod:`cait.bundled`); ``"auto"`` finds it in ``assets/``, None disables.
     """
 
     def __init__(self, device: str | None = None, pretrained: bool = True, cache_size: int = 2,
-                 jobs: "JobManager | None" = None) -> None:
+                 jobs: "JobManager | None" = None, bundled: "BundledPair | None | str" = "auto") -> None:
         self.device = resolve_device(device)
         self.jobs = jobs
         self.pretrained = pretrained
         self.cache_size = cache_size
+        self.bundled = bundled_pair() if bundled == "auto" else bundled
         self._originals: OrderedDict[str, tuple[nn.Module, WeightsInfo]] = OrderedDict()
         self._pairs: OrderedDict[tuple, ModelPair] = OrderedDict()
         self._lock = threading.Lock()
 
     def model_choices(self) -> dict[str, str]:
-        """Display name → model: timm DeiTs, then every finished fine-tune job (``"job:<id>"``)."""
-        choices = {v: k for k, v in DEIT_MODELS.items()}
+        """Display name → model: the bundled pair (``"bundled:…"``), timm DeiTs, then every finished fine-tune job
+        (``"job:<id>"``)."""
+        choices = {BUNDLED_LABEL: BUNDLED_KEY} if self.bundled is not None else {}
+        choices.update({v: k for k, v in DEIT_MODELS.items()})
         if self.jobs is not None:
             choices.update(self.jobs.finished_models())
         return choices
+
+    def hub_reason(self) -> str | None:
+        """Why timm's ImageNet weights cannot be had (not asked for, Hub disabled or unreachable), or None."""
+        if not self.pretrained:
+            return "pretrained weights not requested (--offline)"
+        if hub_offline():
+            return "the Hub is disabled (HF_HUB_OFFLINE/CAIT_OFFLINE)"
+        return hub_unreachable_reason()
+
+    def default_model(self) -> str:
+        """Display name to start with: DeiT-Tiny with timm's ImageNet weights when the Hub is reachable, else the
+        bundled pair trained here (else DeiT-Tiny, whose random weights the status then flags)."""
+        if self.bundled is not None and self.hub_reason() is not None:
+            return BUNDLED_LABEL
+        return DEIT_MODELS["deit_tiny_patch16_224"]
+
+    def startup_note(self) -> str:
+        """Markdown for the app's first screen: the device, and which weights the default model has and why."""
+        why = self.hub_reason()
+        note = f"Device: `{self.device}`."
+        if why and self.bundled is not None:
+            note += (f" **Offline:** timm's ImageNet weights are out of reach ({why}), so the default model is the "
+                     "bundled DeiT-Tiny and its CAIT twin, trained by this project on synthetic shapes.")
+        elif why:
+            note += (f" **Offline:** timm's ImageNet weights are out of reach ({why}) and the bundled weights are "
+                     "not in this checkout: DeiTs will be randomly initialised.")
+        return note
+
+    def default_sample(self) -> str:
+        """A synthetic sample (known mask, a class the bundled models know) for the bundled default, else a photo."""
+        names = self.sample_names()
+        return next(iter(SYNTHETIC_SAMPLES)) if self.default_model() == BUNDLED_LABEL else names[0]
 
     def _original(self, name: str) -> tuple[nn.Module, WeightsInfo]:
         if name not in self._originals:
@@ -130,6 +168,8 @@ class Studio:
         name = self.model_choices().get(name, name)
         if name.startswith("job:"):
             return self._job_pair(name)
+        if name == BUNDLED_KEY:
+            return self._bundled_pair()
         layout = format_layout(parse_layout(merge or None)) or None
         key = (name, round(float(flops_reduction), 4), layout)
         with self._lock:
@@ -147,28 +187,49 @@ class Studio:
         while len(self._pairs) > self.cache_size:
             self._pairs.popitem(last=False)
 
+    def _checkpoint_pair(self, key: str, load, describe_weights) -> ModelPair:
+        """A cached pair of two checkpoints (teacher, compact twin): ``load()`` returns them, ``describe_weights``
+        turns the original into a :class:`WeightsInfo`. Settings come from the checkpoints, not the sliders."""
+        from .checkpoint import CheckpointError
+        with self._lock:
+            if (key,) not in self._pairs:
+                try:
+                    original, compressed = load()
+                except (KeyError, CheckpointError) as e:
+                    raise ValueError(f"{key}: its models cannot be loaded ({e})") from None
+                final = compressed.cait_meta.get("finetune", {})
+                self._remember((key,), ModelPair(key, 1 - final.get("flops", 0) / max(final.get("base_flops", 1), 1),
+                                                 final.get("merge", ""), original, compressed,
+                                                 describe_weights(original), self.device))
+            self._pairs.move_to_end((key,))
+            return self._pairs[(key,)]
+
     def _job_pair(self, name: str) -> ModelPair:
-        """Teacher and compact model of a finished fine-tune job (settings come from the job, not the sliders)."""
-        from .checkpoint import CheckpointError, load_pretrained
+        """Teacher and compact model of a finished fine-tune job."""
+        from .checkpoint import load_pretrained
         if self.jobs is None:
             raise ValueError("no job manager: fine-tuned models are not available here")
         job_id = name.split(":", 1)[1]
-        with self._lock:
-            key = (name,)
-            if key not in self._pairs:
-                try:
-                    run = self.jobs.run_dir(job_id)
-                    original = load_pretrained(run / "teacher", self.device)
-                    compressed = load_pretrained(run / "compact", self.device)
-                except (KeyError, CheckpointError) as e:
-                    raise ValueError(f"job {job_id}: its models cannot be loaded ({e})") from None
-                final = compressed.cait_meta.get("finetune", {})
-                info = WeightsInfo("checkpoint", f"fine-tuned by job {job_id} (teacher: "
-                                                 f"{original.cait_meta.get('source', '?')})")
-                self._remember(key, ModelPair(name, 1 - final.get("flops", 0) / max(final.get("base_flops", 1), 1),
-                                              final.get("merge", ""), original, compressed, info, self.device))
-            self._pairs.move_to_end(key)
-            return self._pairs[key]
+
+        def load():
+            run = self.jobs.run_dir(job_id)
+            return load_pretrained(run / "teacher", self.device), load_pretrained(run / "compact", self.device)
+
+        return self._checkpoint_pair(name, load, lambda original: WeightsInfo(
+            "checkpoint", f"fine-tuned by job {job_id} (teacher: {original.cait_meta.get('source', '?')})"))
+
+    def _bundled_pair(self) -> ModelPair:
+        """The DeiT-Tiny and CAIT twin trained here on synthetic shapes (``assets/``)."""
+        if self.bundled is None:
+            raise ValueError("the bundled offline weights are not in this checkout (assets/)")
+        b = self.bundled
+        why = self.hub_reason()
+        prov = b.original_provenance
+        detail = (f"bundled weights trained by this project on synthetic shapes "
+                  f"({prov.get('top1', '?')}% held-out top-1; `{b.original_dir.parent.name}/`)"
+                  + (f"; timm's ImageNet weights are not used: {why}" if why else ""))
+        return self._checkpoint_pair(BUNDLED_KEY, lambda: b.load(self.device),
+                                     lambda original: WeightsInfo("checkpoint", detail))
 
     def status(self, pair: ModelPair) -> str:
         """Markdown: device, where the weights came from, and what the twin is."""
@@ -181,7 +242,7 @@ class Studio:
                 f"{f['base_flops'] / 1e9:.4f} → {f['flops'] / 1e9:.4f} GFLOPs "
                 f"({100 * f['flops_reduction']:.1f}% fewer); held-out top-1 {f['top1_student']:.1f}% "
                 f"(teacher {f['top1_teacher']:.1f}%). The reduction and layout controls do not apply to it.",
-            ])
+            ] + ([self._bundled_localisation()] if pair.name == BUNDLED_KEY else []))
         f = pair.flops()
         fo, fc = sum(f["original"].values()), sum(f["compressed"].values())
         weights = (f"**Weights:** {pair.weights.detail}." if pair.weights.trained else
@@ -195,6 +256,16 @@ class Studio:
             f"({100 * (1 - fc / fo):.1f}% fewer). *Untrained preview:* channels chosen by weight-row norms, "
             "without the CDCP fine-tuning that gives CAIT its accuracy.",
         ])
+
+    def _bundled_localisation(self) -> str:
+        """Markdown: the bundled models' attention localisation on the held-out split (from their provenance)."""
+        o = self.bundled.original_provenance.get("localisation", {})
+        c = self.bundled.twin_provenance.get("localisation", {})
+        if "attention_in_object" not in o or "attention_in_object" not in c:
+            return "**Attention localisation:** not recorded in the bundled provenance."
+        return (f"**Attention inside the object** (held-out synthetic images, n = {o.get('images', '?')}): "
+                f"original {100 * o['attention_in_object']:.1f}%, CAIT twin {100 * c['attention_in_object']:.1f}%; "
+                f"uniform attention would score {100 * o['object_area']:.1f}% (the objects' mean area).")
 
     @staticmethod
     def sample_names() -> list[str]:

@@ -1,0 +1,180 @@
+"""Reproduce the bundled offline weights: a DeiT-Tiny trained from scratch on synthetic shapes, and its CAIT twin.
+
+    python assets/train_offline_weights.py                 # recipe picked by device: gpu if CUDA, else cpu
+    python assets/train_offline_weights.py --recipe cpu    # the scaled-down recipe the shipped weights came from
+    python assets/train_offline_weights.py --export-only   # re-export assets/ from finished runs
+
+Every stage is a ``cait.finetune`` run (seed 0), so the script is the engine plus bookkeeping:
+
+1. ``stage1``: DeiT-Tiny (timm's architecture) from random initialisation, FLOPs reduction 0 (a plain DeiT).
+   The CPU recipe trains this stage at 112 px (a 7×7 grid, ~5× cheaper per image) — scaled down, said so in the
+   provenance.
+2. ``stage2``: the same model at 224 px (position embedding resampled by timm), a short fine-tune (FixRes-style).
+   The GPU recipe trains at 224 px from the start and skips this stage.
+3. ``twin``: CAIT from stage 2's model with the engine — ATME ``h5,v10`` + CDCP to 50% fewer FLOPs (the paper's
+   DeiT-Tiny setting), hard distillation α = 0.1, kept widths in multiples of 8. The layout puts more of the budget
+   on CDCP than the planner's default (share 0.8 → ``h4,v9``) so that both fp16 checkpoints fit in 20 MB.
+
+Then both are written to ``assets/`` as fp16 safetensors + ``config.json`` + ``provenance.json`` (command, seed,
+data set, steps, device, top-1, FLOPs, params, attention localisation on the held-out split, training cost, date).
+Top-1 and localisation are measured on the fp16 files as shipped. Interrupted? Run it again: each stage resumes from
+its newest training state, and finished stages are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cait  # noqa: E402
+from cait.attention import localisation_score  # noqa: E402
+from cait.bundled import ORIGINAL_DIR, PROVENANCE_NAME, TWIN_DIR  # noqa: E402
+from cait.data import build_datasets  # noqa: E402
+from cait.finetune import FinetuneConfig, evaluate, finetune  # noqa: E402
+from cait.synthetic import CLASSES  # noqa: E402
+
+SEED = 0
+VAL_SIZE = 1000
+TWIN_LAYOUT = "h5,v10"
+COMMON = dict(data="synthetic", seed=SEED, val_size=VAL_SIZE, synthetic_size=1_000_000, mixup=0.0, cutmix=0.0,
+              log_interval=50, min_lr=1e-5, lr_warmup=0.05)
+
+RECIPES: dict[str, dict[str, dict]] = {
+    # Scaled down for a 2-core CPU: ~1 h at 112 px, then ~10 min at 224 px, then ~20 min for the twin.
+    "cpu": {
+        "stage1": dict(model="deit_tiny_patch16_224", img_size=112, flops_reduction=0.0, steps=4000, batch_size=64,
+                       lr=5e-4, label_smoothing=0.1, eval_interval=500, ckpt_interval=250),
+        "stage2": dict(model="@stage1", img_size=224, flops_reduction=0.0, steps=300, batch_size=32, lr=1e-4,
+                       label_smoothing=0.1, distill_alpha=0.0, eval_interval=300, ckpt_interval=50),
+        "twin": dict(model="@stage2", flops_reduction=0.5, merge=TWIN_LAYOUT, round_to=8, steps=400, batch_size=32,
+                     lr=1e-4, label_smoothing=0.1, distill_alpha=0.1, eval_interval=400, ckpt_interval=50),
+    },
+    # Not run here (no GPU was available when the shipped weights were made); sized for about an hour on one GPU.
+    "gpu": {
+        "stage1": dict(model="deit_tiny_patch16_224", img_size=224, flops_reduction=0.0, steps=20000,
+                       batch_size=256, lr=1e-3, label_smoothing=0.1, eval_interval=2000, ckpt_interval=1000),
+        "twin": dict(model="@stage1", flops_reduction=0.5, merge=TWIN_LAYOUT, round_to=8, steps=5000,
+                     batch_size=256, lr=2e-4, label_smoothing=0.1, distill_alpha=0.1, eval_interval=1000,
+                     ckpt_interval=500),
+    },
+}
+
+
+def stage_config(recipe: str, stage: str, work: Path, device: str) -> FinetuneConfig:
+    """The engine configuration of one stage; ``@name`` models point at an earlier stage's result."""
+    args = dict(COMMON, **RECIPES[recipe][stage])
+    if args["model"].startswith("@"):
+        args["model"] = str(work / args["model"][1:] / "compact")
+    return FinetuneConfig(**args, device=device, output=str(work / stage))
+
+
+def run_stage(cfg: FinetuneConfig) -> dict:
+    """Run (or resume, or skip when finished) one stage; returns its final summary and wall-clock seconds."""
+    out = Path(cfg.output)
+    timing = out / "timing.json"
+    if (out / "compact" / "config.json").is_file():
+        print(f"[{out.name}] finished earlier, skipped", flush=True)
+    else:
+        cfg.resume = any(out.glob("train_state-*.json"))
+        print(f"[{out.name}] {'resuming' if cfg.resume else 'starting'}: {cfg.steps} steps at "
+              f"{cfg.img_size or 224} px on {cfg.device}", flush=True)
+        t0 = time.time()
+        finetune(cfg)
+        before = json.loads(timing.read_text())["wall_s"] if timing.is_file() else 0.0
+        timing.write_text(json.dumps({"wall_s": before + time.time() - t0}))
+    final = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    if timing.is_file():
+        final["wall_s"] = json.loads(timing.read_text())["wall_s"]
+    else:   # a stage started by hand with the same flags: its wall time from its files' times
+        final["wall_s"] = (out / "compact" / "config.json").stat().st_mtime - (out / "teacher" / "config.json").stat().st_mtime
+    return final
+
+
+def measure(path: Path, device: str) -> dict:
+    """Top-1, FLOPs, params and attention localisation of a checkpoint as shipped (fp16 on disk)."""
+    model = cait.load_pretrained(path, device)
+    size = int(model.patch_embed.img_size[0])
+    _, val, _ = build_datasets("synthetic", size, SEED, val_size=VAL_SIZE)
+    return {"top1": evaluate(model, val, torch.device(device)), "flops": cait.count_flops(model),
+            "params": cait.count_params(model), "img_size": size,
+            "localisation": localisation_score(model, images=VAL_SIZE, seed=SEED, device=device)}
+
+
+def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, dict], command: str) -> dict:
+    """Write both fp16 checkpoints and their provenance into ``out``; returns the provenance of both."""
+    stages = list(RECIPES[recipe])
+    teacher_stage = stages[-2]
+    env = {"device": device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "timm": __import__("timm").__version__, "python": platform.python_version()}
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    provenance = {}
+    for name, src, used in ((ORIGINAL_DIR, work / teacher_stage / "compact", stages[:-1]),
+                            (TWIN_DIR, work / stages[-1] / "compact", stages)):
+        model = cait.load_pretrained(src)
+        dest = cait.save_pretrained(model, out / name, dtype=torch.float16)
+        numbers = measure(dest, device)
+        provenance[name] = {
+            "what": ("DeiT-Tiny (timm deit_tiny_patch16_224 architecture, 8 classes), trained from random "
+                     "initialisation" if name == ORIGINAL_DIR else
+                     f"CAIT twin of {ORIGINAL_DIR}: ATME {TWIN_LAYOUT} + CDCP, fine-tuned from it with cait.finetune"),
+            "command": command, "recipe": recipe, "seed": SEED,
+            "scaled_down": (recipe == "cpu") and (
+                "CPU recipe: the teacher's first stage trains at 112 px and only a short second stage at 224 px; "
+                "far fewer images than a GPU run would use (see stages)"),
+            "data": {"name": "cait.synthetic.SyntheticShapes", "classes": list(CLASSES), "seed": SEED,
+                     "train": "split 'train', a fresh stream image per training sample (synthetic_size 1,000,000)",
+                     "held_out": f"split 'val', images 0..{VAL_SIZE - 1}, rendered at the model's input size"},
+            "stages": [{"stage": s, "config": {k: v for k, v in stage_config(recipe, s, work, device).to_dict().items()
+                                               if k not in ("output", "resume", "stop_at", "device")},
+                        "images_seen": finals[s]["step"] * RECIPES[recipe][s]["batch_size"],
+                        "top1_at_end": finals[s]["top1_student"], "wall_s": round(finals[s]["wall_s"], 1)}
+                       for s in used],
+            "environment": env,
+            "training_cost_s": round(sum(finals[s]["wall_s"] for s in used), 1),
+            "date": datetime.date.today().isoformat(),
+            **numbers,
+            "flops_g": round(numbers["flops"] / 1e9, 4),
+            "fp16_bytes": (dest / "model.safetensors").stat().st_size,
+        }
+        (dest / PROVENANCE_NAME).write_text(json.dumps(provenance[name], indent=2) + "\n")
+    return provenance
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="gpu when CUDA is available, else cpu (default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--work", default=str(ROOT / "runs" / "assets"), help="run directories of the stages")
+    p.add_argument("--out", default=str(ROOT / "assets"), help="where the two checkpoints are written")
+    p.add_argument("--export-only", action="store_true", help="only export finished stages")
+    a = p.parse_args(argv)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    recipe = a.recipe if a.recipe != "auto" else ("gpu" if device == "cuda" else "cpu")
+    work = Path(a.work)
+    finals = {}
+    for stage in RECIPES[recipe]:
+        cfg = stage_config(recipe, stage, work, device)
+        if a.export_only and not (Path(cfg.output) / "compact").is_dir():
+            raise SystemExit(f"{cfg.output}: not finished; run without --export-only")
+        finals[stage] = run_stage(cfg)
+    command = f"python assets/train_offline_weights.py --recipe {recipe}"
+    provenance = export(recipe, work, Path(a.out), device, finals, command)
+    summary = {k: {m: v[m] for m in ("top1", "flops_g", "params", "localisation", "training_cost_s", "fp16_bytes")}
+               for k, v in provenance.items()}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

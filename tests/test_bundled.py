@@ -1,0 +1,111 @@
+"""The trained offline pair: finding and loading it, the app's offline default, the localisation score, and the
+shipped checkpoints themselves (size, provenance, the numbers they claim)."""
+import json
+
+import pytest
+import torch
+
+import cait
+from cait.attention import localisation_score
+from cait.bundled import (ASSETS_DIR, BUNDLED_KEY, BUNDLED_LABEL, ORIGINAL_DIR, PROVENANCE_NAME, TWIN_DIR,
+                          bundled_pair)
+from cait.studio import SYNTHETIC_SAMPLES, Studio
+
+
+def test_uniform_attention_scores_the_object_area(tiny):
+    """A block whose q and k are zero attends uniformly: its score is the mean object area, exactly."""
+    model = tiny(num_classes=8)
+    with torch.no_grad():
+        model.blocks[-1].attn.qkv.weight[:2 * 48].zero_()
+        model.blocks[-1].attn.qkv.bias[:2 * 48].zero_()
+    s = localisation_score(model, images=20, batch_size=8)
+    assert s["images"] == 20 and s["block"] == 6
+    assert s["attention_in_object"] == pytest.approx(s["object_area"], abs=2e-4) and s["ratio"] == pytest.approx(1, abs=0.01)
+    assert 0.02 < s["object_area"] < 0.2
+
+
+def _fake_pair(root, tiny):
+    """A bundled-pair layout made of tiny models (what the app needs, not what the real assets hold)."""
+    original = tiny(num_classes=8)
+    twin = cait.compress(original, 0.5)
+    for name, model, loc in ((ORIGINAL_DIR, original, 0.3), (TWIN_DIR, twin, 0.28)):
+        model.cait_meta = dict(getattr(model, "cait_meta", {}), classes=list(cait.synthetic.CLASSES))
+        if name == TWIN_DIR:
+            model.cait_meta["finetune"] = {"merge": model.cait_meta["merge"], "base_flops": cait.count_flops(original),
+                                           "flops": cait.count_flops(twin), "flops_reduction": 0.5,
+                                           "top1_student": 61.0, "top1_teacher": 63.0}
+        d = cait.save_pretrained(model, root / name, dtype=torch.float16)
+        (d / PROVENANCE_NAME).write_text(json.dumps({"top1": 63.0, "localisation": {
+            "attention_in_object": loc, "object_area": 0.08, "images": 1000}}))
+    return bundled_pair(root)
+
+
+def test_offline_the_app_defaults_to_the_bundled_pair(tmp_path, tiny, monkeypatch):
+    assert bundled_pair(tmp_path) is None                               # a checkout without assets
+    pair = _fake_pair(tmp_path, tiny)
+    studio = Studio(device="cpu", pretrained=True, bundled=pair)
+    assert next(iter(studio.model_choices())) == BUNDLED_LABEL
+    assert studio.default_model() == BUNDLED_LABEL                      # conftest: HF_HUB_OFFLINE=1
+    assert studio.default_sample() in SYNTHETIC_SAMPLES and "Offline" in studio.startup_note()
+    p = studio.pair(BUNDLED_LABEL, 0.5, "")
+    assert p.name == BUNDLED_KEY and not cait.get_layout(p.original) and cait.get_layout(p.compressed)
+    status = studio.status(p)
+    assert "bundled weights trained by this project" in status and "HF_HUB_OFFLINE" in status
+    assert "original 30.0%, CAIT twin 28.0%" in status and "8.0%" in status
+    view = studio.attention(p, None, -1, sample=next(iter(SYNTHETIC_SAMPLES)))
+    assert view.localisation is not None and set(view.original_top5) <= set(cait.synthetic.CLASSES)
+    # Hub reachable: timm's ImageNet weights stay the default; the bundled pair stays selectable.
+    monkeypatch.setattr(Studio, "hub_reason", lambda self: None)
+    assert studio.default_model() == "DeiT-Tiny" and BUNDLED_LABEL in studio.model_choices()
+    # Without assets, offline: DeiT-Tiny (random, flagged), and the note says why.
+    monkeypatch.undo()
+    bare = Studio(device="cpu", bundled=None)
+    assert bare.default_model() == "DeiT-Tiny" and "not in this checkout" in bare.startup_note()
+    with pytest.raises(ValueError, match="not in this checkout"):
+        bare.pair(BUNDLED_KEY, 0.5, "")
+
+
+def test_a_damaged_bundled_checkpoint_is_reported_not_crashed(tmp_path, tiny):
+    pair = _fake_pair(tmp_path, tiny)
+    (tmp_path / TWIN_DIR / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="cannot be loaded.*corrupt or truncated"):
+        Studio(device="cpu", bundled=pair).pair(BUNDLED_LABEL, 0.5, "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shipped checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+shipped = pytest.mark.skipif(bundled_pair() is None, reason="assets/ holds no trained pair")
+
+
+@shipped
+def test_shipped_pair_fits_and_says_how_it_was_made():
+    pair = bundled_pair()
+    total = sum((d / "model.safetensors").stat().st_size for d in (pair.original_dir, pair.twin_dir))
+    assert total <= 20_000_000                                                          # the issue's budget
+    for prov in (pair.original_provenance, pair.twin_provenance):
+        assert {"command", "seed", "data", "stages", "environment", "top1", "flops", "params", "localisation",
+                "training_cost_s", "date"} <= set(prov)
+    original, twin = pair.load()
+    assert original.patch_embed.img_size == (224, 224) and twin.patch_embed.img_size == (224, 224)
+    assert cait.count_flops(original) == pair.original_provenance["flops"] == 1_253_492_736 - 192 * 992
+    assert 1 - cait.count_flops(twin) / cait.count_flops(original) == pytest.approx(0.5, abs=0.01)   # SPEC §5
+    # Widths as the recipe asks (multiples of 8), and some channels pruned in some block.
+    blocks = cait.describe(twin).blocks
+    assert all(w % 8 == 0 for b in blocks for w in (b.qk_dim, b.v_dim, b.ffn_dim))
+    assert any(b.ffn_dim < 768 or b.qk_dim < 64 or b.v_dim < 64 for b in blocks)
+
+
+@shipped
+def test_shipped_pair_classifies_and_looks_at_the_object():
+    """On the first 200 held-out images: both beat chance (12.5%) by far, and the CLS attention mass inside the
+    object is well above the object's area (what uniform attention would score)."""
+    from cait.data import build_datasets
+    from cait.finetune import evaluate
+    pair = bundled_pair()
+    _, val, _ = build_datasets("synthetic", 224, 0, val_size=200)
+    for model, prov in zip(pair.load(), (pair.original_provenance, pair.twin_provenance)):
+        top1 = evaluate(model, val, torch.device("cpu"))
+        assert top1 > 25.0 and abs(top1 - prov["top1"]) < 10
+        loc = localisation_score(model, images=100)
+        assert loc["ratio"] > 1.5
