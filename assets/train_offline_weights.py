@@ -55,8 +55,17 @@ RECIPES: dict[str, dict[str, dict]] = {
                        lr=5e-4, label_smoothing=0.1, eval_interval=500, ckpt_interval=250),
         "stage2": dict(model="@stage1", img_size=224, flops_reduction=0.0, steps=300, batch_size=32, lr=1e-4,
                        label_smoothing=0.1, distill_alpha=0.0, eval_interval=300, ckpt_interval=50),
-        "twin": dict(model="@stage2", flops_reduction=0.5, merge=TWIN_LAYOUT, round_to=8, steps=400, batch_size=32,
-                     lr=1e-4, label_smoothing=0.1, distill_alpha=0.1, eval_interval=400, ckpt_interval=50),
+        "twin": dict(model="@stage2", flops_reduction=0.5, merge=TWIN_LAYOUT, round_to=8, steps=500, batch_size=32,
+                     lr=2e-4, label_smoothing=0.1, distill_alpha=0.1, eval_interval=250, ckpt_interval=50),
+    },
+    # For tests: the same three stages on the tiny test DeiT, in about a minute.
+    "smoke": {
+        "stage1": dict(model="deit_test_patch4_32", img_size=16, flops_reduction=0.0, steps=20, batch_size=16,
+                       lr=1e-3, eval_interval=20, ckpt_interval=10, val_size=32),
+        "stage2": dict(model="@stage1", img_size=32, flops_reduction=0.0, steps=10, batch_size=16, lr=1e-3,
+                       distill_alpha=0.0, eval_interval=10, ckpt_interval=10, val_size=32),
+        "twin": dict(model="@stage2", flops_reduction=0.5, steps=20, batch_size=16, lr=1e-3, eval_interval=20,
+                     ckpt_interval=10, val_size=32),
     },
     # Not run here (no GPU was available when the shipped weights were made); sized for about an hour on one GPU.
     "gpu": {
@@ -99,14 +108,14 @@ def run_stage(cfg: FinetuneConfig) -> dict:
     return final
 
 
-def measure(path: Path, device: str) -> dict:
+def measure(path: Path, device: str, val_size: int) -> dict:
     """Top-1, FLOPs, params and attention localisation of a checkpoint as shipped (fp16 on disk)."""
     model = cait.load_pretrained(path, device)
     size = int(model.patch_embed.img_size[0])
-    _, val, _ = build_datasets("synthetic", size, SEED, val_size=VAL_SIZE)
+    _, val, _ = build_datasets("synthetic", size, SEED, val_size=val_size)
     return {"top1": evaluate(model, val, torch.device(device)), "flops": cait.count_flops(model),
             "params": cait.count_params(model), "img_size": size,
-            "localisation": localisation_score(model, images=VAL_SIZE, seed=SEED, device=device)}
+            "localisation": localisation_score(model, images=val_size, seed=SEED, device=device)}
 
 
 def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, dict], command: str) -> dict:
@@ -122,18 +131,20 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
                             (TWIN_DIR, work / stages[-1] / "compact", stages)):
         model = cait.load_pretrained(src)
         dest = cait.save_pretrained(model, out / name, dtype=torch.float16)
-        numbers = measure(dest, device)
+        val_size = stage_config(recipe, stages[-1], work, device).val_size
+        numbers = measure(dest, device, val_size)
         provenance[name] = {
-            "what": ("DeiT-Tiny (timm deit_tiny_patch16_224 architecture, 8 classes), trained from random "
-                     "initialisation" if name == ORIGINAL_DIR else
-                     f"CAIT twin of {ORIGINAL_DIR}: ATME {TWIN_LAYOUT} + CDCP, fine-tuned from it with cait.finetune"),
+            "what": (f"{model.pretrained_cfg['architecture']} (timm's architecture, {model.num_classes} classes), "
+                     "trained from random initialisation" if name == ORIGINAL_DIR else
+                     f"CAIT twin of {ORIGINAL_DIR}: ATME {cait.format_layout(cait.get_layout(model)) or 'none'} + "
+                     "CDCP, fine-tuned from it with cait.finetune"),
             "command": command, "recipe": recipe, "seed": SEED,
-            "scaled_down": (recipe == "cpu") and (
+            "scaled_down": (recipe != "gpu") and (
                 "CPU recipe: the teacher's first stage trains at 112 px and only a short second stage at 224 px; "
                 "far fewer images than a GPU run would use (see stages)"),
             "data": {"name": "cait.synthetic.SyntheticShapes", "classes": list(CLASSES), "seed": SEED,
                      "train": "split 'train', a fresh stream image per training sample (synthetic_size 1,000,000)",
-                     "held_out": f"split 'val', images 0..{VAL_SIZE - 1}, rendered at the model's input size"},
+                     "held_out": f"split 'val', images 0..{val_size - 1}, rendered at the model's input size"},
             "stages": [{"stage": s, "config": {k: v for k, v in stage_config(recipe, s, work, device).to_dict().items()
                                                if k not in ("output", "resume", "stop_at", "device")},
                         "images_seen": finals[s]["step"] * RECIPES[recipe][s]["batch_size"],
@@ -152,7 +163,7 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", choices=["auto", "cpu", "gpu"], default="auto",
+    p.add_argument("--recipe", choices=["auto", *RECIPES], default="auto",
                    help="gpu when CUDA is available, else cpu (default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--work", default=str(ROOT / "runs" / "assets"), help="run directories of the stages")

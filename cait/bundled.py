@@ -22,6 +22,9 @@ import torch.nn as nn
 ASSETS_DIR = Path(os.environ.get("CAIT_ASSETS_DIR", Path(__file__).resolve().parent.parent / "assets"))
 """Where the bundled checkpoints live (``$CAIT_ASSETS_DIR`` overrides; default: the repository's ``assets/``)."""
 
+ROOT_SCRIPT = Path(__file__).resolve().parent.parent / "assets" / "train_offline_weights.py"
+"""The script that reproduces the bundled pair from scratch."""
+
 ORIGINAL_DIR, TWIN_DIR = "deit_tiny_synthetic", "cait_deit_tiny_synthetic"
 BUNDLED_KEY = "bundled:deit_tiny_synthetic"
 BUNDLED_LABEL = "DeiT-Tiny, trained on synthetic shapes (bundled, works offline)"

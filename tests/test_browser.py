@@ -1,6 +1,7 @@
 """End to end in a real browser: headless Chromium (Debian's package) driven by Playwright.
 
-Clicks through: a bundled photo → both attention maps; a tiny fine-tune → live curves → finished → its model is
+Clicks through: the offline default (the bundled trained pair when ``assets/`` holds it) on a synthetic sample →
+both attention maps and their localisation; a tiny fine-tune → live curves → finished → its model is
 selected and compared with its teacher in the Attention, Channels and Cost tabs; the Compactors tab; a long
 fine-tune, cancelled. Screenshots go to ``test-artifacts/`` (or
 ``$CAIT_TEST_ARTIFACTS``).
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from cait.bundled import bundled_pair
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed "
@@ -52,12 +55,17 @@ def test_click_through_attention_finetune_and_compare(app_url):
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.goto(app_url, wait_until="domcontentloaded")
         body = page.locator("body")
-        expect(body).to_contain_text("CAIT twin:", timeout=120_000)
+        expect(body).to_contain_text("CAIT twin", timeout=120_000)
+        bundled = bundled_pair() is not None
+        if bundled:                             # offline (conftest), so the trained pair is the default
+            expect(body).to_contain_text("bundled weights trained by this project", timeout=60_000)
 
-        # Attention: a bundled photo, both maps.
+        # Attention: the default sample (a held-out synthetic one with the bundled pair), both maps.
         page.get_by_role("button", name="Show CLS attention").click()
         maps = page.locator("img[src*='gradio_api/file']")
         expect(maps.nth(1)).to_be_visible(timeout=120_000)
+        if bundled:
+            expect(body).to_contain_text("Attention inside the object:", timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "1-attention.png"))
 
         # Fine-tune: a tiny job, live curves, finished.

@@ -7,7 +7,7 @@ import torch
 
 import cait
 from cait.attention import localisation_score
-from cait.bundled import (ASSETS_DIR, BUNDLED_KEY, BUNDLED_LABEL, ORIGINAL_DIR, PROVENANCE_NAME, TWIN_DIR,
+from cait.bundled import (BUNDLED_KEY, BUNDLED_LABEL, ORIGINAL_DIR, PROVENANCE_NAME, TWIN_DIR,
                           bundled_pair)
 from cait.studio import SYNTHETIC_SAMPLES, Studio
 
@@ -109,3 +109,27 @@ def test_shipped_pair_classifies_and_looks_at_the_object():
         assert top1 > 25.0 and abs(top1 - prov["top1"]) < 10
         loc = localisation_score(model, images=100)
         assert loc["ratio"] > 1.5
+
+
+def test_reproduction_script_end_to_end(tmp_path, capsys):
+    """The script's three stages on the tiny DeiT: resized between stages, exported fp16 with provenance, loadable
+    as the bundled pair; a second call skips the finished stages."""
+    import importlib.util
+    from cait.bundled import ROOT_SCRIPT
+    spec = importlib.util.spec_from_file_location("train_offline_weights", ROOT_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--recipe", "smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "assets"), "--device", "cpu"]
+    summary = script.main(args)
+    pair = bundled_pair(tmp_path / "assets")
+    assert pair is not None and set(summary) == {ORIGINAL_DIR, TWIN_DIR}
+    original, twin = pair.load()
+    assert original.patch_embed.img_size == (32, 32)                   # stage 1 at 16 px, stage 2 resized to 32
+    assert 1 - cait.count_flops(twin) / cait.count_flops(original) >= 0.49
+    prov = pair.twin_provenance
+    assert [s["stage"] for s in prov["stages"]] == ["stage1", "stage2", "twin"]
+    assert prov["stages"][0]["config"]["img_size"] == 16 and prov["seed"] == 0
+    assert prov["flops"] == cait.count_flops(twin) and prov["localisation"]["images"] == 32
+    assert prov["training_cost_s"] > 0 and prov["fp16_bytes"] == (pair.twin_dir / "model.safetensors").stat().st_size
+    script.main(args)
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 3
