@@ -12,10 +12,11 @@ The pipeline, one module per step::
     checkpoint  safetensors + JSON save/load
     flops       FLOPs (fvcore and closed form), params                           (SPEC §4)
     bench       throughput, ``python -m cait.bench``
-    attention   CLS attention maps through the merged grid                        (Fig. 8)
+    attention   CLS attention maps through the merged grid; localisation score    (Fig. 8)
+    bundled     the trained offline pair that ships in ``assets/``
 """
 from . import models as _models  # noqa: F401  (registers the tiny test DeiT with timm)
-from .attention import ClsAttention, attention_in_mask, attention_probs, cls_attention
+from .attention import ClsAttention, attention_in_mask, attention_probs, cls_attention, localisation_score
 from .bench import compare_throughput, measure_throughput
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .compactor import add_compactors, has_compactors, iter_compactors
@@ -30,7 +31,7 @@ from .select import ChannelMask, ChannelScores, compactor_scores, select_channel
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClsAttention", "attention_in_mask", "attention_probs", "cls_attention",
+    "ClsAttention", "attention_in_mask", "attention_probs", "cls_attention", "localisation_score",
     "compare_throughput", "measure_throughput",
     "CheckpointError", "load_pretrained", "save_pretrained",
     "add_compactors", "has_compactors", "iter_compactors",

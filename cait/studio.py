@@ -228,8 +228,17 @@ class Studio:
         detail = (f"bundled weights trained by this project on synthetic shapes "
                   f"({prov.get('top1', '?')}% held-out top-1; `{b.original_dir.parent.name}/`)"
                   + (f"; timm's ImageNet weights are not used: {why}" if why else ""))
-        return self._checkpoint_pair(BUNDLED_KEY, lambda: b.load(self.device),
-                                     lambda original: WeightsInfo("checkpoint", detail))
+
+        def load():
+            original, twin = b.load(self.device)
+            # Show the top-1 measured on the fp16 files as shipped (provenance), not the fp32 run's last evaluation.
+            final = twin.cait_meta.setdefault("finetune", {})
+            for key, prov in (("top1_student", b.twin_provenance), ("top1_teacher", b.original_provenance)):
+                if isinstance(prov.get("top1"), (int, float)):
+                    final[key] = float(prov["top1"])
+            return original, twin
+
+        return self._checkpoint_pair(BUNDLED_KEY, load, lambda original: WeightsInfo("checkpoint", detail))
 
     def status(self, pair: ModelPair) -> str:
         """Markdown: device, where the weights came from, and what the twin is."""

@@ -33,7 +33,7 @@ def _fake_pair(root, tiny):
         if name == TWIN_DIR:
             model.cait_meta["finetune"] = {"merge": model.cait_meta["merge"], "base_flops": cait.count_flops(original),
                                            "flops": cait.count_flops(twin), "flops_reduction": 0.5,
-                                           "top1_student": 61.0, "top1_teacher": 63.0}
+                                           "top1_student": 61.0, "top1_teacher": 64.0}
         d = cait.save_pretrained(model, root / name, dtype=torch.float16)
         (d / PROVENANCE_NAME).write_text(json.dumps({"top1": 63.0, "localisation": {
             "attention_in_object": loc, "object_area": 0.08, "images": 1000}}))
@@ -52,6 +52,7 @@ def test_offline_the_app_defaults_to_the_bundled_pair(tmp_path, tiny, monkeypatc
     status = studio.status(p)
     assert "bundled weights trained by this project" in status and "HF_HUB_OFFLINE" in status
     assert "original 30.0%, CAIT twin 28.0%" in status and "8.0%" in status
+    assert "held-out top-1 63.0% (teacher 63.0%)" in status                # as shipped (provenance)
     view = studio.attention(p, None, -1, sample=next(iter(SYNTHETIC_SAMPLES)))
     assert view.localisation is not None and set(view.original_top5) <= set(cait.synthetic.CLASSES)
     # Hub reachable: timm's ImageNet weights stay the default; the bundled pair stays selectable.
