@@ -121,6 +121,13 @@ def measure(path: Path, device: str, val_size: int) -> dict:
             "localisation": localisation_score(model, images=val_size, seed=SEED, device=device)}
 
 
+def _portable(cfg: FinetuneConfig, recipe: str, stage: str) -> dict:
+    """A stage's configuration without machine-specific paths (``@stage`` names the earlier stage's result)."""
+    out = {k: v for k, v in cfg.to_dict().items() if k not in ("output", "resume", "stop_at", "device")}
+    out["model"] = RECIPES[recipe][stage]["model"]
+    return out
+
+
 def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, dict], command: str) -> dict:
     """Write both fp16 checkpoints and their provenance into ``out``; returns the provenance of both."""
     stages = list(RECIPES[recipe])
@@ -148,8 +155,7 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
             "data": {"name": "cait.synthetic.SyntheticShapes", "classes": list(CLASSES), "seed": SEED,
                      "train": "split 'train', a fresh stream image per training sample (synthetic_size 1,000,000)",
                      "held_out": f"split 'val', images 0..{val_size - 1}, rendered at the model's input size"},
-            "stages": [{"stage": s, "config": {k: v for k, v in stage_config(recipe, s, work, device).to_dict().items()
-                                               if k not in ("output", "resume", "stop_at", "device")},
+            "stages": [{"stage": s, "config": _portable(stage_config(recipe, s, work, device), recipe, s),
                         "images_seen": finals[s]["step"] * RECIPES[recipe][s]["batch_size"],
                         "top1_at_end": finals[s]["top1_student"], "wall_s": round(finals[s]["wall_s"], 1)}
                        for s in used],
