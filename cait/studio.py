@@ -197,10 +197,12 @@ class Studio:
                     original, compressed = load()
                 except (KeyError, CheckpointError) as e:
                     raise ValueError(f"{key}: its models cannot be loaded ({e})") from None
-                final = compressed.cait_meta.get("finetune", {})
-                self._remember((key,), ModelPair(key, 1 - final.get("flops", 0) / max(final.get("base_flops", 1), 1),
-                                                 final.get("merge", ""), original, compressed,
-                                                 describe_weights(original), self.device))
+                meta = compressed.cait_meta
+                final = meta.get("finetune", {})
+                reduction = (1 - final["flops"] / final["base_flops"] if "flops" in final else
+                             meta.get("achieved_reduction", 0.0))
+                self._remember((key,), ModelPair(key, reduction, final.get("merge", meta.get("merge", "")), original,
+                                                 compressed, describe_weights(original), self.device))
             self._pairs.move_to_end((key,))
             return self._pairs[(key,)]
 
@@ -232,9 +234,9 @@ class Studio:
         def load():
             original, twin = b.load(self.device)
             # Show the top-1 measured on the fp16 files as shipped (provenance), not the fp32 run's last evaluation.
-            final = twin.cait_meta.setdefault("finetune", {})
+            final = twin.cait_meta.get("finetune")          # a one-shot twin has none
             for key, prov in (("top1_student", b.twin_provenance), ("top1_teacher", b.original_provenance)):
-                if isinstance(prov.get("top1"), (int, float)):
+                if final is not None and isinstance(prov.get("top1"), (int, float)):
                     final[key] = float(prov["top1"])
             return original, twin
 
@@ -264,7 +266,7 @@ class Studio:
             f"+ CDCP channel pruning → {fo / 1e9:.3f} → {fc / 1e9:.3f} GFLOPs "
             f"({100 * (1 - fc / fo):.1f}% fewer). *Untrained preview:* channels chosen by weight-row norms, "
             "without the CDCP fine-tuning that gives CAIT its accuracy.",
-        ])
+        ] + ([self._bundled_localisation()] if pair.name == BUNDLED_KEY else []))
 
     def _bundled_localisation(self) -> str:
         """Markdown: the bundled models' attention localisation on the held-out split (from their provenance)."""

