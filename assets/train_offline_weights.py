@@ -4,7 +4,8 @@
     python assets/train_offline_weights.py --recipe cpu    # the scaled-down recipe the shipped weights came from
     python assets/train_offline_weights.py --export-only   # re-export assets/ from finished runs
 
-Every stage is a ``cait.finetune`` run (seed 0), so the script is the engine plus bookkeeping:
+Every stage but the CPU recipe's one-shot twin is a ``cait.finetune`` run (seed 0), so the script is the engine
+plus bookkeeping:
 
 1. ``stage1``: DeiT-Tiny (timm's architecture) from random initialisation, FLOPs reduction 0 (a plain DeiT).
    The CPU recipe trains this stage at 112 px (a 7×7 grid, ~5× cheaper per image) — scaled down, said so in the
@@ -52,7 +53,7 @@ COMMON = dict(data="synthetic", seed=SEED, val_size=VAL_SIZE, synthetic_size=1_0
               log_interval=50, min_lr=1e-5, lr_warmup=0.05)
 
 RECIPES: dict[str, dict[str, dict]] = {
-    # Scaled down for a 2-core CPU: ~1.5 h at 112 px, then ~10 min at 224 px, then ~20 min for the twin.
+    # Scaled down for a 2-core CPU: ~1.5 h at 112 px, then ~10 min at 224 px; the one-shot twin takes seconds.
     "cpu": {
         "stage1": dict(model="deit_tiny_patch16_224", img_size=112, flops_reduction=0.0, steps=4000, batch_size=64,
                        lr=5e-4, label_smoothing=0.1, eval_interval=500, ckpt_interval=250),
@@ -75,6 +76,7 @@ RECIPES: dict[str, dict[str, dict]] = {
                      ckpt_interval=10, val_size=32),
     },
     # Not run here (no GPU was available when the shipped weights were made); sized for about an hour on one GPU.
+    # Its twin uses the engine's default compactor LR, which collapsed the CPU teacher's fine-tune (see above).
     "gpu": {
         "stage1": dict(model="deit_tiny_patch16_224", img_size=224, flops_reduction=0.0, steps=20000,
                        batch_size=256, lr=1e-3, label_smoothing=0.1, eval_interval=2000, ckpt_interval=1000),
@@ -93,14 +95,14 @@ def stage_config(recipe: str, stage: str, work: Path, device: str) -> FinetuneCo
     return FinetuneConfig(**args, device=device, output=str(work / stage))
 
 
-def oneshot_twin(recipe: str, stage: str, work: Path) -> dict:
-    """A CAIT twin by :func:`cait.compress` (ATME + CDCP structure, channels by weight-row norms), not fine-tuned."""
-    spec = RECIPES[recipe][stage]
-    out = work / stage
+def oneshot_twin(cfg: FinetuneConfig) -> dict:
+    """A CAIT twin by :func:`cait.compress` (ATME + CDCP structure, channels by weight-row norms), not fine-tuned;
+    uses the stage configuration's model, reduction, layout, rounding and output only."""
+    out = Path(cfg.output)
     if not (out / "compact" / "config.json").is_file():
         t0 = time.time()
-        teacher = cait.load_pretrained(work / spec["model"][1:] / "compact")
-        twin = cait.compress(teacher, spec["flops_reduction"], layout=spec["merge"], round_to=spec["round_to"])
+        teacher = cait.load_pretrained(cfg.model)
+        twin = cait.compress(teacher, cfg.flops_reduction, layout=cfg.merge, round_to=cfg.round_to)
         twin.cait_meta["classes"] = teacher.cait_meta.get("classes", list(CLASSES))
         cait.save_pretrained(twin, out / "compact")
         (out / "timing.json").write_text(json.dumps({"wall_s": time.time() - t0}))
@@ -208,8 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = stage_config(recipe, stage, work, device)
         if a.export_only and not (Path(cfg.output) / "compact").is_dir():
             raise SystemExit(f"{cfg.output}: not finished; run without --export-only")
-        finals[stage] = (oneshot_twin(recipe, stage, work) if RECIPES[recipe][stage].get("oneshot")
-                         else run_stage(cfg))
+        finals[stage] = oneshot_twin(cfg) if RECIPES[recipe][stage].get("oneshot") else run_stage(cfg)
     command = f"python assets/train_offline_weights.py --recipe {recipe}"
     provenance = export(recipe, work, Path(a.out), device, finals, command)
     summary = {k: {m: v[m] for m in ("top1", "flops_g", "params", "localisation", "training_cost_s", "fp16_bytes")}
