@@ -4,8 +4,7 @@
     python assets/train_offline_weights.py --recipe cpu    # the scaled-down recipe the shipped weights came from
     python assets/train_offline_weights.py --export-only   # re-export assets/ from finished runs
 
-Every stage but the CPU recipe's one-shot twin is a ``cait.finetune`` run (seed 0), so the script is the engine
-plus bookkeeping:
+Every stage is a ``cait.finetune`` run (seed 0), so the script is the engine plus bookkeeping:
 
 1. ``stage1``: DeiT-Tiny (timm's architecture) from random initialisation, FLOPs reduction 0 (a plain DeiT).
    The CPU recipe trains this stage at 112 px (a 7×7 grid, ~5× cheaper per image) — scaled down, said so in the
@@ -15,9 +14,10 @@ plus bookkeeping:
    The GPU recipe trains at 224 px from the start and skips this stage.
 3. ``twin``: CAIT from stage 2's model — ATME ``h5,v10`` + CDCP to 50% fewer FLOPs (the paper's DeiT-Tiny
    setting), kept widths in multiples of 8. The layout puts more of the budget on CDCP than the planner's default
-   (share 0.8 → ``h4,v9``) so that both fp16 checkpoints fit in 20 MB. The GPU and smoke recipes fine-tune it with
-   the engine (hard distillation α = 0.1); the CPU recipe makes it **one-shot** (``cait.compress``), because both
-   CDCP fine-tunes of its weak teacher collapsed to chance (see ``RECIPES``).
+   (share 0.8 → ``h4,v9``) so that both fp16 checkpoints fit in 20 MB. Hard distillation from the teacher
+   (α = 0.1, the paper's DeiT-Tiny setting); compactors at the model's LR, masked rows shrunk by the engine's
+   proximal group-lasso step (an earlier engine gave the compactors LR 0.02 so masked rows could reach 0 inside
+   AdamW; that noise took this teacher to chance within 50 steps, see ``cait.cdcp``).
 
 Then both are written to ``assets/`` as fp16 safetensors + ``config.json`` + ``provenance.json`` (command, seed,
 data set, steps, device, top-1, FLOPs, params, attention localisation on the held-out split, training cost, date).
@@ -53,7 +53,7 @@ COMMON = dict(data="synthetic", seed=SEED, val_size=VAL_SIZE, synthetic_size=1_0
               log_interval=50, min_lr=1e-5, lr_warmup=0.05)
 
 RECIPES: dict[str, dict[str, dict]] = {
-    # Scaled down for a 2-core CPU: ~1.5 h at 112 px, then ~10 min at 224 px; the one-shot twin takes seconds.
+    # Scaled down for a 2-core CPU: ~1.5 h at 112 px, ~10 min at 224 px, then ~30 min for the twin.
     "cpu": {
         "stage1": dict(model="deit_tiny_patch16_224", img_size=112, flops_reduction=0.0, steps=4000, batch_size=64,
                        lr=5e-4, label_smoothing=0.1, eval_interval=500, ckpt_interval=250),
@@ -61,10 +61,8 @@ RECIPES: dict[str, dict[str, dict]] = {
                         label_smoothing=0.1, distill_alpha=0.0, eval_interval=500, ckpt_interval=250),
         "stage2": dict(model="@stage1b", img_size=224, flops_reduction=0.0, steps=300, batch_size=32, lr=1e-4,
                        label_smoothing=0.1, distill_alpha=0.0, eval_interval=300, ckpt_interval=50),
-        # One-shot, not fine-tuned: CDCP fine-tuning of this weak teacher collapsed to chance in both attempts
-        # (compactor LR 0.02, then 5e-3 with LR 1e-4): Adam moves every entry of the dense 768x768 FFN and 64x64
-        # head compactors at about the LR, and that noise swamped the signal within 50 steps. Open problem.
-        "twin": dict(oneshot=True, model="@stage2", flops_reduction=0.5, merge=TWIN_LAYOUT, round_to=8),
+        "twin": dict(model="@stage2", flops_reduction=0.5, merge=TWIN_LAYOUT, round_to=8, steps=600, batch_size=32,
+                     lr=1e-4, label_smoothing=0.1, distill_alpha=0.1, eval_interval=200, ckpt_interval=50),
     },
     # For tests: the same three stages on the tiny test DeiT, in about a minute.
     "smoke": {
@@ -76,7 +74,6 @@ RECIPES: dict[str, dict[str, dict]] = {
                      ckpt_interval=10, val_size=32),
     },
     # Not run here (no GPU was available when the shipped weights were made); sized for about an hour on one GPU.
-    # Its twin uses the engine's default compactor LR, which collapsed the CPU teacher's fine-tune (see above).
     "gpu": {
         "stage1": dict(model="deit_tiny_patch16_224", img_size=224, flops_reduction=0.0, steps=20000,
                        batch_size=256, lr=1e-3, label_smoothing=0.1, eval_interval=2000, ckpt_interval=1000),
@@ -89,24 +86,10 @@ RECIPES: dict[str, dict[str, dict]] = {
 
 def stage_config(recipe: str, stage: str, work: Path, device: str) -> FinetuneConfig:
     """The engine configuration of one stage; ``@name`` models point at an earlier stage's result."""
-    args = dict(COMMON, **{k: v for k, v in RECIPES[recipe][stage].items() if k != "oneshot"})
+    args = dict(COMMON, **RECIPES[recipe][stage])
     if args["model"].startswith("@"):
         args["model"] = str(work / args["model"][1:] / "compact")
     return FinetuneConfig(**args, device=device, output=str(work / stage))
-
-
-def oneshot_twin(cfg: FinetuneConfig) -> dict:
-    """A CAIT twin by :func:`cait.compress` (ATME + CDCP structure, channels by weight-row norms), not fine-tuned;
-    uses the stage configuration's model, reduction, layout, rounding and output only."""
-    out = Path(cfg.output)
-    if not (out / "compact" / "config.json").is_file():
-        t0 = time.time()
-        teacher = cait.load_pretrained(cfg.model)
-        twin = cait.compress(teacher, cfg.flops_reduction, layout=cfg.merge, round_to=cfg.round_to)
-        twin.cait_meta["classes"] = teacher.cait_meta.get("classes", list(CLASSES))
-        cait.save_pretrained(twin, out / "compact")
-        (out / "timing.json").write_text(json.dumps({"wall_s": time.time() - t0}))
-    return {"step": 0, "top1_student": None, "wall_s": json.loads((out / "timing.json").read_text())["wall_s"]}
 
 
 def run_stage(cfg: FinetuneConfig) -> dict:
@@ -143,8 +126,6 @@ def measure(path: Path, device: str, val_size: int) -> dict:
 
 def _portable(cfg: FinetuneConfig, recipe: str, stage: str) -> dict:
     """A stage's configuration without machine-specific paths (``@stage`` names the earlier stage's result)."""
-    if RECIPES[recipe][stage].get("oneshot"):
-        return dict(RECIPES[recipe][stage])
     out = {k: v for k, v in cfg.to_dict().items() if k not in ("output", "resume", "stop_at", "device")}
     out["model"] = RECIPES[recipe][stage]["model"]
     return out
@@ -169,8 +150,7 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
             "what": (f"{model.pretrained_cfg['architecture']} (timm's architecture, {model.num_classes} classes), "
                      "trained from random initialisation" if name == ORIGINAL_DIR else
                      f"CAIT twin of {ORIGINAL_DIR}: ATME {cait.format_layout(cait.get_layout(model)) or 'none'} + "
-                     + ("CDCP structure chosen one-shot by weight-row norms (cait.compress), NOT fine-tuned"
-                        if RECIPES[recipe][stages[-1]].get("oneshot") else "CDCP, fine-tuned from it with cait.finetune")),
+                     "CDCP, fine-tuned from it with cait.finetune (hard distillation from it)"),
             "command": command, "recipe": recipe, "seed": SEED,
             "scaled_down": (recipe != "gpu") and (
                 "CPU recipe: the teacher trains at 112 px (two cosine cycles) and only briefly at 224 px; "
@@ -210,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = stage_config(recipe, stage, work, device)
         if a.export_only and not (Path(cfg.output) / "compact").is_dir():
             raise SystemExit(f"{cfg.output}: not finished; run without --export-only")
-        finals[stage] = oneshot_twin(cfg) if RECIPES[recipe][stage].get("oneshot") else run_stage(cfg)
+        finals[stage] = run_stage(cfg)
     command = f"python assets/train_offline_weights.py --recipe {recipe}"
     provenance = export(recipe, work, Path(a.out), device, finals, command)
     summary = {k: {m: v[m] for m in ("top1", "flops_g", "params", "localisation", "training_cost_s", "fp16_bytes")}

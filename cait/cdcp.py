@@ -7,6 +7,13 @@ The gradient the optimizer sees for compactor row j is::
 with ``m_j = 0`` for rows in the masked set S (they receive only the group-lasso pull towards zero) and 1 otherwise.
 The FLOPs target is off during a warm-up, ramps linearly from the ATME model's FLOPs to the final target, then holds
 so the masked rows reach ~0 before pruning; all three are fractions of the run, so short runs keep the same shape.
+
+Short runs (choice): a masked row's update is then a pure group-lasso step, and the fine-tuning engine takes it in
+proximal form after the optimizer step (:func:`shrink_masked_rows_`: the row's norm falls by a fixed amount, stopping
+at exactly 0) instead of through AdamW. Inside AdamW the row moves ~LR per entry per step whatever λ is, so reaching 0
+in a few hundred steps needs a compactor LR near 1e-2; at that LR every *unmasked* entry of the dense ``4C × 4C`` and
+``d_h × d_h`` compactors also moves ~1e-2 per step, and that noise took a trained DeiT-Tiny to chance within 50 steps
+(README, "Trained offline weights"). With the proximal step the compactors keep the model's LR.
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ def compactor_rows(model: nn.Module, mask: ChannelMask | None) -> Iterator[tuple
 
 
 @torch.no_grad()
-def apply_gradient_rule(model: nn.Module, mask: ChannelMask | None, lasso: float = 1e-5, eps: float = 1e-8) -> None:
+def apply_gradient_rule(model: nn.Module, mask: ChannelMask | None, lasso: float = 1e-5, eps: float = 1e-8,
+                        proximal: bool = False) -> None:
     """Rewrite every compactor's ``.grad`` in place by paper Eq. 2 (call after backward, before the optimizer step).
 
     Args:
@@ -46,13 +54,46 @@ def apply_gradient_rule(model: nn.Module, mask: ChannelMask | None, lasso: float
         mask: the current S; None before the first selection (every row keeps its task gradient).
         lasso: λ (the paper: 1e-5).
         eps: ε in ``max(‖Q_j‖₂, ε)``.
+        proximal: give rows in S a zero gradient; their group-lasso step is then taken after the optimizer step by
+            :func:`shrink_masked_rows_` (with their Adam moments reset by :func:`reset_optimizer_rows_`, AdamW
+            leaves them exactly where they are). Unmasked rows get Eq. 2 either way.
     """
     for Q, in_s in compactor_rows(model, mask):
         norms = Q.norm(dim=-1, keepdim=True).clamp_min(eps)                   # (..., rows, 1)
         task = torch.zeros_like(Q) if Q.grad is None else Q.grad
+        grad = task + lasso * Q / norms
         if in_s is not None:
-            task = task * (~in_s.to(Q.device)).unsqueeze(-1).to(Q.dtype)
-        Q.grad = task + lasso * Q / norms
+            keep = (~in_s.to(Q.device)).unsqueeze(-1).to(Q.dtype)             # (..., rows, 1): m_j
+            grad = keep * grad if proximal else keep * task + lasso * Q / norms
+        Q.grad = grad
+
+
+@torch.no_grad()
+def shrink_masked_rows_(model: nn.Module, mask: ChannelMask | None, amount: float) -> None:
+    """Proximal group-lasso step on the rows in S, in place: ``Q_j ← Q_j · max(0, 1 − amount / ‖Q_j‖₂)``.
+
+    Each masked row keeps its direction and loses ``amount`` of norm, stopping at exactly 0 (the proximal operator of
+    ``amount · ‖Q_j‖₂``); rows outside S are untouched. Call after the optimizer step.
+
+    Args:
+        model: a compactor model (or a DDP wrapper of one).
+        mask: the current S (None: nothing to do).
+        amount: norm removed per call, ≥ 0.
+
+    Raises:
+        ValueError: if ``amount`` is negative.
+    """
+    if amount < 0:
+        raise ValueError(f"shrink amount must be >= 0, got {amount}")
+    if mask is None:
+        return
+    for Q, in_s in compactor_rows(model, mask):
+        in_s = in_s.to(Q.device)
+        if not bool(in_s.any()):
+            continue
+        norms = Q.norm(dim=-1, keepdim=True)                                  # (..., rows, 1)
+        factor = (1 - amount / norms.clamp_min(1e-12)).clamp_min(0)
+        Q.copy_(torch.where(in_s.unsqueeze(-1), Q * factor, Q))
 
 
 @torch.no_grad()

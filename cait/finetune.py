@@ -5,7 +5,8 @@ One process or many (``torchrun --nproc_per_node=N -m cait.finetune ...``: DDP, 
 The run: build the student (ATME layout from the budget split, identity compactors) from an uncompressed teacher;
 train with AdamW (compactors in their own group: β₁ 0.99, no weight decay), cosine LR, Mixup/CutMix with
 soft-target cross-entropy, and hard distillation from the teacher; after every backward rewrite the compactor
-gradients by Eq. 2; rebuild S every ``mask_interval`` steps after the warm-up from the compactor row norms with both
+gradients by Eq. 2, taking the masked rows' group-lasso step in proximal form after the optimizer step
+(:mod:`cait.cdcp`); rebuild S every ``mask_interval`` steps after the warm-up from the compactor row norms with both
 consistencies while the FLOPs target ramps, then holds. At the end zero S's rows, prune and fold, and write a
 compact checkpoint that :func:`cait.load_pretrained` (and the app) loads.
 
@@ -35,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .cdcp import (FlopsSchedule, apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_,
-                   zero_masked_rows_)
+                   shrink_masked_rows_, zero_masked_rows_)
 from .checkpoint import CheckpointError, atomic_write, load_pretrained, save_pretrained
 from .compactor import add_compactors, iter_compactors
 from .data import StepBatchSampler, build_datasets
@@ -77,8 +78,10 @@ class FinetuneConfig:
     lr_warmup: float = _f(0.05, "fraction of steps of linear LR warm-up")
     weight_decay: float = _f(0.05, "AdamW weight decay (not on compactors, biases, norms, tokens)")
     compactor_beta1: float = _f(0.99, "AdamW beta1 of the compactor group (0.9 elsewhere)")
-    compactor_lr: float | None = _f(None, "peak LR of the compactors, constant until the hold, then cosine to 0 "
-                                          "(default: max(lr, 4 / hold steps), so masked rows reach ~0)")
+    compactor_lr: float | None = _f(None, "peak LR of the compactors, on the model's cosine schedule (default: lr)")
+    mask_shrink: float | None = _f(None, "norm taken off each masked compactor row per step by the proximal "
+                                         "group-lasso step (default: 2 / hold steps, so a unit row reaches 0 halfway "
+                                         "through the hold; 0: Eq. 2's lasso gradient inside AdamW instead)")
     label_smoothing: float = _f(0.1, "label smoothing")
     mixup: float = _f(0.8, "Mixup alpha (0 disables)")
     cutmix: float = _f(1.0, "CutMix alpha (0 disables)")
@@ -102,7 +105,8 @@ class FinetuneConfig:
     # Fields that define a run: a resume must match them.
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
                 "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr",
-                "label_smoothing", "mixup", "cutmix", "distill_alpha", "lasso", "mask_interval", "cdcp_warmup", "cdcp_ramp",
+                "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "lasso", "mask_interval",
+                "cdcp_warmup", "cdcp_ramp",
                 "min_channels", "round_to", "val_size", "synthetic_size", "seed")
 
     def to_dict(self) -> dict:
@@ -189,30 +193,17 @@ def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
         {"params": compactors, "weight_decay": 0.0, "betas": (cfg.compactor_beta1, 0.999),    # SPEC §2
-         "lr": compactor_lr_at(cfg, 0)},
+         "lr": cfg.lr if cfg.compactor_lr is None else cfg.compactor_lr},
     ]
 
 
-def _compactor_lr(cfg: FinetuneConfig) -> float:
-    """Peak compactor LR (choice). Under AdamW a masked row, which sees only the lasso term, moves about 0.5–0.6 LR
-    per step whatever λ is (measured after its moments restart), so it needs ~2/LR steps to reach zero: the paper's
-    1.5 M steps at 1e-4 are plenty, a short run's hold phase is not. The default brings a unit row to ~0 within the
-    hold; annealing to 0 over the hold then removes Adam's oscillation around zero (its amplitude scales with LR)."""
-    if cfg.compactor_lr is not None:
-        return cfg.compactor_lr
-    return max(cfg.lr, 4.0 / _hold_steps(cfg))
-
-
-def _hold_steps(cfg: FinetuneConfig) -> int:
-    first = int(round(cfg.cdcp_warmup * cfg.steps))
-    return max(1, cfg.steps - (first + max(1, int(round(cfg.cdcp_ramp * cfg.steps))) - 1))
-
-
-def compactor_lr_at(cfg: FinetuneConfig, step: int) -> float:
-    """Compactor LR at ``step``: the peak until the hold phase starts, then a cosine to 0 at the last step."""
-    peak, hold = _compactor_lr(cfg), _hold_steps(cfg)
-    into = step - (cfg.steps - hold)
-    return peak if into < 0 else 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (into + 1) / hold)))
+def shrink_per_step(cfg: FinetuneConfig, schedule: FlopsSchedule) -> float:
+    """Norm removed from each masked compactor row per step (choice, see :mod:`cait.cdcp`): ``--mask-shrink``, or
+    2 / hold steps, so that a unit-norm row entering S when the hold starts is exactly 0 halfway through the hold and
+    the model trains without it for the rest of the run."""
+    if cfg.mask_shrink is not None:
+        return cfg.mask_shrink
+    return 2.0 / max(1, cfg.steps - schedule.hold_step)
 
 
 def _seed_step(seed: int, step: int) -> None:
@@ -350,6 +341,9 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     teacher = teacher.to(device).eval().requires_grad_(False)
     schedule = FlopsSchedule(cfg.steps, spec.flops(), split.target_flops, cfg.cdcp_warmup, cfg.cdcp_ramp,
                              cfg.mask_interval)
+    shrink = shrink_per_step(cfg, schedule)
+    if shrink < 0:
+        raise FinetuneError(f"--mask-shrink must be >= 0, got {shrink}")
     try:                                                  # fail now, not after hours, if the target is out of reach
         if cdcp:
             select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to)
@@ -435,10 +429,11 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cdcp:
-            apply_gradient_rule(student, mask, cfg.lasso)  # after the DDP all-reduce, identical on every rank
+            apply_gradient_rule(student, mask, cfg.lasso, proximal=shrink > 0)  # after the DDP all-reduce
         opt.step()
+        if cdcp and shrink > 0:
+            shrink_masked_rows_(student, mask, shrink)     # the masked rows' lasso step, identical on every rank
         sched.step_update(step + 1)
-        opt.param_groups[2]["lr"] = compactor_lr_at(cfg, step + 1)   # compactors: their own schedule
         seen += x.shape[0] * world
         done = step + 1
 
