@@ -139,12 +139,15 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
            "timm": __import__("timm").__version__, "python": platform.python_version()}
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
+    twin_cfg = stage_config(recipe, stages[-1], work, device)
     provenance = {}
     for name, src, used in ((ORIGINAL_DIR, work / teacher_stage / "compact", stages[:-1]),
                             (TWIN_DIR, work / stages[-1] / "compact", stages)):
         model = cait.load_pretrained(src)
+        if "config" in model.cait_meta:           # the run's configuration, without this machine's paths
+            model.cait_meta["config"] = _portable(stage_config(recipe, used[-1], work, device), recipe, used[-1])
         dest = cait.save_pretrained(model, out / name, dtype=torch.float16)
-        val_size = stage_config(recipe, stages[-1], work, device).val_size
+        val_size = twin_cfg.val_size
         numbers = measure(dest, device, val_size)
         provenance[name] = {
             "what": (f"{model.pretrained_cfg['architecture']} (timm's architecture, {model.num_classes} classes), "
@@ -153,8 +156,9 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
                      "CDCP, fine-tuned from it with cait.finetune (hard distillation from it)"),
             "command": command, "recipe": recipe, "seed": SEED,
             "scaled_down": (recipe != "gpu") and (
-                "CPU recipe: the teacher trains at 112 px (two cosine cycles) and only briefly at 224 px; "
-                "far fewer images than a GPU run would use (see stages)"),
+                "CPU recipe: the teacher trains at 112 px (two cosine cycles) and only briefly at 224 px, the twin "
+                f"fine-tunes {twin_cfg.steps} steps of {twin_cfg.batch_size} images; far fewer images than a GPU run "
+                "would use (see stages)"),
             "data": {"name": "cait.synthetic.SyntheticShapes", "classes": list(CLASSES), "seed": SEED,
                      "train": "split 'train', a fresh stream image per training sample (synthetic_size 1,000,000)",
                      "held_out": f"split 'val', images 0..{val_size - 1}, rendered at the model's input size"},

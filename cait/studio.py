@@ -234,7 +234,7 @@ class Studio:
         def load():
             original, twin = b.load(self.device)
             # Show the top-1 measured on the fp16 files as shipped (provenance), not the fp32 run's last evaluation.
-            final = twin.cait_meta.get("finetune")          # a one-shot twin has none
+            final = twin.cait_meta.get("finetune")          # None unless cait.finetune made it
             for key, prov in (("top1_student", b.twin_provenance), ("top1_teacher", b.original_provenance)):
                 if final is not None and isinstance(prov.get("top1"), (int, float)):
                     final[key] = float(prov["top1"])
