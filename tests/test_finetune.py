@@ -29,14 +29,19 @@ def _mask_half(model):
     return m
 
 
-def test_gradient_rule_masked_rows_get_only_the_lasso_term(tiny):
+def _backward_through_perturbed_compactors(tiny):
+    """A compactor model away from identity, a mask, one backward pass; returns (model, mask, task grads by id)."""
     model = cait.add_compactors(tiny())
     with torch.no_grad():
         for _, Q in cait.iter_compactors(model):
             Q.add_(0.1 * torch.randn_like(Q))
     mask = _mask_half(model)
     model(torch.randn(4, 3, 32, 32)).square().mean().backward()
-    task = {id(Q): Q.grad.clone() for Q, _ in compactor_rows(model, mask)}
+    return model, mask, {id(Q): Q.grad.clone() for Q, _ in compactor_rows(model, mask)}
+
+
+def test_gradient_rule_masked_rows_get_only_the_lasso_term(tiny):
+    model, mask, task = _backward_through_perturbed_compactors(tiny)
     lam, eps = 1e-3, 1e-8
     apply_gradient_rule(model, mask, lasso=lam, eps=eps)
     for Q, in_s in compactor_rows(model, mask):
@@ -72,13 +77,7 @@ def test_masked_row_norms_fall_under_adamw(tiny):
 
 
 def test_proximal_rule_leaves_masked_rows_to_the_shrink_step(tiny):
-    model = cait.add_compactors(tiny())
-    with torch.no_grad():
-        for _, Q in cait.iter_compactors(model):
-            Q.add_(0.1 * torch.randn_like(Q))
-    mask = _mask_half(model)
-    model(torch.randn(4, 3, 32, 32)).square().mean().backward()
-    task = {id(Q): Q.grad.clone() for Q, _ in compactor_rows(model, mask)}
+    model, mask, task = _backward_through_perturbed_compactors(tiny)
     apply_gradient_rule(model, mask, lasso=1e-3, proximal=True)
     for Q, in_s in compactor_rows(model, mask):
         lasso = 1e-3 * Q.detach() / Q.detach().norm(dim=-1, keepdim=True)
