@@ -139,15 +139,15 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
            "timm": __import__("timm").__version__, "python": platform.python_version()}
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
-    twin_cfg = stage_config(recipe, stages[-1], work, device)
+    configs = {s: stage_config(recipe, s, work, device) for s in stages}
+    twin_cfg, val_size = configs[stages[-1]], configs[stages[-1]].val_size
     provenance = {}
     for name, src, used in ((ORIGINAL_DIR, work / teacher_stage / "compact", stages[:-1]),
                             (TWIN_DIR, work / stages[-1] / "compact", stages)):
         model = cait.load_pretrained(src)
         if "config" in model.cait_meta:           # the run's configuration, without this machine's paths
-            model.cait_meta["config"] = _portable(stage_config(recipe, used[-1], work, device), recipe, used[-1])
+            model.cait_meta["config"] = _portable(configs[used[-1]], recipe, used[-1])
         dest = cait.save_pretrained(model, out / name, dtype=torch.float16)
-        val_size = twin_cfg.val_size
         numbers = measure(dest, device, val_size)
         provenance[name] = {
             "what": (f"{model.pretrained_cfg['architecture']} (timm's architecture, {model.num_classes} classes), "
@@ -162,8 +162,8 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
             "data": {"name": "cait.synthetic.SyntheticShapes", "classes": list(CLASSES), "seed": SEED,
                      "train": "split 'train', a fresh stream image per training sample (synthetic_size 1,000,000)",
                      "held_out": f"split 'val', images 0..{val_size - 1}, rendered at the model's input size"},
-            "stages": [{"stage": s, "config": _portable(stage_config(recipe, s, work, device), recipe, s),
-                        "images_seen": finals[s]["step"] * RECIPES[recipe][s].get("batch_size", 0),
+            "stages": [{"stage": s, "config": _portable(configs[s], recipe, s),
+                        "images_seen": finals[s]["step"] * configs[s].batch_size,
                         "top1_at_end": finals[s]["top1_student"], "wall_s": round(finals[s]["wall_s"], 3)}
                        for s in used],
             "environment": env,

@@ -61,11 +61,12 @@ def apply_gradient_rule(model: nn.Module, mask: ChannelMask | None, lasso: float
     for Q, in_s in compactor_rows(model, mask):
         norms = Q.norm(dim=-1, keepdim=True).clamp_min(eps)                   # (..., rows, 1)
         task = torch.zeros_like(Q) if Q.grad is None else Q.grad
-        grad = task + lasso * Q / norms
-        if in_s is not None:
-            keep = (~in_s.to(Q.device)).unsqueeze(-1).to(Q.dtype)             # (..., rows, 1): m_j
-            grad = keep * grad if proximal else keep * task + lasso * Q / norms
-        Q.grad = grad
+        pull = lasso * Q / norms                                              # the group-lasso term
+        if in_s is None:
+            Q.grad = task + pull
+            continue
+        keep = (~in_s.to(Q.device)).unsqueeze(-1).to(Q.dtype)                 # (..., rows, 1): m_j
+        Q.grad = keep * (task + pull) if proximal else keep * task + pull
 
 
 @torch.no_grad()

@@ -234,9 +234,9 @@ class Studio:
         def load():
             original, twin = b.load(self.device)
             # Show the top-1 measured on the fp16 files as shipped (provenance), not the fp32 run's last evaluation.
-            final = twin.cait_meta.get("finetune")          # None unless cait.finetune made it
+            final = twin.cait_meta.get("finetune", {})      # empty unless cait.finetune made it
             for key, prov in (("top1_student", b.twin_provenance), ("top1_teacher", b.original_provenance)):
-                if final is not None and isinstance(prov.get("top1"), (int, float)):
+                if final and isinstance(prov.get("top1"), (int, float)):
                     final[key] = float(prov["top1"])
             return original, twin
 
@@ -244,29 +244,36 @@ class Studio:
 
     def status(self, pair: ModelPair) -> str:
         """Markdown: device, where the weights came from, and what the twin is."""
+        parts = self._twin_status(pair)
+        if pair.name == BUNDLED_KEY:
+            parts.append(self._bundled_localisation())
+        return "\n\n".join(parts)
+
+    def _twin_status(self, pair: ModelPair) -> list[str]:
+        """Markdown paragraphs: device, weights and the twin (fine-tuned run summary, or the untrained preview)."""
         meta = pair.compressed.cait_meta
         if "finetune" in meta:
             f = meta["finetune"]
-            return "\n\n".join([
+            return [
                 f"**Device:** `{pair.device}` · **Model:** `{pair.name}` ({pair.weights.detail})",
                 f"**CAIT twin, fine-tuned with CDCP:** ATME `{f['merge'] or 'none'}`, "
                 f"{f['base_flops'] / 1e9:.4f} → {f['flops'] / 1e9:.4f} GFLOPs "
                 f"({100 * f['flops_reduction']:.1f}% fewer); held-out top-1 {f['top1_student']:.1f}% "
                 f"(teacher {f['top1_teacher']:.1f}%). The reduction and layout controls do not apply to it.",
-            ] + ([self._bundled_localisation()] if pair.name == BUNDLED_KEY else []))
+            ]
         f = pair.flops()
         fo, fc = sum(f["original"].values()), sum(f["compressed"].values())
         weights = (f"**Weights:** {pair.weights.detail}." if pair.weights.trained else
                    f"**Weights: not trained** — {pair.weights.detail}. Attention maps and predictions of random "
                    "weights mean nothing; the FLOPs, channel and speed figures are still exact.")
-        return "\n\n".join([
+        return [
             f"**Device:** `{pair.device}` · **Model:** {DEIT_MODELS.get(pair.name, pair.name)} (`{pair.name}`)",
             weights,
             f"**CAIT twin:** ATME layout `{meta['merge'] or 'none'}` ({100 * meta['atme_reduction']:.1f}% of FLOPs) "
             f"+ CDCP channel pruning → {fo / 1e9:.3f} → {fc / 1e9:.3f} GFLOPs "
             f"({100 * (1 - fc / fo):.1f}% fewer). *Untrained preview:* channels chosen by weight-row norms, "
             "without the CDCP fine-tuning that gives CAIT its accuracy.",
-        ] + ([self._bundled_localisation()] if pair.name == BUNDLED_KEY else []))
+        ]
 
     def _bundled_localisation(self) -> str:
         """Markdown: the bundled models' attention localisation on the held-out split (from their provenance)."""

@@ -222,6 +222,8 @@ def test_bad_input_stops_with_a_clear_message(tmp_path):
         finetune(_cfg(tmp_path, flops_reduction=0.97, merge=""))
     with pytest.raises(FinetuneError, match="must split into an even batch"):
         finetune(_cfg(tmp_path, batch_size=7))
+    with pytest.raises(FinetuneError, match="--mask-shrink must be >= 0"):
+        finetune(_cfg(tmp_path, mask_shrink=-0.01))
     ckpt = cait.save_pretrained(cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=5)[0],
                                 tmp_path / "five")
     with pytest.raises(FinetuneError, match="5 classes, the data 'synthetic' has 8"):
