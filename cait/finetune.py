@@ -46,6 +46,7 @@ from .models import create_model
 from .plan import split_budget
 from .prune import fold_compactors, is_pruned, prune
 from .select import ChannelMask, ChannelScores, compactor_scores, select_channels
+from .token_labels import TokenLabelled, drop_token_head, token_label_loss, token_targets
 
 
 class FinetuneError(RuntimeError):
@@ -86,6 +87,9 @@ class FinetuneConfig:
     mixup: float = _f(0.8, "Mixup alpha (0 disables)")
     cutmix: float = _f(1.0, "CutMix alpha (0 disables)")
     distill_alpha: float | None = _f(None, "weight of hard distillation (default: 0.1 for Tiny, 0.25 otherwise)")
+    token_labels: float = _f(0.0, "weight of token labelling: each patch token also predicts its patch's label "
+                                  "(object class by covered share, else background) through a training-only head "
+                                  "(LV-ViT; cait.token_labels); needs --data synthetic and no Mixup/CutMix")
     lasso: float = _f(1e-5, "group-lasso strength lambda of Eq. 2")
     mask_interval: int = _f(10, "rebuild the masked set S every this many steps")
     cdcp_warmup: float = _f(0.1, "fraction of steps before S is first built")
@@ -105,9 +109,8 @@ class FinetuneConfig:
     # Fields that define a run: a resume must match them.
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
                 "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr",
-                "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "lasso", "mask_interval",
-                "cdcp_warmup", "cdcp_ramp",
-                "min_channels", "round_to", "val_size", "synthetic_size", "seed")
+                "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "token_labels", "lasso",
+                "mask_interval", "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to", "val_size", "synthetic_size", "seed")
 
     def to_dict(self) -> dict:
         """All fields, JSON-ready."""
@@ -277,7 +280,8 @@ def _load_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: Fi
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise FinetuneError(f"{jfile.parent}: training state of step {step} is unreadable ({e})") from None
     before = meta.get("config", {})
-    diff = [k for k in FinetuneConfig.IDENTITY if before.get(k) != getattr(cfg, k)]
+    defaults = FinetuneConfig().to_dict()                  # a field newer than the state: its default then
+    diff = [k for k in FinetuneConfig.IDENTITY if before.get(k, defaults[k]) != getattr(cfg, k)]
     if diff:
         raise FinetuneError(f"{out}: cannot resume a different configuration; changed: "
                             + ", ".join(f"{k} ({before.get(k)!r} → {getattr(cfg, k)!r})" for k in diff))
@@ -323,9 +327,17 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
         if not cfg.resume and _state_files(out):
             raise FinetuneError(f"{out}: holds an earlier run; pass --resume to continue it or choose a new --output")
 
+    if cfg.token_labels < 0:
+        raise FinetuneError(f"--token-labels must be >= 0, got {cfg.token_labels}")
+    if cfg.token_labels > 0 and (cfg.data != "synthetic" or cfg.mixup > 0 or cfg.cutmix > 0):
+        raise FinetuneError("--token-labels needs object masks (--data synthetic) and no Mixup/CutMix "
+                            "(--mixup 0 --cutmix 0)")
+
     # Data first: the teacher's head must match its classes.
     train_set, val_set, classes = build_datasets(cfg.data, cfg.img_size or _default_img_size(cfg), cfg.seed,
                                                  cfg.synthetic_size, cfg.val_size)
+    if cfg.token_labels > 0:
+        train_set.masks = True                            # batches carry the object masks
     torch.manual_seed(cfg.seed)                           # the same student initialisation on every rank
     teacher, teaches, source = _teacher(cfg, len(classes))
     try:
@@ -338,6 +350,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     spec = describe(student)                              # the same with compactors: they fold away
     cdcp = split.target_flops < spec.flops()
     student = (add_compactors(student) if cdcp else student).to(device)
+    trainee = TokenLabelled(student, len(classes)) if cfg.token_labels > 0 else student   # what the loop calls
     teacher = teacher.to(device).eval().requires_grad_(False)
     schedule = FlopsSchedule(cfg.steps, spec.flops(), split.target_flops, cfg.cdcp_warmup, cfg.cdcp_ramp,
                              cfg.mask_interval)
@@ -372,10 +385,10 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     if world > 1:
         for t in student.state_dict().values():
             dist.broadcast(t, src=0)
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+        model = nn.parallel.DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
     else:
-        model = student
+        model = trainee
 
     per_rank = cfg.batch_size // world
     sampler = StepBatchSampler(len(train_set), per_rank, cfg.steps, start, rank, world, cfg.seed)
@@ -403,7 +416,8 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
 
     t_last, seen = time.perf_counter(), 0
     step = start
-    for step, (x, y) in enumerate(loader, start=start):
+    for step, batch in enumerate(loader, start=start):
+        x, y = batch[0], batch[1]
         model.train()
         if cdcp and schedule.rebuild_at(step):
             m = (select_channels(compactor_scores(student), spec, schedule.target(step), cfg.min_channels,
@@ -417,11 +431,16 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
             x, y = mixup(x, y)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
+            if cfg.token_labels > 0:                       # (logits, token logits) from TokenLabelled
+                logits, tokens = logits
             loss = criterion(logits, y)
             if alpha > 0:
                 with torch.no_grad():
                     hard = teacher(x).argmax(-1)
                 loss = (1 - alpha) * loss + alpha * F.cross_entropy(logits, hard)
+            if cfg.token_labels > 0:
+                targets = token_targets(batch[2].to(device), y, len(classes), student)
+                loss = loss + cfg.token_labels * token_label_loss(tokens, targets)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise FinetuneError(f"loss became {loss_value} at step {step}; stopped without saving this state "
@@ -469,6 +488,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     # Prune and fold ------------------------------------------------------------------------------------------------
     if rank == 0:                                          # the compactors as trained (the compactor view reads it)
         _save_state(out, cfg.steps, student, opt, mask, {"config": cfg.to_dict(), "history": history})
+    drop_token_head(student)                               # training-only: the result is a plain CAIT DeiT
     if cdcp:
         needs_final = mask is None or schedule.target(cfg.steps - 1) != split.target_flops
         final_mask = (select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels,

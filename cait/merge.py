@@ -58,6 +58,24 @@ def pair_tokens(x: torch.Tensor, direction: str) -> torch.Tensor:
     raise ValueError(f"merge direction must be 'h' or 'v', got {direction!r}")
 
 
+def pool_pairs(x: torch.Tensor, direction: str) -> torch.Tensor:
+    """Mean of each pair a merge fuses: ``(B, H, W, C)`` → the merged grid (what HTM/VTM compute at their
+    mean-of-pair initialisation; padding as :func:`pair_tokens`)."""
+    pairs = pair_tokens(x, direction)
+    C = x.shape[-1]
+    return (pairs[..., :C] + pairs[..., C:]) / 2
+
+
+def pool_to_block(x: torch.Tensor, layout: "LayoutLike", block: int) -> torch.Tensor:
+    """Values on the full patch grid ``(B, H, W, C)`` pooled onto the grid block ``block`` sees: every merge of the
+    layout at or before ``block`` is applied as :func:`pool_pairs`. Use it to compare an unmerged model's tokens (or
+    a per-patch target) with a merged model's."""
+    for i, direction in parse_layout(layout).items():
+        if i <= block:
+            x = pool_pairs(x, direction)
+    return x
+
+
 def merged_grid(grid: tuple[int, int], direction: str) -> tuple[int, int]:
     """Grid ``(H, W)`` after one merge: HTM halves W, VTM halves H (ceil for odd sides)."""
     H, W = grid

@@ -6,6 +6,10 @@ rotation and colour, with soft shading — on a cluttered background: a random c
 segments and rectangles of other colours, and pixel noise. Clutter never uses a class shape, so the label is
 unambiguous; the mask marks the object's pixels.
 
+Version 2 (:data:`VERSION`): the diamond is a rhombus with diagonals 1 : 0.55. In version 1 it was a square turned
+by 45°, which the random rotation made the same shape as the square (only their size ranges differed, and those
+overlap), so no model could tell the two apart; the bundled weights trained on version 1 were retrained.
+
 Everything is a pure function of ``(seed, split, index)``: the same call gives the same image at any time, on any
 rank, at any resolution (the geometry is resolution-independent). Example::
 
@@ -23,6 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+VERSION = 2
+"""Version of the rendering (recorded in the bundled weights' provenance); see the module docstring."""
 CLASSES = ("circle", "ring", "square", "diamond", "triangle", "cross", "star", "hexagon")
 _SPLITS = {"train": 0, "val": 1, "test": 2}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -38,8 +44,8 @@ def _shape_mask(cls: int, u: np.ndarray, v: np.ndarray, s: float) -> np.ndarray:
         return (r < s) & (r > 0.55 * s)
     if name == "square":
         return np.maximum(abs(u), abs(v)) < 0.8 * s
-    if name == "diamond":
-        return abs(u) + abs(v) < s
+    if name == "diamond":                                               # a rhombus, not a turned square (v2)
+        return abs(u) / s + abs(v) / (0.55 * s) < 1
     if name == "triangle":
         return (v < 0.5 * s) & (np.sqrt(3) * u - v < s) & (-np.sqrt(3) * u - v < s)
     if name == "cross":
@@ -114,17 +120,18 @@ class SyntheticShapes(Dataset):
         seed: data set seed.
         split: ``"train"``, ``"val"`` or ``"test"`` (disjoint streams).
         mean, std: normalisation (ImageNet's by default, as DeiT expects).
+        masks: ``ds[i]`` also returns the ``(S, S)`` bool object mask (for token labelling, :mod:`cait.token_labels`).
     """
 
     classes = CLASSES
 
     def __init__(self, length: int = 10_000, img_size: int = 224, seed: int = 0, split: str = "train",
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, masks: bool = False) -> None:
         if length < 1 or img_size < 8:
             raise ValueError(f"need length >= 1 and img_size >= 8, got {length}, {img_size}")
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
-        self.length, self.img_size, self.seed, self.split = length, img_size, seed, split
+        self.length, self.img_size, self.seed, self.split, self.masks = length, img_size, seed, split, masks
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -146,11 +153,11 @@ class SyntheticShapes(Dataset):
         img, label, mask = render(self.seed, self.split, index, self.img_size)
         return self.normalise(img), label, torch.from_numpy(mask)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        x, y, _ = self.tensor(index)
-        return x, y
+        x, y, mask = self.tensor(index)
+        return (x, y, mask) if self.masks else (x, y)
 
 
 def export_imagefolder(root: str | Path, n_train: int = 800, n_val: int = 200, img_size: int = 224, seed: int = 0,
