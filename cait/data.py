@@ -6,6 +6,7 @@ resumed run sees exactly the batches the uninterrupted run would, and DDP ranks 
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +87,111 @@ def build_datasets(data: str, img_size: int, seed: int = 0, synthetic_size: int 
         raise DataError(f"{root}: train/ and val/ have different classes "
                         f"({len(sets['train'].classes)} vs {len(sets['val'].classes)})")
     return sets["train"], sets["val"], list(sets["train"].classes)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Calibration images (unlabelled) for training-free compression
+# ------------------------------------------------------------------------------------------------------------------
+CALIBRATION_SOURCES = {
+    "default": "bundled photos (random crops and flips) and synthetic shapes, half each: always available",
+    "photos": "the bundled photos (cait.photos), random crops and flips",
+    "synthetic": "synthetic shapes (cait.synthetic, split 'train')",
+}
+"""Named calibration sources; anything else is a tensor, a DataLoader or a directory of images."""
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_MAX_LISTED = 200_000
+
+
+def calibration_images(source, n: int, model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    """Unlabelled images for calibrating a model, preprocessed the way the model expects.
+
+    Args:
+        source: ``"default"``, ``"photos"`` or ``"synthetic"`` (:data:`CALIBRATION_SOURCES`); a tensor
+            ``(N, 3, S, S)`` already normalised; a ``DataLoader`` (or any iterable) of such batches or of
+            ``(images, ...)`` tuples; or a directory searched recursively for image files (an ImageFolder tree, or a
+            flat folder), of which ``n`` are drawn at random (seeded) and centre-cropped.
+        n: how many images (>= 1).
+        model: the timm model they are for: input size, mean, std and crop from its ``pretrained_cfg``.
+        seed: for the draw, the crops and the synthetic stream.
+
+    Returns:
+        ``(n, 3, S, S)`` float tensor on the CPU.
+
+    Raises:
+        DataError: an unknown name, a missing directory or one with no readable image, a tensor or loader of the
+            wrong shape, or a loader that yields fewer than ``n`` images.
+    """
+    import random
+
+    from timm.data import create_transform, resolve_data_config
+
+    if n < 1:
+        raise DataError(f"need at least one calibration image, got {n}")
+    cfg = resolve_data_config({}, model=model)
+    size, mean, std = cfg["input_size"][-1], cfg["mean"], cfg["std"]
+
+    def check(x: torch.Tensor, what: str) -> torch.Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size):
+            raise DataError(f"{what}: calibration images must be (N, 3, {size}, {size}), got {tuple(x.shape)}")
+        return x.float().cpu()
+
+    if isinstance(source, torch.Tensor):
+        x = check(source, "tensor")
+        if len(x) < n:
+            raise DataError(f"tensor: {len(x)} calibration images, {n} asked for")
+        return x[:n]
+    if isinstance(source, (str, Path)) and str(source) in CALIBRATION_SOURCES:
+        name = str(source)
+        n_synth = n if name == "synthetic" else (n // 2 if name == "default" else 0)
+        parts = []
+        if n - n_synth:
+            from .photos import SAMPLE_PHOTOS, sample_photo
+            augment = create_transform(size, is_training=True, scale=(0.25, 1.0), color_jitter=0.0,
+                                       interpolation="bicubic", mean=mean, std=std)
+            photos = [sample_photo(p) for p in SAMPLE_PHOTOS]
+            rng_state = random.getstate()
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                random.seed(seed)
+                parts.append(torch.stack([augment(photos[i % len(photos)]) for i in range(n - n_synth)]))
+            random.setstate(rng_state)
+        if n_synth:
+            ds = SyntheticShapes(n_synth, size, seed, "train", mean=mean, std=std)
+            parts.append(torch.stack([ds[i][0] for i in range(n_synth)]))
+        return torch.cat(parts)
+    if isinstance(source, (str, Path)):
+        root = Path(source)
+        if not root.is_dir():
+            raise DataError(f"{root}: no such directory (calibration data is 'default', 'photos', 'synthetic', a "
+                            "directory of images, a tensor or a DataLoader)")
+        files = []
+        for dirpath, dirnames, names in os.walk(root):
+            dirnames.sort()
+            files += [Path(dirpath) / f for f in sorted(names) if f.lower().endswith(_IMAGE_SUFFIXES)]
+            if len(files) >= _MAX_LISTED:
+                break
+        random.Random(seed).shuffle(files)
+        from .photos import ImageError, load_image
+        t = create_transform(size, is_training=False, crop_pct=cfg.get("crop_pct", 0.875),
+                             interpolation=cfg.get("interpolation", "bicubic"), mean=mean, std=std)
+        out = []
+        for f in files:
+            try:
+                out.append(t(load_image(f)))
+            except ImageError:
+                continue                                   # a broken file among many: skip it
+            if len(out) == n:
+                return torch.stack(out)
+        raise DataError(f"{root}: {len(out)} readable images found, {n} calibration images asked for")
+    try:
+        batches = iter(source)
+    except TypeError:
+        raise DataError(f"calibration data of type {type(source).__name__} is not supported") from None
+    out, have = [], 0
+    for b in batches:
+        x = check(b[0] if isinstance(b, (tuple, list)) else b, "DataLoader batch")
+        out.append(x)
+        have += len(x)
+        if have >= n:
+            return torch.cat(out)[:n]
+    raise DataError(f"DataLoader: {have} calibration images, {n} asked for")
