@@ -1,4 +1,5 @@
-"""Speed of CAIT models against their originals: original, ATME-only, CDCP-only and CAIT for DeiT-T/S/B.
+"""Speed of CAIT models against their originals: original, ATME-only, CDCP-only, CAIT and the ToMe baseline at CAIT's
+FLOPs, for DeiT-T/S/B.
 
     python benchmarks/speed.py --device cpu --batch-sizes 32 --precisions fp32 --out runs/speed_cpu
     python benchmarks/speed.py --device cuda --batch-sizes 1,32,64,128,256 --precisions fp32,bf16 --out runs/speed_gpu
@@ -19,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cait  # noqa: E402
+from cait.baselines import apply_tome, tome_flops, tome_schedule  # noqa: E402
 from cait.bench import compare_throughput, resolve_device  # noqa: E402
 
 SETTINGS = {  # total FLOPs reduction of the paper's CAIT models (SPEC §5)
@@ -36,7 +38,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def variants(name: str, round_to: int) -> dict[str, torch.nn.Module]:
-    """original, ATME-only (the layout CAIT plans for R), CDCP-only (R by channels alone) and CAIT (both)."""
+    """original, ATME-only (the layout CAIT plans for R), CDCP-only (R by channels alone), CAIT (both) and ToMe
+    (token merging, cait.baselines, scheduled to CAIT's FLOPs)."""
     original, _ = cait.create_model(name, pretrained=False)
     r = SETTINGS.get(name, 0.5)
     split = cait.split_budget(original, r)
@@ -44,7 +47,14 @@ def variants(name: str, round_to: int) -> dict[str, torch.nn.Module]:
            "atme": cait.apply_atme(cait.create_model(name, pretrained=False)[0], split.layout),
            "cdcp": cait.compress(original, r, layout="", round_to=round_to),
            "cait": cait.compress(original, r, round_to=round_to)}
+    achieved = 1 - cait.analytic_flops(out["cait"]) / cait.analytic_flops(original)
+    out["tome"] = apply_tome(cait.create_model(name, pretrained=False)[0], tome_schedule(original, achieved))
     return {k: m.eval() for k, m in out.items()}
+
+
+def flops_of(model: torch.nn.Module) -> int:
+    """FLOPs (multiply-adds, one image) by the closed form; ToMe's own for the baseline."""
+    return tome_flops(model) if getattr(model, "tome", None) is not None else cait.analytic_flops(model)
 
 
 def main() -> None:
@@ -67,7 +77,7 @@ def main() -> None:
     rows = []
     for name in a.models.split(","):
         models = variants(name, a.round_to)
-        flops = {k: cait.analytic_flops(m) for k, m in models.items()}
+        flops = {k: flops_of(m) for k, m in models.items()}
         run = {k: (torch.compile(m) if a.compile else m) for k, m in models.items()}
         for prec in a.precisions.split(","):
             for bs in map(int, a.batch_sizes.split(",")):

@@ -5,6 +5,7 @@ browser; ``app.py`` only lays out widgets and calls it.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 import time
@@ -19,6 +20,7 @@ import torch.nn as nn
 from PIL import Image
 
 from .attention import attention_in_mask, cls_attention
+from .baselines import apply_tome, tome_flops, tome_schedule
 from .bench import compare_throughput, resolve_device
 from .bundled import BUNDLED_KEY, BUNDLED_LABEL, BundledPair, bundled_pair
 from .compress import compress
@@ -26,7 +28,7 @@ from .flops import count_params, describe, flops_by_block
 from .merge import format_layout, parse_layout
 from .models import DEIT_MODELS, WeightsInfo, create_model, hub_offline, hub_unreachable_reason
 from .photos import SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
-from .synthetic import SyntheticShapes, render
+from .synthetic import CLASSES, SyntheticShapes, render
 from .viz import (block_flops_figure, channels_figure, compactor_figure, consistency_figure, cost_table, overlay,
                   top_k, training_figure)
 
@@ -46,12 +48,22 @@ class ModelPair:
     weights: WeightsInfo
     device: torch.device
     _flops: dict = field(default_factory=dict)
+    _tome: nn.Module | None = None
 
     def flops(self) -> dict[str, dict[str, int]]:
         """fvcore FLOPs per part for both models, computed once."""
         if not self._flops:
             self._flops = {"original": flops_by_block(self.original), "compressed": flops_by_block(self.compressed)}
         return self._flops
+
+    def tome(self) -> nn.Module:
+        """The ToMe baseline (:mod:`cait.baselines`) of the original at the twin's FLOPs reduction, built once."""
+        if self._tome is None:
+            f = self.flops()
+            reduction = 1 - sum(f["compressed"].values()) / sum(f["original"].values())
+            model = copy.deepcopy(self.original)
+            self._tome = apply_tome(model, tome_schedule(model, max(0.0, reduction))).eval()
+        return self._tome
 
 
 @dataclass
@@ -91,11 +103,15 @@ class Studio:
         cache_size: model pairs kept in memory.
         jobs: the fine-tune job manager whose finished jobs join the model list.
         bundled: the trained offline pair (:mod:`cait.bundled`); ``"auto"`` finds it in ``assets/``, None disables.
+        calibration_size: unlabelled images the twin of a trained DeiT is calibrated on (:mod:`cait.calibrate`:
+            bundled photos with random crops and flips, and synthetic shapes); 0 gives the weight-norm preview.
     """
 
     def __init__(self, device: str | None = None, pretrained: bool = True, cache_size: int = 2,
-                 jobs: "JobManager | None" = None, bundled: "BundledPair | None | str" = "auto") -> None:
+                 jobs: "JobManager | None" = None, bundled: "BundledPair | None | str" = "auto",
+                 calibration_size: int = 128) -> None:
         self.device = resolve_device(device)
+        self.calibration_size = calibration_size
         self.jobs = jobs
         self.pretrained = pretrained
         self.cache_size = cache_size
@@ -175,7 +191,11 @@ class Studio:
         with self._lock:
             if key not in self._pairs:
                 original, info = self._original(name)
-                compressed = compress(original, float(flops_reduction), layout=layout).to(self.device)
+                # Trained weights: a calibrated twin (training-free, keeps accuracy). Random ones: the instant preview.
+                calibrate = info.trained and self.calibration_size > 0
+                compressed = compress(original, float(flops_reduction), layout=layout,
+                                      calibration="default" if calibrate else None,
+                                      calibration_size=self.calibration_size).to(self.device)
                 self._remember(key, ModelPair(name, float(flops_reduction), compressed.cait_meta["merge"], original,
                                               compressed, info, self.device))
             self._pairs.move_to_end(key)
@@ -266,13 +286,21 @@ class Studio:
         weights = (f"**Weights:** {pair.weights.detail}." if pair.weights.trained else
                    f"**Weights: not trained** — {pair.weights.detail}. Attention maps and predictions of random "
                    "weights mean nothing; the FLOPs, channel and speed figures are still exact.")
+        if "calibration" in meta:
+            c = meta["calibration"]
+            how = (f"*Calibrated, training-free:* channels chosen by their Fisher information and each block's "
+                   f"output Linears refit by least squares on {c['images']} unlabelled images ({c['source']}: bundled "
+                   f"photos with random crops and synthetic shapes; {c['seconds']:.0f} s), without the CDCP "
+                   "fine-tuning that gives CAIT its full accuracy.")
+        else:
+            how = ("*Untrained preview:* channels chosen by weight-row norms, without the CDCP fine-tuning that gives "
+                   "CAIT its accuracy.")
         return [
             f"**Device:** `{pair.device}` · **Model:** {DEIT_MODELS.get(pair.name, pair.name)} (`{pair.name}`)",
             weights,
             f"**CAIT twin:** ATME layout `{meta['merge'] or 'none'}` ({100 * meta['atme_reduction']:.1f}% of FLOPs) "
             f"+ CDCP channel pruning → {fo / 1e9:.3f} → {fc / 1e9:.3f} GFLOPs "
-            f"({100 * (1 - fc / fo):.1f}% fewer). *Untrained preview:* channels chosen by weight-row norms, "
-            "without the CDCP fine-tuning that gives CAIT its accuracy.",
+            f"({100 * (1 - fc / fo):.1f}% fewer). " + how,
         ]
 
     def _bundled_localisation(self) -> str:
@@ -348,18 +376,36 @@ class Studio:
                                title=f"{DEIT_MODELS.get(pair.name, pair.name)}: retained channels per block "
                                      f"(ATME {pair.merge or 'none'})")
 
-    def cost(self, pair: ModelPair, measure: bool = False, batch_size: int = 8, iters: int = 3
-             ) -> tuple[pd.DataFrame, go.Figure]:
-        """FLOPs, params and (optionally) measured throughput of both models, and per-block FLOPs."""
+    def cost(self, pair: ModelPair, measure: bool = False, batch_size: int = 8, iters: int = 3,
+             held_out: int = 200) -> tuple[pd.DataFrame, go.Figure]:
+        """FLOPs, params, measured throughput and (for models trained on synthetic shapes) held-out top-1 of the
+        original, its CAIT twin and the ToMe baseline at the twin's FLOPs; and FLOPs per block.
+
+        Args:
+            pair: the models.
+            measure: time the three models (alternately, same input) on this device.
+            batch_size: images per timed batch.
+            iters: timed batches per model per round.
+            held_out: images of the synthetic held-out split to score top-1 on, when the models know its classes.
+        """
         f = pair.flops()
-        rows = {k: {"flops": sum(f[k].values()), "params": count_params(m)}
-                for k, m in (("original", pair.original), ("compressed", pair.compressed))}
+        models = {"original": pair.original, "CAIT twin": pair.compressed, "ToMe (baseline)": pair.tome()}
+        rows = {"original": {"flops": sum(f["original"].values())},
+                "CAIT twin": {"flops": sum(f["compressed"].values())},
+                "ToMe (baseline)": {"flops": tome_flops(models["ToMe (baseline)"])}}
+        for k, m in models.items():
+            rows[k]["params"] = count_params(m)
         if measure:
-            speed = compare_throughput({"original": pair.original, "compressed": pair.compressed},
-                                       batch_size=int(batch_size), device=self.device, warmup=1, iters=iters,
-                                       rounds=2)
+            speed = compare_throughput(models, batch_size=int(batch_size), device=self.device, warmup=1,
+                                       iters=iters, rounds=2)
             for k in rows:
                 rows[k]["images_per_s"] = speed[k]["images_per_s"]
+        if _labels(pair.original) == list(CLASSES) and held_out > 0:
+            from .data import build_datasets
+            from .finetune import evaluate
+            _, val, _ = build_datasets("synthetic", int(pair.original.patch_embed.img_size[0]), val_size=held_out)
+            for k, m in models.items():
+                rows[k]["top1"] = evaluate(m, val, self.device)
         table = cost_table(rows)
         table.insert(1, "device", str(self.device))
         return table, block_flops_figure(f["original"], f["compressed"])

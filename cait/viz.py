@@ -80,15 +80,22 @@ def block_flops_figure(original: dict[str, int], compressed: dict[str, int]) -> 
 
 
 def cost_table(rows: dict[str, dict]) -> pd.DataFrame:
-    """Summary table from ``{name: {"flops", "params", "images_per_s"?}}``; the first row is the reference."""
+    """Summary table from ``{name: {"flops", "params", "images_per_s"?, "top1"?}}``; the first row is the reference.
+
+    Columns: GFLOPs (multiply-adds), params (M), FLOPs reduction (%), the FLOPs-ideal speed-up ``flops_ref / flops``,
+    and when measured images/s, speed-up and held-out top-1 (%).
+    """
     ref = next(iter(rows.values()))
     out = []
     for name, r in rows.items():
         row = {"model": name, "GFLOPs": round(r["flops"] / 1e9, 3), "params (M)": round(r["params"] / 1e6, 2),
-               "FLOPs reduction (%)": round(100 * (1 - r["flops"] / ref["flops"]), 1)}
+               "FLOPs reduction (%)": round(100 * (1 - r["flops"] / ref["flops"]), 1),
+               "ideal speed-up": round(ref["flops"] / r["flops"], 2)}
         if r.get("images_per_s"):
             row["images/s"] = round(r["images_per_s"], 1)
             row["speed-up"] = round(r["images_per_s"] / ref["images_per_s"], 2) if ref.get("images_per_s") else None
+        if r.get("top1") is not None:
+            row["held-out top-1 (%)"] = round(r["top1"], 1)
         out.append(row)
     return pd.DataFrame(out)
 

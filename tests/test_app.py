@@ -57,8 +57,25 @@ def test_channels_and_cost(client):
     assert fig is not None
     table, _ = client.predict("DeiT-Tiny", 0.5, "", True, 2, api_name="/cost")
     rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
-    assert rows["original"]["GFLOPs"] == 1.254 and rows["compressed"]["FLOPs reduction (%)"] >= 50.0
-    assert rows["compressed"]["images/s"] > 0
+    assert rows["original"]["GFLOPs"] == 1.254 and rows["CAIT twin"]["FLOPs reduction (%)"] >= 50.0
+    assert rows["CAIT twin"]["images/s"] > 0 and rows["CAIT twin"]["ideal speed-up"] >= 2.0
+    # The ToMe baseline at the twin's FLOPs, measured in the same run.
+    tome = rows["ToMe (baseline)"]
+    assert abs(tome["FLOPs reduction (%)"] - rows["CAIT twin"]["FLOPs reduction (%)"]) <= 0.5 and tome["images/s"] > 0
+
+
+def test_a_trained_hub_deit_gets_a_calibrated_twin(monkeypatch, tiny):
+    """With trained weights (faked here: the tiny DeiT labelled as timm's), the twin is calibrated, and says so."""
+    import cait.studio as studio_mod
+    from cait.models import WeightsInfo
+    monkeypatch.setattr(studio_mod, "create_model",
+                        lambda name, pretrained: (tiny(), WeightsInfo("timm-imagenet", "timm ImageNet weights (fake)")))
+    studio = Studio(device="cpu", bundled=None, calibration_size=8)
+    pair = studio.pair("DeiT-Tiny", 0.4, "")
+    assert pair.compressed.cait_meta["calibration"]["images"] == 8
+    assert "Calibrated, training-free" in studio.status(pair) and "8 unlabelled images" in studio.status(pair)
+    preview = Studio(device="cpu", bundled=None, calibration_size=0).pair("DeiT-Tiny", 0.4, "")
+    assert preview.compressed.cait_meta["preview"] is True
 
 
 def test_out_of_range_block_is_a_clear_error(client):

@@ -19,7 +19,9 @@ def test_speed_benchmark_writes_json_chart_and_table(tmp_path):
     out = run("benchmarks/speed.py", "--models", cait.TEST_MODEL, "--device", "cpu", "--batch-sizes", "2",
               "--iters", "1", "--rounds", "1", "--warmup", "1", "--round-to", "4", "--out", str(tmp_path))
     data = json.loads((tmp_path / "speed.json").read_text())
-    assert {r["variant"] for r in data["rows"]} == {"original", "atme", "cdcp", "cait"}
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"original", "atme", "cdcp", "cait", "tome"}
+    assert abs(rows["tome"]["flops_reduction"] - rows["cait"]["flops_reduction"]) < 0.01    # ToMe at CAIT's FLOPs
     assert (tmp_path / "speedup.png").stat().st_size > 0 and "ideal_speedup" in out
 
 
@@ -30,3 +32,14 @@ def test_finetune_step_and_levers_benchmarks_print_json():
     levers = json.loads(run("benchmarks/levers.py", "--model", cait.TEST_MODEL, "--flops-reduction", "0.5",
                             "--batch-size", "2", "--device", "cpu", "--rounds", "1"))
     assert set(levers["speedup"]) >= {"original", "cait_round8", "cait_round8_manual_attention"}
+
+
+def test_training_free_benchmark_compares_calibrated_cait_with_tome(tmp_path):
+    original = cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0]
+    cait.save_pretrained(original, tmp_path / "original")
+    out = json.loads(run("benchmarks/training_free.py", "--model", str(tmp_path / "original"), "--val-size", "20",
+                         "--calibration-size", "16", "--batch-size", "2", "--rounds", "1", "--layouts", "planned,none"))
+    v = out["variants"]
+    assert set(v) == {"original", "cait_calibrated[planned]", "cait_calibrated[none]", "cait_preview", "tome"}
+    assert v["original"]["agreement"] == 100.0 and v["cait_calibrated[none]"]["merge"] == ""
+    assert abs(v["tome"]["flops_reduction"] - v["cait_calibrated[planned]"]["flops_reduction"]) < 0.01

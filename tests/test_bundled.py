@@ -55,6 +55,10 @@ def test_offline_the_app_defaults_to_the_bundled_pair(tmp_path, tiny, monkeypatc
     assert "held-out top-1 63.0% (teacher 63.0%)" in status                # as shipped (provenance)
     view = studio.attention(p, None, -1, sample=next(iter(SYNTHETIC_SAMPLES)))
     assert view.localisation is not None and set(view.original_top5) <= set(cait.synthetic.CLASSES)
+    # Cost: the held-out split exists for these classes, so all three models get a measured top-1.
+    table, _ = studio.cost(p, measure=False, held_out=16)
+    assert list(table["model"]) == ["original", "CAIT twin", "ToMe (baseline)"]
+    assert table["held-out top-1 (%)"].between(0, 100).all()
     # Hub reachable: timm's ImageNet weights stay the default; the bundled pair stays selectable.
     monkeypatch.setattr(Studio, "hub_reason", lambda self: None)
     assert studio.default_model() == "DeiT-Tiny" and BUNDLED_LABEL in studio.model_choices()
