@@ -13,28 +13,42 @@
     }
 
 A corrupt, truncated or mismatched checkpoint raises :class:`CheckpointError` naming the file and the problem.
+Loading checks, before anything is allocated: the config's size and nesting, every number against a bound, the
+architecture against :data:`cait.models.PATCH_SIZES`, the image size against the patch size; then, from the
+safetensors header alone, every tensor's name, shape and dtype, and the architecture hash that ties the weights to
+the config they were saved with (``model.safetensors`` metadata ``config_sha256``; files written before it existed
+have none and are accepted).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .compactor import has_compactors
 from .flops import describe
 from .merge import apply_atme, format_layout, get_layout
-from .models import architecture
+from .models import PATCH_SIZES, architecture
 from .prune import is_pruned, restructure
 
 FORMAT = "cait-studio/compact-v1"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+MAX_CONFIG_BYTES = 1_000_000
+"""A ``config.json`` larger than this is refused unread."""
+IMG_SIZE_RANGE, NUM_CLASSES_RANGE = (16, 1024), (1, 22_000)
+"""Bounds on ``img_size`` (pixels) and ``num_classes`` (ImageNet-22k has 21,843), checked before building."""
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+"""Floating dtypes a weights file may store (upcast to float32 on load)."""
+ARCH_KEYS = ("base_model", "img_size", "num_classes", "merge", "blocks")
 
 
 class CheckpointError(ValueError):
@@ -57,9 +71,22 @@ def model_config(model: nn.Module) -> dict:
     }
 
 
+def architecture_hash(config: dict) -> str:
+    """SHA-256 of the architecture-defining config entries (:data:`ARCH_KEYS`), canonical JSON: what ties a weights
+    file to the config it was saved with."""
+    return hashlib.sha256(json.dumps({k: config.get(k) for k in ARCH_KEYS}, sort_keys=True).encode()).hexdigest()
+
+
 def atomic_write(path: Path, write) -> None:
     """Write ``path`` via ``write(tmp_path)`` into a temporary file beside it, then rename: readers never see a
-    half-written file."""
+    half-written file. Temporary files of ``path`` left by a process killed mid-write (over an hour old) are
+    removed first."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink()
+        except OSError:
+            pass
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -94,16 +121,26 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
     config["meta"].update(meta or {})
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
-    atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": FORMAT}))
+    metadata = {"format": FORMAT, "config_sha256": architecture_hash(config)}
+    atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=metadata))
     atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 
+def _int(config: dict, key: str, lo: int, hi: int, cfile: Path) -> int:
+    v = config.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise CheckpointError(f"{cfile}: {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
 def read_config(path: str | os.PathLike) -> dict:
-    """Read and validate ``config.json`` of a checkpoint directory.
+    """Read and validate ``config.json`` of a checkpoint directory, without building anything.
 
     Raises:
-        CheckpointError: missing directory or file, invalid JSON, wrong format, missing or ill-typed keys.
+        CheckpointError: missing directory or file, a file over :data:`MAX_CONFIG_BYTES`, invalid or too deeply
+            nested JSON, wrong format, an architecture not in :data:`cait.models.PATCH_SIZES`, ``img_size`` or
+            ``num_classes`` out of bounds (or not a multiple of the patch size), ill-typed ``merge``/``blocks``/``meta``.
     """
     path = Path(path)
     if not path.is_dir():
@@ -111,23 +148,34 @@ def read_config(path: str | os.PathLike) -> dict:
     cfile = path / CONFIG_NAME
     if not cfile.is_file():
         raise CheckpointError(f"{cfile}: missing")
+    if cfile.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{cfile}: {cfile.stat().st_size} bytes, more than a config can be "
+                              f"({MAX_CONFIG_BYTES} at most)")
     try:
         config = json.loads(cfile.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfile}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{cfile}: JSON nested too deeply") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{cfile}: format is {found!r}, expected {FORMAT!r}")
-    for key, kind in (("base_model", str), ("img_size", int), ("num_classes", int), ("merge", str)):
-        if not isinstance(config.get(key), kind):
-            raise CheckpointError(f"{cfile}: key {key!r} missing or not a {kind.__name__}")
+    base = config.get("base_model")
+    if base not in PATCH_SIZES:
+        raise CheckpointError(f"{cfile}: unknown base_model {base!r}; this package builds {sorted(PATCH_SIZES)}")
+    size = _int(config, "img_size", *IMG_SIZE_RANGE, cfile)
+    if size % PATCH_SIZES[base]:
+        raise CheckpointError(f"{cfile}: img_size {size} is not a multiple of {base}'s patch size {PATCH_SIZES[base]}")
+    _int(config, "num_classes", *NUM_CLASSES_RANGE, cfile)
+    if not isinstance(config.get("merge"), str) or len(config["merge"]) > 200:
+        raise CheckpointError(f"{cfile}: 'merge' must be a layout string such as 'h4,v7' (or '')")
     blocks = config.get("blocks")
-    if blocks is not None and not (isinstance(blocks, list) and all(
-            isinstance(b, dict) and all(isinstance(b.get(k), int) for k in ("qk_dim", "v_dim", "ffn_dim"))
-            for b in blocks)):
+    if blocks is not None and not (isinstance(blocks, list) and len(blocks) <= 64 and all(
+            isinstance(b, dict) and all(isinstance(b.get(k), int) and not isinstance(b.get(k), bool)
+                                        for k in ("qk_dim", "v_dim", "ffn_dim")) for b in blocks)):
         raise CheckpointError(f"{cfile}: 'blocks' must be null or a list of {{qk_dim, v_dim, ffn_dim}} integers")
-    if not timm.is_model(config["base_model"]):
-        raise CheckpointError(f"{cfile}: unknown base_model {config['base_model']!r}")
+    if not isinstance(config.get("meta", {}), dict):
+        raise CheckpointError(f"{cfile}: 'meta' must be an object")
     return config
 
 
@@ -152,8 +200,9 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         The model in eval mode, float32 (fp16 checkpoints are upcast), with ``model.cait_meta`` from the config.
 
     Raises:
-        CheckpointError: naming the file and the problem, for a missing/corrupt/truncated file, a config that does
-            not describe a buildable model, or tensors whose names or shapes do not match the config.
+        CheckpointError: naming the file and the problem, for a missing/corrupt/truncated file, a config that is out
+            of bounds or does not describe a buildable model (:func:`read_config`), weights saved with another
+            config (architecture hash), or tensors whose names, shapes or dtypes do not match the config.
     """
     path = Path(path)
     config = read_config(path)
@@ -164,21 +213,34 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{cfile}: does not describe a buildable model ({e})") from None
     if not wfile.is_file():
         raise CheckpointError(f"{wfile}: missing")
-    try:
-        tensors = load_file(wfile)
+    expected = model.state_dict()
+    try:                                          # the header only: names, shapes, dtypes, metadata
+        with safe_open(wfile, framework="pt") as f:
+            metadata = f.metadata() or {}
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{wfile}: corrupt or truncated safetensors file ({e})") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    if metadata.get("config_sha256") not in (None, architecture_hash(config)):
+        raise CheckpointError(f"{wfile}: was saved with another {CONFIG_NAME} (architecture hash differs: has "
+                              f"base_model, img_size, num_classes, merge or blocks been edited?)")
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{wfile}: does not match {CONFIG_NAME}: missing tensors {missing[:3]}, "
                               f"unexpected tensors {unexpected[:3]}")
     for k, v in expected.items():
-        if tensors[k].shape != v.shape:
-            raise CheckpointError(f"{wfile}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
-                                  f"{CONFIG_NAME} implies {tuple(v.shape)}")
-        if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all():
+        shape, dtype = header[k]
+        if shape != tuple(v.shape):
+            raise CheckpointError(f"{wfile}: tensor {k!r} has shape {shape}, {CONFIG_NAME} implies {tuple(v.shape)}")
+        if v.is_floating_point() and dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{wfile}: tensor {k!r} is {dtype}, expected a floating dtype "
+                                  f"({', '.join(FLOAT_DTYPES)})")
+    try:
+        tensors = load_file(wfile)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{wfile}: corrupt or truncated safetensors file ({e})") from None
+    for k, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{wfile}: tensor {k!r} contains NaN or infinity")
     model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, strict=True)
     model.cait_meta = dict(config.get("meta") or {})

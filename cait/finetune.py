@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .cdcp import (FlopsSchedule, apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_,
                    shrink_masked_rows_, zero_masked_rows_)
-from .checkpoint import CheckpointError, atomic_write, load_pretrained, save_pretrained
+from .checkpoint import CheckpointError, atomic_write, load_pretrained, read_config, save_pretrained
 from .compactor import add_compactors, iter_compactors
 from .data import StepBatchSampler, build_datasets
 from .flops import ModelSpec, describe
@@ -523,9 +523,9 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
 def _default_img_size(cfg: FinetuneConfig) -> int:
     if Path(cfg.model).is_dir():
         try:
-            return int(json.loads((Path(cfg.model) / "config.json").read_text())["img_size"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise FinetuneError(f"{cfg.model}: unreadable config.json") from None
+            return read_config(cfg.model)["img_size"]
+        except CheckpointError as e:
+            raise FinetuneError(str(e)) from None
     import timm
     if not timm.is_model(cfg.model):
         raise FinetuneError(f"unknown model {cfg.model!r} (neither a timm name nor a checkpoint directory)")
@@ -595,7 +595,7 @@ def compactor_snapshot(run_dir: str | os.PathLike) -> CompactorSnapshot:
     Raises:
         FinetuneError: if the run has no training state or no start record yet.
     """
-    from .checkpoint import build_skeleton, read_config
+    from .checkpoint import build_skeleton
     run = Path(run_dir)
     states = _state_files(run)
     start = next((r for r in read_log(run) if r.get("type") == "start"), None)

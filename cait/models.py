@@ -27,6 +27,9 @@ DEIT_MODELS: dict[str, str] = {
 TEST_MODEL = "deit_test_patch4_32"
 """A tiny DeiT (32 px, patch 4 → 8×8 grid, C=48, 3 heads of 16, depth 6, 10 classes) that exists for tests."""
 
+PATCH_SIZES: dict[str, int] = {**{name: 16 for name in DEIT_MODELS}, TEST_MODEL: 4}
+"""The architectures this package builds, with their patch size in pixels; checkpoints naming any other are refused."""
+
 
 # timm's registry reads this module-level table for the models registered below.
 default_cfgs = generate_default_cfgs({

@@ -76,9 +76,16 @@ def test_bad_config_text(saved, text, match):
 
 @pytest.mark.parametrize("changes,match", [
     ({"base_model": "resnet_imaginary"}, "unknown base_model"),
-    ({"img_size": "big"}, "'img_size' missing or not a int"),
+    ({"base_model": "vit_giant_patch14_224"}, "unknown base_model 'vit_giant_patch14_224'; this package builds"),
+    ({"img_size": "big"}, r"'img_size' must be an integer in \[16, 1024\], got 'big'"),
+    ({"img_size": 10 ** 6}, r"'img_size' must be an integer in \[16, 1024\]"),
+    ({"img_size": True}, r"'img_size' must be an integer"),
+    ({"img_size": 34}, "img_size 34 is not a multiple of deit_test_patch4_32's patch size 4"),
+    ({"num_classes": 10 ** 9}, r"'num_classes' must be an integer in \[1, 22000\]"),
     ({"merge": "h99"}, "does not describe a buildable model"),
+    ({"merge": 3}, "'merge' must be a layout string"),
     ({"blocks": [{"qk_dim": 1}]}, "'blocks' must be null or a list"),
+    ({"meta": [1]}, "'meta' must be an object"),
 ])
 def test_bad_config_values(saved, changes, match):
     _edit_config(saved, **changes)
@@ -86,7 +93,24 @@ def test_bad_config_values(saved, changes, match):
         cait.load_pretrained(saved)
 
 
+def _drop_hash(path):
+    """Rewrite the weights as a file written before the architecture hash existed."""
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(path / "model.safetensors"), path / "model.safetensors", metadata={"format": "x"})
+
+
+@pytest.mark.parametrize("changes", [{"merge": "v2,h4"}, {"img_size": 36}, {"num_classes": 9}])
+def test_weights_are_tied_to_the_config_they_were_saved_with(tiny, tmp_path, changes):
+    """An edited layout or image size would load the same tensors and compute another function: refused."""
+    path = cait.save_pretrained(cait.apply_atme(tiny(), "h2,v4"), tmp_path / "m")
+    _edit_config(path, **changes)
+    with pytest.raises(CheckpointError, match="saved with another config.json .architecture hash differs"):
+        cait.load_pretrained(path)
+
+
 def test_widths_that_do_not_match_the_tensors(saved):
+    _drop_hash(saved)
+    assert cait.load_pretrained(saved) is not None                      # a file without the hash still loads
     cfg = json.loads((saved / "config.json").read_text())
     cfg["blocks"][0]["ffn_dim"] -= 1
     (saved / "config.json").write_text(json.dumps(cfg))
@@ -95,9 +119,41 @@ def test_widths_that_do_not_match_the_tensors(saved):
 
 
 def test_layout_that_does_not_match_the_tensors(saved):
+    _drop_hash(saved)
     _edit_config(saved, merge="")
     with pytest.raises(CheckpointError, match="does not match config.json: missing tensors"):
         cait.load_pretrained(saved)
+
+
+def test_oversized_and_deeply_nested_configs(saved):
+    (saved / "config.json").write_text(" " * 1_100_000 + "{}")
+    with pytest.raises(CheckpointError, match="more than a config can be"):
+        cait.load_pretrained(saved)
+    (saved / "config.json").write_text('{"format": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(CheckpointError, match="nested too deeply|not valid JSON"):
+        cait.load_pretrained(saved)
+
+
+def test_integer_weights_are_refused_before_loading(compact, tmp_path):
+    from safetensors.torch import save_file
+    path = cait.save_pretrained(compact, tmp_path / "int")
+    from cait.checkpoint import architecture_hash, read_config
+    tensors = {k: v.to(torch.int32) for k, v in compact.state_dict().items()}
+    save_file(tensors, path / "model.safetensors",
+              metadata={"config_sha256": architecture_hash(read_config(path))})
+    with pytest.raises(CheckpointError, match="is I32, expected a floating dtype"):
+        cait.load_pretrained(path)
+
+
+def test_stale_temporary_files_are_cleaned_on_the_next_save(compact, tmp_path):
+    import os
+    import time
+    path = cait.save_pretrained(compact, tmp_path / "m")
+    old, fresh = path / ".model.safetensors.dead.tmp", path / ".config.json.live.tmp"
+    old.write_bytes(b"x"), fresh.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200,) * 2)
+    cait.save_pretrained(compact, path)
+    assert not old.exists() and fresh.exists()                       # a write in progress elsewhere is left alone
 
 
 def test_truncated_and_garbage_weights(saved):
