@@ -149,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         if bar:
             bar.close()
         seconds = time.perf_counter() - t0
-        dest = save_pretrained(out, a.output)
+        try:
+            dest = save_pretrained(out, a.output)
+        except OSError as e:
+            raise ValueError(f"--output {a.output}: cannot write there ({e.strerror or e})") from None
     except (ValueError, DataError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

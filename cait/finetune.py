@@ -32,20 +32,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .cdcp import (FlopsSchedule, apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_,
                    shrink_masked_rows_, zero_masked_rows_)
-from .checkpoint import CheckpointError, atomic_write, load_pretrained, read_config, save_pretrained
+from .checkpoint import CheckpointError, load_pretrained, read_config, save_pretrained
 from .compactor import add_compactors, iter_compactors
 from .data import StepBatchSampler, build_datasets
-from .flops import ModelSpec, describe
+from .flops import describe
 from .merge import apply_atme, format_layout, get_layout
 from .models import create_model
 from .plan import split_budget
 from .prune import fold_compactors, is_pruned, prune
-from .select import ChannelMask, ChannelScores, compactor_scores, select_channels
+from .rundir import RunDirError, read_state, restore_state, save_state, state_files
+from .select import ChannelMask, compactor_scores, select_channels
 from .token_labels import TokenLabelled, drop_token_head, token_label_loss, token_targets
 
 
@@ -236,65 +235,19 @@ def evaluate(model: nn.Module, dataset, device: torch.device, batch_size: int = 
     return 100.0 * correct / max(total, 1)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Training state on disk (safetensors + JSON, no pickle)
-# ------------------------------------------------------------------------------------------------------------------
-def _state_files(out: Path) -> list[tuple[int, Path, Path]]:
-    found = []
-    for j in out.glob("train_state-*.json"):
-        st = j.with_suffix(".safetensors")
-        try:
-            step = int(j.stem.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if st.is_file():
-            found.append((step, j, st))
-    return sorted(found)
-
-
-def _save_state(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, mask: ChannelMask | None,
-                extra: dict) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    osd = opt.state_dict()
-    for pid, st in osd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
-    meta = {"step": step, "mask": None if mask is None else mask.to_dict(), "opt_groups": groups, **extra}
-    stem = out / f"train_state-{step:07d}"
-    atomic_write(stem.with_suffix(".safetensors"), lambda f: save_file(tensors, f))
-    atomic_write(stem.with_suffix(".json"), lambda f: Path(f).write_text(json.dumps(meta)))   # written last
-    for _, j, st in _state_files(out)[:-2]:
-        j.unlink(missing_ok=True)
-        st.unlink(missing_ok=True)
-
-
-def _load_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: FinetuneConfig) -> dict:
-    states = _state_files(out)
-    if not states:
-        raise FinetuneError(f"{out}: --resume given but there is no training state to resume from")
-    step, jfile, sfile = states[-1]
+def _resume(out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: FinetuneConfig) -> dict:
+    """Restore the newest training state of ``out`` after checking it was written by the same configuration."""
     try:
-        meta = json.loads(jfile.read_text())
-        tensors = load_file(sfile)
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise FinetuneError(f"{jfile.parent}: training state of step {step} is unreadable ({e})") from None
+        meta, tensors = read_state(out)
+    except RunDirError as e:
+        raise FinetuneError(f"--resume given, but {e}") from None
     before = meta.get("config", {})
     defaults = FinetuneConfig().to_dict()                  # a field newer than the state: its default then
     diff = [k for k in FinetuneConfig.IDENTITY if before.get(k, defaults[k]) != getattr(cfg, k)]
     if diff:
         raise FinetuneError(f"{out}: cannot resume a different configuration; changed: "
                             + ", ".join(f"{k} ({before.get(k)!r} → {getattr(cfg, k)!r})" for k in diff))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    osd = {"state": {}, "param_groups": meta["opt_groups"]}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            osd["state"].setdefault(int(pid), {})[name] = v
-    for g in osd["param_groups"]:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    opt.load_state_dict(osd)
+    restore_state(model, opt, meta, tensors)
     return meta
 
 
@@ -323,8 +276,14 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
                             f"({world} processes; Mixup/CutMix pair images)")
     out = Path(cfg.output)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume and _state_files(out):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise FinetuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+        if not cfg.resume and state_files(out):
             raise FinetuneError(f"{out}: holds an earlier run; pass --resume to continue it or choose a new --output")
 
     if cfg.token_labels < 0:
@@ -378,7 +337,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
 
     start, mask, history, entered, top1_teacher = 0, None, {}, 0, None
     if cfg.resume:                                         # every rank: each holds its own optimizer state
-        meta = _load_state(out, student, opt, cfg)
+        meta = _resume(out, student, opt, cfg)
         start = meta["step"]
         mask = None if meta["mask"] is None else ChannelMask.from_dict(meta["mask"])
         history = meta.get("history", {})
@@ -471,13 +430,13 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
             history[str(done)] = top1
             emit({"type": "eval", "step": done, "top1_student": top1, "top1_teacher": top1_teacher})
         if done % cfg.ckpt_interval == 0 and done < cfg.steps and rank == 0:
-            _save_state(out, done, student, opt, mask, {"config": cfg.to_dict(), "history": history})
+            save_state(out, done, student, opt, mask, {"config": cfg.to_dict(), "history": history})
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", S=0 if mask is None else mask.size())
         if cfg.stop_at is not None and done >= cfg.stop_at:
             if rank == 0:
-                _save_state(out, done, student, opt, mask, {"config": cfg.to_dict(), "history": history})
+                save_state(out, done, student, opt, mask, {"config": cfg.to_dict(), "history": history})
                 emit({"type": "stopped", "step": done})
             if bar:
                 bar.close()
@@ -487,7 +446,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
 
     # Prune and fold ------------------------------------------------------------------------------------------------
     if rank == 0:                                          # the compactors as trained (the compactor view reads it)
-        _save_state(out, cfg.steps, student, opt, mask, {"config": cfg.to_dict(), "history": history})
+        save_state(out, cfg.steps, student, opt, mask, {"config": cfg.to_dict(), "history": history})
     drop_token_head(student)                               # training-only: the result is a plain CAIT DeiT
     if cdcp:
         needs_final = mask is None or schedule.target(cfg.steps - 1) != split.target_flops
@@ -565,63 +524,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Reading a run back (the app's compactor view)
-# ------------------------------------------------------------------------------------------------------------------
-@dataclass
-class CompactorSnapshot:
-    """The compactors of a run at its newest training state.
-
-    Attributes:
-        step: the training step of the state.
-        scores: compactor row norms (:class:`cait.select.ChannelScores`).
-        mask: the masked set S at that step (None before the first selection).
-        spec: the student's shape before pruning (ATME applied), for FLOPs.
-        target_flops: the run's final FLOPs target.
-    """
-
-    step: int
-    scores: ChannelScores
-    mask: ChannelMask | None
-    spec: ModelSpec
-    target_flops: int
-
-
-def compactor_snapshot(run_dir: str | os.PathLike) -> CompactorSnapshot:
-    """Read the newest training state of a run directory (running or finished).
-
-    Raises:
-        FinetuneError: if the run has no training state or no start record yet.
-    """
-    from .checkpoint import build_skeleton
-    run = Path(run_dir)
-    states = _state_files(run)
-    start = next((r for r in read_log(run) if r.get("type") == "start"), None)
-    if not states or start is None or not (run / "teacher" / "config.json").is_file():
-        raise FinetuneError(f"{run}: no training state yet")
-    step, jfile, sfile = states[-1]
-    meta = json.loads(jfile.read_text())
-    tensors = load_file(sfile)
-    if "model.blocks.0.attn.qkv.q" not in tensors:
-        raise FinetuneError(f"{run}: this run has no compactors (no channel budget: nothing for CDCP to do)")
-    skeleton = apply_atme(build_skeleton(read_config(run / "teacher")), start["merge"])
-    spec = describe(skeleton)
-    norms = {kind: [tensors[f"model.blocks.{l}.{path}"].float().norm(dim=-1) for l in range(len(spec.blocks))]
-             for kind, path in (("q", "attn.qkv.q"), ("k", "attn.qkv.k"), ("v", "attn.qkv.v"), ("ffn", "mlp.fc1.q"))}
-    mask = None if meta.get("mask") is None else ChannelMask.from_dict(meta["mask"])
-    return CompactorSnapshot(step, ChannelScores(**norms), mask, spec, int(start["target_flops"]))
-
-
-def read_log(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of a run's ``log.jsonl`` (a partial last line, still being written, is skipped)."""
-    path = Path(run_dir) / "log.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out

@@ -58,13 +58,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")   # transparent → white
     if img.mode in ("I", "I;16", "I;16B", "F"):
-        a = np.asarray(img, dtype=np.float64)
+        a = np.asarray(img, dtype=np.float32)                         # 4 bytes a pixel, not 8
         a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12) * 255
         return Image.fromarray(a.astype(np.uint8)).convert("RGB")
     return img.convert("RGB")
 
 
-def load_image(src: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+def load_image(src: str | os.PathLike | Image.Image | np.ndarray, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Any image a user gives us → an RGB PIL image (grayscale, palette, 16-bit, RGBA and CMYK handled).
 
     Images larger than :data:`DISPLAY_SIDE` are downscaled (aspect kept).
@@ -73,7 +73,8 @@ def load_image(src: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image
         src: a file path, a PIL image, or an array ``(H, W)``, ``(H, W, 1|3|4)`` of uint8 or floats in [0, 1].
 
     Raises:
-        ImageError: not an image, unreadable or truncated, more than :data:`MAX_PIXELS` pixels, or smaller than
+        ImageError: not an image, unreadable or truncated, more than ``max_pixels`` pixels (default
+            :data:`MAX_PIXELS`; checked from the header, before decoding, where the format allows), or smaller than
             :data:`MIN_SIDE` pixels on a side.
     """
     if isinstance(src, np.ndarray):
@@ -93,9 +94,9 @@ def load_image(src: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image
             raise ImageError(f"{path.name}: no such file")
         try:
             img = Image.open(path)
-            if img.width * img.height > MAX_PIXELS:
+            if img.width * img.height > max_pixels:
                 raise ImageError(f"{path.name}: {img.width}×{img.height} is too large "
-                                 f"(at most {MAX_PIXELS // 1_000_000} MP)")
+                                 f"(at most {max_pixels / 1e6:g} MP)")
             img.load()
         except ImageError:
             raise
@@ -103,8 +104,8 @@ def load_image(src: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image
             raise ImageError(f"{path.name}: not an image we can read ({type(e).__name__})") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{path.name}: unreadable or truncated image ({e})") from None
-    if img.width * img.height > MAX_PIXELS:
-        raise ImageError(f"image of {img.width}×{img.height} is too large (at most {MAX_PIXELS // 1_000_000} MP)")
+    if img.width * img.height > max_pixels:
+        raise ImageError(f"image of {img.width}×{img.height} is too large (at most {max_pixels / 1e6:g} MP)")
     if min(img.size) < MIN_SIDE:
         raise ImageError(f"image of {img.width}×{img.height} is too small (at least {MIN_SIDE} px a side)")
     img = _to_rgb(img)

@@ -22,12 +22,13 @@ from PIL import Image
 from .attention import attention_in_mask, cls_attention
 from .baselines import apply_tome, tome_flops, tome_schedule
 from .bench import compare_throughput, resolve_device
-from .bundled import BUNDLED_KEY, BUNDLED_LABEL, BundledPair, bundled_pair
+from .bundled import BUNDLED_KEY, BUNDLED_LABEL, ORIGINAL_DIR, BundledPair, bundled_pair
 from .compress import compress
 from .flops import count_params, describe, flops_by_block
 from .merge import format_layout, parse_layout
 from .models import DEIT_MODELS, WeightsInfo, create_model, hub_offline, hub_unreachable_reason
-from .photos import SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
+from .photos import MAX_PIXELS, SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
+from .public import Limits
 from .synthetic import CLASSES, SyntheticShapes, render
 from .viz import (block_flops_figure, channels_figure, compactor_figure, consistency_figure, cost_table, overlay,
                   top_k, training_figure)
@@ -105,12 +106,14 @@ class Studio:
         bundled: the trained offline pair (:mod:`cait.bundled`); ``"auto"`` finds it in ``assets/``, None disables.
         calibration_size: unlabelled images the twin of a trained DeiT is calibrated on (:mod:`cait.calibrate`:
             bundled photos with random crops and flips, and synthetic shapes); 0 gives the weight-norm preview.
+        limits: request caps (:class:`cait.public.Limits`); default: the job manager's, else the environment's.
     """
 
     def __init__(self, device: str | None = None, pretrained: bool = True, cache_size: int = 2,
                  jobs: "JobManager | None" = None, bundled: "BundledPair | None | str" = "auto",
-                 calibration_size: int = 128) -> None:
+                 calibration_size: int = 128, limits: Limits | None = None) -> None:
         self.device = resolve_device(device)
+        self.limits = limits or (jobs.limits if jobs is not None else Limits.for_environment())
         self.calibration_size = calibration_size
         self.jobs = jobs
         self.pretrained = pretrained
@@ -318,8 +321,7 @@ class Studio:
         """Bundled photos, then synthetic samples with known masks."""
         return list(SAMPLE_PHOTOS) + list(SYNTHETIC_SAMPLES)
 
-    @staticmethod
-    def image(sample: str | None = None, upload=None) -> Image.Image | None:
+    def image(self, sample: str | None = None, upload=None) -> Image.Image | None:
         """The image to analyse: an upload (path, array or PIL) if given, else a bundled photo; None for a
         synthetic sample, which :meth:`attention` renders at the model's input size (so its mask aligns).
 
@@ -328,7 +330,7 @@ class Studio:
             ValueError: if neither is given or the sample name is unknown.
         """
         if upload is not None and not (isinstance(upload, str) and not upload):
-            return load_image(upload)
+            return load_image(upload, self.limits.max_image_pixels if self.limits.public else MAX_PIXELS)
         if sample in SAMPLE_PHOTOS:
             return sample_photo(sample)
         if sample in SYNTHETIC_SAMPLES:
@@ -388,6 +390,10 @@ class Studio:
             iters: timed batches per model per round.
             held_out: images of the synthetic held-out split to score top-1 on, when the models know its classes.
         """
+        cap = self.limits.max_cost_batch if self.limits.public else 1024
+        if measure and not 1 <= int(batch_size) <= cap:
+            raise ValueError(f"Batch size: {batch_size} is outside 1 to {cap}"
+                             + (" on this public Space" if self.limits.public else ""))
         f = pair.flops()
         models = {"original": pair.original, "CAIT twin": pair.compressed, "ToMe (baseline)": pair.tome()}
         rows = {"original": {"flops": sum(f["original"].values())},
@@ -430,25 +436,42 @@ def _imagenet_labels() -> list[str]:
 # Fine-tune jobs and the compactor view
 # ----------------------------------------------------------------------------------------------------------------
 def _fmt_s(seconds: float | None) -> str:
+    """``"01:02:03"``, with whole days in front past 24 h (``"3 d 01:02:03"``); ``"–"`` for None."""
     if seconds is None:
         return "–"
-    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds)))
+    days, rest = divmod(int(max(0, seconds)), 86400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days} d {clock}" if days else clock
 
 
-def jobs_table(jobs: "JobManager") -> pd.DataFrame:
-    """One row per job, newest first: id, status, model, FLOPs target, steps, device, step reached, message."""
+def _sees_details(jobs: "JobManager", job, viewer: str | None) -> bool:
+    """Locally everyone; on a public Space only the session that started the job (paths, log tails)."""
+    return not jobs.limits.public or (viewer is not None and job.owner == viewer)
+
+
+def jobs_table(jobs: "JobManager", viewer: str | None = None, limit: int = 50) -> pd.DataFrame:
+    """One row per job, newest first (at most ``limit``): id, status, model, data, FLOPs target, step, device,
+    message. In public mode another visitor's job shows no data path and no message."""
     rows = []
-    for j in jobs.list():
+    for j in jobs.list(limit=limit):
         p = jobs.progress(j.id)
-        rows.append({"job": j.id, "status": j.status, "model": j.args.get("model"), "data": j.args.get("data"),
+        mine = _sees_details(jobs, j, viewer)
+        model = j.args.get("model", "")
+        rows.append({"job": j.id, "status": j.status,
+                     "model": "bundled DeiT-Tiny" if str(model).endswith(ORIGINAL_DIR) else model,
+                     "data": j.data_label() if mine or j.data_label() == "synthetic" else "(not shown)",
                      "FLOPs reduction": j.args.get("flops_reduction"), "step": f"{p['step']}/{p['steps']}",
-                     "device": j.device, "message": j.message.splitlines()[0] if j.message else ""})
+                     "device": j.device, "message": j.message.splitlines()[0] if j.message and mine else ""})
     return pd.DataFrame(rows, columns=["job", "status", "model", "data", "FLOPs reduction", "step", "device",
                                        "message"])
 
 
-def job_view(jobs: "JobManager", job_id: str) -> tuple[str, go.Figure]:
-    """Markdown status (step, loss, |S|, images/s, elapsed, ETA, message with log tail) and the live curves."""
+def job_view(jobs: "JobManager", job_id: str, viewer: str | None = None) -> tuple[str, go.Figure]:
+    """Markdown status (step, loss, |S|, images/s, elapsed, ETA, message with log tail) and the live curves.
+
+    Raises:
+        KeyError: unknown or malformed job id.
+    """
     p = jobs.progress(job_id)
     job = p["job"]
     lines = [f"**Job `{job.id}`** — **{job.status}** on `{job.device}` · step {p['step']}/{p['steps']}"
@@ -458,7 +481,7 @@ def job_view(jobs: "JobManager", job_id: str) -> tuple[str, go.Figure]:
              + f" · elapsed {_fmt_s(p['elapsed_s'])} · ETA {_fmt_s(p['eta_s'])}"]
     if job.status == "queued":
         lines.append("Waiting for its device to be free (one job per device).")
-    if job.message:
+    if job.message and _sees_details(jobs, job, viewer):
         lines.append("```\n" + job.message + "\n```")
     return "\n\n".join(lines), training_figure(p["records"])
 
@@ -469,11 +492,11 @@ def compactor_view(jobs: "JobManager", job_id: str) -> tuple[str, go.Figure, go.
     Raises:
         ValueError: if the job has written no training state yet.
     """
-    from .finetune import FinetuneError, compactor_snapshot
+    from .rundir import RunDirError, compactor_snapshot
     from .select import global_selection
     try:
         snap = compactor_snapshot(jobs.run_dir(job_id))
-    except (FinetuneError, KeyError) as e:
+    except (RunDirError, KeyError) as e:
         raise ValueError(str(e)) from None
     g = global_selection(snap.scores, snap.spec, snap.target_flops)
     g_flops = snap.spec.with_widths(g.widths).flops()

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import cait
-from cait.finetune import FinetuneConfig, FinetuneError, finetune, read_log
+from cait.finetune import FinetuneConfig, FinetuneError, finetune
+from cait.rundir import read_log
 from cait.token_labels import TokenLabelled, token_targets
 
 

@@ -1,0 +1,159 @@
+"""Public mode: what an anonymous visitor of a public Space may ask of the server.
+
+On a Hugging Face Space (``SPACE_ID`` set), with ``CAIT_PUBLIC=1`` or ``python app.py --public``, every input from
+the browser is hostile until validated. :class:`Limits` holds the caps; :func:`extract_archive` is the one way a
+visitor's data reaches the server (a ``.zip`` of an ImageFolder tree, checked member by member); the job manager
+(:mod:`cait.jobs`) enforces the rest: job ownership, queue quotas and retention. Locally (not public) the full power
+stays: server paths, any step count, no quotas.
+
+Defaults in public mode::
+
+    fine-tune   models: the bundled DeiT-Tiny, DeiT-Tiny/Small, the tiny test DeiT (never a path)
+                data: 'synthetic' or an uploaded .zip (≤ 50 MB unpacked, ≤ 20,000 images); server paths refused
+                steps ≤ 2,000, batch ≤ 64, image size ≤ 224 px
+                ≤ 2 active jobs per visitor (by address), ≤ 8 in total; a job is cancelled only by its session
+    cost        batch ≤ 32;  uploads ≤ 16 MP
+    retention   finished jobs and uploads deleted after 24 h, oldest first beyond 5 GB of runs directory
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .models import TEST_MODEL
+
+
+
+def on_space() -> bool:
+    """True when running on a Hugging Face Space (it sets ``SPACE_ID``)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def public_by_default() -> bool:
+    """Public mode unless told otherwise: on a Space, or with ``CAIT_PUBLIC=1`` (``CAIT_PUBLIC=0`` turns it off)."""
+    flag = os.environ.get("CAIT_PUBLIC", "").strip().lower()
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    if flag in ("0", "false", "no", "off"):
+        return False
+    return on_space()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on what the app does for a request. ``public=False`` (local use) lifts every cap but the sanity ones.
+
+    Attributes:
+        public: anonymous visitors (a Space): caps on, server paths refused, jobs owned by their session.
+        models: fine-tune model keys a public visitor may pick (never a path; ``"bundled"`` is the bundled DeiT).
+        max_steps, max_batch_size, max_img_size: per fine-tune job.
+        max_jobs_per_visitor: queued + running jobs of one visitor (by network address).
+        max_active_jobs: queued + running jobs in total.
+        max_cost_batch: batch size of a throughput measurement.
+        max_upload_bytes, max_upload_files: an uploaded archive, unpacked.
+        max_image_pixels: an uploaded image (decoding a larger one is refused from its header).
+        retention_s: finished jobs and uploads older than this are deleted.
+        max_runs_bytes: beyond this, the oldest finished jobs and uploads are deleted first.
+    """
+
+    public: bool = False
+    models: tuple[str, ...] = ("bundled", TEST_MODEL, "deit_tiny_patch16_224", "deit_small_patch16_224")
+    max_steps: int = 2000
+    max_batch_size: int = 64
+    max_img_size: int = 224
+    max_jobs_per_visitor: int = 2
+    max_active_jobs: int = 8
+    max_cost_batch: int = 32
+    max_upload_bytes: int = 50_000_000
+    max_upload_files: int = 20_000
+    max_image_pixels: int = 16_000_000
+    retention_s: float = 24 * 3600.0
+    max_runs_bytes: int = 5_000_000_000
+    local_max_steps: int = 10_000_000
+    local_max_batch_size: int = 4096
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_environment(cls, public: bool | None = None) -> "Limits":
+        """Limits for this process: public per :func:`public_by_default` unless ``public`` says otherwise."""
+        return cls(public=public_by_default() if public is None else public)
+
+    def steps_cap(self) -> int:
+        return self.max_steps if self.public else self.local_max_steps
+
+    def batch_cap(self) -> int:
+        return self.max_batch_size if self.public else self.local_max_batch_size
+
+
+def visitor_key(value: str | None) -> str | None:
+    """A short, stable, non-reversible key for a session id or a network address (what is stored in job files)."""
+    if not value:
+        return None
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+_SAFE_NAME = re.compile(r"^[\w\-. ()+,@]+$")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class ArchiveError(ValueError):
+    """An uploaded archive that cannot be used; the message says why and names only the archive."""
+
+
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits: Limits) -> Path:
+    """Unpack an uploaded ``.zip`` of an ImageFolder tree (``train/<class>/*`` and ``val/<class>/*``) into ``dest``.
+
+    Only image files are written; every member is checked first: no absolute path, no ``..``, no link, names of
+    ordinary characters, at most ``limits.max_upload_files`` images and ``limits.max_upload_bytes`` unpacked (the
+    sizes the archive claims are checked before reading and enforced while reading, so a zip bomb stops early).
+    A top-level folder wrapping ``train/`` and ``val/`` is accepted.
+
+    Returns:
+        The root holding ``train/`` and ``val/``.
+
+    Raises:
+        ArchiveError: not a zip, an unsafe or oversized member, or no ``train/``/``val/`` of images.
+    """
+    archive, dest = Path(archive), Path(dest)
+    name = archive.name
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError):
+        raise ArchiveError(f"{name}: not a .zip archive") from None
+    with zf:
+        members = [m for m in zf.infolist() if not m.is_dir()]
+        images = []
+        for m in members:
+            parts = Path(m.filename).parts
+            if m.filename.startswith(("/", "\\")) or ".." in parts or any(not _SAFE_NAME.match(p) for p in parts):
+                raise ArchiveError(f"{name}: unsafe member name {m.filename[:80]!r}")
+            if stat.S_ISLNK(m.external_attr >> 16):
+                raise ArchiveError(f"{name}: links are not allowed ({m.filename[:80]!r})")
+            if m.filename.lower().endswith(IMAGE_SUFFIXES):
+                images.append(m)
+        if len(images) > limits.max_upload_files:
+            raise ArchiveError(f"{name}: {len(images)} images, at most {limits.max_upload_files}")
+        if sum(m.file_size for m in images) > limits.max_upload_bytes:
+            raise ArchiveError(f"{name}: unpacks to more than {limits.max_upload_bytes // 1_000_000} MB")
+        dest.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for m in images:
+            target = (dest / m.filename).resolve()
+            if not target.is_relative_to(dest.resolve()):
+                raise ArchiveError(f"{name}: unsafe member name {m.filename[:80]!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src, target.open("wb") as out:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > limits.max_upload_bytes:
+                        raise ArchiveError(f"{name}: unpacks to more than {limits.max_upload_bytes // 1_000_000} MB")
+                    out.write(chunk)
+    for root in (dest, *[p for p in dest.iterdir() if p.is_dir()]):
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            return root
+    raise ArchiveError(f"{name}: expected train/<class>/ and val/<class>/ folders of images")

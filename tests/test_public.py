@@ -1,0 +1,276 @@
+"""Public mode (a Space): every probe of the security review, replayed through the app's public API
+(gradio_client, loopback), and the job manager's guarantees (one runs directory, two apps; cheap polling;
+retention)."""
+import io
+import json
+import os
+import socket
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+import cait
+from cait.jobs import Job, JobError, JobManager
+from cait.public import ArchiveError, Limits, extract_archive
+from cait.rundir import LogReader
+from cait.studio import Studio
+
+LONG = dict(model=cait.TEST_MODEL, steps=100000, batch_size=8, val_size=16, synthetic_size=200, eval_interval=100000,
+            ckpt_interval=50)
+TINY_LABEL = next(k for k, v in app.FINETUNE_MODELS.items() if v == cait.TEST_MODEL)
+
+
+@pytest.fixture(scope="module")
+def public_app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    limits = Limits(public=True, max_jobs_per_visitor=1, max_active_jobs=2, max_steps=500, max_batch_size=16)
+    jobs = JobManager(root, poll_interval=0.5, limits=limits)
+    demo = app.build_app(Studio(device="cpu", pretrained=False, jobs=jobs, bundled=None), poll_s=1.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue(max_size=16).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", jobs
+    finally:
+        demo.close()
+        for job in jobs.list():
+            if job.status in ("queued", "running"):
+                JobManager(root, poll_interval=0, limits=Limits()).cancel(job.id)
+
+
+def client(url):
+    from gradio_client import Client
+    return Client(url, verbose=False)
+
+
+def start(c, data="synthetic", archive=None, steps=20, batch=8, model=TINY_LABEL):
+    from gradio_client import handle_file
+    return c.predict(model, data, handle_file(str(archive)) if archive else None, 0.5, steps, batch, "cpu",
+                     api_name="/start_finetune")
+
+
+def test_job_ids_cannot_reach_outside_the_runs_directory(public_app, tmp_path):
+    url, jobs = public_app
+    c = client(url)
+    target = tmp_path / "victim"
+    for bad in (f"../../../../{target}", str(target), "..", "", "20260101-000000-zz"):
+        with pytest.raises(Exception, match="not a job id|select a job first"):
+            c.predict(bad, api_name="/cancel_finetune")
+        with pytest.raises(Exception):
+            c.predict(bad or "x", api_name="/job_status")
+    assert not target.exists() and not any((jobs.root / "jobs").glob("*/job.json"))
+
+
+def test_caps_and_no_server_paths(public_app):
+    url, jobs = public_app
+    c = client(url)
+    with pytest.raises(Exception, match="Steps: 1000000000 is not a whole number from 1 to 500 on this public Space"):
+        start(c, steps=10 ** 9)
+    with pytest.raises(Exception, match="Batch size: 4096 is not a whole number from 2 to 16"):
+        start(c, batch=4096)
+    # A server path that exists and one that does not get the same answer: nothing to learn about the filesystem.
+    answers = set()
+    for path in ("/etc", "/etc/nowhere", "/tmp"):
+        with pytest.raises(Exception) as e:
+            start(c, data=path)
+        answers.add(str(e.value).split("Error:")[-1].strip())
+    assert len(answers) == 1 and "server paths are not accepted" in answers.pop()
+    with pytest.raises(Exception, match="not in the list of choices"):           # the dropdown's own check ...
+        start(c, model="/etc")
+    with pytest.raises(JobError, match="Model: choose one of the listed models"):    # ... and the server's
+        jobs.submit(model="/etc", steps=10, batch_size=8)
+
+
+def test_uploaded_archives_are_checked_member_by_member(public_app, tmp_path):
+    url, jobs = public_app
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("../../escape.png", b"x")
+    with pytest.raises(Exception, match="evil.zip: unsafe member name"):
+        start(client(url), archive=evil)
+    assert not (jobs.root.parent / "escape.png").exists()
+    # Direct checks of the extractor: a bomb, a link, a wrong layout.
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("train/a/0.png", b"\0" * 3_000_000)
+    with pytest.raises(ArchiveError, match="unpacks to more than 1 MB"):
+        extract_archive(bomb, tmp_path / "x", Limits(public=True, max_upload_bytes=1_000_000))
+    link = tmp_path / "link.zip"
+    with zipfile.ZipFile(link, "w") as z:
+        info = zipfile.ZipInfo("train/a/0.png")
+        info.external_attr = (0o120777 << 16)
+        z.writestr(info, "/etc/passwd")
+    with pytest.raises(ArchiveError, match="links are not allowed"):
+        extract_archive(link, tmp_path / "y", Limits(public=True))
+    flat = tmp_path / "flat.zip"
+    with zipfile.ZipFile(flat, "w") as z:
+        z.writestr("a/0.png", _png())
+    with pytest.raises(ArchiveError, match="expected train/<class>/ and val/<class>/"):
+        extract_archive(flat, tmp_path / "z", Limits(public=True))
+
+
+def _png(size=(40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_valid_archive_trains_and_jobs_belong_to_their_session(public_app, tmp_path):
+    url, jobs = public_app
+    good = tmp_path / "shapes.zip"
+    with zipfile.ZipFile(good, "w") as z:
+        for split in ("train", "val"):
+            for cls in ("a", "b"):
+                for i in range(4):
+                    z.writestr(f"data/{split}/{cls}/{i}.png", _png())
+    owner, other = client(url), client(url)
+    job_id, _, _ = start(owner, archive=good, steps=500)
+    job = jobs.get(job_id)
+    assert job.upload and (jobs.root / "uploads" / job.upload / "data" / "train" / "a").is_dir()
+    # One job per visitor (address) at a time here.
+    with pytest.raises(Exception, match="you already have 1 jobs queued or running"):
+        start(other)
+    # Another session sees the job but not its data path or messages, and cannot cancel it.
+    table, text, _, _ = other.predict(job_id, api_name="/job_status")
+    row = next(r for r in table["data"] if r[0] == job_id)
+    assert row[3] == "(not shown)" and str(jobs.root) not in json.dumps(table) + text
+    with pytest.raises(Exception, match="started by another visitor"):
+        other.predict(job_id, api_name="/cancel_finetune")
+    message = owner.predict(job_id, api_name="/cancel_finetune")
+    assert message.startswith("cancelled at step") and str(jobs.root) not in message
+
+
+def test_heavy_requests_are_capped(public_app, tmp_path):
+    url, _ = public_app
+    c = client(url)
+    with pytest.raises(Exception, match="Batch size: 256 is outside 1 to 32|greater than maximum value 32"):
+        c.predict("DeiT-Tiny", 0.5, "", True, 256, api_name="/cost")
+    # A 16-bit PNG of 39.7 MP (tiny on disk) is refused from its header, before decoding.
+    big = tmp_path / "big.png"
+    Image.new("I;16", (7000, 5670)).save(big)
+    assert big.stat().st_size < 1_000_000
+    from gradio_client import handle_file
+    t0 = time.time()
+    with pytest.raises(Exception, match="big.png: 7000×5670 is too large .at most 16 MP"):
+        c.predict("DeiT-Tiny", 0.5, "", "astronaut (scikit-image)", handle_file(str(big)), 12, api_name="/attention")
+    assert time.time() - t0 < 30
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job manager
+# ---------------------------------------------------------------------------------------------------------------
+def test_two_apps_on_one_runs_directory_start_each_job_once(tmp_path, monkeypatch):
+    starts = []
+
+    def fake_start(self, job):
+        starts.append(job.id)
+        time.sleep(0.01)                                       # widen the window a race would need
+        job.status, job.pid, job.started = "running", None, time.time()
+        self._save(job)
+
+    monkeypatch.setattr(JobManager, "_start", fake_start)
+    a, b = JobManager(tmp_path, poll_interval=0), JobManager(tmp_path, poll_interval=0)
+    for device in ("cpu", "cuda", "cpu", "cuda"):
+        a._save(Job(id=time.strftime("%Y%m%d-%H%M%S-") + os.urandom(6).hex(), args={}, device=device))
+    barrier = threading.Barrier(8)
+
+    def tick(m):
+        barrier.wait()
+        for _ in range(5):
+            m.refresh()
+
+    threads = [threading.Thread(target=tick, args=(m,)) for m in (a, b) * 4]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(starts) == len(set(starts)) == 4                # all started (each failed after), none twice
+
+
+def test_polling_reads_only_what_changed(tmp_path, monkeypatch):
+    jm = JobManager(tmp_path, poll_interval=0)
+    ids = [time.strftime("%Y%m%d-%H%M%S-") + f"{i:012x}" for i in range(30)]
+    for i in ids:
+        jm._save(Job(id=i, args={}, status="done"))
+    import cait.jobs as jobs_mod
+    reads = []
+    real = jobs_mod.json.loads
+    monkeypatch.setattr(jobs_mod.json, "loads", lambda s, *a, **k: reads.append(1) or real(s, *a, **k))
+    assert len(jm.list()) == 30 and len(reads) <= 30
+    reads.clear()
+    jm.list()
+    assert reads == []                                         # nothing changed: no job.json parsed
+    job = jm.get(ids[3])
+    job.message = "changed"
+    time.sleep(0.01)
+    jm._save(job)
+    jm.list()
+    assert len(reads) == 1
+    # The log is read incrementally, a partial last line waits for its newline.
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"a": 1}\n{"b"')
+    reader = LogReader(log)
+    assert reader.records() == [{"a": 1}]
+    with log.open("a") as f:
+        f.write(': 2}\n')
+    assert reader.records() == [{"a": 1}, {"b": 2}]
+
+
+def test_retention_deletes_old_finished_jobs_and_uploads_never_active_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(JobManager, "_start", lambda self, job: None)           # the queued job stays queued
+    jm = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True, retention_s=3600, max_runs_bytes=10 ** 12))
+    now = time.time()
+    old = Job(id="20260101-000000-" + "a" * 12, args={}, status="done", ended=now - 7200)
+    new = Job(id="20260101-000001-" + "b" * 12, args={}, status="failed", ended=now - 60)
+    running = Job(id="20260101-000002-" + "c" * 12, args={}, status="queued", created=now - 9999,
+                  upload="d" * 16)
+    for j in (old, new, running):
+        jm._save(j)
+    for up in ("d" * 16, "e" * 16):
+        (tmp_path / "uploads" / up).mkdir()
+        os.utime(tmp_path / "uploads" / up, (now - 7200,) * 2)
+    gone = jm.cleanup(now)
+    assert sorted(gone) == sorted([old.id, "upload:" + "e" * 16])
+    assert [j.id for j in jm.list()] != [] and old.id not in {j.id for j in jm.list()}
+    assert (tmp_path / "uploads" / ("d" * 16)).is_dir()        # in use by an active job
+    # Over the size budget (checked when a public manager starts, then every 10 minutes): oldest finished first,
+    # active never.
+    tight = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True, retention_s=1e9, max_runs_bytes=0))
+    assert [j.id for j in tight.list()] == [running.id] and tight.get(running.id).status == "queued"
+
+
+def test_local_mode_keeps_full_power_and_validates_at_submit(tmp_path):
+    jm = JobManager(tmp_path, poll_interval=0, limits=Limits(public=False))
+    with pytest.raises(JobError, match=r"Data: .*/nowhere: expected an ImageFolder root with train/ and val/"):
+        jm.submit(data=str(tmp_path / "nowhere"), **dict(LONG, steps=10))
+    with pytest.raises(JobError, match="Batch size: 7 is odd"):
+        jm.submit(**dict(LONG, batch_size=7))
+    with pytest.raises(JobError, match="Model: 'resnet50' is neither a DeiT name"):
+        jm.submit(**dict(LONG, model="resnet50"))
+    with pytest.raises(JobError, match="FLOPs reduction: 1.5 is outside 0 to 0.95"):
+        jm.submit(**dict(LONG, flops_reduction=1.5))
+    assert app.host_warning("0.0.0.0", 7860, Limits(public=False)).startswith("warning: listening on 0.0.0.0")
+    assert app.host_warning("127.0.0.1", 7860, Limits(public=False)) is None
+    assert app.host_warning("0.0.0.0", 7860, Limits(public=True)) is None
+
+
+def test_a_bad_output_is_a_clear_error_and_exit_code_2(tmp_path, capsys):
+    from cait.compress import main as compress_main
+    from cait.finetune import main as finetune_main
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert finetune_main(["--model", cait.TEST_MODEL, "--steps", "2", "--batch-size", "4", "--device", "cpu",
+                          "--output", str(blocker / "run")]) == 2
+    assert f"error: --output {blocker / 'run'}: cannot write there" in capsys.readouterr().err
+    assert compress_main(["--model", cait.TEST_MODEL, "--flops-reduction", "0.3", "--calibration", "none",
+                          "--output", str(blocker)]) == 2
+    assert f"error: --output {blocker}: cannot write there" in capsys.readouterr().err
+
+
+def test_eta_past_a_day_does_not_wrap():
+    from cait.studio import _fmt_s
+    assert _fmt_s(3 * 86400 + 3723) == "3 d 01:02:03" and _fmt_s(59) == "00:00:59" and _fmt_s(None) == "–"
