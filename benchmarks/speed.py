@@ -3,6 +3,7 @@ FLOPs, for DeiT-T/S/B.
 
     python benchmarks/speed.py --device cpu --batch-sizes 32 --precisions fp32 --out runs/speed_cpu
     python benchmarks/speed.py --device cuda --batch-sizes 1,32,64,128,256 --precisions fp32,bf16 --out runs/speed_gpu
+    python benchmarks/speed.py --device cpu --runtime onnxruntime --out runs/speed_ort    # exported, ONNX Runtime
 
 For every model, batch size and precision the four variants are timed in alternation on the same input (warm-up,
 then several rounds; CUDA events on GPU, wall clock on CPU; medians). Weights are random: speed does not depend on
@@ -57,6 +58,33 @@ def flops_of(model: torch.nn.Module) -> int:
     return tome_flops(model) if getattr(model, "tome", None) is not None else cait.analytic_flops(model)
 
 
+def onnx_runners(models: dict[str, torch.nn.Module], where: Path) -> dict:
+    """Each model exported to ONNX (parity-checked, cait.export) and opened in an ONNX Runtime CPU session."""
+    from cait.export import export_model, onnx_session
+    return {k: onnx_session(export_model(m, "onnx", where / f"{k}.onnx")["path"]) for k, m in models.items()}
+
+
+def ort_throughput(sessions: dict, original: torch.nn.Module, batch_size: int, warmup: int, iters: int,
+                   rounds: int) -> dict[str, dict]:
+    """Images/s of ONNX Runtime sessions, timed in alternation on the same input (medians, wall clock)."""
+    import statistics
+    import time
+    x = torch.randn(batch_size, 3, *original.patch_embed.img_size).numpy()
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feeds[k])
+    times = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append(time.perf_counter() - t0)
+    return {k: {"images_per_s": batch_size / statistics.median(v), "latency_s": statistics.median(v)}
+            for k, v in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -69,6 +97,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="time the PyTorch models, or their ONNX exports under ONNX Runtime (CPU; cait.export)")
     p.add_argument("--out", default="runs/speed")
     a = p.parse_args()
     dev = resolve_device(a.device)
@@ -78,17 +108,25 @@ def main() -> None:
     for name in a.models.split(","):
         models = variants(name, a.round_to)
         flops = {k: flops_of(m) for k, m in models.items()}
-        run = {k: (torch.compile(m) if a.compile else m) for k, m in models.items()}
+        if a.runtime == "onnxruntime":
+            models.pop("tome")                         # data-dependent merges: ONNX cannot express ToMe
+            flops.pop("tome")
+            run = onnx_runners(models, out_dir / "onnx" / name)
+        else:
+            run = {k: (torch.compile(m) if a.compile else m) for k, m in models.items()}
         for prec in a.precisions.split(","):
             for bs in map(int, a.batch_sizes.split(",")):
-                speed = compare_throughput(run, bs, dev, a.warmup, a.iters, a.rounds, amp_dtype=PRECISIONS[prec])
+                speed = (ort_throughput(run, models["original"], bs, a.warmup, a.iters, a.rounds)
+                         if a.runtime == "onnxruntime" else
+                         compare_throughput(run, bs, dev, a.warmup, a.iters, a.rounds, amp_dtype=PRECISIONS[prec]))
                 base = speed["original"]["images_per_s"]
                 for k in models:
                     r = 1 - flops[k] / flops["original"]
                     rows.append({"model": name, "variant": k, "device": dev.type, "precision": prec, "batch_size": bs,
                                  "flops": flops[k], "flops_reduction": r, "images_per_s": speed[k]["images_per_s"],
                                  "latency_ms": 1e3 * speed[k]["latency_s"], "speedup": speed[k]["images_per_s"] / base,
-                                 "ideal_speedup": 1 / (1 - r), "compiled": a.compile, "round_to": a.round_to})
+                                 "ideal_speedup": 1 / (1 - r), "compiled": a.compile, "round_to": a.round_to,
+                                 "runtime": a.runtime})
                 print(f"{name} {prec} batch {bs}: " + ", ".join(
                     f"{r['variant']} {r['speedup']:.2f}x" for r in rows[-len(models):]), flush=True)
     meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else

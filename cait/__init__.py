@@ -14,14 +14,19 @@ The pipeline, one module per step::
     bench       throughput, ``python -m cait.bench``
     attention   CLS attention maps through the merged grid; localisation score    (Fig. 8)
     bundled     the trained offline pair that ships in ``assets/``
+    calibrate   training-free: Fisher channel scores and a least-squares refit      (Kwon et al. 2022)
+    baselines   ToMe token merging, for comparison                                (Bolya et al. 2023)
+    export      ONNX / TorchScript / torch.export with a parity check, ``python -m cait.export``
+    hub         push_to_hub and ``load_pretrained("hf-hub:owner/name")``
 """
 from . import models as _models  # noqa: F401  (registers the tiny test DeiT with timm)
 from .attention import ClsAttention, attention_in_mask, attention_probs, cls_attention, localisation_score
-from .bench import compare_throughput, measure_throughput
+from .baselines import apply_tome, tome_flops, tome_schedule
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .compress import compress              # a package: `python -m cait.compress` runs its __main__
 from .compactor import add_compactors, has_compactors, iter_compactors
-from .compress import compress
 from .flops import analytic_flops, count_flops, count_params, describe, flops_by_block
+from .hub import push_to_hub
 from .merge import apply_atme, format_layout, get_layout, parse_layout, upsample_to_patch_grid
 from .models import DEIT_MODELS, TEST_MODEL, WeightsInfo, create_model
 from .plan import BudgetSplit, atme_reduction, plan_atme, split_budget
@@ -30,9 +35,21 @@ from .select import ChannelMask, ChannelScores, compactor_scores, select_channel
 
 __version__ = "0.1.0"
 
+# Modules with a command line (python -m cait.<name>) load on first use, so running one does not import it twice.
+_LAZY = {"compare_throughput": "bench", "measure_throughput": "bench", "export_model": "export"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'cait' has no attribute {name!r}")
+
 __all__ = [
     "ClsAttention", "attention_in_mask", "attention_probs", "cls_attention", "localisation_score",
+    "apply_tome", "tome_flops", "tome_schedule",
     "compare_throughput", "measure_throughput",
+    "export_model", "push_to_hub",
     "CheckpointError", "load_pretrained", "save_pretrained",
     "add_compactors", "has_compactors", "iter_compactors",
     "compress",

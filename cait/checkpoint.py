@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from .compactor import has_compactors
 from .flops import describe
 from .merge import apply_atme, format_layout, get_layout
-from .models import PATCH_SIZES, architecture
+from .models import PATCH_SIZES, architecture, update_cfg
 from .prune import is_pruned, restructure
 
 FORMAT = "cait-studio/compact-v1"
@@ -179,10 +179,16 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def build_skeleton(config: dict) -> nn.Module:
-    """A randomly initialised model with the architecture a config describes (ATME layout and pruned widths)."""
+def build_skeleton(config: dict, hub_id: str | None = None) -> nn.Module:
+    """A randomly initialised model with the architecture a config describes (ATME layout and pruned widths).
+
+    Its ``pretrained_cfg`` describes this model, not the base: its classes and input size, ``tag="cait"``, and the
+    Hub repository it was loaded from (``hf_hub_id``) or none (the base's ImageNet weights are not these).
+    """
     model = timm.create_model(config["base_model"], pretrained=False, num_classes=config["num_classes"],
                               img_size=config["img_size"])
+    S = config["img_size"]
+    update_cfg(model, num_classes=config["num_classes"], input_size=(3, S, S), tag="cait", hf_hub_id=hub_id, url="")
     apply_atme(model, config["merge"])
     if config.get("blocks") is not None:
         restructure(model, [(b["qk_dim"], b["v_dim"], b["ffn_dim"]) for b in config["blocks"]])
@@ -193,7 +199,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Load a checkpoint written by :func:`save_pretrained`; weights are read with safetensors (no pickle).
 
     Args:
-        path: the checkpoint directory.
+        path: the checkpoint directory, or ``"hf-hub:owner/name[@revision]"`` (:mod:`cait.hub`: downloaded once,
+            then read from the local Hugging Face cache, offline too).
         device: where to put the model.
 
     Returns:
@@ -202,13 +209,22 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     Raises:
         CheckpointError: naming the file and the problem, for a missing/corrupt/truncated file, a config that is out
             of bounds or does not describe a buildable model (:func:`read_config`), weights saved with another
-            config (architecture hash), or tensors whose names, shapes or dtypes do not match the config.
+            config (architecture hash), or tensors whose names, shapes or dtypes do not match the config; and for a
+            Hub id that cannot be fetched.
     """
+    hub_id = None
+    if str(path).startswith("hf-hub:"):
+        from .hub import HubError, download, parse_hub_id
+        try:
+            hub_id = parse_hub_id(str(path))[0]
+            path = download(str(path))
+        except HubError as e:
+            raise CheckpointError(str(e)) from None
     path = Path(path)
     config = read_config(path)
     cfile, wfile = path / CONFIG_NAME, path / WEIGHTS_NAME
     try:
-        model = build_skeleton(config)
+        model = build_skeleton(config, hub_id)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{cfile}: does not describe a buildable model ({e})") from None
     if not wfile.is_file():

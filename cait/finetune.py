@@ -40,7 +40,7 @@ from .compactor import add_compactors, iter_compactors
 from .data import StepBatchSampler, build_datasets
 from .flops import describe
 from .merge import apply_atme, format_layout, get_layout
-from .models import create_model
+from .models import architecture, create_model, update_cfg
 from .plan import split_budget
 from .prune import fold_compactors, is_pruned, prune
 from .rundir import RunDirError, read_state, restore_state, save_state, state_files
@@ -165,6 +165,7 @@ def _teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, bool, st
                 raise FinetuneError(f"--img-size {cfg.img_size} is not a multiple of the patch size "
                                     f"{model.patch_embed.patch_size[0]}")
             model.set_input_size(img_size=(cfg.img_size, cfg.img_size))
+            update_cfg(model, input_size=(3, cfg.img_size, cfg.img_size))
             return model, True, f"checkpoint {cfg.model} (trained at {trained_at} px, resized to {cfg.img_size} px)"
         return model, True, f"checkpoint {cfg.model}"
     kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
@@ -175,6 +176,7 @@ def _teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, bool, st
     teaches = info.trained and model.num_classes == num_classes
     if model.num_classes != num_classes:
         model.reset_classifier(num_classes)
+        update_cfg(model, num_classes=num_classes)
     return model, teaches, info.detail
 
 
@@ -321,8 +323,9 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
             select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to)
     except ValueError as e:
         raise FinetuneError(str(e)) from None
-    alpha = cfg.distill_alpha if cfg.distill_alpha is not None else (0.1 if "tiny" in cfg.model else 0.25)
-    alpha = alpha if teaches else 0.0
+    # SPEC §3: α = 0.1 for DeiT-Tiny, 0.25 for Small/Base, read from the teacher's architecture (not its path).
+    default_alpha = 0.1 if architecture(teacher) == "deit_tiny_patch16_224" else 0.25
+    alpha = (cfg.distill_alpha if cfg.distill_alpha is not None else default_alpha) if teaches else 0.0
 
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -425,7 +428,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
             t_last, seen = now, 0
         if done % cfg.eval_interval == 0 and done < cfg.steps:
             top1 = evaluate(student, val_set, device, rank=rank, world=world)
-            if top1_teacher is None:                       # frozen: evaluated once
+            if top1_teacher is None and teaches:           # frozen: evaluated once; a random one not at all
                 top1_teacher = evaluate(teacher, val_set, device, rank=rank, world=world)
             history[str(done)] = top1
             emit({"type": "eval", "step": done, "top1_student": top1, "top1_teacher": top1_teacher})
@@ -458,7 +461,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     else:
         mask, removed = ChannelMask.keep_all(spec), 0.0
     top1_masked = evaluate(student, val_set, device, rank=rank, world=world)
-    if top1_teacher is None:                               # frozen: evaluated once
+    if top1_teacher is None and teaches:                   # frozen: evaluated once; a random one not at all
         top1_teacher = evaluate(teacher, val_set, device, rank=rank, world=world)
     # Nothing to remove: fold only (or nothing to fold), so the result stays an uncompressed (or ATME) DeiT.
     compact = (fold_compactors(student) if mask.size() == 0 else prune(student, mask)).eval()

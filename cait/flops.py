@@ -140,8 +140,23 @@ def _not_counted(inputs, outputs) -> int:
 
 
 def flop_analysis(model: nn.Module, img_size: int | None = None) -> FlopCountAnalysis:
-    """An fvcore ``FlopCountAnalysis`` of one image in the paper's convention (see module docstring)."""
+    """An fvcore ``FlopCountAnalysis`` of one image in the paper's convention (see module docstring).
+
+    Args:
+        model: any DeiT built by this package.
+        img_size: input side in pixels; another size than the model's counts a resized copy (timm's
+            ``set_input_size``: position embedding resampled, ATME grids moved).
+
+    Raises:
+        ValueError: if the model cannot take that size (not a multiple of the patch, or a layout that no longer fits).
+    """
     size = img_size or model.patch_embed.img_size[0]
+    if size != model.patch_embed.img_size[0]:                   # count a resized copy; the model is untouched
+        import copy
+        if size % model.patch_embed.patch_size[0]:
+            raise ValueError(f"img_size {size} is not a multiple of the patch size {model.patch_embed.patch_size[0]}")
+        model = copy.deepcopy(model)
+        model.set_input_size(img_size=size)
     p = next(model.parameters())
     x = torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)
     was_training = model.training
@@ -161,7 +176,10 @@ def count_flops(model: nn.Module, img_size: int | None = None) -> int:
 
     Args:
         model: any DeiT built by this package (original, ATME, compactor or compact).
-        img_size: input side in pixels; default: the model's own (224 for DeiT).
+        img_size: input side in pixels; default: the model's own (224 for DeiT). Another size counts a resized copy.
+
+    Raises:
+        ValueError: for a size that is not a multiple of the patch size, or at which the ATME layout does not fit.
     """
     return int(flop_analysis(model, img_size).total())
 

@@ -331,8 +331,9 @@ class JobManager:
         if final and (d / "run" / "compact" / "config.json").is_file():
             job.status = "done"
             f = final[-1]
-            job.message = (f"done: {100 * f['flops_reduction']:.1f}% fewer FLOPs, top-1 {f['top1_student']:.1f}% "
-                           f"(teacher {f['top1_teacher']:.1f}%)")
+            teacher = "" if f.get("top1_teacher") is None else f" (teacher {f['top1_teacher']:.1f}%)"
+            job.message = (f"done: {100 * f['flops_reduction']:.1f}% fewer FLOPs, top-1 {f['top1_student']:.1f}%"
+                           + teacher)
         else:
             job.status = "failed"
             why = f"exit code {returncode}" if returncode is not None else "its process is gone"

@@ -24,7 +24,8 @@ from typing import Union
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Block, VisionTransformer
 
 Layout = dict[int, str]
 LayoutLike = Union[str, Mapping[int, str], None]
@@ -137,6 +138,78 @@ class MergeBlock(Block):
         return super().forward(self.merge(x), *args, **kwargs)
 
 
+class ATMEVisionTransformer(VisionTransformer):
+    """A timm ``VisionTransformer`` with ATME merges; :func:`apply_atme` swaps a model's class to it (ToMe-style), so
+    every timm method runs unchanged except the two that must know each block's grid.
+
+    Worked example, DeiT-S with ``h4,v7``: ``forward_intermediates(x)`` gives ``(B, 384, 14, 14)`` for blocks 0–3,
+    ``(B, 384, 14, 7)`` for 4–6 and ``(B, 384, 7, 7)`` for 7–11; with ``dense=True`` every one is ``(B, 384, 14, 14)``
+    (each merged token repeated over the patches it covers, :func:`upsample_to_patch_grid`).
+    """
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, output_dict: bool = False, dense: bool = False,
+                              **kwargs):
+        """timm's ``forward_intermediates``, with each intermediate on its own block's grid.
+
+        Args:
+            dense: map every intermediate back onto the full patch grid (``NCHW``: ``(B, C, H, W)``; ``NLC``:
+                ``(B, H·W, C)``) instead of its block's merged grid.
+            (others): as timm's.
+
+        Raises:
+            ValueError: for an ``output_fmt`` other than ``NCHW`` or ``NLC``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        out = super().forward_intermediates(x, indices, return_prefix_tokens, norm, stop_early, "NLC",
+                                            intermediates_only, output_dict, **kwargs)
+        if output_fmt == "NLC" and not dense:
+            return out
+        blocks = sorted(set(feature_take_indices(len(self.blocks), indices)[0]))
+        grids = model_token_grids(self)
+
+        def reshape(y: torch.Tensor, i: int) -> torch.Tensor:           # (B, h·w, C) on block i's grid
+            B, _, C = y.shape
+            g = y.reshape(B, *grids[i], C).permute(0, 3, 1, 2)         # (B, C, h, w)
+            if dense:
+                g = upsample_to_patch_grid(g, self, block=i)           # (B, C, H, W)
+            return g.flatten(2).transpose(1, 2) if output_fmt == "NLC" else g.contiguous()
+
+        def fix(items: list) -> list:
+            return [(reshape(t[0], i), t[1]) if isinstance(t, tuple) else reshape(t, i) for t, i in zip(items, blocks)]
+
+        if output_dict:
+            out["image_intermediates"] = fix(out["image_intermediates"])
+            return out
+        if intermediates_only:
+            return fix(out)
+        final, inter = out
+        return final, fix(inter)
+
+    def set_input_size(self, img_size=None, patch_size=None, **kwargs) -> None:
+        """Resize as timm does (position embedding resampled), then move every merge onto the new grids.
+
+        Raises:
+            ValueError: for a new patch size, or a size at which the layout no longer fits (a side already 1);
+                the model is left unchanged then.
+        """
+        if patch_size is not None:
+            raise ValueError("an ATME model keeps its patch size; resize the image only")
+        layout = get_layout(self)
+        if img_size is not None:
+            size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            p = self.patch_embed.patch_size
+            new_grid = (size[0] // p[0], size[1] // p[1])
+            token_grids(new_grid, len(self.blocks), layout)           # raises before anything changes
+        super().set_input_size(img_size=img_size, **kwargs)
+        grids = token_grids(patch_grid(self), len(self.blocks), layout)
+        for i in layout:
+            self.blocks[i].merge.in_grid = patch_grid(self) if i == 0 else grids[i - 1]
+            self.blocks[i].merge.out_grid = grids[i]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Layouts
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,10 +217,14 @@ def parse_layout(layout: LayoutLike) -> Layout:
     """Normalise a layout: ``"h4,v8"``, ``{4: "h", 8: "v"}``, ``""`` or ``None`` → ``{4: "h", 8: "v"}`` / ``{}``.
 
     Raises:
-        ValueError: for an item that is not ``h<int>`` / ``v<int>``, a negative index, or a block named twice.
+        ValueError: for an item that is not ``h<int>`` / ``v<int>``, a negative index, a block named twice, or a
+            layout that is neither a string nor a mapping (e.g. ``[4, 7]``, which says no direction).
     """
     if layout is None:
         return {}
+    if not isinstance(layout, (str, Mapping)):
+        raise ValueError(f"a merge layout is a string such as 'h4,v7' or a mapping such as {{4: 'h', 7: 'v'}}, "
+                         f"got {type(layout).__name__} {layout!r}")
     if isinstance(layout, str):
         out: Layout = {}
         for item in filter(None, (s.strip() for s in layout.split(","))):
@@ -244,6 +321,8 @@ def apply_atme(model: nn.Module, layout: LayoutLike) -> nn.Module:
         ref = next(block.parameters())
         block.__class__ = MergeBlock
         block.merge = merge.to(device=ref.device, dtype=ref.dtype)
+    if layout and type(model) is VisionTransformer:
+        model.__class__ = ATMEVisionTransformer                          # grid-aware intermediates and resizing
     return model
 
 

@@ -90,6 +90,15 @@ def architecture(model: nn.Module) -> str:
     return name
 
 
+def update_cfg(model: nn.Module, **changes) -> nn.Module:
+    """Update a model's timm ``pretrained_cfg`` (and its ``default_cfg`` alias) in place, e.g. after a new head or
+    input size, so timm's data config and anyone reading the cfg see the model as it is, not as the base was."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {}, **changes)
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg
+    return model
+
+
 @functools.lru_cache(maxsize=1)
 def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
     """None if the Hugging Face Hub answers a TCP connection within ``timeout`` seconds, else why not.

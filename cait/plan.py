@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .flops import ModelSpec, describe
 from .merge import Layout, LayoutLike, format_layout, get_layout, parse_layout, patch_grid, token_grids
+from .models import PATCH_SIZES
 from .prune import is_pruned
 
 MAX_MERGES = 4
@@ -146,10 +147,16 @@ def split_budget(model: nn.Module, flops_reduction: float, layout: LayoutLike = 
         atme_share: the share of R planned for ATME when no layout is given (choice, see module docstring).
 
     Raises:
-        ValueError: if R is outside [0, 1), the model is already compressed, or the layout alone removes more than R.
+        ValueError: if R is outside [0, 1), ``atme_share`` outside [0, 1], the model is not a DeiT this package
+            builds or is already compressed, or the layout alone removes more than R.
     """
     if not 0.0 <= flops_reduction < 1.0:
         raise ValueError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
+    if not 0.0 <= atme_share <= 1.0:
+        raise ValueError(f"atme_share must be in [0, 1], got {atme_share}")
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture") if hasattr(model, "pretrained_cfg") else None
+    if arch not in PATCH_SIZES:
+        raise ValueError(f"CAIT here compresses the DeiTs {sorted(PATCH_SIZES)}; got {arch or type(model).__name__}")
     if get_layout(model) or is_pruned(model):
         raise ValueError("split_budget needs the uncompressed model (it has merges or pruned blocks)")
     if layout is None:

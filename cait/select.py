@@ -163,11 +163,17 @@ def select_channels(scores: ChannelScores, spec: ModelSpec, target_flops: int, m
         The mask; every head of a block keeps the same q/k width and the same v width.
 
     Raises:
-        ValueError: if ``target_flops`` cannot be reached even with every block at ``min_channels``, or if
-            ``scores`` do not match ``spec``.
+        ValueError: if ``target_flops`` cannot be reached even with every block at ``min_channels``, if ``scores``
+            do not match ``spec`` or are not finite, or for ``min_channels`` / ``round_to`` below 1.
     """
     if min_channels < 1:
         raise ValueError(f"min_channels must be >= 1, got {min_channels}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
+    for kind in ("q", "k", "v", "ffn"):
+        for l, t in enumerate(getattr(scores, kind)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"channel scores of {kind} in block {l} contain NaN or infinity")
     if len(scores.q) != len(spec.blocks):
         raise ValueError(f"scores cover {len(scores.q)} blocks, the model has {len(spec.blocks)}")
     for l, b in enumerate(spec.blocks):

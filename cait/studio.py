@@ -282,7 +282,9 @@ class Studio:
                 f"**CAIT twin, fine-tuned with CDCP:** ATME `{f['merge'] or 'none'}`, "
                 f"{f['base_flops'] / 1e9:.4f} → {f['flops'] / 1e9:.4f} GFLOPs "
                 f"({100 * f['flops_reduction']:.1f}% fewer); held-out top-1 {f['top1_student']:.1f}% "
-                f"(teacher {f['top1_teacher']:.1f}%). The reduction and layout controls do not apply to it.",
+                + ("(its teacher was not trained). " if f.get("top1_teacher") is None else
+                   f"(teacher {f['top1_teacher']:.1f}%). ")
+                + "The reduction and layout controls do not apply to it.",
             ]
         f = pair.flops()
         fo, fc = sum(f["original"].values()), sum(f["compressed"].values())

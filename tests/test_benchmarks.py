@@ -43,3 +43,11 @@ def test_training_free_benchmark_compares_calibrated_cait_with_tome(tmp_path):
     assert set(v) == {"original", "cait_calibrated[planned]", "cait_calibrated[none]", "cait_preview", "tome"}
     assert v["original"]["agreement"] == 100.0 and v["cait_calibrated[none]"]["merge"] == ""
     assert abs(v["tome"]["flops_reduction"] - v["cait_calibrated[planned]"]["flops_reduction"]) < 0.01
+
+
+def test_speed_benchmark_under_onnx_runtime(tmp_path):
+    run("benchmarks/speed.py", "--models", cait.TEST_MODEL, "--device", "cpu", "--batch-sizes", "2", "--iters", "1",
+        "--rounds", "1", "--warmup", "1", "--runtime", "onnxruntime", "--out", str(tmp_path))
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "speed.json").read_text())["rows"]}
+    assert set(rows) == {"original", "atme", "cdcp", "cait"} and rows["cait"]["runtime"] == "onnxruntime"
+    assert (tmp_path / "onnx" / cait.TEST_MODEL / "cait.onnx").is_file()

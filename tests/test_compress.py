@@ -73,3 +73,19 @@ def test_compress_refuses_impossible_and_already_compressed(tiny):
         cait.compress(tiny(), 0.99, layout="")
     with pytest.raises(ValueError, match="uncompressed model"):
         cait.compress(cait.compress(tiny(), 0.5), 0.6)
+
+
+def test_bad_arguments_are_refused_with_clear_errors(tiny):
+    import timm
+    model = tiny()
+    for kwargs, match in (({"round_to": 0}, "round_to must be an integer >= 1"),
+                          ({"atme_share": 1.5}, r"atme_share must be in \[0, 1\]"),
+                          ({"layout": [4, 7]}, "a merge layout is a string such as 'h4,v7'")):
+        with pytest.raises(ValueError, match=match):
+            cait.compress(model, 0.5, **kwargs)
+    with pytest.raises(ValueError, match="CAIT here compresses the DeiTs"):
+        cait.compress(timm.create_model("vit_tiny_patch16_224"), 0.5)
+    scores = cait.weight_scores(model)
+    scores.ffn[1][3] = float("nan")
+    with pytest.raises(ValueError, match="scores of ffn in block 1 contain NaN"):
+        cait.select_channels(scores, cait.describe(model), cait.analytic_flops(model) // 2)

@@ -185,6 +185,8 @@ def test_short_run_reaches_target_and_compact_equals_masked(tmp_path):
     assert {"step", "epoch", "loss", "lr", "flops_target", "s_size", "max_masked_norm", "images_per_s"} <= set(train[0])
     evals = [x for x in lines if x["type"] == "eval"]
     assert evals and {"top1_student", "top1_teacher"} <= set(evals[0]) and lines[-1]["type"] == "final"
+    # The teacher here is a random init (and has 10 classes, the data 8): no top-1 of it is reported, no distillation.
+    assert evals[0]["top1_teacher"] is None and summary["top1_teacher"] is None and lines[0]["distill_alpha"] == 0.0
     # Every S of the run was head-consistent: the compact model exists, and its widths match the final mask.
     ChannelMask.from_dict(summary["mask"]).check_consistency()
 
@@ -297,3 +299,13 @@ def test_checkpoint_trained_at_one_size_continues_at_another(tmp_path):
     big = cait.load_pretrained(tmp_path / "run" / "compact")
     assert big.patch_embed.img_size == (48, 48) and big.pos_embed.shape[1] == 1 + 12 * 12
     assert big(torch.randn(2, 3, 48, 48)).shape == (2, 8) and summary["flops"] > cait.count_flops(small)
+
+
+def test_distillation_weight_follows_the_teachers_architecture(tmp_path):
+    """SPEC §3: α = 0.1 for DeiT-Tiny and 0.25 otherwise, read from the teacher, not from a substring of --model."""
+    import timm
+    teacher = timm.create_model(cait.TEST_MODEL, num_classes=8)                       # not DeiT-Tiny ...
+    path = cait.save_pretrained(teacher, tmp_path / "tiny-named-teacher")            # ... whatever its path says
+    finetune(_cfg(tmp_path / "d", model=str(path), steps=2, flops_reduction=0.0, eval_interval=100))
+    start = json.loads((tmp_path / "d" / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["distill_alpha"] == 0.25

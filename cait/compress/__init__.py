@@ -25,12 +25,12 @@ import time
 import torch
 import torch.nn as nn
 
-from .flops import analytic_flops, describe
-from .merge import LayoutLike, apply_atme, format_layout
-from .models import architecture
-from .plan import split_budget
-from .prune import prune
-from .select import select_channels, weight_scores
+from ..flops import analytic_flops, describe
+from ..merge import LayoutLike, apply_atme, format_layout
+from ..models import architecture
+from ..plan import split_budget
+from ..prune import prune
+from ..select import select_channels, weight_scores
 
 
 def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None, atme_share: float = 0.8,
@@ -69,8 +69,8 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
     if calibration is None:
         scores = weight_scores(out)
     else:
-        from .calibrate import fisher_scores, per_flop
-        from .data import calibration_images
+        from ..calibrate import fisher_scores, per_flop
+        from ..data import calibration_images
         images = calibration_images(calibration, calibration_size, model, seed)
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -91,7 +91,7 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
     if calibration is None:
         meta["note"] = "untrained preview: channels scored by weight-row norms, no CDCP fine-tuning"
     else:
-        from .calibrate import refit_
+        from ..calibrate import refit_
         fit = refit_(out, model, images, batch_size, progress=progress)
         meta["calibration"] = {
             "images": len(images), "source": calibration if isinstance(calibration, str) else type(calibration).__name__,
@@ -106,10 +106,10 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m cait.compress``: compress, report, save. Exit 2 with an ``error:`` line on bad input."""
-    from .checkpoint import CheckpointError, load_pretrained, save_pretrained
-    from .data import CALIBRATION_SOURCES, DataError
-    from .flops import count_flops, count_params
-    from .models import create_model
+    from ..checkpoint import CheckpointError, load_pretrained, save_pretrained
+    from ..data import CALIBRATION_SOURCES, DataError
+    from ..flops import count_flops, count_params
+    from ..models import create_model
 
     p = argparse.ArgumentParser(prog="python -m cait.compress", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -161,6 +161,3 @@ def main(argv: list[str] | None = None) -> int:
                       "seconds": round(seconds, 1), "calibration": out.cait_meta.get("calibration")}))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,35 @@
+"""python -m cait.export: the three formats with parity, and clear failures."""
+import json
+
+import pytest
+import torch
+
+import cait
+from cait.export import FORMATS, ExportError, export_model, main
+from conftest import randomize_
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    import timm
+    model = randomize_(timm.create_model(cait.TEST_MODEL, num_classes=8).eval(), std=0.05)
+    return cait.save_pretrained(cait.compress(model, 0.5, layout="h2,v4"), tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_format_exports_with_parity(checkpoint, fmt, capsys):
+    assert main([str(checkpoint), "--format", fmt]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_abs_diff"] <= 1e-4 and out["bytes"] > 0 and (checkpoint / FORMATS[fmt]).is_file()
+    assert out["runtime"] == {"onnx": "onnxruntime", "torchscript": "torch.jit", "exported": "torch.export"}[fmt]
+
+
+def test_parity_failures_and_bad_input_are_errors(checkpoint, tmp_path, capsys):
+    model = cait.load_pretrained(checkpoint)
+    with pytest.raises(ExportError, match="differs from PyTorch by"):
+        export_model(model, "torchscript", tmp_path / "m.pt", tolerance=-1.0)
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_model(model, "tflite", tmp_path / "m")
+    assert main([str(tmp_path / "nowhere"), "--format", "onnx"]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err

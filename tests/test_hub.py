@@ -1,0 +1,58 @@
+"""The Hub, offline: a model card from measurements, the folder push_to_hub uploads, and hf-hub: loading from the
+local Hugging Face cache layout (no network)."""
+import pytest
+import torch
+
+import cait
+from cait.checkpoint import CheckpointError
+from cait.hub import HubError, parse_hub_id
+from conftest import randomize_
+
+
+@pytest.fixture
+def twin(tiny):
+    m = cait.compress(randomize_(tiny(num_classes=8), std=0.05), 0.5)
+    from cait.synthetic import CLASSES
+    m.cait_meta["classes"] = list(CLASSES)
+    return m
+
+
+def test_push_folder_has_weights_config_and_a_measured_card(twin, tmp_path):
+    folder = cait.push_to_hub(twin, "someone/tiny-cait", folder=str(tmp_path / "f"), upload=False)
+    card = (tmp_path / "f" / "README.md").read_text()
+    assert {p.name for p in (tmp_path / "f").iterdir()} == {"README.md", "config.json", "model.safetensors"}
+    assert folder == str(tmp_path / "f")
+    assert "ATME layout: `h2,v4`" in card and 'cait.load_pretrained("hf-hub:someone/tiny-cait")' in card
+    assert "% fewer)" in card and "× |" in card and "untrained preview" in card and "circle" in card
+    with pytest.raises(HubError, match="not a Hub model id"):
+        cait.push_to_hub(twin, "../etc", upload=False)
+
+
+def test_hf_hub_ids_load_from_the_local_cache(twin, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--tiny-cait"
+    snapshot = repo / "snapshots" / commit
+    cait.save_pretrained(twin, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = cait.load_pretrained("hf-hub:someone/tiny-cait")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), twin(x))
+    assert loaded.pretrained_cfg["hf_hub_id"] == "someone/tiny-cait"
+    assert cait.load_pretrained(f"hf-hub:someone/tiny-cait@{commit}").num_classes == 8
+    with pytest.raises(CheckpointError, match="hf-hub:someone/other: cannot be fetched"):
+        cait.load_pretrained("hf-hub:someone/other")
+    with pytest.raises(CheckpointError, match="not a Hub model id"):
+        cait.load_pretrained("hf-hub:../../etc/passwd")
+
+
+def test_hub_ids():
+    assert parse_hub_id("hf-hub:a/b@v1.0") == ("a/b", "v1.0") and parse_hub_id("a/b") == ("a/b", None)
+    for bad in ("a", "a/b/c", "/a/b", "a/b@", "a/b@x y"):
+        with pytest.raises(HubError):
+            parse_hub_id(bad)
