@@ -35,8 +35,8 @@ def test_hf_hub_ids_load_from_the_local_cache(twin, tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "cache" / "models--someone--tiny-cait"
-    snapshot = repo / "snapshots" / commit
-    cait.save_pretrained(twin, snapshot)
+    snapshot = repo / "snapshots" / commit                       # what push_to_hub uploads, as the Hub serves it
+    cait.push_to_hub(twin, "someone/tiny-cait", folder=str(snapshot), upload=False, measure_speed=False)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     loaded = cait.load_pretrained("hf-hub:someone/tiny-cait")
