@@ -60,7 +60,7 @@ def _time_batches(model: nn.Module, x: torch.Tensor, iters: int, amp_dtype: torc
 
 def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, device: str | torch.device | None = None,
                        warmup: int = 2, iters: int = 5, rounds: int = 3, img_size: int | None = None,
-                       amp_dtype: torch.dtype | None = None) -> dict[str, dict]:
+                       amp_dtype: torch.dtype | None = None, progress=None) -> dict[str, dict]:
     """Measure several models in alternation on the same input.
 
     Args:
@@ -72,6 +72,7 @@ def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, devic
         rounds: alternation rounds.
         img_size: input side in pixels; default: the first model's.
         amp_dtype: e.g. ``torch.bfloat16`` for autocast; None for the model's own dtype.
+        progress: called as ``progress(fraction_done, message)`` after every warm-up and timed run (a UI bar).
 
     Returns:
         name → ``{"images_per_s", "latency_s" (median seconds per batch), "batch_size", "device"}``.
@@ -79,13 +80,23 @@ def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, devic
     dev = resolve_device(device if device is None else str(device))
     size = img_size or next(iter(models.values())).patch_embed.img_size[0]
     x = torch.randn(batch_size, 3, size, size, device=dev)
-    for m in models.values():
+    total, done = len(models) * (1 + rounds), 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done / total, what)
+
+    for name, m in models.items():
         m.to(dev).eval()
         _time_batches(m, x, warmup, amp_dtype)
+        tick(f"warm-up: {name}")
     times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, m in models.items():
             times[name] += _time_batches(m, x, iters, amp_dtype)
+            tick(f"round {r + 1}/{rounds}: {name}")
     result = {}
     for name, ts in times.items():
         med = statistics.median(ts)

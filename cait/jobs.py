@@ -424,6 +424,10 @@ class JobManager:
             victims = [("job", j.id, j.ended or j.created) for j in finished] + \
                       [("upload", p.name, p.stat().st_mtime) for p in uploads]
             victims.sort(key=lambda v: v[2])
+            downloads = self.root / "downloads"                  # the app's twin .zip files: cheap to remake
+            for f in (downloads.iterdir() if downloads.is_dir() else ()):
+                if now - f.stat().st_mtime > lim.retention_s:
+                    shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
             total = _size(self.root)
             for kind, ident, when in victims:
                 if now - when <= lim.retention_s and total <= lim.max_runs_bytes:

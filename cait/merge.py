@@ -227,14 +227,19 @@ def parse_layout(layout: LayoutLike) -> Layout:
                          f"got {type(layout).__name__} {layout!r}")
     if isinstance(layout, str):
         out: Layout = {}
+        problems = []
         for item in filter(None, (s.strip() for s in layout.split(","))):
             m = _ITEM.match(item)
             if not m:
-                raise ValueError(f"bad merge layout item {item!r}: expected h<block> or v<block>, e.g. 'h4,v8'")
+                problems.append(f"{item!r} is not hN or vN")
+                continue
             direction, idx = m.group(1).lower(), int(m.group(2))
             if idx in out:
-                raise ValueError(f"merge layout names block {idx} twice")
+                problems.append(f"block {idx} is named twice")
             out[idx] = direction
+        if problems:                     # every problem at once; no angle brackets (an HTML toast would eat them)
+            raise ValueError(f"bad merge layout {layout!r}: {'; '.join(problems)} (write e.g. 'h4,v8': HTM before "
+                             "block 4, VTM before block 8, 0-based)")
         return dict(sorted(out.items()))
     out = {}
     for idx, direction in layout.items():
@@ -261,7 +266,8 @@ def token_grids(grid: tuple[int, int], depth: int, layout: LayoutLike) -> list[t
     layout = parse_layout(layout)
     bad = [i for i in layout if i >= depth]
     if bad:
-        raise ValueError(f"merge layout names block {bad[0]}, but the model has {depth} blocks (0..{depth - 1})")
+        raise ValueError(f"merge layout names block{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}, but the "
+                         f"model has {depth} blocks (0..{depth - 1})")
     grids, g = [], tuple(grid)
     for i in range(depth):
         if i in layout:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -25,13 +28,13 @@ from .bench import compare_throughput, resolve_device
 from .bundled import BUNDLED_KEY, BUNDLED_LABEL, ORIGINAL_DIR, BundledPair, bundled_pair
 from .compress import compress
 from .flops import count_params, describe, flops_by_block
-from .merge import format_layout, parse_layout
-from .models import DEIT_MODELS, WeightsInfo, create_model, hub_offline, hub_unreachable_reason
+from .merge import format_layout, parse_layout, patch_grid, token_grids
+from .models import DEIT_MODELS, TEST_MODEL, WeightsInfo, create_model, hub_offline, hub_unreachable_reason
 from .photos import MAX_PIXELS, SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
 from .public import Limits
 from .synthetic import CLASSES, SyntheticShapes, render
-from .viz import (block_flops_figure, channels_figure, compactor_figure, consistency_figure, cost_table, overlay,
-                  top_k, training_figure)
+from .viz import (block_flops_figure, channels_figure, compactor_figure, consistency_figure, cost_table,
+                  display_view, overlay, top_k, training_figure)
 
 if TYPE_CHECKING:
     from .jobs import JobManager
@@ -81,15 +84,26 @@ class AttentionView:
     grids: tuple[tuple[int, int], tuple[int, int]]
     localisation: tuple[float, float] | None = None   # CLS attention mass inside the object (original, twin)
     object_area: float | None = None                  # the object's share of the image (uniform attention's score)
+    true_label: str | None = None                     # known for synthetic samples
+    classes_note: str = ""                            # what the model's classes are
 
     def localisation_text(self) -> str:
-        """Markdown line for the UI."""
+        """Markdown for the UI: the model's classes, the true label if known, and the attention localisation."""
+        lines = [self.classes_note] if self.classes_note else []
+        if self.true_label is not None:
+            lines.append(f"**True label:** {self.true_label}.")
         if self.localisation is None:
-            return "Attention localisation: needs a sample with a known object mask (the synthetic ones)."
-        o, c = self.localisation
-        return (f"**Attention inside the object:** original {100 * o:.1f}%, CAIT twin {100 * c:.1f}% "
-                f"(the object covers {100 * self.object_area:.1f}% of the image: uniform attention scores that).")
+            lines.append("Attention localisation: needs a sample with a known object mask (the synthetic ones).")
+        else:
+            o, c = self.localisation
+            lines.append(f"**Attention inside the object:** original {100 * o:.1f}%, CAIT twin {100 * c:.1f}% "
+                         f"(the object covers {100 * self.object_area:.1f}% of the image: uniform attention scores "
+                         "that).")
+        return "\n\n".join(lines)
 
+
+REDUCTION_RANGE = (0.05, 0.8)
+"""Total FLOPs reductions the app offers for a DeiT's twin."""
 
 SYNTHETIC_SAMPLES = {f"synthetic shapes, held-out #{i} (object mask known)": i for i in range(4)}
 """Samples of the held-out split of :mod:`cait.synthetic`, rendered at the model's input size."""
@@ -189,11 +203,23 @@ class Studio:
             return self._job_pair(name)
         if name == BUNDLED_KEY:
             return self._bundled_pair()
-        layout = format_layout(parse_layout(merge or None)) or None
+        if name not in DEIT_MODELS and name != TEST_MODEL:
+            raise ValueError(f"Model: {str(name)[:80]!r} is not in the list")
+        lo, hi = REDUCTION_RANGE
+        if not isinstance(flops_reduction, (int, float)) or not lo <= float(flops_reduction) <= hi:
+            raise ValueError(f"Total FLOPs reduction: {flops_reduction!r} is outside {lo} to {hi}")
+        try:
+            layout = format_layout(parse_layout(merge or None)) or None
+        except ValueError as e:
+            raise ValueError(f"ATME layout: {e}") from None
         key = (name, round(float(flops_reduction), 4), layout)
         with self._lock:
             if key not in self._pairs:
                 original, info = self._original(name)
+                try:                                   # the layout must fit this model: name the field if not
+                    token_grids(patch_grid(original), len(original.blocks), layout)
+                except ValueError as e:
+                    raise ValueError(f"ATME layout: {e}") from None
                 # Trained weights: a calibrated twin (training-free, keeps accuracy). Random ones: the instant preview.
                 calibrate = info.trained and self.calibration_size > 0
                 compressed = compress(original, float(flops_reduction), layout=layout,
@@ -264,6 +290,31 @@ class Studio:
             return original, twin
 
         return self._checkpoint_pair(BUNDLED_KEY, load, lambda original: WeightsInfo("checkpoint", detail))
+
+    @staticmethod
+    def settings_apply(pair: ModelPair) -> bool:
+        """False for a fine-tuned twin (bundled or a job): its reduction and layout were fixed by its training."""
+        return "finetune" not in (pair.compressed.cait_meta or {})
+
+    def download(self, pair: ModelPair, where: str | os.PathLike) -> Path:
+        """A ``.zip`` of the twin's checkpoint (``model.safetensors`` + ``config.json``, :mod:`cait.checkpoint`),
+        written under ``where`` once per pair (a key of its settings names it)."""
+        import hashlib
+        import zipfile
+
+        from .checkpoint import save_pretrained
+        meta = pair.compressed.cait_meta or {}
+        key = hashlib.sha256(json.dumps([pair.name, pair.flops_reduction, pair.merge, meta.get("finetune", {}).get(
+            "step")], default=str).encode()).hexdigest()[:16]
+        zpath = Path(where) / f"cait-twin-{key}.zip"
+        if not zpath.is_file():
+            folder = save_pretrained(pair.compressed, Path(where) / f"cait-twin-{key}")
+            tmp = zpath.with_suffix(".tmp")
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                for f in sorted(folder.iterdir()):
+                    z.write(f, f"cait-twin/{f.name}")
+            os.replace(tmp, zpath)
+        return zpath
 
     def status(self, pair: ModelPair) -> str:
         """Markdown: device, where the weights came from, and what the twin is."""
@@ -349,16 +400,16 @@ class Studio:
         """
         depth = len(pair.original.blocks)
         if not -depth <= block < depth:
-            raise ValueError(f"block {block + 1 if block >= 0 else block} is out of range: the model has {depth} "
-                             f"blocks (1..{depth})")
-        mask = None
+            raise ValueError(f"block {block} is out of range: the model has {depth} blocks (0..{depth - 1})")
+        mask, true_label = None, None
         if image is None:                                  # a synthetic sample, rendered at the input size
             if sample not in SYNTHETIC_SAMPLES:
                 raise ValueError("pick a bundled photo or upload an image")
             ds = SyntheticShapes(8, pair.original.patch_embed.img_size[0], split="val")
-            img, _, mask_np = render(ds.seed, ds.split, SYNTHETIC_SAMPLES[sample], ds.img_size)
+            img, label, mask_np = render(ds.seed, ds.split, SYNTHETIC_SAMPLES[sample], ds.img_size)
             x, mask, view = ds.normalise(img)[None].to(self.device), torch.from_numpy(mask_np)[None], \
                 Image.fromarray(img)
+            true_label = CLASSES[label]
         else:
             x = preprocess(pair.original, [image]).to(self.device)
             view = model_view(pair.original, image)
@@ -366,13 +417,14 @@ class Studio:
         res = {}
         for which, model in (("original", pair.original), ("compressed", pair.compressed)):
             a = cls_attention(model, x, block)
-            heads = [(overlay(view, a.patch_maps[0, h]), f"head {h + 1}") for h in range(a.patch_maps.shape[1])]
+            heads = [(overlay(view, a.patch_maps[0, h]), f"head {h}") for h in range(a.patch_maps.shape[1])]
             inside = None if mask is None else float(attention_in_mask(a, mask.to(a.patch_maps.device))[0])
-            res[which] = (overlay(view, a.mean()[0]), heads, top_k(a.logits[0], labels), a.grid, inside)
+            res[which] = (overlay(view, a.mean()[0], scale=True), heads, top_k(a.logits[0], labels), a.grid, inside)
         o, c = res["original"], res["compressed"]
-        return AttentionView(view, o[0], c[0], o[1], c[1], o[2], c[2], (o[3], c[3]),
+        return AttentionView(display_view(view), o[0], c[0], o[1], c[1], o[2], c[2], (o[3], c[3]),
                              None if mask is None else (o[4], c[4]),
-                             None if mask is None else float(mask.float().mean()))
+                             None if mask is None else float(mask.float().mean()), true_label,
+                             classes_note(pair.original))
 
     def channels(self, pair: ModelPair) -> go.Figure:
         """Retained q/k, v and FFN channels per block (paper Fig. 6)."""
@@ -381,7 +433,7 @@ class Studio:
                                      f"(ATME {pair.merge or 'none'})")
 
     def cost(self, pair: ModelPair, measure: bool = False, batch_size: int = 8, iters: int = 3,
-             held_out: int = 200) -> tuple[pd.DataFrame, go.Figure]:
+             held_out: int = 200, progress=None) -> tuple[pd.DataFrame, go.Figure]:
         """FLOPs, params, measured throughput and (for models trained on synthetic shapes) held-out top-1 of the
         original, its CAIT twin and the ToMe baseline at the twin's FLOPs; and FLOPs per block.
 
@@ -391,6 +443,10 @@ class Studio:
             batch_size: images per timed batch.
             iters: timed batches per model per round.
             held_out: images of the synthetic held-out split to score top-1 on, when the models know its classes.
+            progress: called as ``progress(fraction, message)`` while measuring (:func:`cait.bench.compare_throughput`).
+
+        Raises:
+            ValueError: for a batch size outside what these limits allow (the message names the field).
         """
         cap = self.limits.max_cost_batch if self.limits.public else 1024
         if measure and not 1 <= int(batch_size) <= cap:
@@ -405,7 +461,7 @@ class Studio:
             rows[k]["params"] = count_params(m)
         if measure:
             speed = compare_throughput(models, batch_size=int(batch_size), device=self.device, warmup=1,
-                                       iters=iters, rounds=2)
+                                       iters=iters, rounds=2, progress=progress)
             for k in rows:
                 rows[k]["images_per_s"] = speed[k]["images_per_s"]
         if _labels(pair.original) == list(CLASSES) and held_out > 0:
@@ -417,6 +473,19 @@ class Studio:
         table = cost_table(rows)
         table.insert(1, "device", str(self.device))
         return table, block_flops_figure(f["original"], f["compressed"])
+
+
+def classes_note(model: nn.Module) -> str:
+    """One line saying what a model's classes are (so a shape model's top-5 on a photo surprises nobody)."""
+    labels = _labels(model)
+    if labels == list(CLASSES):
+        return (f"**Classes:** the {len(CLASSES)} synthetic shapes ({', '.join(CLASSES)}); on a photo its "
+                "predictions mean nothing.")
+    if getattr(model, "num_classes", 0) == 1000:
+        return "**Classes:** ImageNet-1k (1000)."
+    if labels:
+        return f"**Classes:** {len(labels)} ({', '.join(labels[:12])}{', …' if len(labels) > 12 else ''})."
+    return f"**Classes:** {getattr(model, 'num_classes', '?')}, unnamed."
 
 
 def _labels(model: nn.Module) -> list[str] | None:
@@ -488,6 +557,57 @@ def job_view(jobs: "JobManager", job_id: str, viewer: str | None = None) -> tupl
     return "\n\n".join(lines), training_figure(p["records"])
 
 
+@functools.lru_cache(maxsize=16)
+def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: str) -> float:
+    """Seconds of one training step as the engine runs it (student with ATME and compactors, teacher forward for
+    distillation, synthetic batch rendered), measured once per setting: one warm-up step, then one timed."""
+    import time as _time
+
+    import torch.nn.functional as F
+
+    from .checkpoint import load_pretrained
+    from .compactor import add_compactors
+    from .merge import apply_atme
+    from .plan import split_budget
+    teacher = (load_pretrained(model) if Path(model).is_dir() else create_model(model, pretrained=False)[0]).eval()
+    split = split_budget(teacher, flops_reduction)
+    student = apply_atme(copy.deepcopy(teacher), split.layout)
+    if split.target_flops < describe(student).flops():
+        add_compactors(student)
+    teacher, student = teacher.to(device), student.to(device).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    ds = SyntheticShapes(batch_size, int(teacher.patch_embed.img_size[0]))
+    seconds = 0.0
+    for i in range(2):
+        t0 = _time.perf_counter()
+        x = torch.stack([ds[j][0] for j in range(batch_size)]).to(device)
+        with torch.no_grad():
+            hard = teacher(x).argmax(-1)
+        loss = F.cross_entropy(student(x), hard)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seconds = _time.perf_counter() - t0
+    return seconds
+
+
+def finetune_estimate(model: str, steps: int, batch_size: int, flops_reduction: float, device: str,
+                      val_size: int = 512, evals: int = 5) -> str:
+    """Markdown: how long a fine-tune would take on this device, from a training step measured here (cached).
+
+    Raises:
+        ValueError: for settings the engine would refuse (the message names the field).
+    """
+    if not isinstance(steps, int) or steps < 1 or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError("Steps and Batch size must be whole numbers (at least 1 and 2)")
+    per_step = _step_seconds(model, batch_size, round(float(flops_reduction), 2), device)
+    eval_s = per_step / batch_size / 3 * val_size * evals          # a forward is about a third of a training step
+    total = steps * per_step + eval_s
+    return (f"**Estimated time on this `{device}`:** about {_fmt_s(total)} ({per_step:.2f} s per step of {batch_size} "
+            f"images, measured just now; plus {evals} evaluations of {val_size} images). Other jobs or visitors on "
+            "this machine slow it down.")
+
+
 def compactor_view(jobs: "JobManager", job_id: str) -> tuple[str, go.Figure, go.Figure]:
     """Compactor heatmaps of a job's newest state, and CDCP against plain global selection at the same FLOPs.
 
@@ -507,11 +627,20 @@ def compactor_view(jobs: "JobManager", job_id: str) -> tuple[str, go.Figure, go.
     text = [f"**Job `{job_id}`, training state of step {snap.step}.** FLOPs target {snap.target_flops / 1e9:.4f} G. "
             f"Near-zero compactor rows (‖Q_j‖ < 0.01): {near_zero}."]
     if cdcp_widths is not None:
-        text.append(f"**CDCP** (S, {snap.mask.size()} units): every head of a block keeps the same widths, so all "
-                    f"of S can go: {snap.spec.with_widths(cdcp_widths).flops() / 1e9:.4f} G.")
+        m = snap.mask
+        rows = 2 * sum(int(t.sum()) for t in m.qk) + sum(int(t.sum()) for t in m.v + m.ffn)
+        text.append(f"**CDCP** (S: {m.size()} units = {rows} compactor rows, since a q/k unit is a pair of rows, "
+                    f"one in q and one in k): every head of a block keeps the same widths, so all of S can go: "
+                    f"{snap.spec.with_widths(cdcp_widths).flops() / 1e9:.4f} G.")
     text.append(f"**Plain global selection** at the same nominal FLOPs selects channels head by head and q apart "
                 f"from k; a batched attention can only drop q/k channels selected in both, down to the head that "
                 f"keeps most: it deploys at {g_flops / 1e9:.4f} G "
                 f"({100 * (g_flops / snap.target_flops - 1):+.1f}% against the target).")
+    if cdcp_widths is not None and cdcp_widths == g.widths:
+        text.append("*Here the two deploy the same widths:* the compactor norms are still so uniform (or S so small) "
+                    "that the channels global selection picks happen to line up across heads and between q and k; "
+                    "the difference appears as the masked rows shrink (compare a later training state).")
+    elif cdcp_widths is None:
+        text.append("*No CDCP selection yet* (the warm-up comes first): the chart shows global selection alone.")
     return ("\n\n".join(text), compactor_figure(snap.scores, snap.mask, f"Compactors at step {snap.step}"),
             consistency_figure(snap.spec, cdcp_widths, g.widths, "Kept per block: CDCP vs global selection"))

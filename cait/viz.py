@@ -17,25 +17,58 @@ from PIL import Image
 from .flops import ModelSpec
 
 
-def overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.55, cmap: str = "inferno") -> Image.Image:
-    """Blend a heat map over an image.
+MIN_DISPLAY_SIDE = 224
+"""Images smaller than this (a 32-px test model's input) are upscaled, pixels kept sharp, before maps are drawn."""
+
+
+def display_view(image: Image.Image) -> Image.Image:
+    """The image as shown: upscaled (nearest neighbour) to at least :data:`MIN_DISPLAY_SIDE` on its short side."""
+    short = min(image.size)
+    if short >= MIN_DISPLAY_SIDE:
+        return image
+    k = -(-MIN_DISPLAY_SIDE // short)
+    return image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+
+
+def overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.55, cmap: str = "inferno",
+            scale: bool = False) -> Image.Image:
+    """Blend a heat map over an image, optionally with a colour scale beside it.
 
     Args:
-        image: RGB image (any size).
+        image: RGB image (any size; small ones are upscaled, :func:`display_view`).
         heat: ``(h, w)`` map (any scale); upsampled bilinearly to the image and min-max normalised.
         alpha: weight of the heat map.
         cmap: a matplotlib colormap name.
+        scale: add a vertical colour bar labelled with the map's minimum and maximum, as a percentage of the
+            total (for CLS attention: the share of the CLS token's attention on one patch).
 
     Returns:
-        RGB image of ``image.size``.
+        RGB image: ``image.size`` (upscaled if small), wider by the colour bar when ``scale``.
     """
+    image = display_view(image)
     W, H = image.size
     m = F.interpolate(heat[None, None].float(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
     m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
     colored = colormaps[cmap](m.cpu().numpy())[..., :3]                          # (H, W, 3) in [0, 1]
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    blended = ((1 - alpha) * base + alpha * colored).clip(0, 1)
-    return Image.fromarray((255 * blended).astype(np.uint8))
+    blended = Image.fromarray((255 * ((1 - alpha) * base + alpha * colored).clip(0, 1)).astype(np.uint8))
+    return _with_colour_bar(blended, heat, cmap) if scale else blended
+
+
+def _with_colour_bar(img: Image.Image, heat: torch.Tensor, cmap: str) -> Image.Image:
+    """``img`` with a colour bar on its right: top = the map's maximum, bottom = its minimum, in % of its sum."""
+    from PIL import ImageDraw
+    W, H = img.size
+    bar_w, pad = max(12, W // 20), max(46, W // 5)
+    out = Image.new("RGB", (W + bar_w + pad, H), "white")
+    out.paste(img, (0, 0))
+    ramp = colormaps[cmap](np.linspace(1, 0, H))[:, :3]                           # top: high
+    out.paste(Image.fromarray((255 * np.repeat(ramp[:, None], bar_w, 1)).astype(np.uint8)), (W + 4, 0))
+    total = float(heat.float().sum()) or 1.0
+    draw = ImageDraw.Draw(out)
+    for y, v in ((2, float(heat.max())), (H - 12, float(heat.min()))):
+        draw.text((W + bar_w + 7, y), f"{100 * v / total:.1f}%", fill="black")
+    return out
 
 
 def top_k(logits: torch.Tensor, labels: list[str] | None = None, k: int = 5) -> dict[str, float]:
@@ -51,7 +84,7 @@ def channels_figure(original: ModelSpec, compressed: ModelSpec, title: str = "")
     Args:
         original, compressed: :func:`cait.flops.describe` of the two models (same depth).
     """
-    blocks = list(range(1, len(original.blocks) + 1))
+    blocks = list(range(len(original.blocks)))                               # 0-based, as ATME layouts are
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     for name, get in (("q/k", lambda b: b.heads * b.qk_dim), ("v", lambda b: b.heads * b.v_dim),
                       ("FFN", lambda b: b.ffn_dim)):
@@ -61,7 +94,7 @@ def channels_figure(original: ModelSpec, compressed: ModelSpec, title: str = "")
                     hovertemplate="block %{x}: %{y:.1f}% (%{text})<extra>" + name + "</extra>")
     fig.add_scatter(x=blocks, y=[b.tokens for b in compressed.blocks], name="tokens (CLS incl.)",
                     mode="lines+markers", line=dict(color="black", dash="dot"), secondary_y=True)
-    fig.update_layout(barmode="group", title=title or "Retained channels per block", xaxis_title="block",
+    fig.update_layout(barmode="group", title=title or "Retained channels per block", xaxis_title="block (0-based)",
                       legend=dict(orientation="h", y=-0.2), margin=dict(t=50, l=40, r=40, b=40), height=420)
     fig.update_yaxes(title_text="kept (% of original)", range=[0, 105], secondary_y=False)
     fig.update_yaxes(title_text="tokens", rangemode="tozero", secondary_y=True)
@@ -148,7 +181,7 @@ def consistency_figure(spec: ModelSpec, cdcp_widths: list[tuple[int, int, int]] 
                        global_widths: list[tuple[int, int, int]], title: str = "") -> go.Figure:
     """Per block: channels a batched attention can actually drop with CDCP (consistent S) and with plain global
     selection at the same FLOPs (paper Tab. XI / Fig. 7): q/k and v per head, FFN."""
-    blocks = list(range(1, len(spec.blocks) + 1))
+    blocks = list(range(len(spec.blocks)))
     fig = make_subplots(rows=1, cols=3, subplot_titles=("q/k kept per head", "v kept per head", "FFN kept"))
     for col, idx in enumerate((0, 1, 2), start=1):
         if cdcp_widths is not None:

@@ -26,18 +26,20 @@ def client():
 
 
 def test_build_reports_device_and_untrained_weights(client):
-    status, block = client.predict("DeiT-Tiny", 0.5, "", api_name="/build")
-    assert block["maximum"] == 12
+    status, block, reduction, layout = client.predict("DeiT-Tiny", 0.5, "", api_name="/build")
+    assert block["maximum"] == 11 and block["value"] == 11                     # blocks from 0, as layouts
+    assert reduction["interactive"] is True and layout["interactive"] is True
     assert "`cpu`" in status and "not trained" in status and "Untrained preview" in status
 
 
 def test_attention_map_for_a_bundled_photo(client):
-    orig, comp, orig_heads, comp_heads, top5, _, local = client.predict("DeiT-Tiny", 0.5, "", PHOTO, None, 12,
-                                                                        api_name="/attention")
-    assert "needs a sample with a known object mask" in local
+    view, orig, comp, orig_heads, comp_heads, top5, _, local = client.predict("DeiT-Tiny", 0.5, "", PHOTO, None, 11,
+                                                                              api_name="/attention")
+    assert "needs a sample with a known object mask" in local and "ImageNet-1k (1000)" in local
+    assert Image.open(view).size == (224, 224)
     for path in (orig, comp):
         img = Image.open(path)
-        assert img.size == (224, 224)
+        assert img.height == 224 and img.width > 224                          # the map and its colour scale
     assert len(orig_heads) == 3 and len(comp_heads) == 3
     assert len(top5["confidences"]) == 5
 
@@ -47,9 +49,14 @@ def test_bad_upload_and_bad_layout_give_clear_errors(client, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("hello")
     with pytest.raises(Exception, match="notes.png: not an image"):
-        client.predict("DeiT-Tiny", 0.5, "", PHOTO, handle_file(str(bad)), 12, api_name="/attention")
-    with pytest.raises(Exception, match="has 12 blocks"):
-        client.predict("DeiT-Tiny", 0.5, "h40", PHOTO, None, 12, api_name="/attention")
+        client.predict("DeiT-Tiny", 0.5, "", PHOTO, handle_file(str(bad)), 11, api_name="/attention")
+    with pytest.raises(Exception, match="ATME layout: merge layout names block 40, but the model has 12 blocks"):
+        client.predict("DeiT-Tiny", 0.5, "h40", PHOTO, None, 11, api_name="/attention")
+    with pytest.raises(Exception, match="Total FLOPs reduction: 1.5 is outside 0.05 to 0.8"):
+        client.predict("DeiT-Tiny", 1.5, "", PHOTO, None, 11, api_name="/attention")
+    # A failed build reports in the status line instead of leaving error badges on the page.
+    status = client.predict("DeiT-Tiny", 1.5, "", api_name="/build")[0]
+    assert status.startswith("**Could not build the twin:** Total FLOPs reduction: 1.5")
 
 
 def test_channels_and_cost(client):
@@ -79,16 +86,28 @@ def test_a_trained_hub_deit_gets_a_calibrated_twin(monkeypatch, tiny):
 
 
 def test_out_of_range_block_is_a_clear_error(client):
-    with pytest.raises(Exception, match="greater than maximum value 12"):           # the slider's own check
-        client.predict("DeiT-Tiny", 0.5, "", PHOTO, None, 13, api_name="/attention")
+    with pytest.raises(Exception, match="greater than maximum value 11"):           # the slider's own check
+        client.predict("DeiT-Tiny", 0.5, "", PHOTO, None, 12, api_name="/attention")
     studio = Studio(device="cpu", pretrained=False)
     pair = studio.pair("DeiT-Tiny", 0.5, "")
-    with pytest.raises(ValueError, match="block 13 is out of range: the model has 12 blocks"):
+    with pytest.raises(ValueError, match=r"block 12 is out of range: the model has 12 blocks \(0..11\)"):
         studio.attention(pair, studio.image(PHOTO), 12)
 
 
 def test_synthetic_sample_reports_attention_localisation(client):
     from cait.studio import SYNTHETIC_SAMPLES
-    out = client.predict("DeiT-Tiny", 0.5, "", next(iter(SYNTHETIC_SAMPLES)), None, 12, api_name="/attention")
+    out = client.predict("DeiT-Tiny", 0.5, "", next(iter(SYNTHETIC_SAMPLES)), None, 11, api_name="/attention")
     assert Image.open(out[0]).size == (224, 224)
     assert "Attention inside the object:" in out[-1] and "the object covers" in out[-1]
+    assert "**True label:**" in out[-1]
+
+
+def test_the_twin_downloads_as_a_loadable_checkpoint(client, tmp_path):
+    import zipfile
+    import cait
+    path = client.predict("DeiT-Tiny", 0.5, "", api_name="/download_twin")["value"]
+    with zipfile.ZipFile(path) as z:
+        assert sorted(z.namelist()) == ["cait-twin/config.json", "cait-twin/model.safetensors"]
+        z.extractall(tmp_path)
+    twin = cait.load_pretrained(tmp_path / "cait-twin")
+    assert 1 - cait.count_flops(twin) / 1_253_683_200 >= 0.5

@@ -1,10 +1,12 @@
 """End to end in a real browser: headless Chromium (Debian's package) driven by Playwright.
 
-Clicks through: the offline default (the bundled trained pair when ``assets/`` holds it) on a synthetic sample →
-both attention maps and their localisation; a tiny fine-tune → live curves → finished → its model is
-selected and compared with its teacher in the Attention, Channels and Cost tabs; the Compactors tab; a long
-fine-tune, cancelled. Screenshots go to ``test-artifacts/`` (or
-``$CAIT_TEST_ARTIFACTS``).
+Clicks through what a new user does: the explainer; the offline default (the bundled trained pair when
+``assets/`` holds it, its fixed settings disabled) on a synthetic sample → the input beside both attention maps with
+colour scales, every head, the classes and the true label; another model, whose status follows by itself; a refused
+reduction and a refused layout, named in the status; the twin's download; the Cost tab with the ToMe baseline and
+the ideal speed-up; the Fine-tune tab's time estimate and its field-named refusals; a tiny fine-tune → live curves
+→ finished; a page reload that loses nothing; its model compared with its teacher; the Compactors tab; a long
+fine-tune, cancelled. Screenshots go to ``test-artifacts/`` (or ``$CAIT_TEST_ARTIFACTS``).
 """
 import os
 import re
@@ -46,75 +48,153 @@ def app_url(tmp_path_factory):
                 jobs.cancel(job.id)
 
 
+def _pick(page, elem_id: str, option: str) -> None:
+    """Choose ``option`` in the Gradio dropdown ``#elem_id``."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
 def test_click_through_attention_finetune_and_compare(app_url):
     from playwright.sync_api import expect, sync_playwright
+
+    import app as app_module
+    from cait.models import TEST_MODEL
+    tiny = next(k for k, v in app_module.FINETUNE_MODELS.items() if v == TEST_MODEL)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.goto(app_url, wait_until="domcontentloaded")
-        body = page.locator("body")
+        body, status = page.locator("body"), page.locator("#status")
         expect(body).to_contain_text("CAIT twin", timeout=120_000)
         bundled = bundled_pair() is not None
         if bundled:                             # offline (conftest), so the trained pair is the default
-            expect(body).to_contain_text("bundled weights trained by this project", timeout=60_000)
+            expect(status).to_contain_text("bundled weights trained by this project", timeout=60_000)
+            # A fine-tuned twin: its reduction and layout are fixed, and the controls say so.
+            expect(page.locator("#reduction input")).to_be_disabled()
 
-        # Attention: the default sample (a held-out synthetic one with the bundled pair), both maps.
+        # What am I looking at: a short explainer with the field's terms.
+        page.get_by_text("What am I looking at?").click()
+        expect(body).to_contain_text("head-level consistency")
+        page.screenshot(path=str(ARTIFACTS / "0-explainer.png"))
+
+        # Attention: the input next to both head-mean maps (with colour scales), every head, the classes and the
+        # true label of a synthetic sample; blocks numbered from 0.
+        expect(page.get_by_text("Block (from 0", exact=False)).to_be_visible()
         page.get_by_role("button", name="Show CLS attention").click()
         maps = page.locator("img[src*='gradio_api/file']")
-        expect(maps.nth(1)).to_be_visible(timeout=120_000)
+        expect(maps.nth(2)).to_be_visible(timeout=120_000)
+        expect(body).to_contain_text("Classes:", timeout=60_000)
         if bundled:
-            expect(body).to_contain_text("Attention inside the object:", timeout=60_000)
-        page.screenshot(path=str(ARTIFACTS / "1-attention.png"))
+            expect(body).to_contain_text("Attention inside the object:")
+            expect(body).to_contain_text("True label:")
+            expect(page.get_by_text("head 2", exact=True).first).to_be_attached()     # all 3 heads of each model
+        page.screenshot(path=str(ARTIFACTS / "1-attention.png"), full_page=True)
 
-        # Fine-tune: a tiny job, live curves, finished.
+        # Stale state: another model updates the status by itself; an edited reduction says it needs a build; a bad
+        # one is refused by name in the status, not clamped, and leaves no error badge behind.
+        _pick(page, "model", "DeiT-Tiny")
+        expect(status).to_contain_text("deit_tiny_patch16_224", timeout=120_000)
+        expect(page.locator("#reduction input")).to_be_enabled()
+        page.locator("#reduction input").fill("1.5")
+        page.locator("#reduction input").press("Tab")
+        expect(status).to_contain_text("Settings changed", timeout=30_000)
+        page.get_by_role("button", name="Build CAIT twin").click()
+        expect(status).to_contain_text("Total FLOPs reduction: 1.5 is outside 0.05 to 0.8", timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "2-refused-reduction.png"))
+        page.locator("#reduction input").fill("0.5")
+        page.get_by_role("button", name="Build CAIT twin").click()
+        expect(status).to_contain_text("fewer", timeout=120_000)
+        expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+
+        # Layout errors list every problem and survive HTML.
+        page.locator("#merge textarea, #merge input").first.fill("x4,h2,v2")
+        page.get_by_role("button", name="Build CAIT twin").click()
+        expect(status).to_contain_text("'x4' is not hN or vN; block 2 is named twice", timeout=60_000)
+        page.locator("#merge textarea, #merge input").first.fill("")
+
+        # The twin downloads as a checkpoint.
+        page.get_by_role("button", name="Build CAIT twin").click()
+        expect(status).to_contain_text("fewer", timeout=120_000)
+        page.get_by_role("button", name="Download the twin (safetensors + config.json)").click()
+        expect(page.locator("#twin-file")).to_contain_text(".zip", timeout=120_000)
+
+        # Cost: ideal speed-up beside the measured one, the ToMe baseline, the small-batch note.
+        page.get_by_role("tab", name="Cost").click()
+        expect(body).to_contain_text("Small batches leave the processor partly idle")
+        page.get_by_role("button", name="Compute cost").click()
+        expect(body).to_contain_text("ideal speed-up", timeout=180_000)
+        expect(body).to_contain_text("ToMe (baseline)", timeout=180_000)
+        expect(body).to_contain_text("images/s", timeout=180_000)
+        page.screenshot(path=str(ARTIFACTS / "3-cost.png"), full_page=True)
+
+        # Fine-tune: bad inputs refused at submit with the field named; the default model's time estimate.
         page.get_by_role("tab", name="Fine-tune").click()
-        steps = page.get_by_label("Steps")
-        steps.fill("80")
+        page.get_by_role("button", name="Estimate time").click()
+        expect(body).to_contain_text("Estimated time on this", timeout=180_000)
+        page.locator("#ft-steps input").fill("-5")
+        page.get_by_role("button", name="Start fine-tune").click()
+        expect(body).to_contain_text("Steps: -5 is not a whole number from 1 to", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "4-refused-steps.png"))
+        page.locator("#ft-data textarea").fill("/nowhere")
+        page.locator("#ft-steps input").fill("60")
+        page.get_by_role("button", name="Start fine-tune").click()
+        expect(body).to_contain_text("Data: /nowhere: expected an ImageFolder root", timeout=30_000)
+        page.locator("#ft-data textarea").fill("synthetic")
+
+        # A tiny job, live curves, finished.
+        _pick(page, "ft-model", tiny)
         page.get_by_role("button", name="Start fine-tune").click()
         expect(body).to_contain_text(re.compile(r"running on cpu · step [1-9]"), timeout=120_000)
-        page.screenshot(path=str(ARTIFACTS / "2-finetune-running.png"))
+        page.screenshot(path=str(ARTIFACTS / "5-finetune-running.png"))
         expect(body).to_contain_text(re.compile(r"— done on cpu"), timeout=240_000)
-        expect(page.locator(".js-plotly-plot").first).to_be_visible()
-        page.screenshot(path=str(ARTIFACTS / "3-finetune-done.png"))
+        expect(page.locator("#curves .js-plotly-plot")).to_be_visible()
+        job_id = page.locator("#job input").input_value()
 
-        # Its model, compared with its teacher in the Attention tab.
+        # A reload loses nothing: the job is selected again and its model is in the Model list.
+        page.reload(wait_until="domcontentloaded")
+        expect(page.locator("#status")).to_contain_text("CAIT twin", timeout=120_000)
+        page.get_by_role("tab", name="Fine-tune").click()
+        expect(page.locator("#job input")).to_have_value(job_id, timeout=60_000)
+        page.locator("#model input").click()
+        expect(page.get_by_role("option", name=re.compile(f"job {job_id}"))).to_be_visible(timeout=30_000)
+        page.keyboard.press("Escape")
+        page.screenshot(path=str(ARTIFACTS / "6-after-reload.png"))
+
+        # Its model, compared with its teacher: the status follows without pressing Build.
         page.get_by_role("button", name="Compare its model in the other tabs").click()
+        expect(page.locator("#status")).to_contain_text(f"fine-tuned by job {job_id}", timeout=60_000)
         page.get_by_role("tab", name="Attention").click()
-        page.get_by_role("button", name="Build CAIT twin").click()
-        expect(body).to_contain_text("fine-tuned with CDCP", timeout=60_000)
         page.get_by_role("button", name="Show CLS attention").click()
         expect(body).to_contain_text(re.compile(r"\b(circle|ring|square|diamond|triangle|cross|star|hexagon)\b"),
                                      timeout=60_000)
         expect(page.get_by_text("Error", exact=True)).to_have_count(0)
-        page.screenshot(path=str(ARTIFACTS / "4-job-model-attention.png"))
+        page.screenshot(path=str(ARTIFACTS / "7-job-model-attention.png"), full_page=True)
 
-        # The same pair in the Channels and Cost tabs.
+        # The same pair in the Channels tab (blocks from 0).
         page.get_by_role("tab", name="Channels").click()
         page.get_by_role("button", name="Show retained channels").click()
         expect(body).to_contain_text("retained channels per block", timeout=60_000)
-        page.get_by_role("tab", name="Cost").click()
-        page.get_by_role("button", name="Compute cost").click()
-        expect(body).to_contain_text("images/s", timeout=120_000)
-        page.screenshot(path=str(ARTIFACTS / "4b-job-model-cost.png"))
 
-        # Compactors of that job.
+        # Compactors of that job: units against rows explained, and the CDCP-vs-global contrast.
         page.get_by_role("tab", name="Compactors").click()
         page.get_by_role("button", name="Show compactors of the selected job").click()
         expect(body).to_contain_text("Plain global selection", timeout=60_000)
-        page.screenshot(path=str(ARTIFACTS / "5-compactors.png"), full_page=True)
+        expect(body).to_contain_text("compactor rows, since a q/k unit is a pair of rows")
+        page.screenshot(path=str(ARTIFACTS / "8-compactors.png"), full_page=True)
 
         # A long job, cancelled: the app says what was kept.
         page.get_by_role("tab", name="Fine-tune").click()
-        page.get_by_label("Steps").fill("100000")
+        _pick(page, "ft-model", tiny)                      # the reload brought back the default model
+        page.locator("#ft-steps input").fill("1000")
         page.get_by_role("button", name="Start fine-tune").click()
         try:
             expect(body).to_contain_text(re.compile(r"running on cpu · step [1-9]"), timeout=120_000)
         finally:
-            page.screenshot(path=str(ARTIFACTS / "6a-long-job.png"))
+            page.screenshot(path=str(ARTIFACTS / "9a-long-job.png"))
         page.get_by_role("button", name="Cancel job").click()
         expect(body).to_contain_text("cancelled at step", timeout=60_000)
-        page.screenshot(path=str(ARTIFACTS / "6-cancelled.png"))
+        page.screenshot(path=str(ARTIFACTS / "9-cancelled.png"))
         browser.close()
     (ARTIFACTS / "browser-test-seconds.txt").write_text(f"{time.time() - t0:.1f}\n")

@@ -58,10 +58,15 @@ def test_layout_parsing_and_formatting():
     assert parse_layout("") == parse_layout(None) == {}
     assert format_layout({8: "v", 4: "h"}) == "h4,v8"
     for bad in ("x4", "h", "h-1", "4h", "h4;v8"):
-        with pytest.raises(ValueError, match="bad merge layout item"):
+        with pytest.raises(ValueError, match=r"bad merge layout .*is not hN or vN"):
             parse_layout(bad)
     with pytest.raises(ValueError, match="twice"):
         parse_layout("h4,v4")
+    # Every problem at once, and no angle brackets (an HTML toast swallowed "h<block>" as a tag).
+    with pytest.raises(ValueError) as e:
+        parse_layout("x4,h2,v2,q")
+    assert "'x4' is not hN or vN; block 2 is named twice; 'q' is not hN or vN" in str(e.value)
+    assert "<" not in str(e.value)
     with pytest.raises(ValueError, match="'h' or 'v'"):
         parse_layout({3: "x"})
 
@@ -76,6 +81,8 @@ def test_deit_tiny_three_merges_grids():
 def test_layout_must_fit_the_model():
     with pytest.raises(ValueError, match="has 12 blocks"):
         token_grids((14, 14), 12, "h12")
+    with pytest.raises(ValueError, match=r"names blocks 12, 20, but the model has 12 blocks \(0..11\)"):
+        token_grids((14, 14), 12, "h12,v20")
     with pytest.raises(ValueError, match="already 1"):
         token_grids((2, 2), 4, "h0,h1")
 
