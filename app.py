@@ -145,13 +145,15 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
         with gr.Accordion("What am I looking at?", open=False):
             gr.Markdown(EXPLAINER)
         with gr.Row():
-            model = gr.Dropdown(list(studio.model_choices()), value=studio.default_model(), label="Model", elem_id="model",
+            model = gr.Dropdown(list(studio.model_choices()), value=studio.default_model(), label="Model",
+                                elem_id="model",
                                 info="the bundled offline pair, DeiTs (timm ImageNet weights), then finished "
                                      "fine-tune jobs")
             # A number, not a slider: a value out of range is refused by name instead of clamped silently.
             reduction = gr.Number(DEFAULT_REDUCTION, label="Total FLOPs reduction", step=0.05, elem_id="reduction",
                                   info=f"{REDUCTION_RANGE[0]} to {REDUCTION_RANGE[1]}")
-            merge = gr.Textbox(label="ATME layout (optional)", placeholder="e.g. h4,v7 (blocks from 0)", elem_id="merge",
+            merge = gr.Textbox(label="ATME layout (optional)", placeholder="e.g. h4,v7 (blocks from 0)",
+                               elem_id="merge",
                                info="planned when empty")
             build = gr.Button("Build CAIT twin", variant="primary")
         status = gr.Markdown(studio.startup_note(), elem_id="status")

@@ -114,8 +114,9 @@ def per_flop(scores: ChannelScores, spec) -> ChannelScores:
     """Scores divided by the FLOPs each unit's removal saves (:class:`cait.flops.BlockSpec` unit costs), so the
     selection walk removes the cheapest loss per FLOP first."""
     qk = [s / b.qk_unit_flops() for s, b in zip(scores.qk(), spec.blocks)]
-    return ChannelScores(q=qk, k=[t.clone() for t in qk], v=[s / b.v_unit_flops() for s, b in zip(scores.v, spec.blocks)],
-                         ffn=[s / b.ffn_unit_flops() for s, b in zip(scores.ffn, spec.blocks)])
+    v = [s / b.v_unit_flops() for s, b in zip(scores.v, spec.blocks)]
+    ffn = [s / b.ffn_unit_flops() for s, b in zip(scores.ffn, spec.blocks)]
+    return ChannelScores(q=qk, k=[t.clone() for t in qk], v=v, ffn=ffn)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +256,8 @@ def refit_(compact: nn.Module, original: nn.Module, images: torch.Tensor, batch_
             fit.add(a.to(dev_c), target.to(dev_c), _token_weights(len(x), x.shape[1], cls_weight, dev_c))
         _set_linear(bc.attn.proj, *fit.solve(ridge))
         refit.append("proj")
-        mid_c = [(x.to(dev_c) + bc.ls1(bc.attn.proj(a.to(dev_c)))).cpu() for x, a in zip(_batches(xc, batch_size), acts)]
+        mid_c = [(x.to(dev_c) + bc.ls1(bc.attn.proj(a.to(dev_c)))).cpu()
+                 for x, a in zip(_batches(xc, batch_size), acts)]
 
         # (c) fc2: the compact FFN's hidden activations → the original's block output minus the stream so far.
         acts = []

@@ -140,7 +140,8 @@ def read_config(path: str | os.PathLike) -> dict:
     Raises:
         CheckpointError: missing directory or file, a file over :data:`MAX_CONFIG_BYTES`, invalid or too deeply
             nested JSON, wrong format, an architecture not in :data:`cait.models.PATCH_SIZES`, ``img_size`` or
-            ``num_classes`` out of bounds (or not a multiple of the patch size), ill-typed ``merge``/``blocks``/``meta``.
+            ``num_classes`` out of bounds (or not a multiple of the patch size), ill-typed ``merge``, ``blocks`` or
+            ``meta``.
     """
     path = Path(path)
     if not path.is_dir():

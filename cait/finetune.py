@@ -109,7 +109,8 @@ class FinetuneConfig:
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
                 "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr",
                 "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "token_labels", "lasso",
-                "mask_interval", "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to", "val_size", "synthetic_size", "seed")
+                "mask_interval", "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to", "val_size", "synthetic_size",
+                "seed")
 
     def to_dict(self) -> dict:
         """All fields, JSON-ready."""

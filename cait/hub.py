@@ -97,11 +97,13 @@ def model_card(model: nn.Module, repo_id: str, numbers: dict | None = None) -> s
     if numbers:
         rows = ("\n| | uncompressed | this model |\n| --- | --- | --- |\n"
                 f"| FLOPs (multiply-adds, one image) | {numbers['base_flops'] / 1e9:.3f} G | "
-                f"{numbers['flops'] / 1e9:.3f} G ({100 * (1 - numbers['flops'] / numbers['base_flops']):.1f}% fewer) |\n"
+                f"{numbers['flops'] / 1e9:.3f} G "
+                f"({100 * (1 - numbers['flops'] / numbers['base_flops']):.1f}% fewer) |\n"
                 f"| parameters | {numbers['base_params'] / 1e6:.2f} M | {numbers['params'] / 1e6:.2f} M |\n"
                 f"| CPU throughput, batch {numbers['batch_size']} (measured when pushed) | 1.00× | "
                 f"{numbers['cpu_speedup']:.2f}× |\n")
     classes = meta.get("classes")
+    named = f" ({', '.join(classes)})" if classes and len(classes) <= 20 else ""
     return f"""---
 tags: [image-classification, vision-transformer, cait, token-merging, pruning]
 library_name: cait-studio
@@ -110,7 +112,7 @@ library_name: cait-studio
 # {repo_id.split('/')[-1]}
 
 A CAIT-compressed {architecture(model)} (asymmetric token merging + consistent dynamic channel pruning),
-{model.patch_embed.img_size[0]} px, {model.num_classes} classes{f" ({', '.join(classes)})" if classes and len(classes) <= 20 else ""}.
+{model.patch_embed.img_size[0]} px, {model.num_classes} classes{named}.
 {rows}
 - ATME layout: `{layout}` (0-based blocks: HTM/VTM before each named block)
 - kept widths per block (q/k per head / v per head / FFN): {widths}

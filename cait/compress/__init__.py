@@ -93,9 +93,9 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
     else:
         from ..calibrate import refit_
         fit = refit_(out, model, images, batch_size, progress=progress)
-        meta["calibration"] = {
-            "images": len(images), "source": calibration if isinstance(calibration, str) else type(calibration).__name__,
-            "seconds": round(time.perf_counter() - t0, 1), "block_mse": [round(b["mse_after"], 6) for b in fit["blocks"]]}
+        source = calibration if isinstance(calibration, str) else type(calibration).__name__
+        meta["calibration"] = {"images": len(images), "source": source, "seconds": round(time.perf_counter() - t0, 1),
+                               "block_mse": [round(b["mse_after"], 6) for b in fit["blocks"]]}
         meta["note"] = (f"calibrated, training-free: Fisher channel scores and a least-squares refit on {len(images)} "
                         "unlabelled images, no CDCP fine-tuning")
     if "classes" in (getattr(model, "cait_meta", None) or {}):
