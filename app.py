@@ -16,10 +16,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from cait.jobs import JobError, JobManager
+from cait.jobs import JobError, JobManager, job_key
 from cait.models import TEST_MODEL
 from cait.public import ArchiveError, Limits, extract_archive, on_space, visitor_key
-from cait.studio import REDUCTION_RANGE, Studio, compactor_view, finetune_estimate, job_view, jobs_table
+from cait.jobviews import compactor_view, finetune_estimate, job_view, jobs_table
+from cait.studio import REDUCTION_RANGE, Studio
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 COMPUTE = dict(concurrency_id="compute", concurrency_limit=1)
@@ -116,7 +117,7 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
     def on_attention(model, reduction, merge, sample, upload, block):
         p = pair(model, reduction, merge)
         try:
-            v = studio.attention(p, studio.image(sample, upload), int(block), sample=sample)
+            v = studio.attention(p, studio.sample(p, sample, upload), int(block))
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return (v.image, v.original_mean, v.compressed_mean, v.original_heads, v.compressed_heads, v.original_top5,
@@ -291,7 +292,7 @@ def _finetune_tabs(studio: Studio, jobs: JobManager, model: gr.Dropdown, poll_s:
             raise gr.Error(str(e)) from None
 
     def on_use(job_id):
-        label = next((k for k, v in studio.model_choices().items() if v == f"job:{job_id}"), None)
+        label = next((k for k, v in studio.model_choices().items() if v == job_key(job_id)), None)
         if label is None:
             raise gr.Error(f"job {job_id} has no finished model yet")
         return gr.update(choices=list(studio.model_choices()), value=label)

@@ -55,7 +55,8 @@ def bundled_pair(root: str | os.PathLike | None = None) -> BundledPair | None:
     without the assets). Only looks for the files; :meth:`BundledPair.load` validates them."""
     root = Path(root) if root is not None else ASSETS_DIR
     dirs = root / ORIGINAL_DIR, root / TWIN_DIR
-    if not all((d / "config.json").is_file() and (d / "model.safetensors").is_file() for d in dirs):
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    if not all((d / CONFIG_NAME).is_file() and (d / WEIGHTS_NAME).is_file() for d in dirs):
         return None
     return BundledPair(*dirs, *(read_provenance(d) for d in dirs))
 

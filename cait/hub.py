@@ -47,9 +47,11 @@ def download(spec: str) -> Path:
         HubError: an invalid id, or the files are neither cached nor downloadable (offline, missing, private).
     """
     from huggingface_hub import snapshot_download
+
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
     repo, revision = parse_hub_id(spec)
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=["config.json", "model.safetensors"]))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     except Exception as e:  # network, auth, missing repo, offline cache miss: one message, the cause attached
         raise HubError(f"{HUB_PREFIX}{repo}: cannot be fetched ({type(e).__name__}: "
                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'})") from e

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bundled import ASSETS_DIR, ORIGINAL_DIR
-from .checkpoint import atomic_write
+from .checkpoint import CONFIG_NAME, atomic_write
 from .public import Limits, on_space
 from .rundir import LogReader
 
@@ -45,6 +45,19 @@ UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
 FIELD_NAMES = {"model": "Model", "data": "Data", "flops_reduction": "FLOPs reduction", "steps": "Steps",
                "batch_size": "Batch size", "img_size": "Image size"}
 """The Fine-tune tab's label for each option, so an error names the field the visitor sees."""
+
+
+JOB_KEY_PREFIX = "job:"
+
+
+def job_key(job_id: str) -> str:
+    """The model-list key of a finished job's pair: ``"job:<id>"`` (the one place it is built)."""
+    return JOB_KEY_PREFIX + job_id
+
+
+def job_id_of(key: str) -> str | None:
+    """The job id in a ``"job:<id>"`` key (checked, :func:`check_job_id`), or None for another key."""
+    return check_job_id(key[len(JOB_KEY_PREFIX):]) if key.startswith(JOB_KEY_PREFIX) else None
 
 
 class JobError(ValueError):
@@ -328,7 +341,7 @@ class JobManager:
         d = job.dir(self.root)
         final = [r for r in self.records(job.id) if r.get("type") == "final"]
         job.ended, job.returncode, job.pid = time.time(), returncode, None
-        if final and (d / "run" / "compact" / "config.json").is_file():
+        if final and (d / "run" / "compact" / CONFIG_NAME).is_file():
             job.status = "done"
             f = final[-1]
             teacher = "" if f.get("top1_teacher") is None else f" (teacher {f['top1_teacher']:.1f}%)"
@@ -463,7 +476,7 @@ class JobManager:
                 a = j.args
                 name = "bundled DeiT-Tiny" if str(a.get("model", "")).endswith(ORIGINAL_DIR) else a.get("model", "?")
                 label = f"job {j.id}: {name} −{100 * float(a.get('flops_reduction', 0)):.0f}%"
-                out[label] = f"job:{j.id}"
+                out[label] = job_key(j.id)
         return out
 
     def run_dir(self, job_id: str) -> Path:

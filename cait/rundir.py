@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import atomic_write
+from .checkpoint import CONFIG_NAME, atomic_write
 from .flops import ModelSpec, describe
 from .select import ChannelMask, ChannelScores
 
@@ -172,7 +172,7 @@ def compactor_snapshot(run_dir: str | os.PathLike) -> CompactorSnapshot:
     run = Path(run_dir)
     states = state_files(run)
     start = next((r for r in read_log(run) if r.get("type") == "start"), None)
-    if not states or start is None or not (run / "teacher" / "config.json").is_file():
+    if not states or start is None or not (run / "teacher" / CONFIG_NAME).is_file():
         raise RunDirError(f"{run}: no training state yet")
     step, jfile, sfile = states[-1]
     meta = json.loads(jfile.read_text())

@@ -1,16 +1,15 @@
-"""The app's engine: builds and caches (original, CAIT twin) pairs and answers each tab's question.
+"""The app's engine: builds and caches (original, CAIT twin) pairs and answers the Attention, Channels and Cost tabs.
 
 Everything here is plain Python returning PIL images, plotly figures and pandas tables, so it is testable without a
-browser; ``app.py`` only lays out widgets and calls it.
+browser; ``app.py`` only lays out widgets and calls it. The status Markdown lives in :mod:`cait.status`, the
+Fine-tune and Compactors tabs' answers in :mod:`cait.jobviews`.
 """
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +24,17 @@ from PIL import Image
 from .attention import attention_in_mask, cls_attention
 from .baselines import apply_tome, tome_flops, tome_schedule
 from .bench import compare_throughput, resolve_device
-from .bundled import BUNDLED_KEY, BUNDLED_LABEL, ORIGINAL_DIR, BundledPair, bundled_pair
+from .bundled import BUNDLED_KEY, BUNDLED_LABEL, BundledPair, bundled_pair
 from .compress import compress
 from .flops import count_params, describe, flops_by_block
+from .jobs import job_id_of
 from .merge import format_layout, parse_layout, patch_grid, token_grids
 from .models import DEIT_MODELS, TEST_MODEL, WeightsInfo, create_model, hub_offline, hub_unreachable_reason
 from .photos import MAX_PIXELS, SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
 from .public import Limits
-from .synthetic import CLASSES, SyntheticShapes, render
-from .viz import (block_flops_figure, channels_figure, compactor_figure, consistency_figure, cost_table,
-                  display_view, overlay, top_k, training_figure)
+from .status import classes_note, model_labels, pair_status, startup_note
+from .synthetic import CLASSES, SyntheticShapes, held_out_sample
+from .viz import block_flops_figure, channels_figure, cost_table, display_view, overlay, top_k
 
 if TYPE_CHECKING:
     from .jobs import JobManager
@@ -102,6 +102,16 @@ class AttentionView:
         return "\n\n".join(lines)
 
 
+@dataclass
+class Sample:
+    """An image to analyse. A synthetic sample is rendered at the model's input size and knows its object mask and
+    label; a photo or an upload does not (the model's own resize and crop apply to it)."""
+
+    image: Image.Image
+    mask: torch.Tensor | None = None        # (S, S) bool
+    label: str | None = None
+
+
 REDUCTION_RANGE = (0.05, 0.8)
 """Total FLOPs reductions the app offers for a DeiT's twin."""
 
@@ -162,16 +172,8 @@ class Studio:
         return DEIT_MODELS["deit_tiny_patch16_224"]
 
     def startup_note(self) -> str:
-        """Markdown for the app's first screen: the device, and which weights the default model has and why."""
-        why = self.hub_reason()
-        note = f"Device: `{self.device}`."
-        if why and self.bundled is not None:
-            note += (f" **Offline:** timm's ImageNet weights are out of reach ({why}), so the default model is the "
-                     "bundled DeiT-Tiny and its CAIT twin, trained by this project on synthetic shapes.")
-        elif why:
-            note += (f" **Offline:** timm's ImageNet weights are out of reach ({why}) and the bundled weights are "
-                     "not in this checkout: DeiTs will be randomly initialised.")
-        return note
+        """Markdown for the app's first screen (:func:`cait.status.startup_note`)."""
+        return startup_note(self.device, self.hub_reason(), self.bundled)
 
     def default_sample(self) -> str:
         """A synthetic sample (known mask, a class the bundled models know) for the bundled default, else a photo."""
@@ -199,7 +201,11 @@ class Studio:
             ValueError: unknown model, bad layout, or an unreachable FLOPs target (message says which).
         """
         name = self.model_choices().get(name, name)
-        if name.startswith("job:"):
+        try:
+            is_job = job_id_of(name) is not None
+        except KeyError as e:
+            raise ValueError(f"Model: {e.args[0]}") from None
+        if is_job:
             return self._job_pair(name)
         if name == BUNDLED_KEY:
             return self._bundled_pair()
@@ -260,7 +266,7 @@ class Studio:
         from .checkpoint import load_pretrained
         if self.jobs is None:
             raise ValueError("no job manager: fine-tuned models are not available here")
-        job_id = name.split(":", 1)[1]
+        job_id = job_id_of(name)
 
         def load():
             run = self.jobs.run_dir(job_id)
@@ -317,82 +323,32 @@ class Studio:
         return zpath
 
     def status(self, pair: ModelPair) -> str:
-        """Markdown: device, where the weights came from, and what the twin is."""
-        parts = self._twin_status(pair)
-        if pair.name == BUNDLED_KEY:
-            parts.append(self._bundled_localisation())
-        return "\n\n".join(parts)
-
-    def _twin_status(self, pair: ModelPair) -> list[str]:
-        """Markdown paragraphs: device, weights and the twin (fine-tuned run summary, or the untrained preview)."""
-        meta = pair.compressed.cait_meta
-        if "finetune" in meta:
-            f = meta["finetune"]
-            return [
-                f"**Device:** `{pair.device}` · **Model:** `{pair.name}` ({pair.weights.detail})",
-                f"**CAIT twin, fine-tuned with CDCP:** ATME `{f['merge'] or 'none'}`, "
-                f"{f['base_flops'] / 1e9:.4f} → {f['flops'] / 1e9:.4f} GFLOPs "
-                f"({100 * f['flops_reduction']:.1f}% fewer); held-out top-1 {f['top1_student']:.1f}% "
-                + ("(its teacher was not trained). " if f.get("top1_teacher") is None else
-                   f"(teacher {f['top1_teacher']:.1f}%). ")
-                + "The reduction and layout controls do not apply to it.",
-            ]
-        f = pair.flops()
-        fo, fc = sum(f["original"].values()), sum(f["compressed"].values())
-        weights = (f"**Weights:** {pair.weights.detail}." if pair.weights.trained else
-                   f"**Weights: not trained** — {pair.weights.detail}. Attention maps and predictions of random "
-                   "weights mean nothing; the FLOPs, channel and speed figures are still exact.")
-        if "calibration" in meta:
-            c = meta["calibration"]
-            how = (f"*Calibrated, training-free:* channels chosen by their Fisher information and each block's "
-                   f"output Linears refit by least squares on {c['images']} unlabelled images ({c['source']}: bundled "
-                   f"photos with random crops and synthetic shapes; {c['seconds']:.0f} s), without the CDCP "
-                   "fine-tuning that gives CAIT its full accuracy.")
-        else:
-            how = ("*Untrained preview:* channels chosen by weight-row norms, without the CDCP fine-tuning that gives "
-                   "CAIT its accuracy.")
-        return [
-            f"**Device:** `{pair.device}` · **Model:** {DEIT_MODELS.get(pair.name, pair.name)} (`{pair.name}`)",
-            weights,
-            f"**CAIT twin:** ATME layout `{meta['merge'] or 'none'}` ({100 * meta['atme_reduction']:.1f}% of FLOPs) "
-            f"+ CDCP channel pruning → {fo / 1e9:.3f} → {fc / 1e9:.3f} GFLOPs "
-            f"({100 * (1 - fc / fo):.1f}% fewer). " + how,
-        ]
-
-    def _bundled_localisation(self) -> str:
-        """Markdown: the bundled models' attention localisation on the held-out split (from their provenance)."""
-        o = self.bundled.original_provenance.get("localisation", {})
-        c = self.bundled.twin_provenance.get("localisation", {})
-        if "attention_in_object" not in o or "attention_in_object" not in c:
-            return "**Attention localisation:** not recorded in the bundled provenance."
-        return (f"**Attention inside the object** (held-out synthetic images, n = {o.get('images', '?')}): "
-                f"original {100 * o['attention_in_object']:.1f}%, CAIT twin {100 * c['attention_in_object']:.1f}%; "
-                f"uniform attention would score {100 * o['object_area']:.1f}% (the objects' mean area).")
+        """Markdown: device, where the weights came from, and what the twin is (:func:`cait.status.pair_status`)."""
+        return pair_status(pair, self.bundled)
 
     @staticmethod
     def sample_names() -> list[str]:
         """Bundled photos, then synthetic samples with known masks."""
         return list(SAMPLE_PHOTOS) + list(SYNTHETIC_SAMPLES)
 
-    def image(self, sample: str | None = None, upload=None) -> Image.Image | None:
-        """The image to analyse: an upload (path, array or PIL) if given, else a bundled photo; None for a
-        synthetic sample, which :meth:`attention` renders at the model's input size (so its mask aligns).
+    def sample(self, pair: ModelPair, name: str | None = None, upload=None) -> Sample:
+        """The image to analyse with ``pair``: an upload (path, array or PIL) if given, else a bundled photo, else a
+        held-out synthetic sample rendered at the model's input size (so its mask aligns).
 
         Raises:
             ImageError: for an upload that is not a usable image.
             ValueError: if neither is given or the sample name is unknown.
         """
         if upload is not None and not (isinstance(upload, str) and not upload):
-            return load_image(upload, self.limits.max_image_pixels if self.limits.public else MAX_PIXELS)
-        if sample in SAMPLE_PHOTOS:
-            return sample_photo(sample)
-        if sample in SYNTHETIC_SAMPLES:
-            return None
+            return Sample(load_image(upload, self.limits.max_image_pixels if self.limits.public else MAX_PIXELS))
+        if name in SAMPLE_PHOTOS:
+            return Sample(sample_photo(name))
+        if name in SYNTHETIC_SAMPLES:
+            return Sample(*held_out_sample(SYNTHETIC_SAMPLES[name], int(pair.original.patch_embed.img_size[0])))
         raise ValueError("pick a bundled photo or upload an image")
 
     @torch.no_grad()
-    def attention(self, pair: ModelPair, image: Image.Image | None, block: int = -1, sample: str | None = None
-                  ) -> AttentionView:
+    def attention(self, pair: ModelPair, sample: Sample, block: int = -1) -> AttentionView:
         """CLS attention of both models in one block (default: the last), head-mean and per head, with top-5.
 
         Raises:
@@ -401,19 +357,12 @@ class Studio:
         depth = len(pair.original.blocks)
         if not -depth <= block < depth:
             raise ValueError(f"block {block} is out of range: the model has {depth} blocks (0..{depth - 1})")
-        mask, true_label = None, None
-        if image is None:                                  # a synthetic sample, rendered at the input size
-            if sample not in SYNTHETIC_SAMPLES:
-                raise ValueError("pick a bundled photo or upload an image")
-            ds = SyntheticShapes(8, pair.original.patch_embed.img_size[0], split="val")
-            img, label, mask_np = render(ds.seed, ds.split, SYNTHETIC_SAMPLES[sample], ds.img_size)
-            x, mask, view = ds.normalise(img)[None].to(self.device), torch.from_numpy(mask_np)[None], \
-                Image.fromarray(img)
-            true_label = CLASSES[label]
+        if sample.mask is not None:                        # rendered at the input size: its pixels as they are
+            x, view = SyntheticShapes.normalise_image(sample.image)[None], sample.image
         else:
-            x = preprocess(pair.original, [image]).to(self.device)
-            view = model_view(pair.original, image)
-        labels = _labels(pair.original)
+            x, view = preprocess(pair.original, [sample.image]), model_view(pair.original, sample.image)
+        x, mask = x.to(self.device), None if sample.mask is None else sample.mask[None]
+        labels = model_labels(pair.original)
         res = {}
         for which, model in (("original", pair.original), ("compressed", pair.compressed)):
             a = cls_attention(model, x, block)
@@ -423,7 +372,7 @@ class Studio:
         o, c = res["original"], res["compressed"]
         return AttentionView(display_view(view), o[0], c[0], o[1], c[1], o[2], c[2], (o[3], c[3]),
                              None if mask is None else (o[4], c[4]),
-                             None if mask is None else float(mask.float().mean()), true_label,
+                             None if mask is None else float(mask.float().mean()), sample.label,
                              classes_note(pair.original))
 
     def channels(self, pair: ModelPair) -> go.Figure:
@@ -464,7 +413,7 @@ class Studio:
                                        iters=iters, rounds=2, progress=progress)
             for k in rows:
                 rows[k]["images_per_s"] = speed[k]["images_per_s"]
-        if _labels(pair.original) == list(CLASSES) and held_out > 0:
+        if model_labels(pair.original) == list(CLASSES) and held_out > 0:
             from .data import build_datasets
             from .finetune import evaluate
             _, val, _ = build_datasets("synthetic", int(pair.original.patch_embed.img_size[0]), val_size=held_out)
@@ -473,174 +422,3 @@ class Studio:
         table = cost_table(rows)
         table.insert(1, "device", str(self.device))
         return table, block_flops_figure(f["original"], f["compressed"])
-
-
-def classes_note(model: nn.Module) -> str:
-    """One line saying what a model's classes are (so a shape model's top-5 on a photo surprises nobody)."""
-    labels = _labels(model)
-    if labels == list(CLASSES):
-        return (f"**Classes:** the {len(CLASSES)} synthetic shapes ({', '.join(CLASSES)}); on a photo its "
-                "predictions mean nothing.")
-    if getattr(model, "num_classes", 0) == 1000:
-        return "**Classes:** ImageNet-1k (1000)."
-    if labels:
-        return f"**Classes:** {len(labels)} ({', '.join(labels[:12])}{', …' if len(labels) > 12 else ''})."
-    return f"**Classes:** {getattr(model, 'num_classes', '?')}, unnamed."
-
-
-def _labels(model: nn.Module) -> list[str] | None:
-    """Class names: the model's own (fine-tuned on synthetic shapes, say), else ImageNet's for 1000 classes."""
-    classes = (getattr(model, "cait_meta", None) or {}).get("classes")
-    if classes and len(classes) == getattr(model, "num_classes", -1):
-        return list(classes)
-    return _imagenet_labels() if getattr(model, "num_classes", 0) == 1000 else None
-
-
-@functools.lru_cache(maxsize=1)
-def _imagenet_labels() -> list[str]:
-    from timm.data import ImageNetInfo
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Fine-tune jobs and the compactor view
-# ----------------------------------------------------------------------------------------------------------------
-def _fmt_s(seconds: float | None) -> str:
-    """``"01:02:03"``, with whole days in front past 24 h (``"3 d 01:02:03"``); ``"–"`` for None."""
-    if seconds is None:
-        return "–"
-    days, rest = divmod(int(max(0, seconds)), 86400)
-    clock = time.strftime("%H:%M:%S", time.gmtime(rest))
-    return f"{days} d {clock}" if days else clock
-
-
-def _sees_details(jobs: "JobManager", job, viewer: str | None) -> bool:
-    """Locally everyone; on a public Space only the session that started the job (paths, log tails)."""
-    return not jobs.limits.public or (viewer is not None and job.owner == viewer)
-
-
-def jobs_table(jobs: "JobManager", viewer: str | None = None, limit: int = 50) -> pd.DataFrame:
-    """One row per job, newest first (at most ``limit``): id, status, model, data, FLOPs target, step, device,
-    message. In public mode another visitor's job shows no data path and no message."""
-    rows = []
-    for j in jobs.list(limit=limit):
-        p = jobs.progress(j.id)
-        mine = _sees_details(jobs, j, viewer)
-        model = j.args.get("model", "")
-        rows.append({"job": j.id, "status": j.status,
-                     "model": "bundled DeiT-Tiny" if str(model).endswith(ORIGINAL_DIR) else model,
-                     "data": j.data_label() if mine or j.data_label() == "synthetic" else "(not shown)",
-                     "FLOPs reduction": j.args.get("flops_reduction"), "step": f"{p['step']}/{p['steps']}",
-                     "device": j.device, "message": j.message.splitlines()[0] if j.message and mine else ""})
-    return pd.DataFrame(rows, columns=["job", "status", "model", "data", "FLOPs reduction", "step", "device",
-                                       "message"])
-
-
-def job_view(jobs: "JobManager", job_id: str, viewer: str | None = None) -> tuple[str, go.Figure]:
-    """Markdown status (step, loss, |S|, images/s, elapsed, ETA, message with log tail) and the live curves.
-
-    Raises:
-        KeyError: unknown or malformed job id.
-    """
-    p = jobs.progress(job_id)
-    job = p["job"]
-    lines = [f"**Job `{job.id}`** — **{job.status}** on `{job.device}` · step {p['step']}/{p['steps']}"
-             + (f" · loss {p['loss']:.3f}" if p["loss"] is not None else "")
-             + f" · |S| {p['s_size']}"
-             + (f" · {p['images_per_s']:.0f} images/s" if p["images_per_s"] else "")
-             + f" · elapsed {_fmt_s(p['elapsed_s'])} · ETA {_fmt_s(p['eta_s'])}"]
-    if job.status == "queued":
-        lines.append("Waiting for its device to be free (one job per device).")
-    if job.message and _sees_details(jobs, job, viewer):
-        lines.append("```\n" + job.message + "\n```")
-    return "\n\n".join(lines), training_figure(p["records"])
-
-
-@functools.lru_cache(maxsize=16)
-def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: str) -> float:
-    """Seconds of one training step as the engine runs it (student with ATME and compactors, teacher forward for
-    distillation, synthetic batch rendered), measured once per setting: one warm-up step, then one timed."""
-    import time as _time
-
-    import torch.nn.functional as F
-
-    from .checkpoint import load_pretrained
-    from .compactor import add_compactors
-    from .merge import apply_atme
-    from .plan import split_budget
-    teacher = (load_pretrained(model) if Path(model).is_dir() else create_model(model, pretrained=False)[0]).eval()
-    split = split_budget(teacher, flops_reduction)
-    student = apply_atme(copy.deepcopy(teacher), split.layout)
-    if split.target_flops < describe(student).flops():
-        add_compactors(student)
-    teacher, student = teacher.to(device), student.to(device).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
-    ds = SyntheticShapes(batch_size, int(teacher.patch_embed.img_size[0]))
-    seconds = 0.0
-    for i in range(2):
-        t0 = _time.perf_counter()
-        x = torch.stack([ds[j][0] for j in range(batch_size)]).to(device)
-        with torch.no_grad():
-            hard = teacher(x).argmax(-1)
-        loss = F.cross_entropy(student(x), hard)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        seconds = _time.perf_counter() - t0
-    return seconds
-
-
-def finetune_estimate(model: str, steps: int, batch_size: int, flops_reduction: float, device: str,
-                      val_size: int = 512, evals: int = 5) -> str:
-    """Markdown: how long a fine-tune would take on this device, from a training step measured here (cached).
-
-    Raises:
-        ValueError: for settings the engine would refuse (the message names the field).
-    """
-    if not isinstance(steps, int) or steps < 1 or not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError("Steps and Batch size must be whole numbers (at least 1 and 2)")
-    per_step = _step_seconds(model, batch_size, round(float(flops_reduction), 2), device)
-    eval_s = per_step / batch_size / 3 * val_size * evals          # a forward is about a third of a training step
-    total = steps * per_step + eval_s
-    return (f"**Estimated time on this `{device}`:** about {_fmt_s(total)} ({per_step:.2f} s per step of {batch_size} "
-            f"images, measured just now; plus {evals} evaluations of {val_size} images). Other jobs or visitors on "
-            "this machine slow it down.")
-
-
-def compactor_view(jobs: "JobManager", job_id: str) -> tuple[str, go.Figure, go.Figure]:
-    """Compactor heatmaps of a job's newest state, and CDCP against plain global selection at the same FLOPs.
-
-    Raises:
-        ValueError: if the job has written no training state yet.
-    """
-    from .rundir import RunDirError, compactor_snapshot
-    from .select import global_selection
-    try:
-        snap = compactor_snapshot(jobs.run_dir(job_id))
-    except (RunDirError, KeyError) as e:
-        raise ValueError(str(e)) from None
-    g = global_selection(snap.scores, snap.spec, snap.target_flops)
-    g_flops = snap.spec.with_widths(g.widths).flops()
-    cdcp_widths = snap.mask.widths() if snap.mask is not None else None
-    near_zero = sum(int((t < 1e-2).sum()) for t in snap.scores.q + snap.scores.k + snap.scores.v + snap.scores.ffn)
-    text = [f"**Job `{job_id}`, training state of step {snap.step}.** FLOPs target {snap.target_flops / 1e9:.4f} G. "
-            f"Near-zero compactor rows (‖Q_j‖ < 0.01): {near_zero}."]
-    if cdcp_widths is not None:
-        m = snap.mask
-        rows = 2 * sum(int(t.sum()) for t in m.qk) + sum(int(t.sum()) for t in m.v + m.ffn)
-        text.append(f"**CDCP** (S: {m.size()} units = {rows} compactor rows, since a q/k unit is a pair of rows, "
-                    f"one in q and one in k): every head of a block keeps the same widths, so all of S can go: "
-                    f"{snap.spec.with_widths(cdcp_widths).flops() / 1e9:.4f} G.")
-    text.append(f"**Plain global selection** at the same nominal FLOPs selects channels head by head and q apart "
-                f"from k; a batched attention can only drop q/k channels selected in both, down to the head that "
-                f"keeps most: it deploys at {g_flops / 1e9:.4f} G "
-                f"({100 * (g_flops / snap.target_flops - 1):+.1f}% against the target).")
-    if cdcp_widths is not None and cdcp_widths == g.widths:
-        text.append("*Here the two deploy the same widths:* the compactor norms are still so uniform (or S so small) "
-                    "that the channels global selection picks happen to line up across heads and between q and k; "
-                    "the difference appears as the masked rows shrink (compare a later training state).")
-    elif cdcp_widths is None:
-        text.append("*No CDCP selection yet* (the warm-up comes first): the chart shows global selection alone.")
-    return ("\n\n".join(text), compactor_figure(snap.scores, snap.mask, f"Compactors at step {snap.step}"),
-            consistency_figure(snap.spec, cdcp_widths, g.widths, "Kept per block: CDCP vs global selection"))

@@ -110,6 +110,13 @@ def render(seed: int, split: str, index: int, img_size: int) -> tuple[np.ndarray
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), label, mask
 
 
+def held_out_sample(index: int, img_size: int, seed: int = 0) -> tuple[Image.Image, torch.Tensor, str]:
+    """Held-out sample ``index`` (split ``val``) rendered at ``img_size``: ``(PIL RGB, (S, S) bool object mask,
+    class name)``. The app's synthetic samples; the mask aligns with the pixels the model sees."""
+    img, label, mask = render(seed, "val", index, img_size)
+    return Image.fromarray(img), torch.from_numpy(mask), CLASSES[label]
+
+
 class SyntheticShapes(Dataset):
     """Fixed-size (``length``) view of the endless synthetic stream; ``ds[i]`` → ``(x (3, S, S), label)``.
 
@@ -147,6 +154,12 @@ class SyntheticShapes(Dataset):
         """``(S, S, 3)`` uint8 → normalised ``(3, S, S)`` float tensor."""
         x = torch.from_numpy(img).permute(2, 0, 1).float().div(255)
         return (x - self.mean) / self.std
+
+    @staticmethod
+    def normalise_image(image: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+        """A PIL RGB image as it is (no resize) → normalised ``(3, S, S)`` float tensor (ImageNet statistics)."""
+        x = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float().div(255)
+        return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
     def tensor(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Normalised ``(3, S, S)`` image, label, ``(S, S)`` bool mask."""

@@ -91,7 +91,7 @@ def test_out_of_range_block_is_a_clear_error(client):
     studio = Studio(device="cpu", pretrained=False)
     pair = studio.pair("DeiT-Tiny", 0.5, "")
     with pytest.raises(ValueError, match=r"block 12 is out of range: the model has 12 blocks \(0..11\)"):
-        studio.attention(pair, studio.image(PHOTO), 12)
+        studio.attention(pair, studio.sample(pair, PHOTO), 12)
 
 
 def test_synthetic_sample_reports_attention_localisation(client):

@@ -53,7 +53,7 @@ def test_offline_the_app_defaults_to_the_bundled_pair(tmp_path, tiny, monkeypatc
     assert "bundled weights trained by this project" in status and "HF_HUB_OFFLINE" in status
     assert "original 30.0%, CAIT twin 28.0%" in status and "8.0%" in status
     assert "held-out top-1 63.0% (teacher 63.0%)" in status                # as shipped (provenance)
-    view = studio.attention(p, None, -1, sample=next(iter(SYNTHETIC_SAMPLES)))
+    view = studio.attention(p, studio.sample(p, next(iter(SYNTHETIC_SAMPLES))))
     assert view.localisation is not None and set(view.original_top5) <= set(cait.synthetic.CLASSES)
     # Cost: the held-out split exists for these classes, so all three models get a measured top-1.
     table, _ = studio.cost(p, measure=False, held_out=16)

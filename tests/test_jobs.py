@@ -8,7 +8,8 @@ import pytest
 
 import cait
 from cait.jobs import Job, JobManager
-from cait.studio import Studio, compactor_view, job_view, jobs_table
+from cait.jobviews import compactor_view, job_view, jobs_table
+from cait.studio import Sample, Studio
 from cait.synthetic import SyntheticShapes
 
 FAST = dict(model=cait.TEST_MODEL, steps=30, batch_size=8, val_size=32, synthetic_size=200, eval_interval=10,
@@ -58,7 +59,7 @@ def test_job_life_cycle_and_the_model_becomes_selectable(tmp_path, managers):
     label = next(k for k, v in studio.model_choices().items() if v == f"job:{job.id}")
     pair = studio.pair(label, 0.5, "")
     assert "fine-tuned with CDCP" in studio.status(pair)
-    view = studio.attention(pair, SyntheticShapes(4, 32, split="val").sample(0)[0])
+    view = studio.attention(pair, Sample(SyntheticShapes(4, 32, split="val").sample(0)[0]))
     assert set(view.compressed_top5) <= set(cait.synthetic.CLASSES)
     summary, norms, contrast = compactor_view(jm, job.id)
     assert "Plain global selection" in summary and len(norms.data) >= 4 and len(contrast.data) >= 3

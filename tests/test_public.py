@@ -272,5 +272,5 @@ def test_a_bad_output_is_a_clear_error_and_exit_code_2(tmp_path, capsys):
 
 
 def test_eta_past_a_day_does_not_wrap():
-    from cait.studio import _fmt_s
+    from cait.jobviews import _fmt_s
     assert _fmt_s(3 * 86400 + 3723) == "3 d 01:02:03" and _fmt_s(59) == "00:00:59" and _fmt_s(None) == "–"

@@ -1,0 +1,163 @@
+"""What the Fine-tune and Compactors tabs show: the jobs table, one job's progress and curves, a fine-tune's time
+estimate on this device, and a run's compactors against plain global selection.
+
+Plain functions over a :class:`cait.jobs.JobManager`, returning Markdown, pandas tables and plotly figures, so they
+are testable without a browser. On a public Space (:mod:`cait.public`) another visitor's job shows no paths or logs.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from .bundled import ORIGINAL_DIR
+from .flops import describe
+from .jobs import JobManager
+from .models import create_model
+from .synthetic import SyntheticShapes
+from .viz import compactor_figure, consistency_figure, training_figure
+
+
+def _fmt_s(seconds: float | None) -> str:
+    """``"01:02:03"``, with whole days in front past 24 h (``"3 d 01:02:03"``); ``"–"`` for None."""
+    if seconds is None:
+        return "–"
+    days, rest = divmod(int(max(0, seconds)), 86400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days} d {clock}" if days else clock
+
+
+def _sees_details(jobs: JobManager, job, viewer: str | None) -> bool:
+    """Locally everyone; on a public Space only the session that started the job (paths, log tails)."""
+    return not jobs.limits.public or (viewer is not None and job.owner == viewer)
+
+
+def jobs_table(jobs: JobManager, viewer: str | None = None, limit: int = 50) -> pd.DataFrame:
+    """One row per job, newest first (at most ``limit``): id, status, model, data, FLOPs target, step, device,
+    message. In public mode another visitor's job shows no data path and no message."""
+    rows = []
+    for j in jobs.list(limit=limit):
+        p = jobs.progress(j.id)
+        mine = _sees_details(jobs, j, viewer)
+        model = j.args.get("model", "")
+        rows.append({"job": j.id, "status": j.status,
+                     "model": "bundled DeiT-Tiny" if str(model).endswith(ORIGINAL_DIR) else model,
+                     "data": j.data_label() if mine or j.data_label() == "synthetic" else "(not shown)",
+                     "FLOPs reduction": j.args.get("flops_reduction"), "step": f"{p['step']}/{p['steps']}",
+                     "device": j.device, "message": j.message.splitlines()[0] if j.message and mine else ""})
+    return pd.DataFrame(rows, columns=["job", "status", "model", "data", "FLOPs reduction", "step", "device",
+                                       "message"])
+
+
+def job_view(jobs: JobManager, job_id: str, viewer: str | None = None) -> tuple[str, go.Figure]:
+    """Markdown status (step, loss, |S|, images/s, elapsed, ETA, message with log tail) and the live curves.
+
+    Raises:
+        KeyError: unknown or malformed job id.
+    """
+    p = jobs.progress(job_id)
+    job = p["job"]
+    lines = [f"**Job `{job.id}`** — **{job.status}** on `{job.device}` · step {p['step']}/{p['steps']}"
+             + (f" · loss {p['loss']:.3f}" if p["loss"] is not None else "")
+             + f" · |S| {p['s_size']}"
+             + (f" · {p['images_per_s']:.0f} images/s" if p["images_per_s"] else "")
+             + f" · elapsed {_fmt_s(p['elapsed_s'])} · ETA {_fmt_s(p['eta_s'])}"]
+    if job.status == "queued":
+        lines.append("Waiting for its device to be free (one job per device).")
+    if job.message and _sees_details(jobs, job, viewer):
+        lines.append("```\n" + job.message + "\n```")
+    return "\n\n".join(lines), training_figure(p["records"])
+
+
+@functools.lru_cache(maxsize=16)
+def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: str) -> float:
+    """Seconds of one training step as the engine runs it (student with ATME and compactors, teacher forward for
+    distillation, synthetic batch rendered), measured once per setting: one warm-up step, then one timed."""
+    import time as _time
+
+    import torch.nn.functional as F
+
+    from .checkpoint import load_pretrained
+    from .compactor import add_compactors
+    from .merge import apply_atme
+    from .plan import split_budget
+    teacher = (load_pretrained(model) if Path(model).is_dir() else create_model(model, pretrained=False)[0]).eval()
+    split = split_budget(teacher, flops_reduction)
+    student = apply_atme(copy.deepcopy(teacher), split.layout)
+    if split.target_flops < describe(student).flops():
+        add_compactors(student)
+    teacher, student = teacher.to(device), student.to(device).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    ds = SyntheticShapes(batch_size, int(teacher.patch_embed.img_size[0]))
+    seconds = 0.0
+    for i in range(2):
+        t0 = _time.perf_counter()
+        x = torch.stack([ds[j][0] for j in range(batch_size)]).to(device)
+        with torch.no_grad():
+            hard = teacher(x).argmax(-1)
+        loss = F.cross_entropy(student(x), hard)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seconds = _time.perf_counter() - t0
+    return seconds
+
+
+def finetune_estimate(model: str, steps: int, batch_size: int, flops_reduction: float, device: str,
+                      val_size: int = 512, evals: int = 5) -> str:
+    """Markdown: how long a fine-tune would take on this device, from a training step measured here (cached).
+
+    Raises:
+        ValueError: for settings the engine would refuse (the message names the field).
+    """
+    if not isinstance(steps, int) or steps < 1 or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError("Steps and Batch size must be whole numbers (at least 1 and 2)")
+    per_step = _step_seconds(model, batch_size, round(float(flops_reduction), 2), device)
+    eval_s = per_step / batch_size / 3 * val_size * evals          # a forward is about a third of a training step
+    total = steps * per_step + eval_s
+    return (f"**Estimated time on this `{device}`:** about {_fmt_s(total)} ({per_step:.2f} s per step of {batch_size} "
+            f"images, measured just now; plus {evals} evaluations of {val_size} images). Other jobs or visitors on "
+            "this machine slow it down.")
+
+
+def compactor_view(jobs: JobManager, job_id: str) -> tuple[str, go.Figure, go.Figure]:
+    """Compactor heatmaps of a job's newest state, and CDCP against plain global selection at the same FLOPs.
+
+    Raises:
+        ValueError: if the job has written no training state yet.
+    """
+    from .rundir import RunDirError, compactor_snapshot
+    from .select import global_selection
+    try:
+        snap = compactor_snapshot(jobs.run_dir(job_id))
+    except (RunDirError, KeyError) as e:
+        raise ValueError(str(e)) from None
+    g = global_selection(snap.scores, snap.spec, snap.target_flops)
+    g_flops = snap.spec.with_widths(g.widths).flops()
+    cdcp_widths = snap.mask.widths() if snap.mask is not None else None
+    near_zero = sum(int((t < 1e-2).sum()) for t in snap.scores.q + snap.scores.k + snap.scores.v + snap.scores.ffn)
+    text = [f"**Job `{job_id}`, training state of step {snap.step}.** FLOPs target {snap.target_flops / 1e9:.4f} G. "
+            f"Near-zero compactor rows (‖Q_j‖ < 0.01): {near_zero}."]
+    if cdcp_widths is not None:
+        m = snap.mask
+        rows = 2 * sum(int(t.sum()) for t in m.qk) + sum(int(t.sum()) for t in m.v + m.ffn)
+        text.append(f"**CDCP** (S: {m.size()} units = {rows} compactor rows, since a q/k unit is a pair of rows, "
+                    f"one in q and one in k): every head of a block keeps the same widths, so all of S can go: "
+                    f"{snap.spec.with_widths(cdcp_widths).flops() / 1e9:.4f} G.")
+    text.append(f"**Plain global selection** at the same nominal FLOPs selects channels head by head and q apart "
+                f"from k; a batched attention can only drop q/k channels selected in both, down to the head that "
+                f"keeps most: it deploys at {g_flops / 1e9:.4f} G "
+                f"({100 * (g_flops / snap.target_flops - 1):+.1f}% against the target).")
+    if cdcp_widths is not None and cdcp_widths == g.widths:
+        text.append("*Here the two deploy the same widths:* the compactor norms are still so uniform (or S so small) "
+                    "that the channels global selection picks happen to line up across heads and between q and k; "
+                    "the difference appears as the masked rows shrink (compare a later training state).")
+    elif cdcp_widths is None:
+        text.append("*No CDCP selection yet* (the warm-up comes first): the chart shows global selection alone.")
+    return ("\n\n".join(text), compactor_figure(snap.scores, snap.mask, f"Compactors at step {snap.step}"),
+            consistency_figure(snap.spec, cdcp_widths, g.widths, "Kept per block: CDCP vs global selection"))

@@ -1,0 +1,111 @@
+"""The app's status Markdown: the first screen's note, what a model pair is, and what a model's classes are.
+
+Plain functions of a :class:`cait.studio.ModelPair` (and the bundled pair's provenance), so the wording of every
+status line lives in one file and is testable without a browser.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch.nn as nn
+
+from .bundled import BUNDLED_KEY, BundledPair
+from .models import DEIT_MODELS
+from .synthetic import CLASSES
+
+
+def startup_note(device, hub_reason: str | None, bundled: BundledPair | None) -> str:
+    """Markdown for the app's first screen: the device, and which weights the default model has and why."""
+    note = f"Device: `{device}`."
+    if hub_reason and bundled is not None:
+        note += (f" **Offline:** timm's ImageNet weights are out of reach ({hub_reason}), so the default model is the "
+                 "bundled DeiT-Tiny and its CAIT twin, trained by this project on synthetic shapes.")
+    elif hub_reason:
+        note += (f" **Offline:** timm's ImageNet weights are out of reach ({hub_reason}) and the bundled weights are "
+                 "not in this checkout: DeiTs will be randomly initialised.")
+    return note
+
+
+def pair_status(pair, bundled: BundledPair | None = None) -> str:
+    """Markdown: device, where the weights came from, and what the twin is (fine-tuned run summary, calibrated, or
+    the untrained preview); for the bundled pair also its held-out attention localisation."""
+    parts = _twin_status(pair)
+    if pair.name == BUNDLED_KEY and bundled is not None:
+        parts.append(_bundled_localisation(bundled))
+    return "\n\n".join(parts)
+
+
+def _twin_status(pair) -> list[str]:
+    """Markdown paragraphs: device, weights and the twin (fine-tuned run summary, or the untrained preview)."""
+    meta = pair.compressed.cait_meta
+    if "finetune" in meta:
+        f = meta["finetune"]
+        return [
+            f"**Device:** `{pair.device}` · **Model:** `{pair.name}` ({pair.weights.detail})",
+            f"**CAIT twin, fine-tuned with CDCP:** ATME `{f['merge'] or 'none'}`, "
+            f"{f['base_flops'] / 1e9:.4f} → {f['flops'] / 1e9:.4f} GFLOPs "
+            f"({100 * f['flops_reduction']:.1f}% fewer); held-out top-1 {f['top1_student']:.1f}% "
+            + ("(its teacher was not trained). " if f.get("top1_teacher") is None else
+               f"(teacher {f['top1_teacher']:.1f}%). ")
+            + "The reduction and layout controls do not apply to it.",
+        ]
+    f = pair.flops()
+    fo, fc = sum(f["original"].values()), sum(f["compressed"].values())
+    weights = (f"**Weights:** {pair.weights.detail}." if pair.weights.trained else
+               f"**Weights: not trained** — {pair.weights.detail}. Attention maps and predictions of random "
+               "weights mean nothing; the FLOPs, channel and speed figures are still exact.")
+    if "calibration" in meta:
+        c = meta["calibration"]
+        how = (f"*Calibrated, training-free:* channels chosen by their Fisher information and each block's "
+               f"output Linears refit by least squares on {c['images']} unlabelled images ({c['source']}: bundled "
+               f"photos with random crops and synthetic shapes; {c['seconds']:.0f} s), without the CDCP "
+               "fine-tuning that gives CAIT its full accuracy.")
+    else:
+        how = ("*Untrained preview:* channels chosen by weight-row norms, without the CDCP fine-tuning that gives "
+               "CAIT its accuracy.")
+    return [
+        f"**Device:** `{pair.device}` · **Model:** {DEIT_MODELS.get(pair.name, pair.name)} (`{pair.name}`)",
+        weights,
+        f"**CAIT twin:** ATME layout `{meta['merge'] or 'none'}` ({100 * meta['atme_reduction']:.1f}% of FLOPs) "
+        f"+ CDCP channel pruning → {fo / 1e9:.3f} → {fc / 1e9:.3f} GFLOPs "
+        f"({100 * (1 - fc / fo):.1f}% fewer). " + how,
+    ]
+
+
+def _bundled_localisation(bundled: BundledPair) -> str:
+    """Markdown: the bundled models' attention localisation on the held-out split (from their provenance)."""
+    o = bundled.original_provenance.get("localisation", {})
+    c = bundled.twin_provenance.get("localisation", {})
+    if "attention_in_object" not in o or "attention_in_object" not in c:
+        return "**Attention localisation:** not recorded in the bundled provenance."
+    return (f"**Attention inside the object** (held-out synthetic images, n = {o.get('images', '?')}): "
+            f"original {100 * o['attention_in_object']:.1f}%, CAIT twin {100 * c['attention_in_object']:.1f}%; "
+            f"uniform attention would score {100 * o['object_area']:.1f}% (the objects' mean area).")
+
+
+def classes_note(model: nn.Module) -> str:
+    """One line saying what a model's classes are (so a shape model's top-5 on a photo surprises nobody)."""
+    labels = model_labels(model)
+    if labels == list(CLASSES):
+        return (f"**Classes:** the {len(CLASSES)} synthetic shapes ({', '.join(CLASSES)}); on a photo its "
+                "predictions mean nothing.")
+    if getattr(model, "num_classes", 0) == 1000:
+        return "**Classes:** ImageNet-1k (1000)."
+    if labels:
+        return f"**Classes:** {len(labels)} ({', '.join(labels[:12])}{', …' if len(labels) > 12 else ''})."
+    return f"**Classes:** {getattr(model, 'num_classes', '?')}, unnamed."
+
+
+def model_labels(model: nn.Module) -> list[str] | None:
+    """Class names: the model's own (fine-tuned on synthetic shapes, say), else ImageNet's for 1000 classes."""
+    classes = (getattr(model, "cait_meta", None) or {}).get("classes")
+    if classes and len(classes) == getattr(model, "num_classes", -1):
+        return list(classes)
+    return _imagenet_labels() if getattr(model, "num_classes", 0) == 1000 else None
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_labels() -> list[str]:
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]
