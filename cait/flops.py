@@ -79,11 +79,17 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The shape of a whole ViT: its blocks, patch embedding and head FLOPs."""
+    """The shape of a whole ViT: its blocks, patch embedding and head FLOPs, and its patch grid ``(H, W)``."""
 
     blocks: tuple[BlockSpec, ...]
     embed_flops: int
     head_flops: int
+    grid: tuple[int, int] | None = None
+
+    @property
+    def merged(self) -> bool:
+        """True if any block merges tokens (ATME applied)."""
+        return any(b.merge_tokens for b in self.blocks)
 
     def flops(self) -> int:
         """Total FLOPs (multiply-adds) for one image."""
@@ -120,7 +126,7 @@ def describe(model: nn.Module) -> ModelSpec:
         heads, qk, v, ffn = block_widths(block)
         blocks.append(BlockSpec(tokens=1 + h * w, dim=block.norm1.normalized_shape[0], heads=heads, qk_dim=qk,
                                 v_dim=v, ffn_dim=ffn, merge_tokens=h * w if isinstance(block, MergeBlock) else 0))
-    return ModelSpec(tuple(blocks), embed, head)
+    return ModelSpec(tuple(blocks), embed, head, tuple(model.patch_embed.grid_size))
 
 
 def analytic_flops(model: nn.Module | ModelSpec) -> int:

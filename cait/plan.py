@@ -16,32 +16,41 @@ from dataclasses import dataclass, replace
 import torch.nn as nn
 
 from .flops import ModelSpec, describe
-from .merge import Layout, LayoutLike, format_layout, get_layout, parse_layout, patch_grid, token_grids
+from .merge import Layout, LayoutLike, format_layout, get_layout, parse_layout, token_grids
 from .models import PATCH_SIZES
 from .prune import is_pruned
 
 MAX_MERGES = 4
 
 
-def layout_spec(model: nn.Module, layout: LayoutLike) -> ModelSpec:
+def _spec(model: nn.Module | ModelSpec) -> ModelSpec:
+    """The :class:`ModelSpec` of a model (read once), or the spec itself."""
+    return model if isinstance(model, ModelSpec) else describe(model)
+
+
+def layout_spec(model: nn.Module | ModelSpec, layout: LayoutLike) -> ModelSpec:
     """The :class:`ModelSpec` the model would have with ``layout`` applied (the model itself is untouched).
+
+    Args:
+        model: an unmerged DeiT, or its :func:`cait.flops.describe` (pass the spec when planning many layouts).
+        layout: the ATME layout.
 
     Raises:
         ValueError: if the model already has merges or the layout does not fit it.
     """
-    if get_layout(model):
-        raise ValueError(f"model already has an ATME layout ({format_layout(get_layout(model))})")
+    spec = _spec(model)
+    if spec.merged:
+        raise ValueError("model already has an ATME layout")
     layout = parse_layout(layout)
-    spec = describe(model)
-    grids = token_grids(patch_grid(model), len(spec.blocks), layout)
+    grids = token_grids(spec.grid, len(spec.blocks), layout)
     return replace(spec, blocks=tuple(replace(b, tokens=1 + h * w, merge_tokens=h * w if i in layout else 0)
                                       for i, (b, (h, w)) in enumerate(zip(spec.blocks, grids))))
 
 
-def atme_reduction(model: nn.Module, layout: LayoutLike) -> float:
-    """FLOPs reduction (0..1) of ``layout`` on an unmerged model, merge Linears included (SPEC §4)."""
-    base = describe(model).flops()
-    return 1.0 - layout_spec(model, layout).flops() / base
+def atme_reduction(model: nn.Module | ModelSpec, layout: LayoutLike) -> float:
+    """FLOPs reduction (0..1) of ``layout`` on an unmerged model (or its spec), merge Linears included (SPEC §4)."""
+    spec = _spec(model)
+    return 1.0 - layout_spec(spec, layout).flops() / spec.flops()
 
 
 def _even_positions(depth: int, k: int) -> list[int]:
@@ -52,14 +61,13 @@ def _alternate(positions: list[int]) -> Layout:
     return {p: "hv"[i % 2] for i, p in enumerate(positions)}
 
 
-def _search(model: nn.Module, target: float, k: int) -> tuple[Layout, float] | None:
+def _search(spec: ModelSpec, target: float, k: int) -> tuple[Layout, float] | None:
     """Even spacing, then one-block shifts while they bring the reduction closer to ``target``."""
-    depth = len(model.blocks)
-    base = describe(model).flops()
+    depth = len(spec.blocks)
 
     def reduction(pos: list[int]) -> float | None:
         try:
-            return 1.0 - layout_spec(model, _alternate(pos)).flops() / base
+            return atme_reduction(spec, _alternate(pos))
         except ValueError:                                            # grid side already 1
             return None
 
@@ -82,12 +90,12 @@ def _search(model: nn.Module, target: float, k: int) -> tuple[Layout, float] | N
         best, pos = min(moves)
 
 
-def plan_atme(model: nn.Module, flops_reduction: float, num_merges: int | None = None, tol: float = 0.01
+def plan_atme(model: nn.Module | ModelSpec, flops_reduction: float, num_merges: int | None = None, tol: float = 0.01
               ) -> Layout:
     """The ATME layout closest to a target token-level FLOPs reduction (paper §III-B).
 
     Args:
-        model: an unmerged DeiT.
+        model: an unmerged DeiT, or its :func:`cait.flops.describe`.
         flops_reduction: target reduction of total FLOPs, in [0, 1).
         num_merges: number of merges k; default: the fewest (1..4) that land within ``tol`` of the target, else the
             k that lands closest.
@@ -103,11 +111,12 @@ def plan_atme(model: nn.Module, flops_reduction: float, num_merges: int | None =
         raise ValueError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
     if flops_reduction == 0.0 or num_merges == 0:
         return {}
+    spec = _spec(model)
     ks = [num_merges] if num_merges is not None else list(range(1, MAX_MERGES + 1))
-    results = [(abs(r - flops_reduction), k, lay) for k in ks if (res := _search(model, flops_reduction, k))
+    results = [(abs(r - flops_reduction), k, lay) for k in ks if (res := _search(spec, flops_reduction, k))
                for lay, r in [res]]
     if not results:
-        raise ValueError(f"the {patch_grid(model)} grid cannot take {num_merges} merges in {len(model.blocks)} blocks")
+        raise ValueError(f"the {spec.grid} grid cannot take {num_merges} merges in {len(spec.blocks)} blocks")
     within = [r for r in results if r[0] <= tol]
     return (min(within, key=lambda r: r[1]) if within else min(results, key=lambda r: r[0]))[2]
 
@@ -159,13 +168,14 @@ def split_budget(model: nn.Module, flops_reduction: float, layout: LayoutLike = 
         raise ValueError(f"CAIT here compresses the DeiTs {sorted(PATCH_SIZES)}; got {arch or type(model).__name__}")
     if get_layout(model) or is_pruned(model):
         raise ValueError("split_budget needs the uncompressed model (it has merges or pruned blocks)")
+    spec = describe(model)                                # read once; the planning below works on the spec
     if layout is None:
-        layout = plan_atme(model, atme_share * flops_reduction)
-        if atme_reduction(model, layout) > flops_reduction:
+        layout = plan_atme(spec, atme_share * flops_reduction)
+        if atme_reduction(spec, layout) > flops_reduction:
             layout = {}
     layout = parse_layout(layout)
-    base = describe(model).flops()
-    r_atme = atme_reduction(model, layout)
+    base = spec.flops()
+    r_atme = atme_reduction(spec, layout)
     if r_atme > flops_reduction + 1e-9:
         raise ValueError(f"merge layout {format_layout(layout)} alone removes {100 * r_atme:.1f}% of FLOPs, more than "
                          f"the requested {100 * flops_reduction:.1f}%; ask for a larger reduction or fewer merges")

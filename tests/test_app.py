@@ -1,4 +1,5 @@
 """The app starts and answers API calls (gradio_client), offline, on the CPU."""
+import json
 import socket
 
 import pytest
@@ -60,8 +61,11 @@ def test_bad_upload_and_bad_layout_give_clear_errors(client, tmp_path):
 
 
 def test_channels_and_cost(client):
-    fig = client.predict("DeiT-Tiny", 0.5, "", api_name="/channels")
-    assert fig is not None
+    fig = json.loads(client.predict("DeiT-Tiny", 0.5, "", api_name="/channels")["plot"])
+    bars = {t["name"]: t["y"] for t in fig["data"] if t["type"] == "bar"}
+    assert set(bars) == {"q/k kept (%)", "v kept (%)", "FFN kept (%)"}
+    assert all(len(y) == 12 and all(0 < v <= 100 for v in y) for y in bars.values())
+    assert min(min(y) for y in bars.values()) < 100                                  # something was pruned
     table, _ = client.predict("DeiT-Tiny", 0.5, "", True, 2, api_name="/cost")
     rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
     assert rows["original"]["GFLOPs"] == 1.254 and rows["CAIT twin"]["FLOPs reduction (%)"] >= 50.0

@@ -113,16 +113,22 @@ def test_merge_block_keeps_timm_block_forward_with_layer_scale(tiny):
 
 
 def test_atme_at_identity_fusion_matches_average_pooled_tokens(tiny):
+    """A merge before block 5 leaves blocks 0-4 as they were, passes CLS through, and (at its mean-of-pair start)
+    averages each horizontal pair of the tokens block 4 produced."""
+    import copy
     model = randomize_(tiny())
     x = torch.randn(1, 3, 32, 32)
-    feats = model.forward_features(x)
-    apply_atme(model, "h5")              # merge before the last block: earlier blocks unchanged
-    captured = {}
+    ref, before, captured = copy.deepcopy(model), {}, {}
+    ref.blocks[4].register_forward_hook(lambda m, a, o: before.update(out=o))
+    ref(x)
+    apply_atme(model, "h5")
     model.blocks[5].merge.register_forward_hook(lambda m, a, o: captured.update(inp=a[0], out=o))
     model(x)
-    torch.testing.assert_close(captured["inp"][:, 0], captured["out"][:, 0])
-    assert captured["out"].shape == (1, 1 + 8 * 4, 48)
-    assert feats.shape == (1, 65, 48)
+    torch.testing.assert_close(captured["inp"], before["out"])                      # earlier blocks unchanged
+    assert torch.equal(captured["out"][:, 0], captured["inp"][:, 0])               # CLS untouched
+    g = captured["inp"][:, 1:].reshape(1, 8, 8, 48)                                 # (B, H, W, C)
+    pooled = ((g[:, :, 0::2] + g[:, :, 1::2]) / 2).reshape(1, 32, 48)               # columns 2j, 2j+1
+    torch.testing.assert_close(captured["out"][:, 1:], pooled)
 
 
 def test_upsample_to_patch_grid_is_exact_with_padding():
