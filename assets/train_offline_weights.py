@@ -147,8 +147,8 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
     for name, src, used in ((ORIGINAL_DIR, work / teacher_stage / "compact", stages[:-1]),
                             (TWIN_DIR, work / stages[-1] / "compact", stages)):
         model = cait.load_pretrained(src)
-        if "config" in model.cait_meta:           # the run's configuration, without this machine's paths
-            model.cait_meta["config"] = _portable(configs[used[-1]], recipe, used[-1])
+        if model.cait_meta.config is not None:   # the run's configuration, without this machine's paths
+            model.cait_meta.config = _portable(configs[used[-1]], recipe, used[-1])
         dest = cait.save_pretrained(model, out / name, dtype=torch.float16)
         numbers = measure(dest, device, val_size)
         provenance[name] = {

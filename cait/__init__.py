@@ -37,12 +37,15 @@ __version__ = "0.1.0"
 
 # Modules with a command line (python -m cait.<name>) load on first use, so running one does not import it twice.
 _LAZY = {"compare_throughput": "bench", "measure_throughput": "bench", "export_model": "export"}
+_LAZY_MODULES = {"bench", "export"}
 
 
 def __getattr__(name: str):
+    import importlib
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _LAZY_MODULES:                       # `cait.bench.resolve_device(...)` after a bare `import cait`
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cait' has no attribute {name!r}")
 
 __all__ = [

@@ -20,6 +20,7 @@ FLOPs follow SPEC §4 (one multiply-add = one FLOP, attention matmuls included) 
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import prod
@@ -30,6 +31,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from .merge import get_layout
+from .meta import meta_of
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
         r: tokens merged per block: one int for every block (the paper's constant schedule), or one per block.
 
     Returns:
-        The same model; ``model.tome`` is its :class:`ToMeState` and ``model.cait_meta["tome"]`` its schedule.
+        The same model; ``model.tome`` is its :class:`ToMeState` and ``model.cait_meta.tome`` its schedule.
 
     Raises:
         ValueError: for a negative ``r``, a schedule of the wrong length, a model with merges or register tokens, or
@@ -162,7 +164,7 @@ def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
             block.attn.qkv.register_forward_hook(
                 lambda mod, args, out, i=i: state.keys.__setitem__(i, out))
     model.tome = state
-    model.cait_meta = dict(getattr(model, "cait_meta", {}) or {}, tome=list(schedule))
+    model.cait_meta = dataclasses.replace(meta_of(model), tome=list(schedule))
     return model
 
 

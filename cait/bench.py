@@ -124,7 +124,7 @@ def run(model_name: str, flops_reduction: float, merge: str | None = None, batch
     compressed = compress(original, flops_reduction, layout=merge, round_to=round_to)
     speed = compare_throughput({"original": original, "compressed": compressed}, batch_size, device, warmup, iters,
                                rounds)
-    out: dict = {"model": model_name, "flops_reduction": flops_reduction, "merge": compressed.cait_meta["merge"],
+    out: dict = {"model": model_name, "flops_reduction": flops_reduction, "merge": compressed.cait_meta.merge,
                  "round_to": round_to,
                  "weights": info.source, "device": speed["original"]["device"], "batch_size": batch_size,
                  "torch": torch.__version__, "threads": torch.get_num_threads()}

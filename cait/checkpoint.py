@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from .compactor import has_compactors
 from .flops import describe
 from .merge import apply_atme, format_layout, get_layout
+from .meta import ModelMeta, meta_of
 from .models import PATCH_SIZES, architecture, update_cfg
 from .prune import is_pruned, restructure
 
@@ -67,7 +68,7 @@ def model_config(model: nn.Module) -> dict:
         "num_classes": int(model.num_classes),
         "merge": format_layout(get_layout(model)),
         "blocks": blocks,
-        "meta": dict(getattr(model, "cait_meta", {}) or {}),
+        "meta": meta_of(model).to_dict(),
     }
 
 
@@ -205,7 +206,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         device: where to put the model.
 
     Returns:
-        The model in eval mode, float32 (fp16 checkpoints are upcast), with ``model.cait_meta`` from the config.
+        The model in eval mode, float32 (fp16 checkpoints are upcast), with ``model.cait_meta`` (a
+        :class:`cait.meta.ModelMeta`) from the config.
 
     Raises:
         CheckpointError: naming the file and the problem, for a missing/corrupt/truncated file, a config that is out
@@ -260,5 +262,5 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{wfile}: tensor {k!r} contains NaN or infinity")
     model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, strict=True)
-    model.cait_meta = dict(config.get("meta") or {})
+    model.cait_meta = ModelMeta.from_dict(config.get("meta"))
     return model.to(device).eval()

@@ -40,6 +40,7 @@ from .compactor import add_compactors, iter_compactors
 from .data import StepBatchSampler, build_datasets
 from .flops import describe
 from .merge import apply_atme, format_layout, get_layout
+from .meta import FinetuneSummary, ModelMeta
 from .models import architecture, create_model, update_cfg
 from .plan import split_budget
 from .prune import fold_compactors, is_pruned, prune
@@ -366,7 +367,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
             log.flush()
 
     if rank == 0 and not cfg.resume:
-        teacher.cait_meta = {"role": "teacher", "source": source, "classes": classes}
+        teacher.cait_meta = ModelMeta(kind="teacher", base_model=architecture(teacher), source=source, classes=classes)
         save_pretrained(teacher, out / "teacher")         # the app shows it next to the result
         emit({"type": "start", "config": cfg.to_dict(), "teacher": source, "distill_alpha": alpha,
               "merge": format_layout(split.layout), "base_flops": split.base_flops,
@@ -473,8 +474,12 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
                "top1_teacher": top1_teacher, "top1_masked": top1_masked, "top1_student": top1_compact,
                "max_removed_row_norm": removed, "s_size": mask.size(), "mask": mask.to_dict()}
     if rank == 0:
-        compact.cait_meta = {"preview": False, "finetune": {k: v for k, v in summary.items() if k != "mask"},
-                             "config": cfg.to_dict(), "classes": classes}
+        compact.cait_meta = ModelMeta(
+            kind="finetuned", base_model=architecture(compact), flops_reduction=cfg.flops_reduction,
+            achieved_reduction=summary["flops_reduction"], merge=summary["merge"],
+            atme_reduction=split.atme_reduction, round_to=cfg.round_to, classes=classes,
+            finetune=FinetuneSummary.from_dict(summary), config=cfg.to_dict(),
+            note=f"fine-tuned with CDCP for {cfg.steps} steps (python -m cait.finetune)")
         save_pretrained(compact, out / "compact")
         emit({k: v for k, v in summary.items() if k != "mask"})
         log.close()

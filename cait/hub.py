@@ -78,20 +78,21 @@ def model_card(model: nn.Module, repo_id: str, numbers: dict | None = None) -> s
     """A ``README.md`` for the repository: what the model is, its measured cost, how it was made, how to load it."""
     from .flops import describe
     from .merge import format_layout, get_layout
+    from .meta import meta_of
     from .models import architecture
-    meta = getattr(model, "cait_meta", {}) or {}
+    meta = meta_of(model)
     layout = format_layout(get_layout(model)) or "none"
     blocks = describe(model).blocks
     widths = ", ".join(f"{b.qk_dim}/{b.v_dim}/{b.ffn_dim}" for b in blocks)
-    if "finetune" in meta:
-        f = meta["finetune"]
-        how = (f"Fine-tuned with CDCP (`python -m cait.finetune`): held-out top-1 {f.get('top1_student', '?')}%"
-               + (f", teacher {f['top1_teacher']}%" if f.get("top1_teacher") is not None else "") + ".")
-    elif "calibration" in meta:
-        c = meta["calibration"]
+    if meta.finetune is not None:
+        f = meta.finetune
+        how = (f"Fine-tuned with CDCP (`python -m cait.finetune`): held-out top-1 {f.top1_student}%"
+               + (f", teacher {f.top1_teacher}%" if f.top1_teacher is not None else "") + ".")
+    elif meta.calibration:
+        c = meta.calibration
         how = (f"Calibrated without training (`python -m cait.compress`): Fisher channel scores and a least-squares "
                f"refit on {c.get('images')} unlabelled images ({c.get('source')}).")
-    elif meta.get("preview"):
+    elif meta.preview:
         how = "An untrained preview (`cait.compress` without calibration): for its architecture and speed only."
     else:
         how = "Saved with `cait.save_pretrained`."
@@ -104,7 +105,7 @@ def model_card(model: nn.Module, repo_id: str, numbers: dict | None = None) -> s
                 f"| parameters | {numbers['base_params'] / 1e6:.2f} M | {numbers['params'] / 1e6:.2f} M |\n"
                 f"| CPU throughput, batch {numbers['batch_size']} (measured when pushed) | 1.00× | "
                 f"{numbers['cpu_speedup']:.2f}× |\n")
-    classes = meta.get("classes")
+    classes = meta.classes
     named = f" ({', '.join(classes)})" if classes and len(classes) <= 20 else ""
     return f"""---
 tags: [image-classification, vision-transformer, cait, token-merging, pruning]

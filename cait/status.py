@@ -10,6 +10,7 @@ import functools
 import torch.nn as nn
 
 from .bundled import BUNDLED_KEY, BundledPair
+from .meta import meta_of
 from .models import DEIT_MODELS
 from .synthetic import CLASSES
 
@@ -36,17 +37,16 @@ def pair_status(pair, bundled: BundledPair | None = None) -> str:
 
 
 def _twin_status(pair) -> list[str]:
-    """Markdown paragraphs: device, weights and the twin (fine-tuned run summary, or the untrained preview)."""
-    meta = pair.compressed.cait_meta
-    if "finetune" in meta:
-        f = meta["finetune"]
+    """Markdown paragraphs: device, weights and the twin (fine-tuned run summary, calibrated, or the preview)."""
+    meta = meta_of(pair.compressed)
+    if meta.finetune is not None:
+        f = meta.finetune
         return [
             f"**Device:** `{pair.device}` · **Model:** `{pair.name}` ({pair.weights.detail})",
-            f"**CAIT twin, fine-tuned with CDCP:** ATME `{f['merge'] or 'none'}`, "
-            f"{f['base_flops'] / 1e9:.4f} → {f['flops'] / 1e9:.4f} GFLOPs "
-            f"({100 * f['flops_reduction']:.1f}% fewer); held-out top-1 {f['top1_student']:.1f}% "
-            + ("(its teacher was not trained). " if f.get("top1_teacher") is None else
-               f"(teacher {f['top1_teacher']:.1f}%). ")
+            f"**CAIT twin, fine-tuned with CDCP:** ATME `{f.merge or 'none'}`, "
+            f"{f.base_flops / 1e9:.4f} → {f.flops / 1e9:.4f} GFLOPs "
+            f"({100 * f.flops_reduction:.1f}% fewer); held-out top-1 {f.top1_student:.1f}% "
+            + ("(its teacher was not trained). " if f.top1_teacher is None else f"(teacher {f.top1_teacher:.1f}%). ")
             + "The reduction and layout controls do not apply to it.",
         ]
     f = pair.flops()
@@ -54,8 +54,8 @@ def _twin_status(pair) -> list[str]:
     weights = (f"**Weights:** {pair.weights.detail}." if pair.weights.trained else
                f"**Weights: not trained** — {pair.weights.detail}. Attention maps and predictions of random "
                "weights mean nothing; the FLOPs, channel and speed figures are still exact.")
-    if "calibration" in meta:
-        c = meta["calibration"]
+    if meta.calibration:
+        c = meta.calibration
         how = (f"*Calibrated, training-free:* channels chosen by their Fisher information and each block's "
                f"output Linears refit by least squares on {c['images']} unlabelled images ({c['source']}: bundled "
                f"photos with random crops and synthetic shapes; {c['seconds']:.0f} s), without the CDCP "
@@ -66,7 +66,7 @@ def _twin_status(pair) -> list[str]:
     return [
         f"**Device:** `{pair.device}` · **Model:** {DEIT_MODELS.get(pair.name, pair.name)} (`{pair.name}`)",
         weights,
-        f"**CAIT twin:** ATME layout `{meta['merge'] or 'none'}` ({100 * meta['atme_reduction']:.1f}% of FLOPs) "
+        f"**CAIT twin:** ATME layout `{meta.merge or 'none'}` ({100 * (meta.atme_reduction or 0):.1f}% of FLOPs) "
         f"+ CDCP channel pruning → {fo / 1e9:.3f} → {fc / 1e9:.3f} GFLOPs "
         f"({100 * (1 - fc / fo):.1f}% fewer). " + how,
     ]
@@ -98,7 +98,7 @@ def classes_note(model: nn.Module) -> str:
 
 def model_labels(model: nn.Module) -> list[str] | None:
     """Class names: the model's own (fine-tuned on synthetic shapes, say), else ImageNet's for 1000 classes."""
-    classes = (getattr(model, "cait_meta", None) or {}).get("classes")
+    classes = meta_of(model).classes
     if classes and len(classes) == getattr(model, "num_classes", -1):
         return list(classes)
     return _imagenet_labels() if getattr(model, "num_classes", 0) == 1000 else None

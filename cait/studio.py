@@ -28,6 +28,7 @@ from .bundled import BUNDLED_KEY, BUNDLED_LABEL, BundledPair, bundled_pair
 from .compress import compress
 from .flops import count_params, describe, flops_by_block
 from .jobs import job_id_of
+from .meta import meta_of
 from .merge import format_layout, parse_layout, patch_grid, token_grids
 from .models import DEIT_MODELS, TEST_MODEL, WeightsInfo, create_model, hub_offline, hub_unreachable_reason
 from .photos import MAX_PIXELS, SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
@@ -231,7 +232,7 @@ class Studio:
                 compressed = compress(original, float(flops_reduction), layout=layout,
                                       calibration="default" if calibrate else None,
                                       calibration_size=self.calibration_size).to(self.device)
-                self._remember(key, ModelPair(name, float(flops_reduction), compressed.cait_meta["merge"], original,
+                self._remember(key, ModelPair(name, float(flops_reduction), meta_of(compressed).merge, original,
                                               compressed, info, self.device))
             self._pairs.move_to_end(key)
             return self._pairs[key]
@@ -252,11 +253,10 @@ class Studio:
                     original, compressed = load()
                 except (KeyError, CheckpointError) as e:
                     raise ValueError(f"{key}: its models cannot be loaded ({e})") from None
-                meta = compressed.cait_meta
-                final = meta.get("finetune", {})
-                reduction = (1 - final["flops"] / final["base_flops"] if "flops" in final else
-                             meta.get("achieved_reduction", 0.0))
-                self._remember((key,), ModelPair(key, reduction, final.get("merge", meta.get("merge", "")), original,
+                meta = meta_of(compressed)
+                final = meta.finetune
+                reduction = (1 - final.flops / final.base_flops if final else meta.achieved_reduction or 0.0)
+                self._remember((key,), ModelPair(key, reduction, final.merge if final else meta.merge, original,
                                                  compressed, describe_weights(original), self.device))
             self._pairs.move_to_end((key,))
             return self._pairs[(key,)]
@@ -273,7 +273,7 @@ class Studio:
             return load_pretrained(run / "teacher", self.device), load_pretrained(run / "compact", self.device)
 
         return self._checkpoint_pair(name, load, lambda original: WeightsInfo(
-            "checkpoint", f"fine-tuned by job {job_id} (teacher: {original.cait_meta.get('source', '?')})"))
+            "checkpoint", f"fine-tuned by job {job_id} (teacher: {meta_of(original).source or '?'})"))
 
     def _bundled_pair(self) -> ModelPair:
         """The DeiT-Tiny and CAIT twin trained here on synthetic shapes (``assets/``)."""
@@ -289,10 +289,10 @@ class Studio:
         def load():
             original, twin = b.load(self.device)
             # Show the top-1 measured on the fp16 files as shipped (provenance), not the fp32 run's last evaluation.
-            final = twin.cait_meta.get("finetune", {})      # empty unless cait.finetune made it
+            final = meta_of(twin).finetune                  # None unless cait.finetune made it
             for key, prov in (("top1_student", b.twin_provenance), ("top1_teacher", b.original_provenance)):
-                if final and isinstance(prov.get("top1"), (int, float)):
-                    final[key] = float(prov["top1"])
+                if final is not None and isinstance(prov.get("top1"), (int, float)):
+                    setattr(final, key, float(prov["top1"]))
             return original, twin
 
         return self._checkpoint_pair(BUNDLED_KEY, load, lambda original: WeightsInfo("checkpoint", detail))
@@ -300,7 +300,7 @@ class Studio:
     @staticmethod
     def settings_apply(pair: ModelPair) -> bool:
         """False for a fine-tuned twin (bundled or a job): its reduction and layout were fixed by its training."""
-        return "finetune" not in (pair.compressed.cait_meta or {})
+        return not meta_of(pair.compressed).fixed_by_training
 
     def download(self, pair: ModelPair, where: str | os.PathLike) -> Path:
         """A ``.zip`` of the twin's checkpoint (``model.safetensors`` + ``config.json``, :mod:`cait.checkpoint`),
@@ -309,9 +309,9 @@ class Studio:
         import zipfile
 
         from .checkpoint import save_pretrained
-        meta = pair.compressed.cait_meta or {}
-        key = hashlib.sha256(json.dumps([pair.name, pair.flops_reduction, pair.merge, meta.get("finetune", {}).get(
-            "step")], default=str).encode()).hexdigest()[:16]
+        final = meta_of(pair.compressed).finetune
+        key = hashlib.sha256(json.dumps([pair.name, pair.flops_reduction, pair.merge, final and final.step],
+                                        default=str).encode()).hexdigest()[:16]
         zpath = Path(where) / f"cait-twin-{key}.zip"
         if not zpath.is_file():
             folder = save_pretrained(pair.compressed, Path(where) / f"cait-twin-{key}")

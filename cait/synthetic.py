@@ -158,7 +158,7 @@ class SyntheticShapes(Dataset):
     @staticmethod
     def normalise_image(image: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
         """A PIL RGB image as it is (no resize) → normalised ``(3, S, S)`` float tensor (ImageNet statistics)."""
-        x = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float().div(255)
+        x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float().div(255)
         return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
     def tensor(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:

@@ -83,10 +83,10 @@ def test_a_trained_hub_deit_gets_a_calibrated_twin(monkeypatch, tiny):
                         lambda name, pretrained: (tiny(), WeightsInfo("timm-imagenet", "timm ImageNet weights (fake)")))
     studio = Studio(device="cpu", bundled=None, calibration_size=8)
     pair = studio.pair("DeiT-Tiny", 0.4, "")
-    assert pair.compressed.cait_meta["calibration"]["images"] == 8
+    assert pair.compressed.cait_meta.calibration["images"] == 8
     assert "Calibrated, training-free" in studio.status(pair) and "8 unlabelled images" in studio.status(pair)
     preview = Studio(device="cpu", bundled=None, calibration_size=0).pair("DeiT-Tiny", 0.4, "")
-    assert preview.compressed.cait_meta["preview"] is True
+    assert preview.compressed.cait_meta.preview is True
 
 
 def test_out_of_range_block_is_a_clear_error(client):

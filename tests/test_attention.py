@@ -50,13 +50,19 @@ def test_block_out_of_range(tiny):
         cait.cls_attention(tiny(), torch.randn(1, 3, 32, 32), block=6)
 
 
-def test_overlay_has_image_size():
+def test_overlay_keeps_image_size_and_upscales_small_images():
     from PIL import Image
 
     from cait.viz import overlay
-    img = Image.new("RGB", (50, 40), (10, 200, 30))
-    out = overlay(img, F.softmax(torch.randn(7, 4).flatten(), 0).reshape(7, 4))
-    assert out.size == (50, 40) and out.mode == "RGB"
+    from cait.viz import MIN_DISPLAY_SIDE
+    heat = F.softmax(torch.randn(7, 4).flatten(), 0).reshape(7, 4)
+    big = Image.new("RGB", (2 * MIN_DISPLAY_SIDE, MIN_DISPLAY_SIDE + 10), (10, 200, 30))
+    out = overlay(big, heat)
+    assert out.size == big.size and out.mode == "RGB"
+    small = Image.new("RGB", (50, 40), (10, 200, 30))          # upscaled by a whole factor, aspect kept
+    out = overlay(small, heat)
+    k = out.size[0] // 50
+    assert k > 1 and out.size == (50 * k, 40 * k) and min(out.size) >= MIN_DISPLAY_SIDE
 
 
 def test_attention_in_mask_bounds_and_uniform_baseline():

@@ -40,3 +40,15 @@ def test_cuda_request_without_gpu_is_refused():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="CUDA was asked for"):
         resolve_device("cuda")
+
+
+def test_package_attributes_load_lazily_in_a_fresh_interpreter():
+    """`import cait` then `cait.bench.…` / `cait.export_model` work (notebook 03 uses the former)."""
+    import subprocess
+    import sys
+    code = ("import cait, sys; assert 'cait.bench' not in sys.modules; "
+            "assert callable(cait.bench.resolve_device) and callable(cait.compare_throughput); "
+            "assert callable(cait.export.export_model) and cait.export_model is cait.export.export_model; "
+            "import pytest\n"
+            "with pytest.raises(AttributeError): cait.not_a_module")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

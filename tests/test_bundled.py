@@ -1,5 +1,6 @@
 """The trained offline pair: finding and loading it, the app's offline default, the localisation score, and the
 shipped checkpoints themselves (size, provenance, the numbers they claim)."""
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 import cait
 from cait.attention import localisation_score
+from cait.meta import FinetuneSummary, meta_of
 from cait.bundled import (BUNDLED_KEY, BUNDLED_LABEL, ORIGINAL_DIR, PROVENANCE_NAME, TWIN_DIR,
                           bundled_pair)
 from cait.studio import SYNTHETIC_SAMPLES, Studio
@@ -29,11 +31,13 @@ def _fake_pair(root, tiny):
     original = tiny(num_classes=8)
     twin = cait.compress(original, 0.5)
     for name, model, loc in ((ORIGINAL_DIR, original, 0.3), (TWIN_DIR, twin, 0.28)):
-        model.cait_meta = dict(getattr(model, "cait_meta", {}), classes=list(cait.synthetic.CLASSES))
+        model.cait_meta = dataclasses.replace(meta_of(model), classes=list(cait.synthetic.CLASSES))
         if name == TWIN_DIR:
-            model.cait_meta["finetune"] = {"merge": model.cait_meta["merge"], "base_flops": cait.count_flops(original),
-                                           "flops": cait.count_flops(twin), "flops_reduction": 0.5,
-                                           "top1_student": 61.0, "top1_teacher": 64.0}
+            model.cait_meta.kind = "finetuned"
+            model.cait_meta.finetune = FinetuneSummary(step=1, merge=model.cait_meta.merge,
+                                                       base_flops=cait.count_flops(original),
+                                                       flops=cait.count_flops(twin), flops_reduction=0.5,
+                                                       top1_student=61.0, top1_teacher=64.0)
         d = cait.save_pretrained(model, root / name, dtype=torch.float16)
         (d / PROVENANCE_NAME).write_text(json.dumps({"top1": 63.0, "localisation": {
             "attention_in_object": loc, "object_area": 0.08, "images": 1000}}))
@@ -101,8 +105,8 @@ def test_shipped_pair_fits_and_says_how_it_was_made():
     assert any(b.ffn_dim < 768 or b.qk_dim < 64 or b.v_dim < 64 for b in blocks)
     # Fine-tuned from the original with the engine (the issue asks for it), not made one-shot: the run's summary
     # travels in the checkpoint, and its teacher is the original's last stage.
-    final = twin.cait_meta["finetune"]
-    assert final["flops"] == cait.count_flops(twin) and final["max_removed_row_norm"] == 0.0
+    final = twin.cait_meta.finetune
+    assert final.flops == cait.count_flops(twin) and final.max_removed_row_norm == 0.0
     stages = pair.twin_provenance["stages"]
     assert stages[-1]["config"]["model"] == "@" + stages[-2]["stage"] and stages[-1]["images_seen"] > 0
     assert [s["stage"] for s in pair.original_provenance["stages"]] == [s["stage"] for s in stages[:-1]]

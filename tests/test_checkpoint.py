@@ -25,9 +25,9 @@ def test_round_trip_is_exact(compact, saved):
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), compact(x))
     assert cait.get_layout(loaded) == cait.get_layout(compact)
-    assert loaded.cait_meta["preview"] is True
+    assert loaded.cait_meta == compact.cait_meta and loaded.cait_meta.preview is True
     cfg = json.loads((saved / "config.json").read_text())
-    assert cfg["base_model"] == "deit_test_patch4_32" and cfg["merge"] == compact.cait_meta["merge"]
+    assert cfg["base_model"] == "deit_test_patch4_32" and cfg["merge"] == compact.cait_meta.merge
     assert len(cfg["blocks"]) == 6
 
 

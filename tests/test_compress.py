@@ -50,7 +50,7 @@ def test_compress_reaches_the_target_without_touching_the_input(deit_s):
     flops = cait.count_flops(small)
     assert flops <= 0.45 * 4_598_882_304
     assert 1 - flops / 4_598_882_304 == pytest.approx(0.55, abs=0.002)
-    assert small.cait_meta["merge"] == "h4,v7" and small.cait_meta["preview"] is True
+    assert small.cait_meta.merge == "h4,v7" and small.cait_meta.preview and small.cait_meta.kind == "preview"
     # The paper's CAIT DeiT-S: 2.1 G, 18.4 M (trained selection); the one-shot preview lands close.
     assert round(flops / 1e9, 1) == 2.1
     assert cait.count_params(small) == pytest.approx(18.4e6, rel=0.05)

@@ -178,7 +178,7 @@ def test_short_run_reaches_target_and_compact_equals_masked(tmp_path):
     assert summary["top1_student"] == summary["top1_masked"]            # pruning changed nothing
     out = tmp_path / "run"
     compact = cait.load_pretrained(out / "compact")
-    assert cait.count_flops(compact) == summary["flops"] and compact.cait_meta["preview"] is False
+    assert cait.count_flops(compact) == summary["flops"] and compact.cait_meta.kind == "finetuned"
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["type"] == "train"]
     assert [x["step"] for x in train] == [10, 20, 30, 40]
@@ -272,7 +272,7 @@ def test_torchrun_two_processes_gloo_hold_the_same_mask(tmp_path):
     m1 = json.loads((out / "final_mask_rank1.json").read_text())
     assert m0 == m1 and any(any(row) for block in m0["qk"] + m0["v"] for row in block)
     compact = cait.load_pretrained(out / "compact")
-    assert 1 - cait.count_flops(compact) / compact.cait_meta["finetune"]["base_flops"] >= 0.5
+    assert 1 - cait.count_flops(compact) / compact.cait_meta.finetune.base_flops >= 0.5
 
 
 def test_zero_reduction_trains_a_plain_deit_without_compactors(tmp_path):

@@ -13,7 +13,7 @@ from conftest import randomize_
 def twin(tiny):
     m = cait.compress(randomize_(tiny(num_classes=8), std=0.05), 0.5)
     from cait.synthetic import CLASSES
-    m.cait_meta["classes"] = list(CLASSES)
+    m.cait_meta.classes = list(CLASSES)
     return m
 
 

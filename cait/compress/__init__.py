@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ..flops import analytic_flops, describe
 from ..merge import LayoutLike, apply_atme, format_layout
+from ..meta import ModelMeta, meta_of
 from ..models import architecture
 from ..plan import split_budget
 from ..prune import prune
@@ -55,8 +56,9 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
 
     Returns:
         A compact model (timm ``VisionTransformer`` with merged and pruned blocks) whose FLOPs are at most
-        ``(1 − R)`` of the original's. ``model.cait_meta`` records the settings: ``preview`` is True without
-        calibration; with it, ``calibration`` gives the images, their source and the seconds it took.
+        ``(1 − R)`` of the original's. ``model.cait_meta`` (:class:`cait.meta.ModelMeta`) records the settings:
+        kind ``"preview"`` without calibration; ``"calibrated"`` with it, ``calibration`` giving the images, their
+        source and the seconds it took.
 
     Raises:
         ValueError: if R is out of range, the layout does not fit or alone exceeds R, or R cannot be reached.
@@ -79,27 +81,21 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
         scores = per_flop(fisher_scores(out, images, labels, batch_size, progress), describe(out))
     mask = select_channels(scores, describe(out), split.target_flops, min_channels, round_to)
     prune(out, mask)
-    meta = {
-        "base_model": architecture(model),
-        "flops_reduction": flops_reduction,
-        "merge": format_layout(split.layout),
-        "atme_reduction": round(split.atme_reduction, 6),
-        "achieved_reduction": round(1.0 - analytic_flops(out) / split.base_flops, 6),
-        "round_to": round_to,
-        "preview": calibration is None,
-    }
+    meta = ModelMeta(kind="preview" if calibration is None else "calibrated", base_model=architecture(model),
+                     flops_reduction=flops_reduction, merge=format_layout(split.layout),
+                     atme_reduction=round(split.atme_reduction, 6),
+                     achieved_reduction=round(1.0 - analytic_flops(out) / split.base_flops, 6), round_to=round_to,
+                     classes=meta_of(model).classes)
     if calibration is None:
-        meta["note"] = "untrained preview: channels scored by weight-row norms, no CDCP fine-tuning"
+        meta.note = "untrained preview: channels scored by weight-row norms, no CDCP fine-tuning"
     else:
         from ..calibrate import refit_
         fit = refit_(out, model, images, batch_size, progress=progress)
         source = calibration if isinstance(calibration, str) else type(calibration).__name__
-        meta["calibration"] = {"images": len(images), "source": source, "seconds": round(time.perf_counter() - t0, 1),
-                               "block_mse": [round(b["mse_after"], 6) for b in fit["blocks"]]}
-        meta["note"] = (f"calibrated, training-free: Fisher channel scores and a least-squares refit on {len(images)} "
-                        "unlabelled images, no CDCP fine-tuning")
-    if "classes" in (getattr(model, "cait_meta", None) or {}):
-        meta["classes"] = list(model.cait_meta["classes"])
+        meta.calibration = {"images": len(images), "source": source, "seconds": round(time.perf_counter() - t0, 1),
+                            "block_mse": [round(b["mse_after"], 6) for b in fit["blocks"]]}
+        meta.note = (f"calibrated, training-free: Fisher channel scores and a least-squares refit on {len(images)} "
+                     "unlabelled images, no CDCP fine-tuning")
     out.cait_meta = meta
     return out
 
@@ -156,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"model": a.model, "weights": source, "output": str(dest), "merge": out.cait_meta["merge"],
+    print(json.dumps({"model": a.model, "weights": source, "output": str(dest), "merge": out.cait_meta.merge,
                       "flops": count_flops(out), "base_flops": count_flops(model), "params": count_params(out),
-                      "seconds": round(seconds, 1), "calibration": out.cait_meta.get("calibration")}))
+                      "seconds": round(seconds, 1), "calibration": out.cait_meta.calibration}))
     return 0
 
