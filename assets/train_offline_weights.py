@@ -17,7 +17,7 @@ Every stage is a ``cait.finetune`` run (seed 0), so the script is the engine plu
    (share 0.8 → ``h4,v9``) so that both fp16 checkpoints fit in 20 MB. Hard distillation from the teacher
    (α = 0.1, the paper's DeiT-Tiny setting); compactors at the model's LR, masked rows shrunk by the engine's
    proximal group-lasso step (an earlier engine gave the compactors LR 0.02 so masked rows could reach 0 inside
-   AdamW; that noise took this teacher to chance within 50 steps, see ``cait.cdcp``).
+   AdamW; that noise took this teacher to chance within 50 steps, see ``cait.lasso``).
 
 Then both are written to ``assets/`` as fp16 safetensors + ``config.json`` + ``provenance.json`` (command, seed,
 data set, steps, device, top-1, FLOPs, params, attention localisation on the held-out split, training cost, date).
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cait  # noqa: E402
-from cait.attention import localisation_score  # noqa: E402
+from cait.attention_maps import localisation_score  # noqa: E402
 from cait.bundled import ORIGINAL_DIR, PROVENANCE_NAME, TWIN_DIR  # noqa: E402
 from cait.data import build_datasets  # noqa: E402
 from cait.finetune import FinetuneConfig, evaluate, finetune  # noqa: E402

@@ -2,25 +2,27 @@
 
 The pipeline, one module per step::
 
-    models      get a DeiT (timm weights when the Hub is reachable, a visible random fallback otherwise)
-    merge       ATME: HTM/VTM token merges at chosen blocks                       (paper §III-B)
-    plan        where to merge for a FLOPs target; ATME/CDCP budget split         (§III-B, §IV-C1)
-    compactor   CDCP: identity compactors on q/k/v per head and on the FFN        (§III-C)
-    select      the masked set S with head- and attention-level consistency      (Alg. 1–3)
-    prune       fold compactors and remove S → compact model                      (§III-C)
-    compress    one-shot compression (untrained preview)
-    checkpoint  safetensors + JSON save/load
-    flops       FLOPs (fvcore and closed form), params                           (SPEC §4)
-    bench       throughput, ``python -m cait.bench``
-    attention   CLS attention maps through the merged grid; localisation score    (Fig. 8)
-    bundled     the trained offline pair that ships in ``assets/``
-    calibrate   training-free: Fisher channel scores and a least-squares refit      (Kwon et al. 2022)
-    baselines   ToMe token merging, for comparison                                (Bolya et al. 2023)
-    export      ONNX / TorchScript / torch.export with a parity check, ``python -m cait.export``
-    hub         push_to_hub and ``load_pretrained("hf-hub:owner/name")``
+    models          get a DeiT (timm weights when the Hub is reachable, a visible random fallback otherwise)
+    merge           ATME: HTM/VTM token merges at chosen blocks                        (paper §III-B)
+    plan            where to merge for a FLOPs target; ATME/CDCP budget split          (§III-B, §IV-C1)
+    compactor       CDCP: identity compactors on q/k/v per head and on the FFN         (§III-C)
+    select          the masked set S with head- and attention-level consistency        (Alg. 1–3)
+    lasso           CDCP's training rule: masked group lasso, FLOPs-target schedule    (Eq. 2, SPEC §2)
+    finetune        the fine-tuning engine, ``python -m cait.finetune``                (SPEC §2–3)
+    prune           fold compactors and remove S → compact model                       (§III-C)
+    compress        one-shot compression (preview, or calibrated), ``python -m cait.compress``
+    calibrate       training-free: Fisher channel scores and a least-squares refit     (Kwon et al. 2022)
+    baselines       ToMe token merging, for comparison                                 (Bolya et al. 2023)
+    checkpoint      safetensors + JSON save/load; ``meta``: what a model says about itself
+    hub             push_to_hub and ``load_pretrained("hf-hub:owner/name")``
+    export          ONNX / TorchScript / torch.export with a parity check, ``python -m cait.export``
+    flops           FLOPs (fvcore and closed form), params                             (SPEC §4)
+    bench           throughput, ``python -m cait.bench``
+    attention_maps  CLS attention maps through the merged grid; localisation score     (Fig. 8)
+    bundled         the trained offline pair that ships in ``assets/``
 """
 from . import models as _models  # noqa: F401  (registers the tiny test DeiT with timm)
-from .attention import ClsAttention, attention_in_mask, attention_probs, cls_attention, localisation_score
+from .attention_maps import ClsAttention, attention_in_mask, attention_probs, cls_attention, localisation_score
 from .baselines import apply_tome, tome_flops, tome_schedule
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .compress import compress              # a package: `python -m cait.compress` runs its __main__

@@ -6,7 +6,7 @@ The run: build the student (ATME layout from the budget split, identity compacto
 train with AdamW (compactors in their own group: β₁ 0.99, no weight decay), cosine LR, Mixup/CutMix with
 soft-target cross-entropy, and hard distillation from the teacher; after every backward rewrite the compactor
 gradients by Eq. 2, taking the masked rows' group-lasso step in proximal form after the optimizer step
-(:mod:`cait.cdcp`); rebuild S every ``mask_interval`` steps after the warm-up from the compactor row norms with both
+(:mod:`cait.lasso`); rebuild S every ``mask_interval`` steps after the warm-up from the compactor row norms with both
 consistencies while the FLOPs target ramps, then holds. At the end zero S's rows, prune and fold, and write a
 compact checkpoint that :func:`cait.load_pretrained` (and the app) loads.
 
@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -33,16 +34,16 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cdcp import (FlopsSchedule, apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_,
+from .lasso import (FlopsSchedule, apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_,
                    shrink_masked_rows_, zero_masked_rows_)
 from .checkpoint import CheckpointError, load_pretrained, read_config, save_pretrained
 from .compactor import add_compactors, iter_compactors
 from .data import StepBatchSampler, build_datasets
-from .flops import describe
+from .flops import ModelSpec, describe
 from .merge import apply_atme, format_layout, get_layout
 from .meta import FinetuneSummary, ModelMeta
 from .models import architecture, create_model, update_cfg
-from .plan import split_budget
+from .plan import BudgetSplit, split_budget
 from .prune import fold_compactors, is_pruned, prune
 from .rundir import RunDirError, read_state, restore_state, save_state, state_files
 from .select import ChannelMask, compactor_scores, select_channels
@@ -204,7 +205,7 @@ def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
 
 
 def shrink_per_step(cfg: FinetuneConfig, schedule: FlopsSchedule) -> float:
-    """Norm removed from each masked compactor row per step (choice, see :mod:`cait.cdcp`): ``--mask-shrink``, or
+    """Norm removed from each masked compactor row per step (choice, see :mod:`cait.lasso`): ``--mask-shrink``, or
     2 / hold steps, so that a unit-norm row entering S when the hold starts is exactly 0 halfway through the hold and
     the model trains without it for the rest of the run."""
     if cfg.mask_shrink is not None:
@@ -274,22 +275,128 @@ def finetune(cfg: FinetuneConfig) -> dict:
             dist.destroy_process_group()
 
 
+@dataclass
+class _Run:
+    """What a CDCP run holds between steps: made by :func:`_build`, advanced by :func:`_step`, ended by
+    :func:`_export`. ``student`` is the merged DeiT (with compactors when ``cdcp``); ``model`` is what the loop calls
+    (the student, inside :class:`TokenLabelled` and/or DDP)."""
+
+    cfg: FinetuneConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    train_set: Any
+    val_set: Any
+    classes: list[str]
+    teacher: nn.Module
+    teaches: bool                                          # False: a random teacher, no distillation, no top-1
+    source: str
+    split: BudgetSplit
+    spec: ModelSpec                                        # the merged student's widths before pruning
+    cdcp: bool                                             # False: no channel budget, no compactors
+    student: nn.Module
+    model: nn.Module
+    schedule: FlopsSchedule
+    shrink: float
+    alpha: float
+    opt: torch.optim.Optimizer
+    sched: Any
+    mixup: Any
+    criterion: nn.Module
+    loader: Any
+    log: IO | None
+    start: int = 0
+    mask: ChannelMask | None = None
+    entered: int = 0
+    history: dict = field(default_factory=dict)
+    top1_teacher: float | None = None
+
+    def emit(self, rec: dict) -> None:
+        """Append one record to ``log.jsonl`` (rank 0 only)."""
+        if self.log:
+            self.log.write(json.dumps(rec) + "\n")
+            self.log.flush()
+
+    def save(self, step: int) -> None:
+        """Write a resumable training state (rank 0 only)."""
+        if self.rank == 0:
+            save_state(self.out, step, self.student, self.opt, self.mask,
+                       {"config": self.cfg.to_dict(), "history": self.history})
+
+    def top1(self, model: nn.Module) -> float:
+        """Held-out top-1 (%) of ``model``, shared over the ranks."""
+        return evaluate(model, self.val_set, self.device, rank=self.rank, world=self.world)
+
+    def evaluate_teacher_once(self) -> None:
+        """The frozen teacher's top-1, measured once; a random teacher's never."""
+        if self.top1_teacher is None and self.teaches:
+            self.top1_teacher = self.top1(self.teacher)
+
+
 def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> dict:
+    run = _build(cfg, rank, world, device)
+    bar = None
+    if rank == 0 and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=run.start, desc="cait.finetune", dynamic_ncols=True)
+    t_last, seen = time.perf_counter(), 0
+    for step, batch in enumerate(run.loader, start=run.start):
+        loss_value = _step(run, step, batch)
+        seen += batch[0].shape[0] * world
+        done = step + 1
+        if rank == 0 and (done % cfg.log_interval == 0 or done == cfg.steps):
+            now = time.perf_counter()
+            run.emit({"type": "train", "step": done, "epoch": done * cfg.batch_size / len(run.train_set),
+                      "loss": loss_value, "lr": run.opt.param_groups[0]["lr"],
+                      "flops_target": run.schedule.target(step), "s_size": 0 if run.mask is None else run.mask.size(),
+                      "s_entered": run.entered,
+                      "max_masked_norm": max_masked_row_norm(run.student, run.mask) if run.cdcp else 0.0,
+                      "images_per_s": seen / (now - t_last)})
+            t_last, seen = now, 0
+        if done % cfg.eval_interval == 0 and done < cfg.steps:
+            top1 = run.top1(run.student)
+            run.evaluate_teacher_once()
+            run.history[str(done)] = top1
+            run.emit({"type": "eval", "step": done, "top1_student": top1, "top1_teacher": run.top1_teacher})
+        if done % cfg.ckpt_interval == 0 and done < cfg.steps:
+            run.save(done)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", S=0 if run.mask is None else run.mask.size())
+        if cfg.stop_at is not None and done >= cfg.stop_at:
+            run.save(done)
+            run.emit({"type": "stopped", "step": done})
+            if bar:
+                bar.close()
+            return {"type": "stopped", "step": done, "mask": None if run.mask is None else run.mask.to_dict()}
+    if bar:
+        bar.close()
+    return _export(run)
+
+
+def _check_output(cfg: FinetuneConfig) -> Path:
+    """``--output`` exists and is writable, and holds no earlier run unless resuming (rank 0)."""
+    out = Path(cfg.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise FinetuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+    if not cfg.resume and state_files(out):
+        raise FinetuneError(f"{out}: holds an earlier run; pass --resume to continue it or choose a new --output")
+    return out
+
+
+def _build(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> _Run:
+    """Check the configuration, then make data, teacher, student (ATME + compactors), optimizer and loader, and
+    restore the newest state when resuming. Rank 0 saves the teacher and logs the start of a new run."""
     if cfg.batch_size % world or (cfg.batch_size // world) % 2:
         raise FinetuneError(f"--batch-size {cfg.batch_size} must split into an even batch per process "
                             f"({world} processes; Mixup/CutMix pair images)")
-    out = Path(cfg.output)
-    if rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            raise FinetuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
-        if not cfg.resume and state_files(out):
-            raise FinetuneError(f"{out}: holds an earlier run; pass --resume to continue it or choose a new --output")
-
+    out = _check_output(cfg) if rank == 0 else Path(cfg.output)
     if cfg.token_labels < 0:
         raise FinetuneError(f"--token-labels must be >= 0, got {cfg.token_labels}")
     if cfg.token_labels > 0 and (cfg.data != "synthetic" or cfg.mixup > 0 or cfg.cutmix > 0):
@@ -313,7 +420,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
     spec = describe(student)                              # the same with compactors: they fold away
     cdcp = split.target_flops < spec.flops()
     student = (add_compactors(student) if cdcp else student).to(device)
-    trainee = TokenLabelled(student, len(classes)) if cfg.token_labels > 0 else student   # what the loop calls
+    trainee = TokenLabelled(student, len(classes)) if cfg.token_labels > 0 else student
     teacher = teacher.to(device).eval().requires_grad_(False)
     schedule = FlopsSchedule(cfg.steps, spec.flops(), split.target_flops, cfg.cdcp_warmup, cfg.cdcp_ramp,
                              cfg.mask_interval)
@@ -340,7 +447,7 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
                    num_classes=len(classes)) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
 
-    start, mask, history, entered, top1_teacher = 0, None, {}, 0, None
+    start, mask, history = 0, None, {}
     if cfg.resume:                                         # every rank: each holds its own optimizer state
         meta = _resume(out, student, opt, cfg)
         start = meta["step"]
@@ -353,138 +460,105 @@ def _run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> di
                                                     else None)
     else:
         model = trainee
-
-    per_rank = cfg.batch_size // world
-    sampler = StepBatchSampler(len(train_set), per_rank, cfg.steps, start, rank, world, cfg.seed)
+    sampler = StepBatchSampler(len(train_set), cfg.batch_size // world, cfg.steps, start, rank, world, cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda")
-    log = (out / "log.jsonl").open("a") if rank == 0 else None
-    amp = cfg.amp and device.type == "cuda"
-
-    def emit(rec: dict) -> None:
-        if log:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-
+    run = _Run(cfg, rank, world, device, out, train_set, val_set, classes, teacher, teaches, source, split, spec,
+               cdcp, student, model, schedule, shrink, alpha, opt, sched, mixup, criterion, loader,
+               log=(out / "log.jsonl").open("a") if rank == 0 else None, start=start, mask=mask, history=history)
     if rank == 0 and not cfg.resume:
         teacher.cait_meta = ModelMeta(kind="teacher", base_model=architecture(teacher), source=source, classes=classes)
         save_pretrained(teacher, out / "teacher")         # the app shows it next to the result
-        emit({"type": "start", "config": cfg.to_dict(), "teacher": source, "distill_alpha": alpha,
-              "merge": format_layout(split.layout), "base_flops": split.base_flops,
-              "atme_flops": spec.flops(), "target_flops": split.target_flops, "classes": len(classes),
-              "world_size": world, "device": str(device)})
-    bar = None
-    if rank == 0 and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc="cait.finetune", dynamic_ncols=True)
+        run.emit({"type": "start", "config": cfg.to_dict(), "teacher": source, "distill_alpha": alpha,
+                  "merge": format_layout(split.layout), "base_flops": split.base_flops,
+                  "atme_flops": spec.flops(), "target_flops": split.target_flops, "classes": len(classes),
+                  "world_size": world, "device": str(device)})
+    return run
 
-    t_last, seen = time.perf_counter(), 0
-    step = start
-    for step, batch in enumerate(loader, start=start):
-        x, y = batch[0], batch[1]
-        model.train()
-        if cdcp and schedule.rebuild_at(step):
-            m = (select_channels(compactor_scores(student), spec, schedule.target(step), cfg.min_channels,
-                                 cfg.round_to) if rank == 0 else None)
-            m = _broadcast(m, rank, world)
-            entered = reset_optimizer_rows_(student, opt, mask, m)
-            mask = m
-        _seed_step(cfg.seed, step * world + rank)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if mixup:
-            x, y = mixup(x, y)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-            if cfg.token_labels > 0:                       # (logits, token logits) from TokenLabelled
-                logits, tokens = logits
-            loss = criterion(logits, y)
-            if alpha > 0:
-                with torch.no_grad():
-                    hard = teacher(x).argmax(-1)
-                loss = (1 - alpha) * loss + alpha * F.cross_entropy(logits, hard)
-            if cfg.token_labels > 0:
-                targets = token_targets(batch[2].to(device), y, len(classes), student)
-                loss = loss + cfg.token_labels * token_label_loss(tokens, targets)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise FinetuneError(f"loss became {loss_value} at step {step}; stopped without saving this state "
-                                f"(earlier training states in {out} are intact). Try a lower --lr.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cdcp:
-            apply_gradient_rule(student, mask, cfg.lasso, proximal=shrink > 0)  # after the DDP all-reduce
-        opt.step()
-        if cdcp and shrink > 0:
-            shrink_masked_rows_(student, mask, shrink)     # the masked rows' lasso step, identical on every rank
-        sched.step_update(step + 1)
-        seen += x.shape[0] * world
-        done = step + 1
 
-        if rank == 0 and (done % cfg.log_interval == 0 or done == cfg.steps):
-            now = time.perf_counter()
-            emit({"type": "train", "step": done, "epoch": done * cfg.batch_size / len(train_set),
-                  "loss": loss_value, "lr": opt.param_groups[0]["lr"],
-                  "flops_target": schedule.target(step), "s_size": 0 if mask is None else mask.size(),
-                  "s_entered": entered, "max_masked_norm": max_masked_row_norm(student, mask) if cdcp else 0.0,
-                  "images_per_s": seen / (now - t_last)})
-            t_last, seen = now, 0
-        if done % cfg.eval_interval == 0 and done < cfg.steps:
-            top1 = evaluate(student, val_set, device, rank=rank, world=world)
-            if top1_teacher is None and teaches:           # frozen: evaluated once; a random one not at all
-                top1_teacher = evaluate(teacher, val_set, device, rank=rank, world=world)
-            history[str(done)] = top1
-            emit({"type": "eval", "step": done, "top1_student": top1, "top1_teacher": top1_teacher})
-        if done % cfg.ckpt_interval == 0 and done < cfg.steps and rank == 0:
-            save_state(out, done, student, opt, mask, {"config": cfg.to_dict(), "history": history})
-        if bar:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", S=0 if mask is None else mask.size())
-        if cfg.stop_at is not None and done >= cfg.stop_at:
-            if rank == 0:
-                save_state(out, done, student, opt, mask, {"config": cfg.to_dict(), "history": history})
-                emit({"type": "stopped", "step": done})
-            if bar:
-                bar.close()
-            return {"type": "stopped", "step": done, "mask": None if mask is None else mask.to_dict()}
-    if bar:
-        bar.close()
+def _step(run: _Run, step: int, batch: list[torch.Tensor]) -> float:
+    """One optimisation step (rebuilding S when the schedule says so); returns the loss.
 
-    # Prune and fold ------------------------------------------------------------------------------------------------
-    if rank == 0:                                          # the compactors as trained (the compactor view reads it)
-        save_state(out, cfg.steps, student, opt, mask, {"config": cfg.to_dict(), "history": history})
+    Raises:
+        FinetuneError: when the loss is not finite (nothing of this step is saved).
+    """
+    cfg, student, device = run.cfg, run.student, run.device
+    x, y = batch[0], batch[1]
+    run.model.train()
+    if run.cdcp and run.schedule.rebuild_at(step):
+        m = (select_channels(compactor_scores(student), run.spec, run.schedule.target(step), cfg.min_channels,
+                             cfg.round_to) if run.rank == 0 else None)
+        m = _broadcast(m, run.rank, run.world)
+        run.entered = reset_optimizer_rows_(student, run.opt, run.mask, m)
+        run.mask = m
+    _seed_step(cfg.seed, step * run.world + run.rank)
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if run.mixup:
+        x, y = run.mixup(x, y)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        logits = run.model(x)
+        if cfg.token_labels > 0:                           # (logits, token logits) from TokenLabelled
+            logits, tokens = logits
+        loss = run.criterion(logits, y)
+        if run.alpha > 0:
+            with torch.no_grad():
+                hard = run.teacher(x).argmax(-1)
+            loss = (1 - run.alpha) * loss + run.alpha * F.cross_entropy(logits, hard)
+        if cfg.token_labels > 0:
+            targets = token_targets(batch[2].to(device), y, len(run.classes), student)
+            loss = loss + cfg.token_labels * token_label_loss(tokens, targets)
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        raise FinetuneError(f"loss became {loss_value} at step {step}; stopped without saving this state "
+                            f"(earlier training states in {run.out} are intact). Try a lower --lr.")
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.cdcp:
+        apply_gradient_rule(student, run.mask, cfg.lasso, proximal=run.shrink > 0)  # after the DDP all-reduce
+    run.opt.step()
+    if run.cdcp and run.shrink > 0:
+        shrink_masked_rows_(student, run.mask, run.shrink)  # the masked rows' lasso step, identical on every rank
+    run.sched.step_update(step + 1)
+    return loss_value
+
+
+def _export(run: _Run) -> dict:
+    """Zero S's rows, prune and fold, evaluate, and (rank 0) save ``compact/`` and the final log line."""
+    cfg, student, split = run.cfg, run.student, run.split
+    run.save(cfg.steps)                                    # the compactors as trained (the compactor view reads it)
     drop_token_head(student)                               # training-only: the result is a plain CAIT DeiT
-    if cdcp:
-        needs_final = mask is None or schedule.target(cfg.steps - 1) != split.target_flops
-        final_mask = (select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels,
-                                      cfg.round_to) if rank == 0 and needs_final else None)
-        if final_mask is not None or world > 1:
-            mask = _broadcast(final_mask if final_mask is not None else mask, rank, world)
+    if run.cdcp:
+        mask = run.mask
+        needs_final = mask is None or run.schedule.target(cfg.steps - 1) != split.target_flops
+        final_mask = (select_channels(compactor_scores(student), run.spec, split.target_flops, cfg.min_channels,
+                                      cfg.round_to) if run.rank == 0 and needs_final else None)
+        if final_mask is not None or run.world > 1:
+            mask = _broadcast(final_mask if final_mask is not None else mask, run.rank, run.world)
         removed = zero_masked_rows_(student, mask)
     else:
-        mask, removed = ChannelMask.keep_all(spec), 0.0
-    top1_masked = evaluate(student, val_set, device, rank=rank, world=world)
-    if top1_teacher is None and teaches:                   # frozen: evaluated once; a random one not at all
-        top1_teacher = evaluate(teacher, val_set, device, rank=rank, world=world)
+        mask, removed = ChannelMask.keep_all(run.spec), 0.0
+    top1_masked = run.top1(student)
+    run.evaluate_teacher_once()
     # Nothing to remove: fold only (or nothing to fold), so the result stays an uncompressed (or ATME) DeiT.
     compact = (fold_compactors(student) if mask.size() == 0 else prune(student, mask)).eval()
-    top1_compact = evaluate(compact, val_set, device, rank=rank, world=world)
+    top1_compact = run.top1(compact)
+    flops = describe(compact).flops()
     summary = {"type": "final", "step": cfg.steps, "merge": format_layout(split.layout),
-               "base_flops": split.base_flops, "flops": describe(compact).flops(),
-               "flops_reduction": 1 - describe(compact).flops() / split.base_flops,
-               "top1_teacher": top1_teacher, "top1_masked": top1_masked, "top1_student": top1_compact,
+               "base_flops": split.base_flops, "flops": flops, "flops_reduction": 1 - flops / split.base_flops,
+               "top1_teacher": run.top1_teacher, "top1_masked": top1_masked, "top1_student": top1_compact,
                "max_removed_row_norm": removed, "s_size": mask.size(), "mask": mask.to_dict()}
-    if rank == 0:
+    if run.rank == 0:
         compact.cait_meta = ModelMeta(
             kind="finetuned", base_model=architecture(compact), flops_reduction=cfg.flops_reduction,
             achieved_reduction=summary["flops_reduction"], merge=summary["merge"],
-            atme_reduction=split.atme_reduction, round_to=cfg.round_to, classes=classes,
+            atme_reduction=split.atme_reduction, round_to=cfg.round_to, classes=run.classes,
             finetune=FinetuneSummary.from_dict(summary), config=cfg.to_dict(),
             note=f"fine-tuned with CDCP for {cfg.steps} steps (python -m cait.finetune)")
-        save_pretrained(compact, out / "compact")
-        emit({k: v for k, v in summary.items() if k != "mask"})
-        log.close()
-    if world > 1:
-        (out / f"final_mask_rank{rank}.json").write_text(json.dumps(mask.to_dict()))
+        save_pretrained(compact, run.out / "compact")
+        run.emit({k: v for k, v in summary.items() if k != "mask"})
+        run.log.close()
+    if run.world > 1:
+        (run.out / f"final_mask_rank{run.rank}.json").write_text(json.dumps(mask.to_dict()))
     return summary
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .attention import attention_in_mask, cls_attention
+from .attention_maps import attention_in_mask, cls_attention
 from .baselines import apply_tome, tome_flops, tome_schedule
 from .bench import compare_throughput, resolve_device
 from .bundled import BUNDLED_KEY, BUNDLED_LABEL, BundledPair, bundled_pair

@@ -21,6 +21,12 @@ def tiny():
     return make
 
 
+@pytest.fixture(scope="module")
+def deit_s():
+    """DeiT-Small (random weights, eval mode): the paper's worked examples are on it."""
+    return timm.create_model("deit_small_patch16_224").eval()
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
     """Perturb every parameter so that no test passes by accident of a symmetric initialisation."""
     g = torch.Generator().manual_seed(seed)

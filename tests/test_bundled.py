@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cait
-from cait.attention import localisation_score
+from cait.attention_maps import localisation_score
 from cait.meta import FinetuneSummary, meta_of
 from cait.bundled import (BUNDLED_KEY, BUNDLED_LABEL, ORIGINAL_DIR, PROVENANCE_NAME, TWIN_DIR,
                           bundled_pair)

@@ -9,11 +9,6 @@ SPEC_FLOPS = {"deit_tiny_patch16_224": 1.254e9, "deit_small_patch16_224": 4.599e
 SPEC_PARAMS = {"deit_tiny_patch16_224": 5.72e6, "deit_small_patch16_224": 22.05e6, "deit_base_patch16_224": 86.57e6}
 
 
-@pytest.fixture(scope="module")
-def deit_s():
-    return timm.create_model("deit_small_patch16_224").eval()
-
-
 @pytest.mark.parametrize("name", list(SPEC_FLOPS))
 def test_deit_flops_and_params_match_spec(name):
     model = timm.create_model(name).eval()

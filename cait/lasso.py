@@ -1,4 +1,4 @@
-"""CDCP during training: the masked gradient rule (paper Eq. 2) and the FLOPs-target schedule (SPEC §2).
+"""CDCP's training rule: the masked group-lasso gradient (paper Eq. 2) and the FLOPs-target schedule (SPEC §2).
 
 The gradient the optimizer sees for compactor row j is::
 

@@ -1,11 +1,10 @@
 """CLS attention maps through the merged grid."""
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import randomize_
 
 import cait
-from cait.attention import attention_probs
+from cait.attention_maps import attention_probs
+from conftest import randomize_
 
 
 def test_cls_attention_shapes_and_mass(tiny):
@@ -50,23 +49,8 @@ def test_block_out_of_range(tiny):
         cait.cls_attention(tiny(), torch.randn(1, 3, 32, 32), block=6)
 
 
-def test_overlay_keeps_image_size_and_upscales_small_images():
-    from PIL import Image
-
-    from cait.viz import overlay
-    from cait.viz import MIN_DISPLAY_SIDE
-    heat = F.softmax(torch.randn(7, 4).flatten(), 0).reshape(7, 4)
-    big = Image.new("RGB", (2 * MIN_DISPLAY_SIDE, MIN_DISPLAY_SIDE + 10), (10, 200, 30))
-    out = overlay(big, heat)
-    assert out.size == big.size and out.mode == "RGB"
-    small = Image.new("RGB", (50, 40), (10, 200, 30))          # upscaled by a whole factor, aspect kept
-    out = overlay(small, heat)
-    k = out.size[0] // 50
-    assert k > 1 and out.size == (50 * k, 40 * k) and min(out.size) >= MIN_DISPLAY_SIDE
-
-
 def test_attention_in_mask_bounds_and_uniform_baseline():
-    from cait.attention import ClsAttention
+    from cait.attention_maps import ClsAttention
     B, H = 2, 3
     masks = torch.zeros(B, 32, 32, dtype=torch.bool)
     masks[:, :8, :8] = True                                         # exactly patch (0, 0) of an 8×8 grid (4 px patches)

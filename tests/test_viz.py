@@ -1,0 +1,76 @@
+"""Figures and overlays."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def test_overlay_keeps_image_size_and_upscales_small_images():
+    from PIL import Image
+
+    from cait.viz import MIN_DISPLAY_SIDE, overlay
+    heat = F.softmax(torch.randn(7, 4).flatten(), 0).reshape(7, 4)
+    big = Image.new("RGB", (2 * MIN_DISPLAY_SIDE, MIN_DISPLAY_SIDE + 10), (10, 200, 30))
+    out = overlay(big, heat)
+    assert out.size == big.size and out.mode == "RGB"
+    small = Image.new("RGB", (50, 40), (10, 200, 30))          # upscaled by a whole factor, aspect kept
+    out = overlay(small, heat)
+    k = out.size[0] // 50
+    assert k > 1 and out.size == (50 * k, 40 * k) and min(out.size) >= MIN_DISPLAY_SIDE
+
+
+def test_colour_bar_widens_the_overlay_and_leaves_the_picture_alone():
+    from PIL import Image
+
+    from cait.viz import overlay
+    img = Image.new("RGB", (300, 240), (10, 200, 30))
+    heat = torch.rand(6, 5)
+    plain, scaled = overlay(img, heat), overlay(img, heat, scale=True)
+    assert scaled.size[1] == 240 and scaled.size[0] > 300
+    assert scaled.crop((0, 0, 300, 240)).tobytes() == plain.tobytes()
+
+
+def test_top_k_is_sorted_named_and_a_probability():
+    from cait.viz import top_k
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    out = top_k(logits, ["a", "b", "c", "d"], k=3)
+    assert list(out) == ["b", "d", "c"] and list(out.values()) == sorted(out.values(), reverse=True)
+    assert sum(top_k(logits, k=10).values()) == pytest.approx(1.0)           # k above the classes: all of them
+    assert list(top_k(logits, k=1)) == ["class 1"]
+
+
+def test_channels_figure_plots_kept_percentages_and_tokens(tiny):
+    import cait
+    from cait.flops import describe
+    from cait.viz import channels_figure
+    model = tiny()
+    twin = cait.compress(model, 0.5, layout="h2")
+    fig = channels_figure(describe(model), describe(twin))
+    bars = {t.name: list(t.y) for t in fig.data if t.type == "bar"}
+    spec = describe(twin)
+    assert bars["FFN kept (%)"] == pytest.approx([100 * b.ffn_dim / 192 for b in spec.blocks])
+    assert all(0 < y <= 100 for ys in bars.values() for y in ys)
+    tokens = next(t for t in fig.data if t.type == "scatter")
+    assert list(tokens.y) == [b.tokens for b in spec.blocks] and tokens.y[0] > tokens.y[-1]
+
+
+def test_cost_table_is_relative_to_the_first_row():
+    from cait.viz import cost_table
+    t = cost_table({"original": {"flops": 4e9, "params": 22e6, "images_per_s": 100.0, "top1": 80.0},
+                    "CAIT": {"flops": 2e9, "params": 12e6, "images_per_s": 180.0, "top1": 79.5}})
+    cait_row = t.set_index("model").loc["CAIT"]
+    assert cait_row["FLOPs reduction (%)"] == 50.0 and cait_row["ideal speed-up"] == 2.0
+    assert cait_row["speed-up"] == 1.8 and cait_row["held-out top-1 (%)"] == 79.5
+
+
+def test_compactor_figure_marks_exactly_the_masked_channels(tiny):
+    import cait
+    from cait.select import ChannelMask
+    from cait.viz import compactor_figure
+    model = cait.add_compactors(tiny())
+    scores = cait.compactor_scores(model)
+    mask = ChannelMask.empty_like(scores)
+    mask.ffn[2][:5] = True
+    fig = compactor_figure(scores, mask)
+    overlay_ffn = fig.data[-1].z                                             # (blocks, D): 1 in S, NaN elsewhere
+    assert np.nansum(overlay_ffn) == 5 and np.nansum(overlay_ffn[2][:5]) == 5
