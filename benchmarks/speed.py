@@ -109,8 +109,6 @@ def main() -> None:
         models = variants(name, a.round_to)
         flops = {k: flops_of(m) for k, m in models.items()}
         if a.runtime == "onnxruntime":
-            models.pop("tome")                         # data-dependent merges: ONNX cannot express ToMe
-            flops.pop("tome")
             run = onnx_runners(models, out_dir / "onnx" / name)
         else:
             run = {k: (torch.compile(m) if a.compile else m) for k, m in models.items()}

@@ -49,5 +49,6 @@ def test_speed_benchmark_under_onnx_runtime(tmp_path):
     run("benchmarks/speed.py", "--models", cait.TEST_MODEL, "--device", "cpu", "--batch-sizes", "2", "--iters", "1",
         "--rounds", "1", "--warmup", "1", "--runtime", "onnxruntime", "--out", str(tmp_path))
     rows = {r["variant"]: r for r in json.loads((tmp_path / "speed.json").read_text())["rows"]}
-    assert set(rows) == {"original", "atme", "cdcp", "cait"} and rows["cait"]["runtime"] == "onnxruntime"
+    assert set(rows) == {"original", "atme", "cdcp", "cait", "tome"} and rows["cait"]["runtime"] == "onnxruntime"
+    assert (tmp_path / "onnx" / cait.TEST_MODEL / "tome.onnx").is_file()          # ToMe exports too (parity-checked)
     assert (tmp_path / "onnx" / cait.TEST_MODEL / "cait.onnx").is_file()
