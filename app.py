@@ -153,9 +153,9 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
             # A number, not a slider: a value out of range is refused by name instead of clamped silently.
             reduction = gr.Number(DEFAULT_REDUCTION, label="Total FLOPs reduction", step=0.05, elem_id="reduction",
                                   info=f"{REDUCTION_RANGE[0]} to {REDUCTION_RANGE[1]}")
-            merge = gr.Textbox(label="ATME layout (optional)", placeholder="e.g. h4,v7 (blocks from 0)",
+            merge = gr.Textbox(label="ATME layout (optional)", placeholder="e.g. h4,v7 (blocks from 0), or none",
                                elem_id="merge",
-                               info="planned when empty")
+                               info="planned when empty; none: no merges (CDCP only)")
             build = gr.Button("Build CAIT twin", variant="primary")
         status = gr.Markdown(studio.startup_note(), elem_id="status")
         with gr.Row():

@@ -196,7 +196,8 @@ class Studio:
         Args:
             name: timm name or display name (``"DeiT-Small"``).
             flops_reduction: total FLOPs reduction in [0, 1).
-            merge: optional ATME layout such as ``"h4,v7"``; empty for the planned one.
+            merge: optional ATME layout such as ``"h4,v7"``; empty for the planned one, ``"none"`` for no merges
+                (CDCP only).
 
         Raises:
             ValueError: unknown model, bad layout, or an unreachable FLOPs target (message says which).
@@ -215,8 +216,9 @@ class Studio:
         lo, hi = REDUCTION_RANGE
         if not isinstance(flops_reduction, (int, float)) or not lo <= float(flops_reduction) <= hi:
             raise ValueError(f"Total FLOPs reduction: {flops_reduction!r} is outside {lo} to {hi}")
-        try:
-            layout = format_layout(parse_layout(merge or None)) or None
+        try:                                           # "" → the planned layout; "none" → CDCP only, no merges
+            text = (merge or "").strip()
+            layout = "" if text.lower() == "none" else (format_layout(parse_layout(text or None)) or None)
         except ValueError as e:
             raise ValueError(f"ATME layout: {e}") from None
         key = (name, round(float(flops_reduction), 4), layout)

@@ -85,6 +85,11 @@ def test_a_trained_hub_deit_gets_a_calibrated_twin(monkeypatch, tiny):
     pair = studio.pair("DeiT-Tiny", 0.4, "")
     assert pair.compressed.cait_meta.calibration["images"] == 8
     assert "Calibrated, training-free" in studio.status(pair) and "8 unlabelled images" in studio.status(pair)
+    assert pair.compressed.cait_meta.merge                          # the planned layout merges ...
+    assert "Merges without training cost accuracy" in studio.status(pair)   # ... and the status says what it costs
+    cdcp_only = studio.pair("DeiT-Tiny", 0.4, "none")
+    assert not cdcp_only.compressed.cait_meta.merge
+    assert "Merges without training" not in studio.status(cdcp_only)
     preview = Studio(device="cpu", bundled=None, calibration_size=0).pair("DeiT-Tiny", 0.4, "")
     assert preview.compressed.cait_meta.preview is True
 
