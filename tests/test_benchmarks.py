@@ -52,3 +52,8 @@ def test_speed_benchmark_under_onnx_runtime(tmp_path):
     assert set(rows) == {"original", "atme", "cdcp", "cait", "tome"} and rows["cait"]["runtime"] == "onnxruntime"
     assert (tmp_path / "onnx" / cait.TEST_MODEL / "tome.onnx").is_file()          # ToMe exports too (parity-checked)
     assert (tmp_path / "onnx" / cait.TEST_MODEL / "cait.onnx").is_file()
+
+
+def test_job_polling_benchmark_prints_json():
+    out = json.loads(run("benchmarks/job_polling.py", "--jobs", "25", "--repeats", "2"))
+    assert out["jobs"] == 25 and out["list_s"] >= 0 and out["tick_s"] >= 0
