@@ -50,3 +50,20 @@ def test_bad_arguments_are_refused_with_clear_errors(tiny):
     scores.ffn[1][3] = float("nan")
     with pytest.raises(ValueError, match="scores of ffn in block 1 contain NaN"):
         cait.select_channels(scores, cait.describe(model), cait.analytic_flops(model) // 2)
+
+
+def test_compress_reads_the_model_structure_twice_not_per_planning_step(tiny, monkeypatch):
+    """Planning works on one ModelSpec (issue: a DeiT-S compress walked the model 102 times; now 2)."""
+    import importlib
+    compress_mod = importlib.import_module("cait.compress")               # the package (cait.compress is the function)
+    flops_mod, plan_mod = importlib.import_module("cait.flops"), importlib.import_module("cait.plan")
+    calls = []
+    real = flops_mod.describe
+
+    def counting(model):
+        calls.append(1)
+        return real(model)
+    monkeypatch.setattr(plan_mod, "describe", counting)
+    monkeypatch.setattr(compress_mod, "describe", counting)
+    cait.compress(tiny(), 0.5)                                              # planned layout + CDCP
+    assert len(calls) == 2                                                  # the plan's spec, the merged model's
