@@ -44,7 +44,9 @@ import cait  # noqa: E402
 from cait.attention_maps import localisation_score  # noqa: E402
 from cait.bundled import ORIGINAL_DIR, PROVENANCE_NAME, TWIN_DIR  # noqa: E402
 from cait.data import build_datasets  # noqa: E402
+from cait.checkpoint import CONFIG_NAME  # noqa: E402
 from cait.finetune import FinetuneConfig, evaluate, finetune  # noqa: E402
+from cait.rundir import read_log, state_files  # noqa: E402
 from cait.synthetic import CLASSES  # noqa: E402
 
 SEED = 0
@@ -99,21 +101,22 @@ def run_stage(cfg: FinetuneConfig) -> dict:
     """Run (or resume, or skip when finished) one stage; returns its final summary and wall-clock seconds."""
     out = Path(cfg.output)
     timing = out / "timing.json"
-    if (out / "compact" / "config.json").is_file():
+    if (out / "compact" / CONFIG_NAME).is_file():
         print(f"[{out.name}] finished earlier, skipped", flush=True)
     else:
-        cfg.resume = any(out.glob("train_state-*.json"))
+        cfg.resume = bool(state_files(out))
         print(f"[{out.name}] {'resuming' if cfg.resume else 'starting'}: {cfg.steps} steps at "
               f"{cfg.img_size or 224} px on {cfg.device}", flush=True)
         t0 = time.time()
         finetune(cfg)
         before = json.loads(timing.read_text())["wall_s"] if timing.is_file() else 0.0
         timing.write_text(json.dumps({"wall_s": before + time.time() - t0}))
-    final = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    final = read_log(out)[-1]
     if timing.is_file():
         final["wall_s"] = json.loads(timing.read_text())["wall_s"]
     else:   # a stage started by hand with the same flags: its wall time from its files' times
-        final["wall_s"] = (out / "compact" / "config.json").stat().st_mtime - (out / "teacher" / "config.json").stat().st_mtime
+        final["wall_s"] = ((out / "compact" / CONFIG_NAME).stat().st_mtime
+                           - (out / "teacher" / CONFIG_NAME).stat().st_mtime)
     return final
 
 

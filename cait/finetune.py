@@ -45,7 +45,7 @@ from .meta import FinetuneSummary, ModelMeta
 from .models import architecture, create_model, update_cfg
 from .plan import BudgetSplit, split_budget
 from .prune import fold_compactors, is_pruned, prune
-from .rundir import RunDirError, read_state, restore_state, save_state, state_files
+from .rundir import LOG_NAME, RunDirError, read_state, restore_state, save_state, state_files
 from .select import ChannelMask, compactor_scores, select_channels
 from .token_labels import TokenLabelled, drop_token_head, token_label_loss, token_targets
 
@@ -465,7 +465,7 @@ def _build(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> 
                                          pin_memory=device.type == "cuda")
     run = _Run(cfg, rank, world, device, out, train_set, val_set, classes, teacher, teaches, source, split, spec,
                cdcp, student, model, schedule, shrink, alpha, opt, sched, mixup, criterion, loader,
-               log=(out / "log.jsonl").open("a") if rank == 0 else None, start=start, mask=mask, history=history)
+               log=(out / LOG_NAME).open("a") if rank == 0 else None, start=start, mask=mask, history=history)
     if rank == 0 and not cfg.resume:
         teacher.cait_meta = ModelMeta(kind="teacher", base_model=architecture(teacher), source=source, classes=classes)
         save_pretrained(teacher, out / "teacher")         # the app shows it next to the result

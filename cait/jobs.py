@@ -35,10 +35,11 @@ from pathlib import Path
 from .bundled import ASSETS_DIR, ORIGINAL_DIR
 from .checkpoint import CONFIG_NAME, atomic_write
 from .public import Limits, on_space
-from .rundir import LogReader
+from .rundir import LOG_NAME, LogReader, state_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ACTIVE = ("queued", "running")
+JOB_FILE = "job.json"
 JOB_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4,12}$")
 """``YYYYMMDD-HHMMSS-<hex>``: the only job ids accepted anywhere (the hex part is 12 digits for new jobs)."""
 UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -192,11 +193,11 @@ class JobManager:
     def _save(self, job: Job) -> None:
         d = job.dir(self.root)
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write(d / "job.json", lambda f: Path(f).write_text(json.dumps(asdict(job), indent=2)))
+        atomic_write(d / JOB_FILE, lambda f: Path(f).write_text(json.dumps(asdict(job), indent=2)))
 
     def get(self, job_id: str) -> Job:
         """The job, re-read only when its ``job.json`` changed. Raises ``KeyError`` for an unknown or malformed id."""
-        path = self.root / "jobs" / check_job_id(job_id) / "job.json"
+        path = self.root / "jobs" / check_job_id(job_id) / JOB_FILE
         try:
             mtime = path.stat().st_mtime_ns
             cached = self._cache.get(job_id)
@@ -224,7 +225,7 @@ class JobManager:
         """The job's ``log.jsonl`` records, read incrementally (:class:`cait.rundir.LogReader`)."""
         check_job_id(job_id)
         if job_id not in self._logs:
-            self._logs[job_id] = LogReader(self.root / "jobs" / job_id / "run" / "log.jsonl")
+            self._logs[job_id] = LogReader(self.root / "jobs" / job_id / "run" / LOG_NAME)
         return self._logs[job_id].records()
 
     # -- requests ------------------------------------------------------------------------------------------------
@@ -256,9 +257,8 @@ class JobManager:
         if not isinstance(r, (int, float)) or not 0.0 <= r <= 0.95:
             raise bad("flops_reduction", f"{r!r} is outside 0 to 0.95")
         size = args.get("img_size")
-        if size is not None and (not isinstance(size, int) or not 16 <= size <= (lim.max_img_size if lim.public
-                                                                                    else 1024)):
-            raise bad("img_size", f"{size!r} is outside 16 to {lim.max_img_size if lim.public else 1024}")
+        if size is not None and (not isinstance(size, int) or not 16 <= size <= lim.img_size_cap()):
+            raise bad("img_size", f"{size!r} is outside 16 to {lim.img_size_cap()}")
         model = str(args.get("model", FinetuneConfig.model)).strip()
         if model == "bundled":
             model = str(ASSETS_DIR / ORIGINAL_DIR)
@@ -408,7 +408,6 @@ class JobManager:
                         os.killpg(job.pid, signal.SIGKILL)
                         proc.wait()
             run = job.dir(self.root) / "run"
-            from .rundir import state_files
             states = state_files(run)
             steps = [r["step"] for r in self.records(job_id) if r.get("type") == "train"]
             if not states:
@@ -448,7 +447,8 @@ class JobManager:
                 path = self.root / ("jobs" if kind == "job" else "uploads") / ident
                 size = _size(path)
                 shutil.rmtree(path, ignore_errors=True)
-                self._cache.pop(ident, None), self._logs.pop(ident, None)
+                self._cache.pop(ident, None)
+                self._logs.pop(ident, None)
                 total -= size
                 gone.append(ident if kind == "job" else f"upload:{ident}")
         self._last_cleanup = time.time()

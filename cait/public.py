@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .models import TEST_MODEL
+from .photos import MAX_PIXELS
 
 
 
@@ -59,6 +60,7 @@ class Limits:
         max_image_pixels: an uploaded image (decoding a larger one is refused from its header).
         retention_s: finished jobs and uploads older than this are deleted.
         max_runs_bytes: beyond this, the oldest finished jobs and uploads are deleted first.
+        local_max_*: the sanity bounds of local use; ``*_cap()`` gives the one that applies.
     """
 
     public: bool = False
@@ -76,6 +78,9 @@ class Limits:
     max_runs_bytes: int = 5_000_000_000
     local_max_steps: int = 10_000_000
     local_max_batch_size: int = 4096
+    local_max_img_size: int = 1024
+    local_max_cost_batch: int = 1024
+    local_max_image_pixels: int = MAX_PIXELS
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -88,6 +93,15 @@ class Limits:
 
     def batch_cap(self) -> int:
         return self.max_batch_size if self.public else self.local_max_batch_size
+
+    def img_size_cap(self) -> int:
+        return self.max_img_size if self.public else self.local_max_img_size
+
+    def cost_batch_cap(self) -> int:
+        return self.max_cost_batch if self.public else self.local_max_cost_batch
+
+    def image_pixels_cap(self) -> int:
+        return self.max_image_pixels if self.public else self.local_max_image_pixels
 
 
 def visitor_key(value: str | None) -> str | None:

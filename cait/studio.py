@@ -31,7 +31,7 @@ from .jobs import job_id_of
 from .meta import meta_of
 from .merge import format_layout, parse_layout, patch_grid, token_grids
 from .models import DEIT_MODELS, TEST_MODEL, WeightsInfo, create_model, hub_offline, hub_unreachable_reason
-from .photos import MAX_PIXELS, SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
+from .photos import SAMPLE_PHOTOS, load_image, model_view, preprocess, sample_photo
 from .public import Limits
 from .status import classes_note, model_labels, pair_status, startup_note
 from .synthetic import CLASSES, SyntheticShapes, held_out_sample
@@ -342,7 +342,7 @@ class Studio:
             ValueError: if neither is given or the sample name is unknown.
         """
         if upload is not None and not (isinstance(upload, str) and not upload):
-            return Sample(load_image(upload, self.limits.max_image_pixels if self.limits.public else MAX_PIXELS))
+            return Sample(load_image(upload, self.limits.image_pixels_cap()))
         if name in SAMPLE_PHOTOS:
             return Sample(sample_photo(name))
         if name in SYNTHETIC_SAMPLES:
@@ -399,7 +399,7 @@ class Studio:
         Raises:
             ValueError: for a batch size outside what these limits allow (the message names the field).
         """
-        cap = self.limits.max_cost_batch if self.limits.public else 1024
+        cap = self.limits.cost_batch_cap()
         if measure and not 1 <= int(batch_size) <= cap:
             raise ValueError(f"Batch size: {batch_size} is outside 1 to {cap}"
                              + (" on this public Space" if self.limits.public else ""))
