@@ -81,10 +81,11 @@ RECIPES: dict[str, dict[str, dict]] = {
     # Not run here (no GPU was available when the shipped weights were made); sized for about an hour on one GPU.
     "gpu": {
         "stage1": dict(model="deit_tiny_patch16_224", img_size=224, flops_reduction=0.0, steps=20000,
-                       batch_size=256, lr=1e-3, label_smoothing=0.1, eval_interval=2000, ckpt_interval=1000),
+                       batch_size=256, lr=1e-3, label_smoothing=0.1, token_labels=1.0, eval_interval=2000,
+                       ckpt_interval=1000),
         "twin": dict(model="@stage1", flops_reduction=0.5, merge=TWIN_LAYOUT, round_to=8, steps=5000,
-                     batch_size=256, lr=2e-4, label_smoothing=0.1, distill_alpha=0.1, eval_interval=1000,
-                     ckpt_interval=500),
+                     batch_size=256, lr=2e-4, label_smoothing=0.1, token_labels=1.0, distill_alpha=0.1,
+                     eval_interval=1000, ckpt_interval=500),
     },
 }
 
@@ -162,7 +163,7 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
                      "CDCP, fine-tuned from it with cait.finetune (hard distillation from it)"),
             "command": command, "recipe": recipe, "seed": SEED,
             "scaled_down": (recipe != "gpu") and (
-                "CPU recipe: the teacher trains at 112 px (two cosine cycles) and only briefly at 224 px, the twin "
+                "CPU recipe: the teacher trains at 112 px and only briefly at 224 px, the twin "
                 f"fine-tunes {twin_cfg.steps} steps of {twin_cfg.batch_size} images; far fewer images than a GPU run "
                 "would use (see stages)"),
             "data": {"name": "cait.synthetic.SyntheticShapes", "classes": list(CLASSES), "seed": SEED,
