@@ -553,7 +553,8 @@ def _export(run: _Run) -> dict:
             achieved_reduction=summary["flops_reduction"], merge=summary["merge"],
             atme_reduction=split.atme_reduction, round_to=cfg.round_to, classes=run.classes,
             finetune=FinetuneSummary.from_dict(summary), config=cfg.to_dict(),
-            note=f"fine-tuned with CDCP for {cfg.steps} steps (python -m cait.finetune)")
+            note=(f"fine-tuned with CDCP for {cfg.steps} steps (python -m cait.finetune)" if run.cdcp or split.layout
+                  else f"trained for {cfg.steps} steps, uncompressed (python -m cait.finetune)"))
         save_pretrained(compact, run.out / "compact")
         run.emit({k: v for k, v in summary.items() if k != "mask"})
         run.log.close()

@@ -135,6 +135,7 @@ def test_zero_reduction_trains_a_plain_deit_without_compactors(tmp_path):
     model = cait.load_pretrained(tmp_path / "run" / "compact")
     from timm.layers import Attention
     assert type(model.blocks[0].attn) is Attention and not cait.get_layout(model)
+    assert "uncompressed" in model.cait_meta.note and "CDCP" not in model.cait_meta.note    # says what it is
     # ... so it can teach a CAIT run.
     student = finetune(_cfg(tmp_path / "next", model=str(tmp_path / "run" / "compact"), steps=20, eval_interval=100))
     assert student["flops_reduction"] >= 0.5
