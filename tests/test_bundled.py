@@ -114,17 +114,18 @@ def test_shipped_pair_fits_and_says_how_it_was_made():
 
 @shipped
 def test_shipped_pair_classifies_and_looks_at_the_object():
-    """On the first 200 held-out images: both beat chance (12.5%) by far, and the CLS attention mass inside the
-    object is well above the object's area (what uniform attention would score)."""
+    """On the first 200 held-out images: both beat chance (12.5%) by far (shipped: 71.7% and 64.6% on 1000), and
+    the CLS attention mass inside the object is several times the object's area (what uniform attention would
+    score; shipped: 10.7× and 7.9×)."""
     from cait.data import build_datasets
     from cait.finetune import evaluate
     pair = bundled_pair()
     _, val, _ = build_datasets("synthetic", 224, 0, val_size=200)
     for model, prov in zip(pair.load(), (pair.original_provenance, pair.twin_provenance)):
         top1 = evaluate(model, val, torch.device("cpu"))
-        assert top1 > 18.0 and abs(top1 - prov["top1"]) < 10                # chance: 12.5%
+        assert top1 > 55.0 and abs(top1 - prov["top1"]) < 10                # chance: 12.5%
         loc = localisation_score(model, images=100)
-        assert loc["ratio"] > 1.5
+        assert loc["ratio"] > 4.0
 
 
 def test_reproduction_script_end_to_end(tmp_path, capsys):
