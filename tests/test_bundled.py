@@ -128,14 +128,20 @@ def test_shipped_pair_classifies_and_looks_at_the_object():
         assert loc["ratio"] > 4.0
 
 
-def test_reproduction_script_end_to_end(tmp_path, capsys):
-    """The script's three stages on the tiny DeiT: resized between stages, exported fp16 with provenance, loadable
-    as the bundled pair; a second call skips the finished stages."""
+@pytest.fixture(scope="module")
+def script():
+    """``assets/train_offline_weights.py`` imported as a module."""
     import importlib.util
     from cait.bundled import ROOT_SCRIPT
     spec = importlib.util.spec_from_file_location("train_offline_weights", ROOT_SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduction_script_end_to_end(tmp_path, capsys, script):
+    """The script's three stages on the tiny DeiT: resized between stages, exported fp16 with provenance, loadable
+    as the bundled pair; a second call skips the finished stages."""
     args = ["--recipe", "smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "assets"), "--device", "cpu"]
     summary = script.main(args)
     pair = bundled_pair(tmp_path / "assets")
@@ -150,3 +156,16 @@ def test_reproduction_script_end_to_end(tmp_path, capsys):
     assert prov["training_cost_s"] > 0 and prov["fp16_bytes"] == (pair.twin_dir / "model.safetensors").stat().st_size
     script.main(args)
     assert capsys.readouterr().out.count("finished earlier, skipped") == 3
+
+
+def test_training_time_survives_interruptions(script):
+    """A stage's time is summed from its log, so a session that ended mid-stage (nothing written at the kill) keeps
+    the time before it; steps a resumed run logs again count once, at their last measurement."""
+    log = [{"type": "start", "config": {"batch_size": 4}},
+           {"type": "train", "step": 50, "images_per_s": 10.0},
+           {"type": "train", "step": 100, "images_per_s": 20.0},       # killed after this; resumed from step 50
+           {"type": "start", "config": {"batch_size": 4}},
+           {"type": "train", "step": 100, "images_per_s": 40.0},
+           {"type": "eval", "step": 100, "top1_student": 50.0},
+           {"type": "train", "step": 150, "images_per_s": 10.0}]
+    assert script.training_seconds(log) == pytest.approx(50 * 4 / 10 + 50 * 4 / 40 + 50 * 4 / 10)
