@@ -15,6 +15,12 @@ from .models import DEIT_MODELS
 from .synthetic import CLASSES
 
 
+ABOVE_TEACHER = ("It scores above its teacher: the fine-tune was also more training than the teacher had at this "
+                 "resolution, so the teacher is under-trained for this data; compression does not add accuracy. ")
+"""Said of a fine-tuned twin more than one point above its teacher (the bundled twin: README, *Trained offline
+weights*)."""
+
+
 def startup_note(device, hub_reason: str | None, bundled: BundledPair | None) -> str:
     """Markdown for the app's first screen: the device, and which weights the default model has and why."""
     note = f"Device: `{device}`."
@@ -47,6 +53,7 @@ def _twin_status(pair) -> list[str]:
             f"{f.base_flops / 1e9:.4f} → {f.flops / 1e9:.4f} GFLOPs "
             f"({100 * f.flops_reduction:.1f}% fewer); held-out top-1 {f.top1_student:.1f}% "
             + ("(its teacher was not trained). " if f.top1_teacher is None else f"(teacher {f.top1_teacher:.1f}%). ")
+            + (ABOVE_TEACHER if f.top1_teacher is not None and f.top1_student > f.top1_teacher + 1 else "")
             + "The reduction and layout controls do not apply to it.",
         ]
     f = pair.flops()
