@@ -11,8 +11,9 @@ For a model trained on the synthetic shapes (the bundled original, or a checkpoi
 * ``tome``: ToMe (cait.baselines) scheduled to the calibrated twin's FLOPs;
 * ``cait_finetuned``: the bundled CAIT twin, when the model is the bundled original;
 
-and measures each on the same held-out images (top-1 %, agreement with the original's predictions %) and on the CPU
-in one alternating run (images/s at the batch size). Prints one JSON object, with the calibration cost in seconds.
+and measures each on the same held-out images (top-1 %, agreement with the original's predictions %, top-1 per class
+and the three most frequent confusions as ``"true->predicted": images``) and on the CPU in one alternating run
+(images/s at the batch size). Prints one JSON object, with the calibration cost in seconds.
 """
 from __future__ import annotations
 
@@ -30,7 +31,20 @@ import cait  # noqa: E402
 from cait.baselines import apply_tome, tome_flops, tome_schedule  # noqa: E402
 from cait.bench import compare_throughput  # noqa: E402
 from cait.bundled import bundled_pair  # noqa: E402
-from cait.synthetic import SyntheticShapes  # noqa: E402
+from cait.synthetic import CLASSES, SyntheticShapes  # noqa: E402
+
+
+def per_class(pred: torch.Tensor, y: torch.Tensor, most: int = 3) -> dict:
+    """Top-1 % per synthetic class (None for a class with no images) and the ``most`` most frequent confusions,
+    from predictions and labels ``(N,)``."""
+    C = len(CLASSES)
+    cm = torch.bincount(y * C + pred, minlength=C * C).view(C, C)            # rows: true class, columns: predicted
+    off = cm.clone().fill_diagonal_(0).flatten()
+    counts, where = off.topk(most)
+    return {"top1_per_class": {c: round(100 * float(cm[i, i] / cm[i].sum()), 1) if cm[i].sum() else None
+                               for i, c in enumerate(CLASSES)},
+            "confusions": {f"{CLASSES[int(w) // C]}->{CLASSES[int(w) % C]}": int(n)
+                           for n, w in zip(counts, where) if n > 0}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
             "top1": round(100 * float((preds[k] == y).float().mean()), 2),
             "agreement": round(100 * float((preds[k] == preds["original"]).float().mean()), 2),
             "images_per_s": round(speed[k]["images_per_s"], 2),
-            "speedup": round(speed[k]["images_per_s"] / speed["original"]["images_per_s"], 3)}
+            "speedup": round(speed[k]["images_per_s"] / speed["original"]["images_per_s"], 3),
+            **per_class(preds[k], y)}
     print(json.dumps(out, indent=2))
     return out
 

@@ -4,7 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import cait
+from cait.synthetic import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +46,17 @@ def test_training_free_benchmark_compares_calibrated_cait_with_tome(tmp_path):
     assert set(v) == {"original", "cait_calibrated[planned]", "cait_calibrated[none]", "cait_preview", "tome"}
     assert v["original"]["agreement"] == 100.0 and v["cait_calibrated[none]"]["merge"] == ""
     assert abs(v["tome"]["flops_reduction"] - v["cait_calibrated[planned]"]["flops_reduction"]) < 0.01
+    assert list(v["original"]["top1_per_class"]) == list(CLASSES)
+
+
+def test_per_class_counts_confusions_by_true_class():
+    from benchmarks.training_free import per_class
+    y = torch.tensor([0, 0, 0, 3, 3, 4])                         # 3 circles, 2 diamonds, 1 triangle
+    pred = torch.tensor([0, 7, 7, 4, 3, 3])
+    out = per_class(pred, y)
+    assert out["top1_per_class"]["circle"] == 33.3 and out["top1_per_class"]["diamond"] == 50.0
+    assert out["top1_per_class"]["ring"] is None                 # no images of a class: no score, not 0% or NaN
+    assert out["confusions"] == {"circle->hexagon": 2, "diamond->triangle": 1, "triangle->diamond": 1}
 
 
 def test_speed_benchmark_under_onnx_runtime(tmp_path):
