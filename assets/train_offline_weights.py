@@ -61,7 +61,7 @@ COMMON = dict(data="synthetic", seed=SEED, val_size=VAL_SIZE, synthetic_size=1_0
 
 RECIPES: dict[str, dict[str, dict]] = {
     # Scaled down for a 2-core CPU. Token labelling (cait.token_labels) in every stage: without it the ViT sat at
-    # chance for ~1000 steps and ended at 28.7% after 2 h; the teacher trains at 112 px (7×7 tokens, ~4× cheaper
+    # chance for ~1000 steps and ended at 28.7% after 2 h; the teacher trains at 112 px (7×7 tokens, ~5× cheaper
     # per image), then at 224 px (position embedding resampled), then the twin at 224 px.
     "cpu": {
         "stage1": dict(model="deit_tiny_patch16_224", img_size=112, flops_reduction=0.0, steps=5000, batch_size=64,

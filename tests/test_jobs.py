@@ -58,7 +58,8 @@ def test_job_life_cycle_and_the_model_becomes_selectable(tmp_path, managers):
     studio = Studio(device="cpu", pretrained=False, jobs=jm)
     label = next(k for k, v in studio.model_choices().items() if v == f"job:{job.id}")
     pair = studio.pair(label, 0.5, "")
-    assert "fine-tuned with CDCP" in studio.status(pair) and "above its teacher" not in studio.status(pair)
+    status = studio.status(pair)
+    assert "fine-tuned with CDCP" in status and "above its teacher" not in status
     view = studio.attention(pair, Sample(SyntheticShapes(4, 32, split="val").sample(0)[0]))
     assert set(view.compressed_top5) <= set(cait.synthetic.CLASSES)
     summary, norms, contrast = compactor_view(jm, job.id)
