@@ -119,6 +119,16 @@ def test_shipped_pair_fits_and_says_how_it_was_made():
 
 
 @shipped
+@pytest.mark.xfail(strict=True, reason="issue 12 open: the shipped twin is 4.4 points below its original (86.5 vs "
+                   "90.9%); when a longer twin stage closes the gap this passes, and strict makes that a failure "
+                   "until the marker goes")
+def test_shipped_twin_within_one_point_of_its_original():
+    """Issue 12's bound, kept as written: the twin's held-out top-1 within 1 point of the original's (as exported)."""
+    pair = bundled_pair()
+    assert pair.twin_provenance["top1"] >= pair.original_provenance["top1"] - 1.0
+
+
+@shipped
 def test_shipped_pair_classifies_and_looks_at_the_object():
     """On the first 200 held-out images: both beat chance (12.5%) by far (shipped: 90.9% and 86.5% on 1000), and
     the CLS attention mass inside the object is several times the object's area (what uniform attention would
