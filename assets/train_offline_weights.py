@@ -183,7 +183,8 @@ def export(recipe: str, work: Path, out: Path, device: str, finals: dict[str, di
                      "CDCP, fine-tuned from it with cait.finetune (hard distillation from it)"),
             "command": command, "recipe": recipe, "seed": SEED,
             "scaled_down": (recipe != "gpu") and (
-                "CPU recipe: the teacher trains at 112 px and then 1,600 steps at 224 px, the twin "
+                f"CPU recipe: the teacher trains at {configs[stages[0]].img_size} px and then "
+                f"{configs[teacher_stage].steps:,} steps at {configs[teacher_stage].img_size} px, the twin "
                 f"fine-tunes {twin_cfg.steps} steps of {twin_cfg.batch_size} images; far fewer images than a GPU run "
                 "would use (see stages)"),
             "data": {"name": "cait.synthetic.SyntheticShapes", "classes": list(CLASSES), "seed": SEED,
