@@ -17,8 +17,8 @@ from .synthetic import CLASSES
 
 ABOVE_TEACHER = ("It scores above its teacher: the fine-tune was also more training than the teacher had at this "
                  "resolution, so the teacher is under-trained for this data; compression does not add accuracy. ")
-"""Said of a fine-tuned twin more than one point above its teacher (the bundled twin: README, *Trained offline
-weights*)."""
+"""Said of a fine-tuned twin more than one point above its teacher (an earlier bundled twin was, under a teacher
+trained too little at 224 px: README, *Trained offline weights*)."""
 
 
 def startup_note(device, hub_reason: str | None, bundled: BundledPair | None) -> str:
