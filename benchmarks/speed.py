@@ -1,11 +1,11 @@
 """Speed of CAIT models against their originals: original, ATME-only, CDCP-only, CAIT and the ToMe baseline at CAIT's
-FLOPs, for DeiT-T/S/B.
+FLOPs and at ATME-only's FLOPs (the paper's Tab. XV), for DeiT-T/S/B.
 
     python benchmarks/speed.py --device cpu --batch-sizes 32 --precisions fp32 --out runs/speed_cpu
     python benchmarks/speed.py --device cuda --batch-sizes 1,32,64,128,256 --precisions fp32,bf16 --out runs/speed_gpu
     python benchmarks/speed.py --device cpu --runtime onnxruntime --out runs/speed_ort    # exported, ONNX Runtime
 
-For every model, batch size and precision the four variants are timed in alternation on the same input (warm-up,
+For every model, batch size and precision the six variants are timed in alternation on the same input (warm-up,
 then several rounds; CUDA events on GPU, wall clock on CPU; medians). Weights are random: speed does not depend on
 them. Writes ``OUT/speed.json`` (every row), ``OUT/speedup.png`` (speed-up against the FLOPs-ideal 1/(1-r)) and
 prints a table with the issue's targets and where each stands.
@@ -39,8 +39,9 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def variants(name: str, round_to: int) -> dict[str, torch.nn.Module]:
-    """original, ATME-only (the layout CAIT plans for R), CDCP-only (R by channels alone), CAIT (both) and ToMe
-    (token merging, cait.baselines, scheduled to CAIT's FLOPs)."""
+    """original, ATME-only (the layout CAIT plans for R), CDCP-only (R by channels alone), CAIT (both), ToMe
+    (token merging, cait.baselines) scheduled to CAIT's FLOPs, and ToMe scheduled to ATME-only's FLOPs
+    (``tome_atme``: the paper's Tab. XV comparison, ATME 1.8× against ToMe 1.5× for DeiT-S on a GPU)."""
     original, _ = cait.create_model(name, pretrained=False)
     r = SETTINGS.get(name, 0.5)
     split = cait.split_budget(original, r)
@@ -50,6 +51,8 @@ def variants(name: str, round_to: int) -> dict[str, torch.nn.Module]:
            "cait": cait.compress(original, r, round_to=round_to)}
     achieved = 1 - cait.analytic_flops(out["cait"]) / cait.analytic_flops(original)
     out["tome"] = apply_tome(cait.create_model(name, pretrained=False)[0], tome_schedule(original, achieved))
+    atme_r = 1 - cait.analytic_flops(out["atme"]) / cait.analytic_flops(original)
+    out["tome_atme"] = apply_tome(cait.create_model(name, pretrained=False)[0], tome_schedule(original, atme_r))
     return {k: m.eval() for k, m in out.items()}
 
 

@@ -23,8 +23,10 @@ def test_speed_benchmark_writes_json_chart_and_table(tmp_path):
               "--iters", "1", "--rounds", "1", "--warmup", "1", "--round-to", "4", "--out", str(tmp_path))
     data = json.loads((tmp_path / "speed.json").read_text())
     rows = {r["variant"]: r for r in data["rows"]}
-    assert set(rows) == {"original", "atme", "cdcp", "cait", "tome"}
+    assert set(rows) == {"original", "atme", "cdcp", "cait", "tome", "tome_atme"}
     assert abs(rows["tome"]["flops_reduction"] - rows["cait"]["flops_reduction"]) < 0.01    # ToMe at CAIT's FLOPs
+    assert abs(rows["tome_atme"]["flops_reduction"] - rows["atme"]["flops_reduction"]) < 0.01   # and at ATME's
+    assert rows["tome_atme"]["flops_reduction"] < rows["tome"]["flops_reduction"]
     assert (tmp_path / "speedup.png").stat().st_size > 0 and "ideal_speedup" in out
 
 
@@ -63,7 +65,8 @@ def test_speed_benchmark_under_onnx_runtime(tmp_path):
     run("benchmarks/speed.py", "--models", cait.TEST_MODEL, "--device", "cpu", "--batch-sizes", "2", "--iters", "1",
         "--rounds", "1", "--warmup", "1", "--runtime", "onnxruntime", "--out", str(tmp_path))
     rows = {r["variant"]: r for r in json.loads((tmp_path / "speed.json").read_text())["rows"]}
-    assert set(rows) == {"original", "atme", "cdcp", "cait", "tome"} and rows["cait"]["runtime"] == "onnxruntime"
+    assert set(rows) == {"original", "atme", "cdcp", "cait", "tome", "tome_atme"}
+    assert rows["cait"]["runtime"] == "onnxruntime"
     assert (tmp_path / "onnx" / cait.TEST_MODEL / "tome.onnx").is_file()          # ToMe exports too (parity-checked)
     assert (tmp_path / "onnx" / cait.TEST_MODEL / "cait.onnx").is_file()
 
