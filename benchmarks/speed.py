@@ -49,10 +49,14 @@ def variants(name: str, round_to: int) -> dict[str, torch.nn.Module]:
            "atme": cait.apply_atme(cait.create_model(name, pretrained=False)[0], split.layout),
            "cdcp": cait.compress(original, r, layout="", round_to=round_to),
            "cait": cait.compress(original, r, round_to=round_to)}
-    achieved = 1 - cait.analytic_flops(out["cait"]) / cait.analytic_flops(original)
-    out["tome"] = apply_tome(cait.create_model(name, pretrained=False)[0], tome_schedule(original, achieved))
-    atme_r = 1 - cait.analytic_flops(out["atme"]) / cait.analytic_flops(original)
-    out["tome_atme"] = apply_tome(cait.create_model(name, pretrained=False)[0], tome_schedule(original, atme_r))
+    base = cait.analytic_flops(original)
+
+    def tome_at_flops_of(model: torch.nn.Module) -> torch.nn.Module:
+        achieved = 1 - cait.analytic_flops(model) / base
+        return apply_tome(cait.create_model(name, pretrained=False)[0], tome_schedule(original, achieved))
+
+    out["tome"] = tome_at_flops_of(out["cait"])
+    out["tome_atme"] = tome_at_flops_of(out["atme"])
     return {k: m.eval() for k, m in out.items()}
 
 
