@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cait  # noqa: E402
-from cait.lasso import apply_gradient_rule  # noqa: E402
+from cait.finetune.lasso import apply_gradient_rule  # noqa: E402
 
 
 def step_times(model, x, y, rule=None, steps=5, warmup=2):

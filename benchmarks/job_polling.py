@@ -2,7 +2,7 @@
 
     python benchmarks/job_polling.py --jobs 2000
 
-Writes ``--jobs`` finished jobs into a temporary runs directory, then times, with a fresh :class:`cait.jobs.JobManager`
+Writes ``--jobs`` finished jobs into a temporary runs directory, then times, with a fresh :class:`cait.studio.jobs.manager.JobManager`
 on it (as a second app or a restart would): the first ``list()`` (every ``job.json`` parsed once), and the median of
 later ``list()`` calls and scheduler ticks (``refresh()``) when nothing changed (files are only stat-ed). Prints one
 JSON object; seconds.
@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cait.jobs import Job, JobManager  # noqa: E402
+from cait.studio.jobs.manager import JobManager
+from cait.studio.jobs.model import Job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
         writer = JobManager(d, poll_interval=0)
         stamp = time.strftime("%Y%m%d-%H%M%S-")
         for i in range(a.jobs):
-            writer._save(Job(id=f"{stamp}{i:012x}", args={"steps": 10}, status="done"))
+            writer.store.save(Job(id=f"{stamp}{i:012x}", args={"steps": 10}, status="done"))
         jm = JobManager(d, poll_interval=0)
         t0 = time.perf_counter()
         n = len(jm.list())

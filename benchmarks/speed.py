@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cait  # noqa: E402
-from cait.baselines import apply_tome, tome_flops, tome_schedule  # noqa: E402
-from cait.bench import compare_throughput, resolve_device  # noqa: E402
+from cait.baselines.tome import apply_tome, tome_flops, tome_schedule  # noqa: E402
+from cait.measure.speed import compare_throughput, resolve_device  # noqa: E402
 
 SETTINGS = {  # total FLOPs reduction of the paper's CAIT models (SPEC §5)
     "deit_tiny_patch16_224": 0.50,
@@ -40,7 +40,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 def variants(name: str, round_to: int) -> dict[str, torch.nn.Module]:
     """original, ATME-only (the layout CAIT plans for R), CDCP-only (R by channels alone), CAIT (both), ToMe
-    (token merging, cait.baselines) scheduled to CAIT's FLOPs, and ToMe scheduled to ATME-only's FLOPs
+    (token merging, cait.baselines.tome) scheduled to CAIT's FLOPs, and ToMe scheduled to ATME-only's FLOPs
     (``tome_atme``: the paper's Tab. XV comparison, ATME 1.8× against ToMe 1.5× for DeiT-S on a GPU)."""
     original, _ = cait.create_model(name, pretrained=False)
     r = SETTINGS.get(name, 0.5)
@@ -67,7 +67,7 @@ def flops_of(model: torch.nn.Module) -> int:
 
 def onnx_runners(models: dict[str, torch.nn.Module], where: Path) -> dict:
     """Each model exported to ONNX (parity-checked, cait.export) and opened in an ONNX Runtime CPU session."""
-    from cait.export import export_model, onnx_session
+    from cait.io.export import export_model, onnx_session
     return {k: onnx_session(export_model(m, "onnx", where / f"{k}.onnx")["path"]) for k, m in models.items()}
 
 

@@ -8,7 +8,7 @@ For a model trained on the synthetic shapes (the bundled original, or a checkpoi
 * ``cait_calibrated[<layout>]``: ``cait.compress(..., calibration=...)`` for each layout asked for (``planned``: the
   budget split's ATME layout; ``none``: CDCP only; or an explicit one such as ``h8,v10``);
 * ``cait_preview``: the weight-norm preview (planned layout);
-* ``tome``: ToMe (cait.baselines) scheduled to the calibrated twin's FLOPs;
+* ``tome``: ToMe (cait.baselines.tome) scheduled to the calibrated twin's FLOPs;
 * ``cait_finetuned``: the bundled CAIT twin, when the model is the bundled original;
 
 and measures each on the same held-out images (top-1 %, agreement with the original's predictions %, top-1 per class
@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cait  # noqa: E402
-from cait.baselines import apply_tome, tome_flops, tome_schedule  # noqa: E402
-from cait.bench import compare_throughput  # noqa: E402
-from cait.bundled import bundled_pair  # noqa: E402
-from cait.synthetic import CLASSES, SyntheticShapes  # noqa: E402
+from cait.baselines.tome import apply_tome, tome_flops, tome_schedule  # noqa: E402
+from cait.measure.speed import compare_throughput  # noqa: E402
+from cait.io.bundled import bundled_pair  # noqa: E402
+from cait.data.synthetic import CLASSES, SyntheticShapes  # noqa: E402
 
 
 def per_class(pred: torch.Tensor, y: torch.Tensor, most: int = 3) -> dict:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--flops-reduction", type=float, default=0.5)
     p.add_argument("--layouts", default="planned,none", help="comma-separated: planned, none, or explicit layouts "
                                                              "(';' between the items of one layout is not needed)")
-    p.add_argument("--calibration", default="synthetic", help="calibration source (see cait.data.calibration_images)")
+    p.add_argument("--calibration", default="synthetic", help="calibration source (see cait.data.calibration.calibration_images)")
     p.add_argument("--calibration-size", type=int, default=256)
     p.add_argument("--val-size", type=int, default=1000, help="held-out synthetic images")
     p.add_argument("--batch-size", type=int, default=32, help="batch for the speed measurement")

@@ -1,65 +1,52 @@
 """CAIT: asymmetric token merging (ATME) + consistent dynamic channel pruning (CDCP) for DeiT.
 
-The pipeline, one module per step::
+The pipeline, one package per stage, imports pointing down this list only (``tests/test_layers.py`` checks it)::
 
-    models          get a DeiT (timm weights when the Hub is reachable, a visible random fallback otherwise)
-    merge           ATME: HTM/VTM token merges at chosen blocks                        (paper §III-B)
-    plan            where to merge for a FLOPs target; ATME/CDCP budget split          (§III-B, §IV-C1)
-    compactor       CDCP: identity compactors on q/k/v per head and on the FFN         (§III-C)
-    select          the masked set S with head- and attention-level consistency        (Alg. 1–3)
-    lasso           CDCP's training rule: masked group lasso, FLOPs-target schedule    (Eq. 2, SPEC §2)
-    finetune        the fine-tuning engine, ``python -m cait.finetune``                (SPEC §2–3)
-    prune           fold compactors and remove S → compact model                       (§III-C)
-    compress        one-shot compression (preview, or calibrated), ``python -m cait.compress``
-    calibrate       training-free: Fisher channel scores and a least-squares refit     (Kwon et al. 2022)
-    baselines       ToMe token merging, for comparison                                 (Bolya et al. 2023)
-    checkpoint      safetensors + JSON save/load; ``meta``: what a model says about itself
-    hub             push_to_hub and ``load_pretrained("hf-hub:owner/name")``
-    export          ONNX / TorchScript / torch.export with a parity check, ``python -m cait.export``
-    flops           FLOPs (fvcore and closed form), params                             (SPEC §4)
-    bench           throughput, ``python -m cait.bench``
-    attention_maps  CLS attention maps through the merged grid; localisation score     (Fig. 8)
-    bundled         the trained offline pair that ships in ``assets/``
+    layers     pure tensor modules: HTM/VTM token merge, compactors, pruned attention
+    data       synthetic shapes with masks, bundled photos, datasets, calibration images
+    models     DeiT creation; ATME and compactor patches of timm; Layout, ModelSpec, ModelMeta
+    compress   plan → importance → select S → prune and fold → refit; one-shot compress()
+    baselines  ToMe, measured beside CAIT in the same run
+    measure    FLOPs (SPEC §4), throughput, CLS attention, top-1
+    io         safetensors + JSON checkpoints, the Hugging Face Hub, exports, the bundled pair
+    finetune   CDCP fine-tuning: Eq. 2, typed log records, run directory, the engine
+    viz        overlays and charts
+    cli        every command line (python -m cait.finetune / compress / bench / export)
+    studio     the app's engine: model pairs, tab answers, background jobs, public-mode limits, the Gradio UI
+
+The names below are the public API; ``import cait`` needs neither Gradio nor the app.
 """
-from . import models as _models  # noqa: F401  (registers the tiny test DeiT with timm)
-from .attention_maps import ClsAttention, attention_in_mask, attention_probs, cls_attention, localisation_score
-from .baselines import apply_tome, tome_flops, tome_schedule
-from .checkpoint import CheckpointError, load_pretrained, save_pretrained
-from .compress import compress              # a package: `python -m cait.compress` runs its __main__
-from .compactor import add_compactors, has_compactors, iter_compactors
-from .flops import analytic_flops, count_flops, count_params, describe, flops_by_block
-from .hub import push_to_hub
-from .merge import apply_atme, format_layout, get_layout, parse_layout, upsample_to_patch_grid
-from .models import DEIT_MODELS, TEST_MODEL, WeightsInfo, create_model
-from .plan import BudgetSplit, atme_reduction, plan_atme, split_budget
-from .prune import PrunedAttention, fold_compactors, prune
-from .select import ChannelMask, ChannelScores, compactor_scores, select_channels, weight_scores
+from .baselines.tome import apply_tome, tome_flops, tome_schedule
+from .compress.importance import ChannelScores, compactor_scores, weight_scores
+from .compress.oneshot import compress
+from .compress.plan import BudgetSplit, atme_reduction, plan_atme, split_budget
+from .compress.prune import fold_compactors, prune
+from .compress.select import ChannelMask, select_channels
+from .io.checkpoint import CheckpointError, save_pretrained
+from .io.export import export_model
+from .io.hub import load_pretrained, push_to_hub
+from .layers.pruned_attention import PrunedAttention
+from .measure.attention import ClsAttention, attention_in_mask, attention_probs, cls_attention, localisation_score
+from .measure.flops import analytic_flops, count_flops, count_params, flops_by_block
+from .measure.speed import compare_throughput, measure_throughput, resolve_device
+from .models.atme import apply_atme, get_layout, upsample_to_patch_grid
+from .models.compactors import add_compactors, has_compactors, iter_compactors
+from .models.deit import DEIT_MODELS, TEST_MODEL, WeightsInfo, create_model   # registers the tiny test DeiT
+from .models.layout import Layout, format_layout, parse_layout
+from .models.spec import describe
 
 __version__ = "0.1.0"
-
-# Modules with a command line (python -m cait.<name>) load on first use, so running one does not import it twice.
-_LAZY = {"compare_throughput": "bench", "measure_throughput": "bench", "export_model": "export"}
-_LAZY_MODULES = {"bench", "export"}
-
-
-def __getattr__(name: str):
-    import importlib
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    if name in _LAZY_MODULES:                       # `cait.bench.resolve_device(...)` after a bare `import cait`
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'cait' has no attribute {name!r}")
 
 __all__ = [
     "ClsAttention", "attention_in_mask", "attention_probs", "cls_attention", "localisation_score",
     "apply_tome", "tome_flops", "tome_schedule",
-    "compare_throughput", "measure_throughput",
+    "compare_throughput", "measure_throughput", "resolve_device",
     "export_model", "push_to_hub",
     "CheckpointError", "load_pretrained", "save_pretrained",
     "add_compactors", "has_compactors", "iter_compactors",
     "compress",
     "analytic_flops", "count_flops", "count_params", "describe", "flops_by_block",
-    "apply_atme", "format_layout", "get_layout", "parse_layout", "upsample_to_patch_grid",
+    "Layout", "apply_atme", "format_layout", "get_layout", "parse_layout", "upsample_to_patch_grid",
     "DEIT_MODELS", "TEST_MODEL", "WeightsInfo", "create_model",
     "BudgetSplit", "atme_reduction", "plan_atme", "split_budget",
     "PrunedAttention", "fold_compactors", "prune",

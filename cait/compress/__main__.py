@@ -1,6 +1,6 @@
-"""``python -m cait.compress``: see :func:`cait.compress.main`."""
+"""``python -m cait.compress``: the command line of :mod:`cait.cli.compress`."""
 import sys
 
-from . import main
+from ..cli.compress import main
 
 sys.exit(main())

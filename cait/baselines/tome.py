@@ -1,0 +1,222 @@
+"""Baselines CAIT is compared against. ToMe — token merging by bipartite soft matching — written here from the paper.
+
+ToMe (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, §3) merges ``r`` patch tokens in every block,
+between the attention and the MLP, with no training:
+
+1. *Bipartite soft matching.* The block's keys, averaged over heads, are the similarity metric. Patch tokens are split
+   alternately into sets A (even positions) and B (odd positions); each A token's most similar B token (cosine) is
+   its edge; the ``r`` A tokens with the most similar edges are merged into their B partners, the other A tokens and
+   all B tokens are kept. The CLS token is never merged.
+2. *Weighted merging.* Each token carries a size (how many patches it stands for); a merge is the size-weighted mean
+   and the sizes add.
+3. *Proportional attention.* ``softmax(q·kᵀ/√d + log s)``: a key that stands for ``s`` patches counts ``s`` times.
+
+Worked example, DeiT-Tiny (197 tokens) with ``r = 13``: the attention of block i sees ``197 − 13·i`` tokens, its MLP
+``197 − 13·(i + 1)``; block 11's MLP sees 41. Unlike ATME's fixed grid, which tokens merge depends on the image, so
+the token grid (and dense outputs) is lost. ToMe's own code is CC-BY-NC and is not used.
+
+FLOPs follow SPEC §4 (one multiply-add = one FLOP, attention matmuls included) plus ToMe's similarity matmul
+``|A|·|B|·d_h`` per block; :func:`tome_flops` is the closed form and equals fvcore's count (tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from math import prod
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+
+from ..models.atme import get_layout
+from ..models.meta import meta_of
+from ..models.spec import describe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure tensor core
+# ----------------------------------------------------------------------------------------------------------------
+def merge_tokens(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``r`` tokens by bipartite soft matching (ToMe §3), size-weighted.
+
+    Args:
+        x: patch tokens ``(B, N, C)`` (no CLS).
+        size: ``(B, N, 1)``, how many patches each token stands for.
+        metric: ``(B, N, d)`` similarity features (the keys, mean over heads).
+        r: tokens to remove; capped at ``ceil(N / 2)`` (every A token merged).
+
+    Returns:
+        ``(x', size')`` with ``N − r`` tokens: the unmerged A tokens (in their original order), then all B tokens.
+        ``size'`` sums to the same total as ``size``.
+    """
+    B, N, C = x.shape
+    r = min(int(r), (N + 1) // 2)
+    if r <= 0:
+        return x, size
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)                    # (B, |A|, |B|) cosine similarity
+    best, partner = scores.max(dim=-1)                                 # (B, |A|)
+    order = best.argsort(dim=-1, descending=True)
+    src, keep = order[:, :r], order[:, r:].sort(dim=-1).values         # merged A tokens; kept A tokens, in order
+    dst = partner.gather(1, src)                                       # (B, r) their B partners
+
+    def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:      # t (B, n, c), idx (B, k) → (B, k, c)
+        return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+    weighted = x * size
+    xa, xb, sa, sb = weighted[:, ::2], weighted[:, 1::2], size[:, ::2], size[:, 1::2]
+    xb = xb.scatter_add(1, dst[..., None].expand(-1, -1, C), rows(xa, src))
+    sb = sb.scatter_add(1, dst[..., None], rows(sa, src))
+    size_out = torch.cat([rows(sa, keep), sb], dim=1)                  # (B, N − r, 1)
+    return torch.cat([rows(xa, keep), xb], dim=1) / size_out, size_out
+
+
+def tome_token_counts(num_patches: int, schedule: Sequence[int]) -> list[tuple[int, int]]:
+    """Tokens ``(attention, MLP)`` of each block, CLS included, for a per-block ``r`` schedule.
+
+    Example: ``tome_token_counts(196, [13] * 12)[0] == (197, 184)``.
+    """
+    out, n = [], num_patches
+    for r in schedule:
+        r = min(int(r), (n + 1) // 2)
+        out.append((1 + n, 1 + n - r))
+        n -= r
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The timm patch
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ToMeState:
+    """Shared by the blocks of one ToMe model: the ``r`` schedule and, during a forward pass, the token sizes."""
+
+    schedule: list[int]
+    size: torch.Tensor | None = None                                   # (B, N, 1), CLS included
+    keys: dict = field(default_factory=dict)                           # block index → qkv output of this pass
+
+
+class ToMeBlock(Block):
+    """A timm ``Block`` that merges ``r`` tokens between its attention and its MLP (ToMe). Built by
+    :func:`apply_tome` by a class swap, so timm's attention, MLP, norms, layer scale and drop path run unchanged;
+    proportional attention goes in through timm's own ``attn_mask`` (an additive float mask ``log s``)."""
+
+    tome: ToMeState
+    tome_index: int
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                ) -> torch.Tensor:
+        state, i = self.tome, self.tome_index
+        if i == 0:
+            state.size = None                                          # a new forward pass
+        bias = None if state.size is None else state.size.log().transpose(1, 2)[:, None]   # (B, 1, 1, N)
+        if attn_mask is not None:
+            bias = attn_mask if bias is None else bias + attn_mask
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias, is_causal=is_causal)))
+        r = state.schedule[i]
+        if r > 0:
+            qkv = state.keys.pop(i)                                    # (B, N, 3·H·d) from the hook below
+            B, N, _ = qkv.shape
+            H = self.attn.num_heads
+            keys = qkv.reshape(B, N, 3, H, -1)[:, :, 1].mean(dim=2)    # (B, N, d): keys, mean over heads
+            size = state.size if state.size is not None else x.new_ones(B, N, 1)
+            patches, psize = merge_tokens(x[:, 1:], size[:, 1:], keys[:, 1:], r)
+            x = torch.cat([x[:, :1], patches], dim=1)                  # (B, 1 + N − r, C)
+            state.size = torch.cat([size[:, :1], psize], dim=1)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
+    """Turn a timm DeiT into its ToMe version, in place (no training; ToMe §3).
+
+    Args:
+        model: a timm ``VisionTransformer`` with one CLS token, timm ``Block``s, no ATME merges and no pruning.
+        r: tokens merged per block: one int for every block (the paper's constant schedule), or one per block.
+
+    Returns:
+        The same model; ``model.tome`` is its :class:`ToMeState` and ``model.cait_meta.tome`` its schedule.
+
+    Raises:
+        ValueError: for a negative ``r``, a schedule of the wrong length, a model with merges or register tokens, or
+            one already patched.
+        TypeError: if a block is not a timm ``Block`` with timm's ``Attention`` (e.g. a pruned model).
+    """
+    depth = len(model.blocks)
+    schedule = [int(r)] * depth if isinstance(r, (int, float)) else [int(v) for v in r]
+    if len(schedule) != depth or any(v < 0 for v in schedule):
+        raise ValueError(f"ToMe needs r >= 0 for each of the {depth} blocks, got {r!r}")
+    if getattr(model, "tome", None) is not None:
+        raise ValueError("model already has ToMe applied")
+    if get_layout(model):
+        raise ValueError("ToMe is a baseline for the uncompressed model; this one has an ATME layout")
+    if getattr(model, "num_prefix_tokens", 1) != 1 or getattr(model, "cls_token", None) is None:
+        raise ValueError("ToMe here needs a ViT with exactly one CLS token and no register tokens")
+    state = ToMeState(schedule)
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block or type(block.attn) is not Attention:
+            raise TypeError(f"block {i} is {type(block).__name__} with {type(block.attn).__name__}; ToMe patches "
+                            "timm's Block with timm's Attention only (an uncompressed DeiT)")
+        block.__class__ = ToMeBlock
+        block.tome, block.tome_index = state, i
+        if schedule[i] > 0:
+            block.attn.qkv.register_forward_hook(
+                lambda mod, args, out, i=i: state.keys.__setitem__(i, out))
+    model.tome = state
+    model.cait_meta = dataclasses.replace(meta_of(model), tome=list(schedule))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs and matching CAIT's budget
+# ----------------------------------------------------------------------------------------------------------------
+def tome_flops(model: nn.Module, schedule: Sequence[int] | None = None) -> int:
+    """FLOPs (multiply-adds, one image) of a DeiT under a ToMe schedule, by the closed form of SPEC §4 with the
+    attention on each block's input tokens, the MLP on the merged ones, and ToMe's ``|A|·|B|·d_h`` similarity.
+
+    Args:
+        model: a ToMe model (its schedule is used) or an uncompressed DeiT with ``schedule`` given.
+        schedule: r per block; default: the model's.
+    """
+    schedule = list(schedule if schedule is not None else model.tome.schedule)
+    spec = describe(model)                                             # describe() ignores ToMe: full grids
+    patches = prod(model.patch_embed.grid_size)
+    total = spec.embed_flops + spec.head_flops
+    for b, (n_attn, n_mlp), r in zip(spec.blocks, tome_token_counts(patches, schedule), schedule):
+        C, Dqk, Dv = b.dim, b.heads * b.qk_dim, b.heads * b.v_dim
+        total += n_attn * C * (2 * Dqk + Dv) + n_attn ** 2 * (Dqk + Dv) + n_attn * Dv * C + 2 * n_mlp * C * b.ffn_dim
+        p = n_attn - 1                                                 # patch tokens entering the merge
+        if min(r, (p + 1) // 2) > 0:
+            total += ((p + 1) // 2) * (p // 2) * b.qk_dim                  # |A|·|B|·d_h cosine similarities
+    return total
+
+
+def tome_schedule(model: nn.Module, flops_reduction: float) -> list[int]:
+    """The ToMe schedule that removes ``flops_reduction`` of the model's FLOPs as closely as integers allow: the
+    paper's constant ``r`` (the largest that stays at or under the target), then one more token in the earliest
+    blocks until the target is reached (never more than one step past it).
+
+    Raises:
+        ValueError: for a reduction outside [0, 1) or one that merging every token still cannot reach.
+    """
+    if not 0.0 <= flops_reduction < 1.0:
+        raise ValueError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
+    depth = len(model.blocks)
+    base = tome_flops(model, [0] * depth)
+
+    def reduction(s: list[int]) -> float:
+        return 1.0 - tome_flops(model, s) / base
+
+    r = 0
+    while reduction([r + 1] * depth) <= flops_reduction and r < prod(model.patch_embed.grid_size):
+        r += 1
+    schedule = [r] * depth
+    for i in range(depth):
+        if reduction(schedule) >= flops_reduction - 1e-12:
+            break
+        schedule[i] += 1
+    if reduction(schedule) < flops_reduction - 0.005:
+        raise ValueError(f"ToMe cannot remove {100 * flops_reduction:.1f}% of FLOPs from this model")
+    return schedule

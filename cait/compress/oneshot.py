@@ -1,0 +1,102 @@
+"""One-shot compression: the ATME + CDCP structure for a FLOPs target, without fine-tuning (SPEC §2 budget split).
+
+CAIT's full accuracy comes from CDCP fine-tuning (:mod:`cait.finetune`). Without training there are two ways to pick
+and fit the channels, both here:
+
+* **calibrated** (``calibration=...``): a few hundred unlabelled images score every unit by its Fisher information
+  (:func:`cait.compress.importance.fisher_scores`) and refit each block's output Linears by least squares to
+  reproduce the original (:func:`cait.compress.refit.refit_`, after Kwon et al. 2022). Seconds to minutes on a CPU;
+  the twin the app shows for a Hub DeiT.
+* **preview** (no calibration): channels scored by the norms of their weight rows, nothing refit. Instant; shows the
+  architecture, its FLOPs and its speed, not its accuracy.
+
+The command line is ``python -m cait.compress`` (:mod:`cait.cli.compress`).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn as nn
+
+from ..data.calibration import calibration_images
+from ..models.atme import apply_atme
+from ..models.deit import architecture
+from ..models.layout import LayoutLike
+from ..models.meta import CalibrationSummary, ModelMeta, meta_of
+from ..models.spec import describe
+from .importance import fisher_scores, per_flop, tensor_batches, weight_scores
+from .plan import BudgetSplit, split_budget
+from .prune import prune
+from .refit import refit_
+from .select import select_channels
+
+
+def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None, atme_share: float = 0.8,
+             min_channels: int = 1, round_to: int = 1, calibration=None, calibration_size: int = 256,
+             batch_size: int = 32, seed: int = 0, progress=None) -> nn.Module:
+    """Compress a DeiT to a total FLOPs reduction: ATME first, then CDCP pruning for the rest (SPEC §2 budget split).
+
+    Args:
+        model: an uncompressed timm DeiT; it is not modified (a copy is compressed).
+        flops_reduction: total FLOPs reduction R in [0, 1), e.g. 0.55 for the paper's DeiT-S.
+        layout: explicit ATME layout (``"h4,v7"`` or ``{4: "h", 7: "v"}``); default: planned for ``atme_share · R``.
+        atme_share: share of R planned for ATME when ``layout`` is None.
+        min_channels: channels kept at least per head and per FFN.
+        round_to: kept widths in multiples of this (8 suits CPU vector units and GPU tensor cores); 1 = exact.
+        calibration: None for the weight-norm preview; otherwise unlabelled images to calibrate on, anything
+            :func:`cait.data.calibration.calibration_images` takes (``"default"``, ``"synthetic"``, a directory, a tensor
+            ``(N, 3, S, S)``, a DataLoader).
+        calibration_size: how many calibration images.
+        batch_size: images per pass while calibrating.
+        seed: of the calibration draw.
+        progress: called with short status strings while calibrating (e.g. a tqdm bar's ``set_description``).
+
+    Returns:
+        A compact model (timm ``VisionTransformer`` with merged and pruned blocks) whose FLOPs are at most
+        ``(1 − R)`` of the original's. ``model.cait_meta`` (:class:`cait.models.meta.ModelMeta`) records the settings:
+        kind ``"preview"`` without calibration; ``"calibrated"`` with it, ``calibration`` (:class:`cait.models.meta.CalibrationSummary`)
+        giving the images, their source, the seconds it took and each block's refit error.
+
+    Raises:
+        ValueError: if R is out of range, the layout does not fit or alone exceeds R, or R cannot be reached.
+        cait.data.datasets.DataError: for calibration data that cannot be used.
+    """
+    split = split_budget(model, flops_reduction, layout, atme_share)
+    out = apply_atme(copy.deepcopy(model).eval(), split.layout)
+    t0 = time.perf_counter()
+    images = None if calibration is None else calibration_images(calibration, calibration_size, model, seed)
+    spec = describe(out)                                   # the merged model's shape, read once
+    if images is None:
+        scores = weight_scores(out)
+    else:
+        device = next(model.parameters()).device
+        with torch.no_grad():                              # the original's own predictions are the labels
+            labels = torch.cat([model(x.to(device)).argmax(-1).cpu() for x in tensor_batches(images, batch_size)])
+        scores = per_flop(fisher_scores(out, images, labels, batch_size, progress), spec)
+    mask = select_channels(scores, spec, split.target_flops, min_channels, round_to)
+    prune(out, mask)
+    summary = None
+    if images is not None:
+        fit = refit_(out, model, images, batch_size, progress=progress)
+        summary = CalibrationSummary(
+            images=len(images), source=calibration if isinstance(calibration, str) else type(calibration).__name__,
+            seconds=round(time.perf_counter() - t0, 1), block_mse=[round(b["mse_after"], 6) for b in fit["blocks"]])
+    out.cait_meta = _meta(model, spec.with_widths(mask.widths()).flops(), split, round_to, summary)
+    return out
+
+
+def _meta(model: nn.Module, flops: int, split: BudgetSplit, round_to: int,
+          calibration: CalibrationSummary | None) -> ModelMeta:
+    """The record a one-shot twin of ``flops`` multiply-adds carries: kind ``"preview"`` or ``"calibrated"``, its
+    layout and reductions."""
+    meta = ModelMeta(kind="preview" if calibration is None else "calibrated", base_model=architecture(model),
+                     flops_reduction=split.total_reduction, merge=str(split.layout),
+                     atme_reduction=round(split.atme_reduction, 6),
+                     achieved_reduction=round(1.0 - flops / split.base_flops, 6), round_to=round_to,
+                     classes=meta_of(model).classes, calibration=calibration)
+    meta.note = ("untrained preview: channels scored by weight-row norms, no CDCP fine-tuning" if calibration is None
+                 else f"calibrated, training-free: Fisher channel scores and a least-squares refit on "
+                      f"{calibration.images} unlabelled images, no CDCP fine-tuning")
+    return meta

@@ -1,0 +1,124 @@
+"""Prune and fold: turn a (compactor) model and its masked set S into a compact model (SPEC §2).
+
+Folding uses ``W' = QW``, ``b' = Qb`` (exact: Q sits before any nonlinearity). Removing channel j deletes row j of
+``W'``/``b'`` and, for v and FFN channels, column j of the consuming layer (``proj``, ``fc2``). A q/k pair removes
+row j from both q and k: one term of the head's dot product. The attention scale stays the *original* ``d_h^-1/2``.
+
+The compact block keeps timm's ``Block`` (norms, layer scale, drop path, Mlp) and swaps its attention for
+:class:`cait.layers.pruned_attention.PrunedAttention`, whose heads share one q/k width and one v width, so it remains
+a plain batched attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention, Mlp
+
+from ..layers.compactor import CompactorLinear, CompactorQKV
+from ..layers.pruned_attention import PrunedAttention
+from .select import ChannelMask
+
+
+def _folded(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W', b')`` of a Linear, compactor folded in when there is one."""
+    if isinstance(layer, (CompactorQKV, CompactorLinear)):
+        return layer.folded()
+    return layer.weight, layer.bias
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    lin.weight.data.copy_(weight)
+    if bias is not None:
+        lin.bias.data.copy_(bias)
+    return lin
+
+
+@torch.no_grad()
+def prune(model: nn.Module, mask: ChannelMask) -> nn.Module:
+    """Fold compactors and remove every channel in S, in place (SPEC §2, "Folding and pruning").
+
+    Args:
+        model: a DeiT (ATME allowed) with timm Attention/Mlp blocks, with or without compactors.
+        mask: the masked set S, head-consistent (:meth:`ChannelMask.check_consistency`).
+
+    Returns:
+        The same model object, now compact: ``blocks[l].attn`` is a :class:`PrunedAttention`, ``mlp.fc1``/``fc2``
+        are narrowed Linears, no compactor remains. Its output equals the compactor model's with S's rows zeroed.
+
+    Raises:
+        ValueError: if the mask is inconsistent, does not match the model's shape, or removes every channel of a
+            head or an FFN.
+        TypeError: if a block is already pruned.
+    """
+    if len(mask.qk) != len(model.blocks):
+        raise ValueError(f"mask covers {len(mask.qk)} blocks, the model has {len(model.blocks)}")
+    mask.check_consistency()
+    for l, block in enumerate(model.blocks):
+        attn, mlp = block.attn, block.mlp
+        if type(attn) is not Attention or type(mlp) is not Mlp:
+            raise TypeError(f"block {l} is already pruned ({type(attn).__name__})")
+        H, d = attn.num_heads, attn.head_dim
+        drop_qk, drop_v, drop_f = (m.to(attn.proj.weight.device) for m in (mask.qk[l], mask.v[l], mask.ffn[l]))
+        if drop_qk.shape != (H, d) or drop_v.shape != (H, d) or drop_f.shape != (mlp.fc1.out_features,):
+            raise ValueError(f"block {l}: mask shapes {tuple(drop_qk.shape)}, {tuple(drop_v.shape)}, "
+                             f"{tuple(drop_f.shape)} do not fit {H} heads × {d} and FFN {mlp.fc1.out_features}")
+        qk_dim, v_dim = int((~drop_qk[0]).sum()), int((~drop_v[0]).sum())
+        if qk_dim == 0 or v_dim == 0 or bool(drop_f.all()):
+            raise ValueError(f"block {l}: the mask removes every channel of a head or of the FFN")
+
+        # qkv rows: W' is (3·H·d, C) ordered [q | k | v], heads contiguous.
+        W, b = _folded(attn.qkv)
+        keep = torch.cat([(~drop_qk).flatten(), (~drop_qk).flatten(), (~drop_v).flatten()])
+        new = PrunedAttention(W.shape[1], H, qk_dim, v_dim, attn.scale,
+                              qkv_bias=b is not None, proj_bias=attn.proj.bias is not None,
+                              attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p).to(W.device, W.dtype)
+        new.fused_attn = attn.fused_attn
+        new.qkv = _linear(W[keep], None if b is None else b[keep])
+        new.proj = _linear(attn.proj.weight[:, (~drop_v).flatten()], attn.proj.bias)
+        block.attn = new
+
+        W1, b1 = _folded(mlp.fc1)
+        mlp.fc1 = _linear(W1[~drop_f], None if b1 is None else b1[~drop_f])
+        mlp.fc2 = _linear(mlp.fc2.weight[:, ~drop_f], mlp.fc2.bias)
+    return model
+
+
+@torch.no_grad()
+def fold_compactors(model: nn.Module) -> nn.Module:
+    """Fold every compactor into its Linear (``W' = QW``, ``b' = Qb``) without removing channels, in place.
+
+    The model keeps timm's Attention/Mlp, so it is again an ordinary (uncompressed or ATME) DeiT.
+    """
+    for block in model.blocks:
+        for parent, name in ((block.attn, "qkv"), (block.mlp, "fc1")):
+            layer = getattr(parent, name)
+            if isinstance(layer, (CompactorQKV, CompactorLinear)):
+                setattr(parent, name, _linear(*layer.folded()))
+    return model
+
+
+def restructure(model: nn.Module, widths: list[tuple[int, int, int]]) -> nn.Module:
+    """Give an unpruned DeiT the compact shapes ``[(qk_dim, v_dim, ffn_dim), ...]`` (per-head q/k, v), in place.
+
+    The new layers are freshly initialised: this builds the skeleton that a compact checkpoint is loaded into.
+
+    Raises:
+        ValueError: if ``widths`` has the wrong length or a width exceeds the original.
+    """
+    if len(widths) != len(model.blocks):
+        raise ValueError(f"{len(widths)} block widths for a model with {len(model.blocks)} blocks")
+    masks = ChannelMask([], [], [])
+    for l, (block, (qk, v, f)) in enumerate(zip(model.blocks, widths)):
+        H, d, D = block.attn.num_heads, block.attn.head_dim, block.mlp.fc1.out_features
+        if not (1 <= qk <= d and 1 <= v <= d and 1 <= f <= D):
+            raise ValueError(f"block {l}: widths (q/k {qk}, v {v}, ffn {f}) do not fit heads of {d} and FFN {D}")
+        masks.qk.append(torch.arange(d).expand(H, d) >= qk)
+        masks.v.append(torch.arange(d).expand(H, d) >= v)
+        masks.ffn.append(torch.arange(D) >= f)
+    return prune(model, masks)
+
+
+def is_pruned(model: nn.Module) -> bool:
+    """True if the model's attention is :class:`PrunedAttention` (a compact model)."""
+    return any(isinstance(b.attn, PrunedAttention) for b in model.blocks)

@@ -1,0 +1,10 @@
+"""Data: the synthetic shapes (with per-pixel masks), bundled photos, training sets with step-indexed batches, and
+unlabelled calibration images.
+
+::
+
+    synthetic    SyntheticShapes: 8 shape classes on clutter, a pure function of (seed, split, index)
+    photos       real photos from installed packages; image validation for uploads
+    datasets     build_datasets ("synthetic" or an ImageFolder), StepBatchSampler, DataError
+    calibration  calibration_images: named sources, a folder, a tensor or a DataLoader
+"""

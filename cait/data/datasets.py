@@ -1,0 +1,95 @@
+"""Training and evaluation data: the synthetic set or an ``ImageFolder`` tree, with step-indexed batches.
+
+Batches are a pure function of ``(seed, step, rank)``: global sample position ``p = step·G + rank·B + i``
+(G = global batch, B = per-process batch) maps to epoch ``p // n`` and a seeded permutation of that epoch. So a
+resumed run sees exactly the batches the uninterrupted run would, and DDP ranks never overlap.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from timm.data import create_transform
+from torch.utils.data import Dataset, Sampler
+from torchvision.datasets import ImageFolder
+
+from .synthetic import CLASSES, SyntheticShapes
+
+
+class DataError(ValueError):
+    """A data source that cannot be used; the message says which path and why."""
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Index batches for steps ``start, start+1, …, steps-1`` of one rank (see module docstring)."""
+
+    def __init__(self, n: int, batch_size: int, steps: int, start: int = 0, rank: int = 0, world: int = 1,
+                 seed: int = 0) -> None:
+        self.n, self.B, self.steps, self.start, self.rank, self.world, self.seed = (
+            n, batch_size, steps, start, rank, world, seed)
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _epoch_perm(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def batch(self, step: int) -> list[int]:
+        """Dataset indices of this rank's batch at ``step`` (``B`` ints)."""
+        G = self.B * self.world
+        out = []
+        for i in range(self.B):
+            p = step * G + self.rank * self.B + i
+            out.append(int(self._epoch_perm(p // self.n)[p % self.n]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.steps):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+
+def build_datasets(data: str, img_size: int, seed: int = 0, synthetic_size: int = 20_000, val_size: int = 512,
+                   mean=None, std=None) -> tuple[Dataset, Dataset, list[str]]:
+    """``(train, val, class_names)`` for ``"synthetic"`` or an ImageFolder root with ``train/`` and ``val/``.
+
+    ImageFolder trees use timm's transforms: training augmentation (random resized crop, flip, colour jitter) for
+    ``train/``, resize + centre crop for ``val/``.
+
+    Raises:
+        DataError: missing root, missing or empty ``train/``/``val/``, or the two splits have different classes.
+    """
+    kw = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+    if data == "synthetic":
+        return (SyntheticShapes(synthetic_size, img_size, seed, "train", **kw),
+                SyntheticShapes(val_size, img_size, seed, "val", **kw), list(CLASSES))
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such data directory (expected {root}/train and {root}/val, or 'synthetic')")
+    sets = {}
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir():
+            raise DataError(f"{d}: missing (an ImageFolder root needs train/ and val/ with one folder per class)")
+        try:
+            t = create_transform(img_size, is_training=split == "train", **kw)
+            sets[split] = ImageFolder(str(d), transform=t, allow_empty=True)   # a class may lack val images
+        except (FileNotFoundError, RuntimeError) as e:       # torchvision: no class folders
+            raise DataError(f"{d}: no usable images ({e})") from None
+        if len(sets[split]) == 0:
+            raise DataError(f"{d}: no usable images (no image files in its class folders)")
+    if sets["train"].classes != sets["val"].classes:
+        raise DataError(f"{root}: train/ and val/ have different classes "
+                        f"({len(sets['train'].classes)} vs {len(sets['val'].classes)})")
+    return sets["train"], sets["val"], list(sets["train"].classes)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Calibration images (unlabelled) for training-free compression
+# ------------------------------------------------------------------------------------------------------------------
+
+

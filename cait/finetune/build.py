@@ -1,0 +1,339 @@
+"""Everything a CDCP run is made of, built before its first step: data, teacher and student, optimisation (SPEC §2–3).
+
+:func:`build_run` checks the configuration, then makes each part with one function (:func:`_data`,
+:func:`_networks`, :func:`_optimisation`), restores the newest training state when resuming, and returns a
+:class:`Run`, which the loop in :mod:`cait.finetune.engine` advances. Rank 0 saves the teacher and logs the start
+of a new run.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from ..compress.importance import compactor_scores
+from ..compress.plan import BudgetSplit, split_budget
+from ..compress.prune import is_pruned
+from ..compress.select import ChannelMask, select_channels
+from ..data.datasets import StepBatchSampler, build_datasets
+from ..io.checkpoint import CheckpointError, load_checkpoint, read_config, save_pretrained
+from ..measure.accuracy import evaluate
+from ..models.atme import apply_atme, get_layout
+from ..models.compactors import add_compactors, iter_compactors
+from ..models.deit import architecture, create_model, update_cfg
+from ..models.meta import ModelMeta
+from ..models.spec import ModelSpec, describe
+from .config import FinetuneConfig, FinetuneError
+from .lasso import FlopsSchedule
+from .records import Record, StartRecord, to_json
+from .rundir import LOG_NAME, RunDirError, read_state, restore_state, save_state, state_files
+from .token_labels import TokenLabelled
+
+
+@dataclass
+class RunData:
+    """The run's images: ``train_set`` (step-indexed batches), ``val_set`` (held out), class names."""
+
+    train_set: Any
+    val_set: Any
+    classes: list[str]
+
+
+@dataclass
+class Networks:
+    """The teacher and the student. ``student`` is the merged DeiT (with compactors when ``cdcp``)."""
+
+    teacher: nn.Module
+    teaches: bool                  # False: a random teacher, no distillation, no top-1
+    source: str                    # where the teacher came from
+    split: BudgetSplit
+    spec: ModelSpec                # the merged student's widths before pruning
+    cdcp: bool                     # False: no channel budget, no compactors
+    student: nn.Module
+    trainee: nn.Module             # the student, inside TokenLabelled with token labelling (its head is the student's)
+    alpha: float                   # weight of hard distillation
+
+
+@dataclass
+class Optimisation:
+    """AdamW with its cosine LR, the loss, Mixup/CutMix, and CDCP's FLOPs schedule and proximal shrink per step."""
+
+    opt: torch.optim.Optimizer
+    sched: Any
+    mixup: Any
+    criterion: nn.Module
+    schedule: FlopsSchedule
+    shrink: float
+
+
+@dataclass
+class Run:
+    """What a CDCP run holds between steps. ``model`` is what the loop calls: the student, inside
+    :class:`TokenLabelled` and/or DDP."""
+
+    cfg: FinetuneConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    data: RunData
+    nets: Networks
+    optim: Optimisation
+    model: nn.Module
+    loader: Any
+    log: IO | None
+    start: int = 0
+    mask: ChannelMask | None = None
+    entered: int = 0
+    history: dict = field(default_factory=dict)
+    top1_teacher: float | None = None
+
+    def emit(self, record: Record) -> None:
+        """Append one record to ``log.jsonl`` (rank 0 only)."""
+        if self.log:
+            self.log.write(to_json(record) + "\n")
+            self.log.flush()
+
+    def save(self, step: int) -> None:
+        """Write a resumable training state (rank 0 only)."""
+        if self.rank == 0:
+            save_state(self.out, step, self.nets.student, self.optim.opt, self.mask,
+                       {"config": self.cfg.to_dict(), "history": self.history})
+
+    def top1(self, model: nn.Module) -> float:
+        """Held-out top-1 (%) of ``model``, shared over the ranks."""
+        return evaluate(model, self.data.val_set, self.device, rank=self.rank, world=self.world)
+
+    def evaluate_teacher_once(self) -> None:
+        """The frozen teacher's top-1, measured once; a random teacher's never."""
+        if self.top1_teacher is None and self.nets.teaches:
+            self.top1_teacher = self.top1(self.nets.teacher)
+
+
+def build_run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) -> Run:
+    """Check the configuration, make data, networks, optimisation and loader, and restore the newest state when
+    resuming; rank 0 saves the teacher and logs the start of a new run.
+
+    Raises:
+        FinetuneError: a configuration the run cannot start with (the message names the option).
+        cait.data.datasets.DataError: data that cannot be used.
+    """
+    _check(cfg, world)
+    out = _check_output(cfg) if rank == 0 else Path(cfg.output)
+    data = _data(cfg)
+    nets = _networks(cfg, data, device)
+    optim = _optimisation(cfg, nets, len(data.classes))
+    start, mask, history = 0, None, {}
+    if cfg.resume:                                         # every rank: each holds its own optimizer state
+        state = _resume(out, nets.student, optim.opt, cfg)
+        start = state["step"]
+        mask = None if state["mask"] is None else ChannelMask.from_dict(state["mask"])
+        history = state.get("history", {})
+    trainee = nets.trainee
+    if world > 1:
+        for t in nets.student.state_dict().values():
+            dist.broadcast(t, src=0)
+        trainee = nn.parallel.DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
+    sampler = StepBatchSampler(len(data.train_set), cfg.batch_size // world, cfg.steps, start, rank, world, cfg.seed)
+    loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda")
+    run = Run(cfg, rank, world, device, out, data, nets, optim, trainee, loader,
+              log=(out / LOG_NAME).open("a") if rank == 0 else None, start=start, mask=mask, history=history)
+    if rank == 0 and not cfg.resume:
+        teacher = nets.teacher
+        teacher.cait_meta = ModelMeta(kind="teacher", base_model=architecture(teacher), source=nets.source,
+                                      classes=data.classes)
+        save_pretrained(teacher, out / "teacher")         # the app shows it next to the result
+        run.emit(StartRecord(config=cfg.to_dict(), teacher=nets.source, distill_alpha=nets.alpha,
+                             merge=str(nets.split.layout), base_flops=nets.split.base_flops,
+                             atme_flops=nets.spec.flops(), target_flops=nets.split.target_flops,
+                             classes=len(data.classes), world_size=world, device=str(device)))
+    return run
+
+
+def _check(cfg: FinetuneConfig, world: int) -> None:
+    """Options that no run can start with."""
+    if cfg.batch_size % world or (cfg.batch_size // world) % 2:
+        raise FinetuneError(f"--batch-size {cfg.batch_size} must split into an even batch per process "
+                            f"({world} processes; Mixup/CutMix pair images)")
+    if cfg.token_labels < 0:
+        raise FinetuneError(f"--token-labels must be >= 0, got {cfg.token_labels}")
+    if cfg.token_labels > 0 and (cfg.data != "synthetic" or cfg.mixup > 0 or cfg.cutmix > 0):
+        raise FinetuneError("--token-labels needs object masks (--data synthetic) and no Mixup/CutMix "
+                            "(--mixup 0 --cutmix 0)")
+
+
+def _check_output(cfg: FinetuneConfig) -> Path:
+    """``--output`` exists and is writable, and holds no earlier run unless resuming (rank 0)."""
+    out = Path(cfg.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise FinetuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+    if not cfg.resume and state_files(out):
+        raise FinetuneError(f"{out}: holds an earlier run; pass --resume to continue it or choose a new --output")
+    return out
+
+
+def _data(cfg: FinetuneConfig) -> RunData:
+    """Training and held-out images (first: the teacher's head must match their classes)."""
+    train_set, val_set, classes = build_datasets(cfg.data, cfg.img_size or _default_img_size(cfg), cfg.seed,
+                                                 cfg.synthetic_size, cfg.val_size)
+    if cfg.token_labels > 0:
+        train_set.masks = True                            # batches carry the object masks
+    return RunData(train_set, val_set, classes)
+
+
+def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device) -> Networks:
+    """The teacher, the budget split, and the student: ATME layout, plus compactors when CDCP has a budget."""
+    torch.manual_seed(cfg.seed)                           # the same student initialisation on every rank
+    teacher, teaches, source = _teacher(cfg, len(data.classes))
+    try:
+        split = split_budget(teacher, cfg.flops_reduction, cfg.merge, cfg.atme_share)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    student = apply_atme(copy.deepcopy(teacher), split.layout)
+    # No channel budget (R = 0, e.g. training a teacher, or a layout that alone meets R): no CDCP at all. Identity
+    # compactors would only cost time (2x per step on CPU for DeiT-Tiny, benchmarks/finetune_step.py).
+    spec = describe(student)                              # the same with compactors: they fold away
+    cdcp = split.target_flops < spec.flops()
+    student = (add_compactors(student) if cdcp else student).to(device)
+    trainee = TokenLabelled(student, len(data.classes)) if cfg.token_labels > 0 else student
+    try:                                                  # fail now, not after hours, if the target is out of reach
+        if cdcp:
+            select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    # SPEC §3: α = 0.1 for DeiT-Tiny, 0.25 for Small/Base, read from the teacher's architecture (not its path).
+    default_alpha = 0.1 if architecture(teacher) == "deit_tiny_patch16_224" else 0.25
+    alpha = (cfg.distill_alpha if cfg.distill_alpha is not None else default_alpha) if teaches else 0.0
+    return Networks(teacher.to(device).eval().requires_grad_(False), teaches, source, split, spec, cdcp, student,
+                    trainee, alpha)
+
+
+def _optimisation(cfg: FinetuneConfig, nets: Networks, num_classes: int) -> Optimisation:
+    """AdamW (compactors in their own group), cosine LR with warm-up, Mixup/CutMix, the loss, CDCP's schedule."""
+    opt = create_optimizer_v2(_param_groups(nets.student, cfg), opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = CosineLRScheduler(opt, t_initial=cfg.steps, lr_min=cfg.min_lr,
+                              warmup_t=int(cfg.lr_warmup * cfg.steps), warmup_lr_init=cfg.min_lr, t_in_epochs=False)
+    mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                   num_classes=num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
+    criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    schedule = FlopsSchedule(cfg.steps, nets.spec.flops(), nets.split.target_flops, cfg.cdcp_warmup, cfg.cdcp_ramp,
+                             cfg.mask_interval)
+    shrink = shrink_per_step(cfg, schedule)
+    if shrink < 0:
+        raise FinetuneError(f"--mask-shrink must be >= 0, got {shrink}")
+    return Optimisation(opt, sched, mixup, criterion, schedule, shrink)
+
+
+def shrink_per_step(cfg: FinetuneConfig, schedule: FlopsSchedule) -> float:
+    """Norm removed from each masked compactor row per step (choice, see :mod:`cait.finetune.lasso`):
+    ``--mask-shrink``, or 2 / hold steps, so that a unit-norm row entering S when the hold starts is exactly 0
+    halfway through the hold and the model trains without it for the rest of the run."""
+    if cfg.mask_shrink is not None:
+        return cfg.mask_shrink
+    return 2.0 / max(1, cfg.steps - schedule.hold_step)
+
+
+def _teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, bool, str]:
+    """The uncompressed model; returns (model, whether it can teach these classes, where it came from)."""
+    if Path(cfg.model).is_dir():
+        return _checkpoint_teacher(cfg, num_classes)
+    kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
+    try:
+        model, info = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    teaches = info.trained and model.num_classes == num_classes
+    if model.num_classes != num_classes:
+        model.reset_classifier(num_classes)
+        update_cfg(model, num_classes=num_classes)
+    return model, teaches, info.detail
+
+
+def _checkpoint_teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, bool, str]:
+    """An uncompressed checkpoint as the teacher, resized (FixRes-style) when ``--img-size`` asks for another size."""
+    try:
+        model = load_checkpoint(cfg.model)
+    except CheckpointError as e:
+        raise FinetuneError(str(e)) from None
+    if get_layout(model) or is_pruned(model):
+        raise FinetuneError(f"{cfg.model}: fine-tuning starts from an uncompressed model; this checkpoint is "
+                            "already merged or pruned")
+    if model.num_classes != num_classes:
+        raise FinetuneError(f"{cfg.model}: the checkpoint has {model.num_classes} classes, the data "
+                            f"{cfg.data!r} has {num_classes}")
+    trained_at = int(model.patch_embed.img_size[0])
+    if not cfg.img_size or cfg.img_size == trained_at:
+        return model, True, f"checkpoint {cfg.model}"
+    if cfg.img_size % model.patch_embed.patch_size[0]:
+        raise FinetuneError(f"--img-size {cfg.img_size} is not a multiple of the patch size "
+                            f"{model.patch_embed.patch_size[0]}")
+    model.set_input_size(img_size=(cfg.img_size, cfg.img_size))   # timm resamples the position embedding
+    update_cfg(model, input_size=(3, cfg.img_size, cfg.img_size))
+    return model, True, f"checkpoint {cfg.model} (trained at {trained_at} px, resized to {cfg.img_size} px)"
+
+
+def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    compactor_ids = {id(p) for _, p in iter_compactors(model)}
+    no_decay_names = set(getattr(model, "no_weight_decay", lambda: set())())
+    compactors, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in compactor_ids:
+            compactors.append(p)
+        elif p.ndim <= 1 or name in no_decay_names:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": compactors, "weight_decay": 0.0, "betas": (cfg.compactor_beta1, 0.999),    # SPEC §2
+         "lr": cfg.lr if cfg.compactor_lr is None else cfg.compactor_lr},
+    ]
+
+
+def _resume(out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: FinetuneConfig) -> dict:
+    """Restore the newest training state of ``out`` after checking it was written by the same configuration."""
+    try:
+        meta, tensors = read_state(out)
+    except RunDirError as e:
+        raise FinetuneError(f"--resume given, but {e}") from None
+    before = meta.get("config", {})
+    defaults = FinetuneConfig().to_dict()                  # a field newer than the state: its default then
+    diff = [k for k in FinetuneConfig.IDENTITY if before.get(k, defaults[k]) != getattr(cfg, k)]
+    if diff:
+        raise FinetuneError(f"{out}: cannot resume a different configuration; changed: "
+                            + ", ".join(f"{k} ({before.get(k)!r} → {getattr(cfg, k)!r})" for k in diff))
+    restore_state(model, opt, meta, tensors)
+    return meta
+
+
+def _default_img_size(cfg: FinetuneConfig) -> int:
+    if Path(cfg.model).is_dir():
+        try:
+            return read_config(cfg.model)["img_size"]
+        except CheckpointError as e:
+            raise FinetuneError(str(e)) from None
+    if not timm.is_model(cfg.model):
+        raise FinetuneError(f"unknown model {cfg.model!r} (neither a timm name nor a checkpoint directory)")
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.model)
+    return int(pretrained_cfg.input_size[-1]) if pretrained_cfg else 224

@@ -1,0 +1,269 @@
+"""Save and load compact models as ``model.safetensors`` + ``config.json``. Loading never unpickles.
+
+``config.json`` (format ``cait-studio/compact-v1``)::
+
+    {
+      "format": "cait-studio/compact-v1",
+      "base_model": "deit_small_patch16_224",     # timm architecture the skeleton is built from
+      "img_size": 224,
+      "num_classes": 1000,
+      "merge": "h4,v7",                            # ATME layout, "" for none
+      "blocks": [{"qk_dim": 51, "v_dim": 44, "ffn_dim": 1246}, ...],   # per-head q/k and v widths; null = unpruned
+      "meta": {...}                                # free-form: preview flag, training provenance, ...
+    }
+
+A corrupt, truncated or mismatched checkpoint raises :class:`CheckpointError` naming the file and the problem.
+Loading checks, before anything is allocated: the config's size and nesting, every number against a bound, the
+architecture against :data:`cait.models.deit.PATCH_SIZES`, the image size against the patch size; then, from the
+safetensors header alone, every tensor's name, shape and dtype, and the architecture hash that ties the weights to
+the config they were saved with (``model.safetensors`` metadata ``config_sha256``; files written before it existed
+have none and are accepted).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ..compress.prune import is_pruned, restructure
+from ..models.atme import apply_atme, get_layout
+from ..models.compactors import has_compactors
+from ..models.deit import PATCH_SIZES, architecture, update_cfg
+from ..models.meta import ModelMeta, meta_of
+from ..models.spec import describe
+
+FORMAT = "cait-studio/compact-v1"
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+MAX_CONFIG_BYTES = 1_000_000
+"""A ``config.json`` larger than this is refused unread."""
+IMG_SIZE_RANGE, NUM_CLASSES_RANGE = (16, 1024), (1, 22_000)
+"""Bounds on ``img_size`` (pixels) and ``num_classes`` (ImageNet-22k has 21,843), checked before building."""
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+"""Floating dtypes a weights file may store (upcast to float32 on load)."""
+ARCH_KEYS = ("base_model", "img_size", "num_classes", "merge", "blocks")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def model_config(model: nn.Module) -> dict:
+    """The ``config.json`` dict describing a model built by this package (see module docstring)."""
+    blocks = None
+    if is_pruned(model):
+        blocks = [{"qk_dim": b.qk_dim, "v_dim": b.v_dim, "ffn_dim": b.ffn_dim} for b in describe(model).blocks]
+    return {
+        "format": FORMAT,
+        "base_model": architecture(model),
+        "img_size": int(model.patch_embed.img_size[0]),
+        "num_classes": int(model.num_classes),
+        "merge": str(get_layout(model)),
+        "blocks": blocks,
+        "meta": meta_of(model).to_dict(),
+    }
+
+
+def architecture_hash(config: dict) -> str:
+    """SHA-256 of the architecture-defining config entries (:data:`ARCH_KEYS`), canonical JSON: what ties a weights
+    file to the config it was saved with."""
+    return hashlib.sha256(json.dumps({k: config.get(k) for k in ARCH_KEYS}, sort_keys=True).encode()).hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` via ``write(tmp_path)`` into a temporary file beside it, then rename: readers never see a
+    half-written file. Temporary files of ``path`` left by a process killed mid-write (over an hour old) are
+    removed first."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink()
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    meta: dict | None = None) -> Path:
+    """Write ``path/model.safetensors`` and ``path/config.json`` (each atomically: temp file, then rename).
+
+    Args:
+        model: an original, ATME or compact DeiT (compactors must be folded first with :func:`cait.prune`).
+        path: a directory, created if needed.
+        dtype: store floating tensors in this dtype (e.g. ``torch.float16`` halves the size); default: as is.
+        meta: extra entries merged into ``config["meta"]``.
+
+    Returns:
+        The directory.
+
+    Raises:
+        ValueError: if the model still has compactors.
+    """
+    if has_compactors(model):
+        raise ValueError("fold the compactors first (cait.prune or cait.fold_compactors); a compactor model is a training state")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model_config(model)
+    config["meta"].update(meta or {})
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "config_sha256": architecture_hash(config)}
+    atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=metadata))
+    atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    return path
+
+
+def _int(config: dict, key: str, lo: int, hi: int, cfile: Path) -> int:
+    v = config.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise CheckpointError(f"{cfile}: {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """Read and validate ``config.json`` of a checkpoint directory, without building anything.
+
+    Raises:
+        CheckpointError: missing directory or file, a file over :data:`MAX_CONFIG_BYTES`, invalid or too deeply
+            nested JSON, wrong format, an architecture not in :data:`cait.models.deit.PATCH_SIZES`, ``img_size`` or
+            ``num_classes`` out of bounds (or not a multiple of the patch size), ill-typed ``merge``, ``blocks`` or
+            ``meta``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    cfile = path / CONFIG_NAME
+    if not cfile.is_file():
+        raise CheckpointError(f"{cfile}: missing")
+    if cfile.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{cfile}: {cfile.stat().st_size} bytes, more than a config can be "
+                              f"({MAX_CONFIG_BYTES} at most)")
+    try:
+        config = json.loads(cfile.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfile}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{cfile}: JSON nested too deeply") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{cfile}: format is {found!r}, expected {FORMAT!r}")
+    base = config.get("base_model")
+    if base not in PATCH_SIZES:
+        raise CheckpointError(f"{cfile}: unknown base_model {base!r}; this package builds {sorted(PATCH_SIZES)}")
+    size = _int(config, "img_size", *IMG_SIZE_RANGE, cfile)
+    if size % PATCH_SIZES[base]:
+        raise CheckpointError(f"{cfile}: img_size {size} is not a multiple of {base}'s patch size {PATCH_SIZES[base]}")
+    _int(config, "num_classes", *NUM_CLASSES_RANGE, cfile)
+    if not isinstance(config.get("merge"), str) or len(config["merge"]) > 200:
+        raise CheckpointError(f"{cfile}: 'merge' must be a layout string such as 'h4,v7' (or '')")
+    blocks = config.get("blocks")
+    if blocks is not None and not (isinstance(blocks, list) and len(blocks) <= 64 and all(
+            isinstance(b, dict) and all(isinstance(b.get(k), int) and not isinstance(b.get(k), bool)
+                                        for k in ("qk_dim", "v_dim", "ffn_dim")) for b in blocks)):
+        raise CheckpointError(f"{cfile}: 'blocks' must be null or a list of {{qk_dim, v_dim, ffn_dim}} integers")
+    if not isinstance(config.get("meta", {}), dict):
+        raise CheckpointError(f"{cfile}: 'meta' must be an object")
+    return config
+
+
+def build_skeleton(config: dict, hub_id: str | None = None) -> nn.Module:
+    """A randomly initialised model with the architecture a config describes (ATME layout and pruned widths).
+
+    Its ``pretrained_cfg`` describes this model, not the base: its classes and input size, ``tag="cait"``, and the
+    Hub repository it was loaded from (``hf_hub_id``) or none (the base's ImageNet weights are not these).
+    """
+    model = timm.create_model(config["base_model"], pretrained=False, num_classes=config["num_classes"],
+                              img_size=config["img_size"])
+    S = config["img_size"]
+    update_cfg(model, num_classes=config["num_classes"], input_size=(3, S, S), tag="cait", hf_hub_id=hub_id, url="")
+    apply_atme(model, config["merge"])
+    if config.get("blocks") is not None:
+        restructure(model, [(b["qk_dim"], b["v_dim"], b["ffn_dim"]) for b in config["blocks"]])
+    return model
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", hub_id: str | None = None
+                    ) -> nn.Module:
+    """Load a checkpoint directory written by :func:`save_pretrained`; weights are read with safetensors (no pickle).
+    :func:`cait.load_pretrained` (:mod:`cait.io.hub`) also takes ``hf-hub:`` ids and calls this.
+
+    Args:
+        path: the checkpoint directory.
+        device: where to put the model.
+        hub_id: the Hub repository the directory was downloaded from (recorded in the model's ``pretrained_cfg``).
+
+    Returns:
+        The model in eval mode, float32 (fp16 checkpoints are upcast), with ``model.cait_meta`` (a
+        :class:`cait.models.meta.ModelMeta`) from the config.
+
+    Raises:
+        CheckpointError: naming the file and the problem, for a missing/corrupt/truncated file, a config that is out
+            of bounds or does not describe a buildable model (:func:`read_config`), weights saved with another
+            config (architecture hash), tensors whose names, shapes or dtypes do not match the config, or a meta
+            record of the wrong shape.
+    """
+    path = Path(path)
+    config = read_config(path)
+    cfile, wfile = path / CONFIG_NAME, path / WEIGHTS_NAME
+    try:
+        model = build_skeleton(config, hub_id)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfile}: does not describe a buildable model ({e})") from None
+    if not wfile.is_file():
+        raise CheckpointError(f"{wfile}: missing")
+    expected = model.state_dict()
+    _check_header(wfile, config, expected)
+    try:
+        tensors = load_file(wfile)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{wfile}: corrupt or truncated safetensors file ({e})") from None
+    for k, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{wfile}: tensor {k!r} contains NaN or infinity")
+    model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, strict=True)
+    try:
+        model.cait_meta = ModelMeta.from_dict(config.get("meta"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfile}: 'meta' is not a model record ({e})") from None
+    return model.to(device).eval()
+
+
+def _check_header(wfile: Path, config: dict, expected: dict[str, torch.Tensor]) -> None:
+    """From the safetensors header alone (nothing is loaded): the architecture hash, then every tensor's name, shape
+    and floating dtype against the skeleton's ``expected`` state dict. Raises :class:`CheckpointError`."""
+    try:                                          # the header only: names, shapes, dtypes, metadata
+        with safe_open(wfile, framework="pt") as f:
+            metadata = f.metadata() or {}
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{wfile}: corrupt or truncated safetensors file ({e})") from None
+    if metadata.get("config_sha256") not in (None, architecture_hash(config)):
+        raise CheckpointError(f"{wfile}: was saved with another {CONFIG_NAME} (architecture hash differs: has "
+                              f"base_model, img_size, num_classes, merge or blocks been edited?)")
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{wfile}: does not match {CONFIG_NAME}: missing tensors {missing[:3]}, "
+                              f"unexpected tensors {unexpected[:3]}")
+    for k, v in expected.items():
+        shape, dtype = header[k]
+        if shape != tuple(v.shape):
+            raise CheckpointError(f"{wfile}: tensor {k!r} has shape {shape}, {CONFIG_NAME} implies {tuple(v.shape)}")
+        if v.is_floating_point() and dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{wfile}: tensor {k!r} is {dtype}, expected a floating dtype "
+                                  f"({', '.join(FLOAT_DTYPES)})")

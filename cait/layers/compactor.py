@@ -1,0 +1,107 @@
+"""CDCP compactors (paper §III-C after ResRep [70], SPEC §2).
+
+A compactor is a learnable square matrix Q, initialised to the identity, applied to a linear layer's output:
+``y = Q(Wx + b)``. CDCP places one per head on each of q, k and v (``d_h × d_h``, after the fused ``qkv`` Linear)
+and one per block on the FFN hidden layer (``4C × 4C``, after ``fc1``, before the activation). Channel j of a
+compactor is row j of Q; its importance is ``‖Q[j, :]‖₂``.
+
+The compactors wrap timm's own ``attn.qkv`` and ``mlp.fc1`` Linears, so timm's Attention and Mlp forwards run
+unchanged (layer scale, dropout and the fused attention kernel included); :func:`cait.models.compactors.add_compactors`
+puts them into a DeiT. Worked example, DeiT-Tiny block 0::
+
+    attn.qkv   = CompactorQKV(Linear(192, 576), num_heads=3)
+                 .q, .k, .v : Parameter (3, 64, 64)      # (heads, d_h, d_h), each head's Q is eye(64)
+    mlp.fc1    = CompactorLinear(Linear(192, 768))
+                 .q         : Parameter (768, 768)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class _CompactedLinear(nn.Module):
+    """A wrapped ``self.linear`` that looks like a Linear from outside (in/out features)."""
+
+    linear: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+
+class CompactorQKV(_CompactedLinear):
+    """The fused ``qkv`` Linear followed by per-head q, k and v compactors.
+
+    Args:
+        linear: timm's ``attn.qkv``, ``Linear(C, 3·H·d_h)`` with output laid out as ``[q | k | v]``, heads contiguous.
+        num_heads: H.
+
+    Attributes:
+        q, k, v: ``(H, d_h, d_h)`` compactors, identity at construction.
+    """
+
+    def __init__(self, linear: nn.Linear, num_heads: int) -> None:
+        super().__init__()
+        if linear.out_features % (3 * num_heads):
+            raise ValueError(f"qkv has {linear.out_features} outputs, not divisible by 3 × {num_heads} heads")
+        self.linear = linear
+        self.num_heads = num_heads
+        self.head_dim = linear.out_features // (3 * num_heads)
+        w = linear.weight
+        eye = torch.eye(self.head_dim, device=w.device, dtype=w.dtype).expand(num_heads, -1, -1)
+        self.q = nn.Parameter(eye.clone())
+        self.k = nn.Parameter(eye.clone())
+        self.v = nn.Parameter(eye.clone())
+
+    def stacked(self) -> torch.Tensor:
+        """All compactors as one ``(3, H, d_h, d_h)`` tensor, order q, k, v."""
+        return torch.stack([self.q, self.k, self.v])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)                                                # (B, N, 3·H·d)
+        shape = y.shape
+        y = y.reshape(*shape[:-1], 3, self.num_heads, self.head_dim)      # (B, N, 3, H, d)
+        y = torch.einsum("...thd,thed->...the", y, self.stacked())        # y'_e = Σ_d Q[e, d] y_d
+        return y.reshape(shape)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W', b')`` with ``W' = QW``, ``b' = Qb`` per head (exact: Q is linear, SPEC §2 "Fold").
+
+        Returns:
+            ``W'`` of shape ``(3·H·d_h, C)`` and ``b'`` of shape ``(3·H·d_h,)`` (None without bias).
+        """
+        Q = self.stacked()                                                # (3, H, d, d)
+        W = self.linear.weight.reshape(3, self.num_heads, self.head_dim, -1)
+        Wf = (Q @ W).reshape(self.linear.weight.shape)
+        b = self.linear.bias
+        bf = None if b is None else (Q @ b.reshape(3, self.num_heads, self.head_dim, 1)).reshape(b.shape)
+        return Wf, bf
+
+
+class CompactorLinear(_CompactedLinear):
+    """A Linear followed by one ``(D, D)`` compactor on its output (the FFN's ``fc1``).
+
+    Attributes:
+        q: ``(D, D)`` compactor, identity at construction.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+        w = linear.weight
+        self.q = nn.Parameter(torch.eye(linear.out_features, device=w.device, dtype=w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) @ self.q.T                                  # (B, N, D)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(QW, Qb)``: shapes ``(D, C)`` and ``(D,)``."""
+        b = self.linear.bias
+        return self.q @ self.linear.weight, None if b is None else self.q @ b
+
+

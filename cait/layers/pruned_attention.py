@@ -1,0 +1,70 @@
+"""The attention of a compact (CDCP-pruned) block: per-head q/k width ≠ v width, the original scale (SPEC §2).
+
+All heads of a block share one q/k width and one v width (head-level consistency), so the pruned attention is still
+one batched ``scaled_dot_product_attention`` call. :func:`cait.compress.prune.prune` builds it from a folded
+compactor block. Worked example, DeiT-S block 6 at 55% (q/k 40, v 48 per head, 6 heads)::
+
+    >>> attn = PrunedAttention(384, 6, qk_dim=40, v_dim=48, scale=64 ** -0.5)
+    >>> attn.qkv, attn.proj
+    (Linear(in_features=384, out_features=768, bias=True), Linear(in_features=288, out_features=384, bias=True))
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PrunedAttention(nn.Module):
+    """Multi-head self-attention with per-head q/k width ``qk_dim`` and v width ``v_dim``.
+
+    ``qkv`` is one ``Linear(C, H·(2·qk_dim + v_dim))`` laid out as ``[q (H, qk_dim) | k (H, qk_dim) | v (H, v_dim)]``,
+    heads contiguous; ``proj`` is ``Linear(H·v_dim, C)``.
+
+    Args:
+        dim: embed dim C.
+        num_heads: H.
+        qk_dim: q/k channels kept per head (>= 1).
+        v_dim: v channels kept per head (>= 1).
+        scale: the attention scale, normally the original ``d_h^-1/2``; it is *not* recomputed from ``qk_dim``.
+        qkv_bias, proj_bias: whether the Linears have biases.
+        attn_drop, proj_drop: dropout probabilities.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float, qkv_bias: bool = True,
+                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if min(qk_dim, v_dim) < 1:
+            raise ValueError(f"every head needs at least one q/k and one v channel, got {qk_dim}, {v_dim}")
+        self.num_heads, self.qk_dim, self.v_dim, self.scale = num_heads, qk_dim, v_dim, scale
+        self.fused_attn = True
+        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * v_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (B, N, C)`` → q, k ``(B, H, N, qk_dim)`` and v ``(B, H, N, v_dim)``."""
+        B, N, _ = x.shape
+        H, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
+        q, k, v = self.qkv(x).split([H * dqk, H * dqk, H * dv], dim=-1)
+        return (q.reshape(B, N, H, dqk).transpose(1, 2), k.reshape(B, N, H, dqk).transpose(1, 2),
+                v.reshape(B, N, H, dv).transpose(1, 2))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                ) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv_heads(x)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            if attn_mask is not None or is_causal:
+                raise NotImplementedError("the manual attention path takes no mask; set fused_attn = True")
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)   # (B, H, N, N)
+            x = self.attn_drop(attn) @ v                                       # (B, H, N, v_dim)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.4g}"

@@ -1,0 +1,102 @@
+"""Throughput and latency: images/s of models timed in alternation on one input (paper §IV, SPEC §4).
+
+Convention: one device, a fixed batch, images per second; speed-ups are ratios against the uncompressed model
+measured the same way in the same run. Models are timed in alternation (original, compressed, original, …) so
+drift in clock speed or load hits both alike; the reported figure is the median. The command line comparing a DeiT
+with its twin is ``python -m cait.bench`` (:mod:`cait.cli.bench`).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``"cuda"``/``"cpu"``/None (CUDA when available) → a ``torch.device``.
+
+    Raises:
+        ValueError: if CUDA is asked for but not available.
+    """
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for, but torch sees no GPU here; use --device cpu")
+    return dev
+
+
+def _time_batches(model: nn.Module, x: torch.Tensor, iters: int, amp_dtype: torch.dtype | None) -> list[float]:
+    """Seconds per batch for ``iters`` batches (CUDA events on GPU, wall clock on CPU)."""
+    cuda = x.device.type == "cuda"
+    out = []
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        for _ in range(iters):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(x)
+                end.record()
+                torch.cuda.synchronize()
+                out.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                model(x)
+                out.append(time.perf_counter() - t0)
+    return out
+
+
+def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, device: str | torch.device | None = None,
+                       warmup: int = 2, iters: int = 5, rounds: int = 3, img_size: int | None = None,
+                       amp_dtype: torch.dtype | None = None, progress=None) -> dict[str, dict]:
+    """Measure several models in alternation on the same input.
+
+    Args:
+        models: name → model (moved to ``device``, put in eval mode).
+        batch_size: images per batch.
+        device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
+        warmup: untimed batches per model before timing.
+        iters: timed batches per model per round.
+        rounds: alternation rounds.
+        img_size: input side in pixels; default: the first model's.
+        amp_dtype: e.g. ``torch.bfloat16`` for autocast; None for the model's own dtype.
+        progress: called as ``progress(fraction_done, message)`` after every warm-up and timed run (a UI bar).
+
+    Returns:
+        name → ``{"images_per_s", "latency_s" (median seconds per batch), "batch_size", "device"}``.
+    """
+    dev = resolve_device(device if device is None else str(device))
+    size = img_size or next(iter(models.values())).patch_embed.img_size[0]
+    x = torch.randn(batch_size, 3, size, size, device=dev)
+    total, done = len(models) * (1 + rounds), 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done / total, what)
+
+    for name, m in models.items():
+        m.to(dev).eval()
+        _time_batches(m, x, warmup, amp_dtype)
+        tick(f"warm-up: {name}")
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(rounds):
+        for name, m in models.items():
+            times[name] += _time_batches(m, x, iters, amp_dtype)
+            tick(f"round {r + 1}/{rounds}: {name}")
+    result = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        result[name] = {"images_per_s": batch_size / med, "latency_s": med, "batch_size": batch_size,
+                        "device": str(dev)}
+    return result
+
+
+def measure_throughput(model: nn.Module, batch_size: int = 32, device: str | torch.device | None = None,
+                       warmup: int = 2, iters: int = 10, img_size: int | None = None,
+                       amp_dtype: torch.dtype | None = None) -> dict:
+    """Images/s of one model: ``{"images_per_s", "latency_s", "batch_size", "device"}`` (see compare_throughput)."""
+    return compare_throughput({"model": model}, batch_size, device, warmup, iters, 1, img_size, amp_dtype)["model"]

@@ -1,0 +1,207 @@
+"""ATME on a timm DeiT (paper §III-B, SPEC §1): the thin patch that puts HTM/VTM merges at chosen blocks.
+
+A merge sits at the *input* of a block (before ``norm1``), so the residual stream is merged as well.
+:func:`apply_atme` swaps each chosen block's class to :class:`MergeBlock` and the model's to
+:class:`ATMEVisionTransformer` (ToMe-style class swaps: timm's own forwards run unchanged, nothing is copied).
+Worked example, DeiT-S with ``h4,v7``::
+
+    >>> model = apply_atme(timm.create_model("deit_small_patch16_224"), "h4,v7")
+    >>> get_layout(model), model_token_grids(model)[4], model_token_grids(model)[7]
+    (Layout('h4,v7'), (14, 7), (7, 7))
+
+The merged grid stays a grid, so a merged block's tokens map back onto the patch grid exactly
+(:func:`upsample_to_patch_grid`): that is what dense transfer needs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from ..layers.token_merge import TokenMerge, pool_pairs
+from .layout import Layout, LayoutLike, token_grids
+
+
+def pool_to_block(x: torch.Tensor, layout: "LayoutLike", block: int) -> torch.Tensor:
+    """Values on the full patch grid ``(B, H, W, C)`` pooled onto the grid block ``block`` sees: every merge of the
+    layout at or before ``block`` is applied as :func:`pool_pairs`. Use it to compare an unmerged model's tokens (or
+    a per-patch target) with a merged model's."""
+    for i, direction in Layout.parse(layout).items():
+        if i <= block:
+            x = pool_pairs(x, direction)
+    return x
+
+
+class MergeBlock(Block):
+    """A timm ``Block`` whose input is merged first: ``forward(x) = Block.forward(merge(x))``.
+
+    Built by :func:`apply_atme` from an existing block (ToMe-style class swap), so timm's own block forward, layer
+    scale and drop path included, runs unchanged. ``self.merge`` is a :class:`TokenMerge`.
+    """
+
+    merge: TokenMerge
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return super().forward(self.merge(x), *args, **kwargs)
+
+
+class ATMEVisionTransformer(VisionTransformer):
+    """A timm ``VisionTransformer`` with ATME merges; :func:`apply_atme` swaps a model's class to it (ToMe-style), so
+    every timm method runs unchanged except the two that must know each block's grid.
+
+    Worked example, DeiT-S with ``h4,v7``: ``forward_intermediates(x)`` gives ``(B, 384, 14, 14)`` for blocks 0–3,
+    ``(B, 384, 14, 7)`` for 4–6 and ``(B, 384, 7, 7)`` for 7–11; with ``dense=True`` every one is ``(B, 384, 14, 14)``
+    (each merged token repeated over the patches it covers, :func:`upsample_to_patch_grid`).
+    """
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, output_dict: bool = False, dense: bool = False,
+                              **kwargs):
+        """timm's ``forward_intermediates``, with each intermediate on its own block's grid.
+
+        Args:
+            dense: map every intermediate back onto the full patch grid (``NCHW``: ``(B, C, H, W)``; ``NLC``:
+                ``(B, H·W, C)``) instead of its block's merged grid.
+            (others): as timm's.
+
+        Raises:
+            ValueError: for an ``output_fmt`` other than ``NCHW`` or ``NLC``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        out = super().forward_intermediates(x, indices, return_prefix_tokens, norm, stop_early, "NLC",
+                                            intermediates_only, output_dict, **kwargs)
+        if output_fmt == "NLC" and not dense:
+            return out
+        blocks = sorted(set(feature_take_indices(len(self.blocks), indices)[0]))
+        grids = model_token_grids(self)
+
+        def reshape(y: torch.Tensor, i: int) -> torch.Tensor:           # (B, h·w, C) on block i's grid
+            B, _, C = y.shape
+            g = y.reshape(B, *grids[i], C).permute(0, 3, 1, 2)         # (B, C, h, w)
+            if dense:
+                g = upsample_to_patch_grid(g, self, block=i)           # (B, C, H, W)
+            return g.flatten(2).transpose(1, 2) if output_fmt == "NLC" else g.contiguous()
+
+        def fix(items: list) -> list:
+            return [(reshape(t[0], i), t[1]) if isinstance(t, tuple) else reshape(t, i) for t, i in zip(items, blocks)]
+
+        if output_dict:
+            out["image_intermediates"] = fix(out["image_intermediates"])
+            return out
+        if intermediates_only:
+            return fix(out)
+        final, inter = out
+        return final, fix(inter)
+
+    def set_input_size(self, img_size=None, patch_size=None, **kwargs) -> None:
+        """Resize as timm does (position embedding resampled), then move every merge onto the new grids.
+
+        Raises:
+            ValueError: for a new patch size, or a size at which the layout no longer fits (a side already 1);
+                the model is left unchanged then.
+        """
+        if patch_size is not None:
+            raise ValueError("an ATME model keeps its patch size; resize the image only")
+        layout = get_layout(self)
+        if img_size is not None:
+            size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            p = self.patch_embed.patch_size
+            new_grid = (size[0] // p[0], size[1] // p[1])
+            token_grids(new_grid, len(self.blocks), layout)           # raises before anything changes
+        super().set_input_size(img_size=img_size, **kwargs)
+        grids = token_grids(patch_grid(self), len(self.blocks), layout)
+        for i in layout:
+            self.blocks[i].merge.in_grid = patch_grid(self) if i == 0 else grids[i - 1]
+            self.blocks[i].merge.out_grid = grids[i]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A model's grids
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_layout(model: nn.Module) -> Layout:
+    """The merge layout applied to a model (``{}`` for none)."""
+    return Layout({i: b.merge.direction for i, b in enumerate(model.blocks) if isinstance(b, MergeBlock)})
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int]:
+    """The patch grid ``(H, W)`` of the patch embedding (14×14 for DeiT at 224 px)."""
+    return tuple(model.patch_embed.grid_size)
+
+
+def model_token_grids(model: nn.Module) -> list[tuple[int, int]]:
+    """The patch grid that each block of ``model`` sees, merges included."""
+    return token_grids(patch_grid(model), len(model.blocks), get_layout(model))
+
+
+def apply_atme(model: nn.Module, layout: LayoutLike) -> nn.Module:
+    """Insert HTM/VTM merges into a timm ViT with one CLS token, in place.
+
+    Args:
+        model: a timm ``VisionTransformer`` (DeiT) without merges, fixed image size, CLS token only.
+        layout: e.g. ``"h4,v8"`` or ``{4: "h", 8: "v"}`` (0-based block indices).
+
+    Returns:
+        The same model; ``model.blocks[i]`` is a :class:`MergeBlock` for each ``i`` in the layout.
+
+    Raises:
+        ValueError: if the model already has merges, has register tokens or a dynamic image size, or the layout does
+            not fit the model (block out of range, side already 1).
+        TypeError: if a block to merge is not a timm ``Block``.
+    """
+    layout = Layout.parse(layout)
+    if get_layout(model):
+        raise ValueError(f"model already has an ATME layout ({get_layout(model)})")
+    if getattr(model, "num_prefix_tokens", 1) != 1 or getattr(model, "cls_token", None) is None:
+        raise ValueError("ATME needs a ViT with exactly one CLS token and no register tokens")
+    if getattr(model, "dynamic_img_size", False):
+        raise ValueError("ATME needs a fixed image size (the token grid must be known at every block)")
+    grids_before = [patch_grid(model)] + token_grids(patch_grid(model), len(model.blocks), layout)[:-1]
+    for i, direction in layout.items():
+        block = model.blocks[i]
+        if type(block) is not Block:
+            raise TypeError(f"block {i} is {type(block).__name__}; ATME patches timm's Block only")
+        dim = block.norm1.normalized_shape[0]
+        merge = TokenMerge(dim, direction, grids_before[i])
+        ref = next(block.parameters())
+        block.__class__ = MergeBlock
+        block.merge = merge.to(device=ref.device, dtype=ref.dtype)
+    if layout and type(model) is VisionTransformer:
+        model.__class__ = ATMEVisionTransformer                          # grid-aware intermediates and resizing
+    return model
+
+
+def upsample_to_patch_grid(maps: torch.Tensor, model_or_layout, grid: tuple[int, int] | None = None,
+                           block: int = -1) -> torch.Tensor:
+    """Map per-token values on a block's merged grid back onto the full patch grid (dense transfer, SPEC §1).
+
+    Each merged token covers 2 columns per HTM and 2 rows per VTM before it; padded (repeated) rows/columns are
+    cropped, so the map is exact, not interpolated.
+
+    Args:
+        maps: ``(..., H', W')`` values on the merged grid of block ``block``.
+        model_or_layout: a model (its patch grid and layout are used) or a layout (then ``grid`` is required).
+        grid: the patch grid ``(H, W)`` when a layout is given.
+        block: the block whose grid ``maps`` lives on (default: the last; with a bare layout, a negative index
+            means after every merge).
+
+    Returns:
+        ``(..., H, W)``.
+    """
+    if isinstance(model_or_layout, nn.Module):
+        grid, layout = patch_grid(model_or_layout), get_layout(model_or_layout)
+        block %= len(model_or_layout.blocks)
+    else:
+        layout = Layout.parse(model_or_layout)
+        if grid is None:
+            raise ValueError("grid is required when a layout is given")
+        if block < 0:                       # without a model, "from the end" means after every merge
+            block = max(layout, default=0)
+    fh = 2 ** sum(1 for i, d in layout.items() if i <= block and d == "v")
+    fw = 2 ** sum(1 for i, d in layout.items() if i <= block and d == "h")
+    out = maps.repeat_interleave(fh, dim=-2).repeat_interleave(fw, dim=-1)
+    return out[..., : grid[0], : grid[1]]

@@ -1,0 +1,118 @@
+"""A model's shape: per block its tokens, heads, q/k, v and FFN widths, and its FLOPs by the closed form (SPEC §4).
+
+:func:`describe` reads the shape of any DeiT this package builds (original, ATME, compactor or compact) once;
+planning (:mod:`cait.compress.plan`) and selection (:mod:`cait.compress.select`) then work on the
+:class:`ModelSpec` instead of walking the model. One FLOP is one multiply-add; per block with N tokens (CLS
+included), embed dim C, q/k width D_qk and v width D_v (summed over heads) and FFN width D_f::
+
+    N·C·(2·D_qk + D_v) + N²·(D_qk + D_v) + N·D_v·C + 2·N·C·D_f   (+ N_out·2C·C when the block merges)
+
+plus the patch embedding ``patches·(3·p²)·C`` and the head ``C·classes``. Worked example: ``describe(deit_small)``
+has 12 blocks of ``BlockSpec(tokens=197, dim=384, heads=6, qk_dim=64, v_dim=64, ffn_dim=1536)`` and
+``.flops() == 4_598_882_304``; fvcore's count (:func:`cait.measure.flops.count_flops`) agrees exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from math import prod
+
+import torch.nn as nn
+
+from .atme import MergeBlock, model_token_grids
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The shape of one transformer block, enough to count its FLOPs.
+
+    Attributes:
+        tokens: N, tokens the block's attention and FFN see (CLS included, after this block's merge).
+        dim: embed dim C.
+        heads: number of heads H.
+        qk_dim: q/k width per head (all heads of a block share it).
+        v_dim: v width per head.
+        ffn_dim: FFN hidden width D_f.
+        merge_tokens: N_out, patch tokens produced by this block's merge (0 when it does not merge).
+    """
+
+    tokens: int
+    dim: int
+    heads: int
+    qk_dim: int
+    v_dim: int
+    ffn_dim: int
+    merge_tokens: int = 0
+
+    def flops(self) -> int:
+        """FLOPs (multiply-adds) of this block for one image, SPEC §4."""
+        N, C, Dqk, Dv, Df = self.tokens, self.dim, self.heads * self.qk_dim, self.heads * self.v_dim, self.ffn_dim
+        return (N * C * (2 * Dqk + Dv) + N * N * (Dqk + Dv) + N * Dv * C + 2 * N * C * Df
+                + self.merge_tokens * 2 * C * C)
+
+    # FLOPs removed by pruning one unit (used by the CDCP selection, SPEC §2).
+    def qk_unit_flops(self) -> int:
+        """FLOPs saved by removing one q/k channel pair from one head: its q and k rows, one term of q·kᵀ."""
+        return 2 * self.tokens * self.dim + self.tokens ** 2
+
+    def v_unit_flops(self) -> int:
+        """FLOPs saved by removing one v channel from one head: its qkv row, its attn·v column, its proj column."""
+        return 2 * self.tokens * self.dim + self.tokens ** 2
+
+    def ffn_unit_flops(self) -> int:
+        """FLOPs saved by removing one FFN channel: its fc1 row and fc2 column."""
+        return 2 * self.tokens * self.dim
+
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a whole ViT: its blocks, patch embedding and head FLOPs, and its patch grid ``(H, W)``."""
+
+    blocks: tuple[BlockSpec, ...]
+    embed_flops: int
+    head_flops: int
+    grid: tuple[int, int] | None = None
+
+    @property
+    def merged(self) -> bool:
+        """True if any block merges tokens (ATME applied)."""
+        return any(b.merge_tokens for b in self.blocks)
+
+    def flops(self) -> int:
+        """Total FLOPs (multiply-adds) for one image."""
+        return self.embed_flops + self.head_flops + sum(b.flops() for b in self.blocks)
+
+    def with_widths(self, widths: list[tuple[int, int, int]]) -> "ModelSpec":
+        """The same model with per-block ``(qk_dim, v_dim, ffn_dim)`` replaced (per-head dims for q/k and v)."""
+        if len(widths) != len(self.blocks):
+            raise ValueError(f"{len(widths)} widths for {len(self.blocks)} blocks")
+        return replace(self, blocks=tuple(replace(b, qk_dim=q, v_dim=v, ffn_dim=f)
+                                          for b, (q, v, f) in zip(self.blocks, widths)))
+
+
+
+def block_widths(block: nn.Module) -> tuple[int, int, int, int]:
+    """``(heads, qk_dim, v_dim, ffn_dim)`` of a block: per-head q/k and v widths, FFN width.
+
+    Works for timm's Attention (with or without compactors) and for the pruned attention of :mod:`cait.prune`.
+    """
+    attn = block.attn
+    qk = getattr(attn, "qk_dim", None) or attn.head_dim
+    v = getattr(attn, "v_dim", None) or attn.head_dim
+    return attn.num_heads, qk, v, block.mlp.fc1.out_features
+
+
+
+def describe(model: nn.Module) -> ModelSpec:
+    """Read a model's :class:`ModelSpec` from its modules (original, ATME, compactor or pruned DeiT)."""
+    grids = model_token_grids(model)
+    pe = model.patch_embed.proj
+    n_patches = prod(model.patch_embed.grid_size)
+    embed = n_patches * (pe.weight.shape[1] * pe.weight.shape[2] * pe.weight.shape[3]) * pe.weight.shape[0]
+    head = model.head.in_features * model.head.out_features if isinstance(model.head, nn.Linear) else 0
+    blocks = []
+    for block, (h, w) in zip(model.blocks, grids):
+        heads, qk, v, ffn = block_widths(block)
+        blocks.append(BlockSpec(tokens=1 + h * w, dim=block.norm1.normalized_shape[0], heads=heads, qk_dim=qk,
+                                v_dim=v, ffn_dim=ffn, merge_tokens=h * w if isinstance(block, MergeBlock) else 0))
+    return ModelSpec(tuple(blocks), embed, head, tuple(model.patch_embed.grid_size))
