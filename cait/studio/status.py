@@ -1,19 +1,19 @@
 """The app's status Markdown: the first screen's note, what a model pair is, and what a model's classes are.
 
-Plain functions of a :class:`cait.studio.ModelPair` (and the bundled pair's provenance), so the wording of every
-status line lives in one file and is testable without a browser.
+Plain functions of a :class:`cait.studio.pairs.ModelPair` (and the bundled pair's provenance), so the wording of
+every status line lives in one file and is testable without a browser.
 """
 from __future__ import annotations
 
 import functools
 
 import torch.nn as nn
+from timm.data import ImageNetInfo
 
-from .bundled import BUNDLED_KEY, BundledPair
-from .meta import meta_of
-from .models import DEIT_MODELS
-from .synthetic import CLASSES
-
+from ..data.synthetic import CLASSES
+from ..io.bundled import BundledPair
+from ..models.deit import DEIT_MODELS
+from ..models.meta import meta_of
 
 ABOVE_TEACHER = ("It scores above its teacher: the fine-tune was also more training than the teacher had at this "
                  "resolution, so the teacher is under-trained for this data; compression does not add accuracy. ")
@@ -37,7 +37,7 @@ def pair_status(pair, bundled: BundledPair | None = None) -> str:
     """Markdown: device, where the weights came from, and what the twin is (fine-tuned run summary, calibrated, or
     the untrained preview); for the bundled pair also its held-out attention localisation."""
     parts = _twin_status(pair)
-    if pair.name == BUNDLED_KEY and bundled is not None:
+    if pair.ref.kind == "bundled" and bundled is not None:
         parts.append(_bundled_localisation(bundled))
     return "\n\n".join(parts)
 
@@ -48,7 +48,7 @@ def _twin_status(pair) -> list[str]:
     if meta.finetune is not None:
         f = meta.finetune
         return [
-            f"**Device:** `{pair.device}` · **Model:** `{pair.name}` ({pair.weights.detail})",
+            f"**Device:** `{pair.device}` · **Model:** `{pair.ref.key}` ({pair.weights.detail})",
             f"**CAIT twin, fine-tuned with CDCP:** ATME `{f.merge or 'none'}`, "
             f"{f.base_flops / 1e9:.4f} → {f.flops / 1e9:.4f} GFLOPs "
             f"({100 * f.flops_reduction:.1f}% fewer); held-out top-1 {f.top1_student:.1f}% "
@@ -64,8 +64,8 @@ def _twin_status(pair) -> list[str]:
     if meta.calibration:
         c = meta.calibration
         how = (f"*Calibrated, training-free:* channels chosen by their Fisher information and each block's "
-               f"output Linears refit by least squares on {c['images']} unlabelled images ({c['source']}: bundled "
-               f"photos with random crops and synthetic shapes; {c['seconds']:.0f} s), without the CDCP "
+               f"output Linears refit by least squares on {c.images} unlabelled images ({c.source}: bundled "
+               f"photos with random crops and synthetic shapes; {c.seconds:.0f} s), without the CDCP "
                "fine-tuning that gives CAIT its full accuracy.")
         if meta.merge:
             how += (" Merges without training cost accuracy: on the bundled DeiT-Tiny (90.9%) at 50% FLOPs the "
@@ -75,7 +75,7 @@ def _twin_status(pair) -> list[str]:
         how = ("*Untrained preview:* channels chosen by weight-row norms, without the CDCP fine-tuning that gives "
                "CAIT its accuracy.")
     return [
-        f"**Device:** `{pair.device}` · **Model:** {DEIT_MODELS.get(pair.name, pair.name)} (`{pair.name}`)",
+        f"**Device:** `{pair.device}` · **Model:** {DEIT_MODELS.get(pair.ref.name, pair.ref.key)} (`{pair.ref.name}`)",
         weights,
         f"**CAIT twin:** ATME layout `{meta.merge or 'none'}` ({100 * (meta.atme_reduction or 0):.1f}% of FLOPs) "
         f"+ CDCP channel pruning → {fo / 1e9:.3f} → {fc / 1e9:.3f} GFLOPs "
@@ -117,6 +117,5 @@ def model_labels(model: nn.Module) -> list[str] | None:
 
 @functools.lru_cache(maxsize=1)
 def _imagenet_labels() -> list[str]:
-    from timm.data import ImageNetInfo
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(1000)]

@@ -1,8 +1,9 @@
 """What the Fine-tune and Compactors tabs show: the jobs table, one job's progress and curves, a fine-tune's time
 estimate on this device, and a run's compactors against plain global selection.
 
-Plain functions over a :class:`cait.jobs.JobManager`, returning Markdown, pandas tables and plotly figures, so they
-are testable without a browser. On a public Space (:mod:`cait.public`) another visitor's job shows no paths or logs.
+Plain functions over a :class:`cait.studio.jobs.manager.JobManager`, returning Markdown, pandas tables and plotly
+figures, so they are testable without a browser. On a public Space (:mod:`cait.studio.public`) another visitor's job
+shows no paths or logs.
 """
 from __future__ import annotations
 
@@ -14,13 +15,21 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+import torch.nn.functional as F
 
-from .bundled import ORIGINAL_DIR
-from .flops import describe
-from .jobs import JobManager
-from .models import create_model
-from .synthetic import SyntheticShapes
-from .viz import compactor_figure, consistency_figure, training_figure
+from ...compress.plan import split_budget
+from ...compress.select import global_selection
+from ...data.synthetic import SyntheticShapes
+from ...finetune.rundir import RunDirError, compactor_snapshot
+from ...io.bundled import ORIGINAL_DIR
+from ...io.checkpoint import load_checkpoint
+from ...models.atme import apply_atme
+from ...models.compactors import add_compactors
+from ...models.deit import create_model
+from ...models.spec import describe
+from ...viz.charts import compactor_figure, consistency_figure, training_figure
+from .manager import JobManager
+from .model import JobStatus
 
 
 def _fmt_s(seconds: float | None) -> str:
@@ -45,10 +54,10 @@ def jobs_table(jobs: JobManager, viewer: str | None = None, limit: int = 50) -> 
         p = jobs.progress(j.id)
         mine = _sees_details(jobs, j, viewer)
         model = j.args.get("model", "")
-        rows.append({"job": j.id, "status": j.status,
+        rows.append({"job": j.id, "status": j.status.value,
                      "model": "bundled DeiT-Tiny" if str(model).endswith(ORIGINAL_DIR) else model,
                      "data": j.data_label() if mine or j.data_label() == "synthetic" else "(not shown)",
-                     "FLOPs reduction": j.args.get("flops_reduction"), "step": f"{p['step']}/{p['steps']}",
+                     "FLOPs reduction": j.args.get("flops_reduction"), "step": f"{p.step}/{p.steps}",
                      "device": j.device, "message": j.message.splitlines()[0] if j.message and mine else ""})
     return pd.DataFrame(rows, columns=["job", "status", "model", "data", "FLOPs reduction", "step", "device",
                                        "message"])
@@ -61,32 +70,24 @@ def job_view(jobs: JobManager, job_id: str, viewer: str | None = None) -> tuple[
         KeyError: unknown or malformed job id.
     """
     p = jobs.progress(job_id)
-    job = p["job"]
-    lines = [f"**Job `{job.id}`** — **{job.status}** on `{job.device}` · step {p['step']}/{p['steps']}"
-             + (f" · loss {p['loss']:.3f}" if p["loss"] is not None else "")
-             + f" · |S| {p['s_size']}"
-             + (f" · {p['images_per_s']:.0f} images/s" if p["images_per_s"] else "")
-             + f" · elapsed {_fmt_s(p['elapsed_s'])} · ETA {_fmt_s(p['eta_s'])}"]
-    if job.status == "queued":
+    job = p.job
+    lines = [f"**Job `{job.id}`** — **{job.status}** on `{job.device}` · step {p.step}/{p.steps}"
+             + (f" · loss {p.loss:.3f}" if p.loss is not None else "")
+             + f" · |S| {p.s_size}"
+             + (f" · {p.images_per_s:.0f} images/s" if p.images_per_s else "")
+             + f" · elapsed {_fmt_s(p.elapsed_s)} · ETA {_fmt_s(p.eta_s)}"]
+    if job.status == JobStatus.QUEUED:
         lines.append("Waiting for its device to be free (one job per device).")
     if job.message and _sees_details(jobs, job, viewer):
         lines.append("```\n" + job.message + "\n```")
-    return "\n\n".join(lines), training_figure(p["records"])
+    return "\n\n".join(lines), training_figure(p.records)
 
 
 @functools.lru_cache(maxsize=16)
 def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: str) -> float:
     """Seconds of one training step as the engine runs it (student with ATME and compactors, teacher forward for
     distillation, synthetic batch rendered), measured once per setting: one warm-up step, then one timed."""
-    import time as _time
-
-    import torch.nn.functional as F
-
-    from .checkpoint import load_pretrained
-    from .compactor import add_compactors
-    from .merge import apply_atme
-    from .plan import split_budget
-    teacher = (load_pretrained(model) if Path(model).is_dir() else create_model(model, pretrained=False)[0]).eval()
+    teacher = (load_checkpoint(model) if Path(model).is_dir() else create_model(model, pretrained=False)[0]).eval()
     split = split_budget(teacher, flops_reduction)
     student = apply_atme(copy.deepcopy(teacher), split.layout)
     if split.target_flops < describe(student).flops():
@@ -96,7 +97,7 @@ def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: s
     ds = SyntheticShapes(batch_size, int(teacher.patch_embed.img_size[0]))
     seconds = 0.0
     for i in range(2):
-        t0 = _time.perf_counter()
+        t0 = time.perf_counter()
         x = torch.stack([ds[j][0] for j in range(batch_size)]).to(device)
         with torch.no_grad():
             hard = teacher(x).argmax(-1)
@@ -104,7 +105,7 @@ def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: s
         opt.zero_grad()
         loss.backward()
         opt.step()
-        seconds = _time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
     return seconds
 
 
@@ -131,8 +132,6 @@ def compactor_view(jobs: JobManager, job_id: str) -> tuple[str, go.Figure, go.Fi
     Raises:
         ValueError: if the job has written no training state yet.
     """
-    from .rundir import RunDirError, compactor_snapshot
-    from .select import global_selection
     try:
         snap = compactor_snapshot(jobs.run_dir(job_id))
     except (RunDirError, KeyError) as e:

@@ -1,0 +1,116 @@
+"""Which models the app offers: one typed identity, :class:`ModelRef`, and the list the Model dropdown shows.
+
+A model is a timm DeiT by name, the bundled offline pair, or a finished fine-tune job. Its :attr:`ModelRef.key` is
+the one spelling that travels (the dropdown's value, the API's argument, the pair cache's key)::
+
+    >>> ModelRef.parse("deit:deit_small_patch16_224"), ModelRef.parse("bundled"), ModelRef.parse("job:20261201-101500-ab12cd34ef56")
+    (ModelRef(kind='deit', name='deit_small_patch16_224'), ModelRef(kind='bundled', name=''), ModelRef(kind='job', ...))
+
+The dropdown shows labels and carries keys (Gradio's ``(label, value)`` choices), so no label is ever looked up
+backwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..io.bundled import ORIGINAL_DIR, BundledPair
+from ..models.deit import DEIT_MODELS, TEST_MODEL, hub_offline, hub_unreachable_reason
+from .jobs.manager import JobManager
+from .jobs.model import Job, check_job_id
+
+BUNDLED_LABEL = "DeiT-Tiny, trained on synthetic shapes (bundled, works offline)"
+KINDS = ("deit", "bundled", "job")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model the app can pair with its twin: ``kind`` ``"deit"`` (``name`` a timm DeiT), ``"bundled"`` or ``"job"``
+    (``name`` a job id)."""
+
+    kind: str
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        """``"deit:<timm name>"``, ``"bundled"`` or ``"job:<id>"``."""
+        return "bundled" if self.kind == "bundled" else f"{self.kind}:{self.name}"
+
+    @classmethod
+    def parse(cls, key: str) -> "ModelRef":
+        """The model a key names.
+
+        Raises:
+            ValueError: ``"Model: ..."`` for anything but a listed DeiT, ``"bundled"`` or a well-formed job key.
+        """
+        text = str(key)
+        kind, _, name = text.partition(":")
+        if text == "bundled":
+            return cls("bundled")
+        if kind == "deit" and (name in DEIT_MODELS or name == TEST_MODEL):
+            return cls("deit", name)
+        if kind == "job":
+            try:
+                return cls("job", check_job_id(name))
+            except KeyError as e:
+                raise ValueError(f"Model: {e.args[0]}") from None
+        raise ValueError(f"Model: {text[:80]!r} is not in the list")
+
+    @classmethod
+    def deit(cls, name: str) -> "ModelRef":
+        """A timm DeiT by name (checked as :meth:`parse` checks it)."""
+        return cls.parse(f"deit:{name}")
+
+    @classmethod
+    def job(cls, job_id: str) -> "ModelRef":
+        """A fine-tune job's pair (checked as :meth:`parse` checks it)."""
+        return cls.parse(f"job:{job_id}")
+
+
+BUNDLED = ModelRef("bundled")
+
+
+def job_label(job: Job) -> str:
+    """The dropdown's label of a finished job: its id, its teacher and its FLOPs reduction."""
+    a = job.args
+    name = "bundled DeiT-Tiny" if str(a.get("model", "")).endswith(ORIGINAL_DIR) else a.get("model", "?")
+    return f"job {job.id}: {name} −{100 * float(a.get('flops_reduction', 0)):.0f}%"
+
+
+class Catalogue:
+    """The models on offer and which one to start with.
+
+    Args:
+        bundled: the bundled pair, or None when this checkout lacks it.
+        jobs: the job manager whose finished jobs join the list (None: none do).
+        pretrained: whether timm's ImageNet weights were asked for.
+    """
+
+    def __init__(self, bundled: BundledPair | None, jobs: JobManager | None, pretrained: bool) -> None:
+        self.bundled, self.jobs, self.pretrained = bundled, jobs, pretrained
+
+    def choices(self) -> list[tuple[str, str]]:
+        """``(label, key)`` for the dropdown: the bundled pair, timm DeiTs, then every finished fine-tune job."""
+        out = [(BUNDLED_LABEL, BUNDLED.key)] if self.bundled is not None else []
+        out += [(label, ModelRef("deit", name).key) for name, label in DEIT_MODELS.items()]
+        if self.jobs is not None:
+            out += [(job_label(j), ModelRef("job", j.id).key) for j in self.jobs.finished()]
+        return out
+
+    def hub_reason(self) -> str | None:
+        """Why timm's ImageNet weights cannot be had (not asked for, Hub disabled or unreachable), or None."""
+        if not self.pretrained:
+            return "pretrained weights not requested (--offline)"
+        if hub_offline():
+            return "the Hub is disabled (HF_HUB_OFFLINE/CAIT_OFFLINE)"
+        return hub_unreachable_reason()
+
+    def default(self) -> ModelRef:
+        """DeiT-Tiny with timm's ImageNet weights when the Hub is reachable, else the bundled pair trained here (else
+        DeiT-Tiny, whose random weights the status then flags)."""
+        if self.bundled is not None and self.hub_reason() is not None:
+            return BUNDLED
+        return ModelRef("deit", "deit_tiny_patch16_224")
+
+    def label(self, ref: ModelRef) -> str:
+        """What the dropdown shows for ``ref`` (its key when it is not on offer)."""
+        return next((label for label, key in self.choices() if key == ref.key), ref.key)

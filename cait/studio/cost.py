@@ -1,0 +1,62 @@
+"""The Cost tab's answer: FLOPs, parameters, measured throughput and held-out top-1 of the original, its CAIT twin
+and the ToMe baseline at the twin's FLOPs, measured in one run on this device (SPEC §4)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from ..baselines.tome import tome_flops
+from ..data.datasets import build_datasets
+from ..data.synthetic import CLASSES
+from ..measure.accuracy import evaluate
+from ..measure.flops import count_params
+from ..measure.speed import compare_throughput
+from ..viz.charts import block_flops_figure, cost_table
+from .pairs import ModelPair
+from .public import Limits
+from .status import model_labels
+
+
+def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size: int = 8, iters: int = 3,
+              held_out: int = 200, progress: Callable[[float, str], None] | None = None
+              ) -> tuple[pd.DataFrame, go.Figure]:
+    """FLOPs, params, throughput (images/s, when ``measure``) and, for models trained on the synthetic shapes,
+    held-out top-1 of the original, its twin and ToMe at the twin's FLOPs; and FLOPs per block.
+
+    Args:
+        pair: the models.
+        limits: caps on the batch size (public mode).
+        measure: time the three models (alternately, same input) on the pair's device.
+        batch_size: images per timed batch.
+        iters: timed batches per model per round.
+        held_out: images of the synthetic held-out split to score top-1 on, when the models know its classes.
+        progress: called as ``progress(fraction, message)`` while measuring.
+
+    Raises:
+        ValueError: for a batch size outside what these limits allow (the message names the field).
+    """
+    cap = limits.cost_batch_cap()
+    if measure and not 1 <= int(batch_size) <= cap:
+        raise ValueError(f"Batch size: {batch_size} is outside 1 to {cap}"
+                         + (" on this public Space" if limits.public else ""))
+    f = pair.flops()
+    models = {"original": pair.original, "CAIT twin": pair.compressed, "ToMe (baseline)": pair.tome()}
+    rows = {"original": {"flops": sum(f["original"].values())},
+            "CAIT twin": {"flops": sum(f["compressed"].values())},
+            "ToMe (baseline)": {"flops": tome_flops(models["ToMe (baseline)"])}}
+    for k, m in models.items():
+        rows[k]["params"] = count_params(m)
+    if measure:
+        speed = compare_throughput(models, batch_size=int(batch_size), device=pair.device, warmup=1, iters=iters,
+                                   rounds=2, progress=progress)
+        for k in rows:
+            rows[k]["images_per_s"] = speed[k]["images_per_s"]
+    if model_labels(pair.original) == list(CLASSES) and held_out > 0:
+        _, val, _ = build_datasets("synthetic", int(pair.original.patch_embed.img_size[0]), val_size=held_out)
+        for k, m in models.items():
+            rows[k]["top1"] = evaluate(m, val, pair.device)
+    table = cost_table(rows)
+    table.insert(1, "device", str(pair.device))
+    return table, block_flops_figure(f["original"], f["compressed"])

@@ -1,0 +1,67 @@
+"""The object the UI holds: the device, the request limits, the models on offer, the pair cache and the jobs.
+
+Each tab's answer is a plain function in its own module (:mod:`~cait.studio.attention`, :mod:`~cait.studio.channels`,
+:mod:`~cait.studio.cost`, :mod:`~cait.studio.jobs.views`) over a :class:`~cait.studio.pairs.ModelPair`; the Gradio
+widgets live in :mod:`cait.studio.ui`.
+"""
+from __future__ import annotations
+
+from ..io.bundled import BundledPair, bundled_pair
+from ..measure.speed import resolve_device
+from .catalogue import BUNDLED, Catalogue, ModelRef
+from .jobs.manager import JobManager
+from .pairs import ModelPair, PairCache, layout_field
+from .public import Limits
+from .samples import SYNTHETIC_SAMPLES, sample_names
+from .status import pair_status, startup_note
+
+
+class Studio:
+    """Builds model pairs on demand for the app.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
+        pretrained: try timm's ImageNet weights (falls back to random initialisation, visibly).
+        cache_size: model pairs kept in memory.
+        jobs: the fine-tune job manager whose finished jobs join the model list.
+        bundled: the trained offline pair (:mod:`cait.io.bundled`); ``"auto"`` finds it in ``assets/``, None disables.
+        calibration_size: unlabelled images the twin of a trained DeiT is calibrated on (bundled photos with random
+            crops and flips, and synthetic shapes); 0 gives the weight-norm preview.
+        limits: request caps (:class:`cait.studio.public.Limits`); default: the job manager's, else the environment's.
+    """
+
+    def __init__(self, device: str | None = None, pretrained: bool = True, cache_size: int = 2,
+                 jobs: JobManager | None = None, bundled: BundledPair | None | str = "auto",
+                 calibration_size: int = 128, limits: Limits | None = None) -> None:
+        self.device = resolve_device(device)
+        self.limits = limits or (jobs.limits if jobs is not None else Limits.for_environment())
+        self.jobs = jobs
+        self.bundled = bundled_pair() if bundled == "auto" else bundled
+        self.catalogue = Catalogue(self.bundled, jobs, pretrained)
+        self.pairs = PairCache(self.device, pretrained, calibration_size, cache_size, self.bundled, jobs,
+                               self.catalogue.hub_reason)
+
+    def pair(self, key: str, flops_reduction: float, merge: str | None = "") -> ModelPair:
+        """The pair for a model key (:attr:`cait.studio.catalogue.ModelRef.key`) and the UI's settings.
+
+        Args:
+            key: ``"deit:<timm name>"``, ``"bundled"`` or ``"job:<id>"``.
+            flops_reduction: total FLOPs reduction.
+            merge: the ATME layout field: empty for the planned layout, ``"none"`` for CDCP only, or e.g. ``h4,v7``.
+
+        Raises:
+            ValueError: unknown model, bad layout, or an unreachable FLOPs target (the message names the field).
+        """
+        return self.pairs.get(ModelRef.parse(key), flops_reduction, layout_field(merge))
+
+    def startup_note(self) -> str:
+        """Markdown for the app's first screen (:func:`cait.studio.status.startup_note`)."""
+        return startup_note(self.device, self.catalogue.hub_reason(), self.bundled)
+
+    def status(self, pair: ModelPair) -> str:
+        """Markdown: device, where the weights came from, what the twin is (:func:`cait.studio.status.pair_status`)."""
+        return pair_status(pair, self.bundled)
+
+    def default_sample(self) -> str:
+        """A synthetic sample (known mask, a class the bundled models know) for the bundled default, else a photo."""
+        return next(iter(SYNTHETIC_SAMPLES)) if self.catalogue.default() == BUNDLED else sample_names()[0]

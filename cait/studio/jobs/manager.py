@@ -1,0 +1,241 @@
+"""Background fine-tune jobs: each runs ``python -m cait.finetune`` as its own process (SPEC §2/§3 engine).
+
+:class:`JobManager` queues, starts, watches and cancels them; one job runs per device at a time, the others wait,
+oldest first. Everything lives under one runs directory (:mod:`cait.studio.jobs.model`), so jobs survive an app
+restart, and a file lock lets two apps on one directory start each job once. A job whose process is gone without a
+final log line is ``failed``, with the tail of its output. Under :class:`cait.studio.public.Limits` with
+``public=True`` (a Space), :meth:`JobManager.submit` takes no server path, caps steps, batch and image size, counts
+each visitor's active jobs, and only the session that started a job can cancel it; finished jobs and uploads are
+deleted after the retention time (:mod:`cait.studio.jobs.retention`).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...finetune.records import FinalRecord, Record, TrainRecord, of_type
+from ...finetune.rundir import state_files
+from ...io.checkpoint import CONFIG_NAME
+from ..public import Limits
+from . import process
+from .model import Job, JobError, JobStatus, default_runs_dir, new_job_id
+from .retention import cleanup
+from .store import JobStore
+from .validate import validate_request
+
+
+@dataclass
+class JobProgress:
+    """Where a job stands (:meth:`JobManager.progress`); times in seconds, ``eta_s`` None unless running."""
+
+    job: Job
+    step: int
+    steps: int
+    records: list[Record]
+    elapsed_s: float
+    eta_s: float | None
+    loss: float | None
+    s_size: int
+    images_per_s: float | None
+
+
+class JobManager:
+    """Starts, watches, queues and cancels fine-tune processes under ``root``.
+
+    Args:
+        root: the runs directory (default :func:`cait.studio.jobs.model.default_runs_dir`).
+        python: the interpreter that runs ``-m cait.finetune``.
+        poll_interval: seconds between background refreshes; 0 disables the background thread (call
+            :meth:`refresh` yourself, as tests do).
+        limits: what a request may ask (:class:`cait.studio.public.Limits`); default: the environment's.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, python: str = sys.executable,
+                 poll_interval: float = 1.0, limits: Limits | None = None) -> None:
+        self.store = JobStore(Path(root) if root else default_runs_dir())
+        self.root = self.store.root
+        self.limits = limits or Limits.for_environment()
+        self.python = python
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._last_cleanup = 0.0
+        self.refresh()                                              # adopt or fail jobs left by an earlier app
+        if poll_interval > 0:
+            threading.Thread(target=self._loop, args=(poll_interval,), daemon=True, name="cait-jobs").start()
+
+    # The store's reads, for callers that hold a manager.
+    def get(self, job_id: str) -> Job:
+        """The job. Raises ``KeyError`` for an unknown or malformed id."""
+        return self.store.get(job_id)
+
+    def list(self, limit: int | None = None) -> list[Job]:
+        """Jobs, newest first (at most ``limit``)."""
+        return self.store.list(limit)
+
+    def records(self, job_id: str) -> list[Record]:
+        """The job's log records, read incrementally."""
+        return self.store.records(job_id)
+
+    def run_dir(self, job_id: str) -> Path:
+        """The engine's ``--output`` of a job. Raises ``KeyError`` for an unknown or malformed id."""
+        return self.get(job_id).dir(self.root) / "run"
+
+    def validate(self, args: dict) -> dict:
+        """:func:`cait.studio.jobs.validate.validate_request` under these limits. Raises :class:`JobError`."""
+        return validate_request(args, self.limits, self.root / "uploads")
+
+    def submit(self, device: str = "cpu", owner: str | None = None, visitor: str | None = None,
+               upload: str | None = None, **args) -> Job:
+        """Queue a job; it starts when its device is free. ``args`` are FinetuneConfig fields.
+
+        Args:
+            device: ``"cpu"`` or ``"cuda"``.
+            owner, visitor: hashed session and address keys (:func:`cait.studio.public.visitor_key`); in public mode
+                only the owner may cancel, and each visitor has a quota of active jobs.
+            upload: the id of an unpacked upload under ``RUNS/uploads`` the job trains on.
+
+        Raises:
+            JobError: an invalid option (named), or a quota reached.
+        """
+        args = self.validate(args)
+        if device not in ("cpu", "cuda"):
+            raise JobError(f"Device: {device!r} is not cpu or cuda")
+        with self.store.locked():
+            active = [j for j in self.list() if j.status.active]
+            if self.limits.public:
+                if len(active) >= self.limits.max_active_jobs:
+                    raise JobError(f"the queue is full ({len(active)} jobs); try again when one has finished")
+                mine = [j for j in active if visitor is not None and j.visitor == visitor]
+                if len(mine) >= self.limits.max_jobs_per_visitor:
+                    raise JobError(f"you already have {len(mine)} jobs queued or running (at most "
+                                   f"{self.limits.max_jobs_per_visitor}); cancel one or wait")
+            job = Job(id=new_job_id(), args=args, device=device, owner=owner, visitor=visitor, upload=upload)
+            self.store.save(job)
+        self.refresh()
+        return self.get(job.id)
+
+    def refresh(self) -> None:
+        """One scheduler tick: notice finished or dead processes, then start queued jobs on free devices. Holds
+        the runs directory's file lock, so another app on the same directory never starts the same job."""
+        with self.store.locked():
+            jobs = self.list()
+            for job in jobs:
+                if job.status != JobStatus.RUNNING:
+                    continue
+                proc = self._procs.get(job.id)
+                if proc is not None:
+                    code = proc.poll()
+                    if code is not None:
+                        self._procs.pop(job.id)
+                        self._finish(job, code)
+                elif not process.alive(job.pid, job.dir(self.root)):
+                    self._finish(job, None)                          # died while no app was watching
+            # _finish/_start update these Job objects in place: no need to read job.json again.
+            busy = {j.device for j in jobs if j.status == JobStatus.RUNNING}
+            for job in sorted((j for j in jobs if j.status == JobStatus.QUEUED), key=lambda j: j.created):
+                if job.device not in busy:
+                    self._start(job)
+                    busy.add(job.device)
+        if self.limits.public and time.time() - self._last_cleanup > 600:
+            self.cleanup()
+
+    def _start(self, job: Job) -> None:
+        proc = process.start(job, self.root, self.python)
+        self._procs[job.id] = proc
+        job.status, job.pid, job.started = JobStatus.RUNNING, proc.pid, time.time()
+        self.store.save(job)
+
+    def _finish(self, job: Job, returncode: int | None) -> None:
+        final = of_type(self.records(job.id), FinalRecord)
+        job.ended, job.returncode, job.pid = time.time(), returncode, None
+        if final and (job.dir(self.root) / "run" / "compact" / CONFIG_NAME).is_file():
+            f = final[-1]
+            teacher = "" if f.top1_teacher is None else f" (teacher {f.top1_teacher:.1f}%)"
+            job.status = JobStatus.DONE
+            job.message = f"done: {100 * f.flops_reduction:.1f}% fewer FLOPs, top-1 {f.top1_student:.1f}%" + teacher
+        else:
+            why = f"exit code {returncode}" if returncode is not None else "its process is gone"
+            job.status = JobStatus.FAILED
+            job.message = f"failed ({why}):\n{process.tail(job.dir(self.root) / 'stdout.log')}"
+        self.store.save(job)
+
+    def cancel(self, job_id: str, owner: str | None = None) -> str:
+        """Stop a job (its whole process group); returns what was kept.
+
+        Args:
+            job_id: the job.
+            owner: the caller's session key; in public mode it must be the job's owner.
+
+        Raises:
+            KeyError: unknown or malformed job id.
+            JobError: in public mode, a job started by another session.
+        """
+        with self.store.thread_lock:
+            job = self.get(job_id)
+            if self.limits.public and (owner is None or job.owner != owner):
+                raise JobError(f"job {job_id} was started by another visitor; only they can cancel it")
+            if not job.status.active:
+                return f"job {job_id} is already {job.status}"
+            if job.status == JobStatus.RUNNING and process.alive(job.pid, job.dir(self.root)):
+                process.stop(job.pid, self._procs.pop(job_id, None))
+            run = job.dir(self.root) / "run"
+            states = state_files(run)
+            steps = [r.step for r in of_type(self.records(job_id), TrainRecord)]
+            if not states:
+                kept = "nothing was kept (no training state had been written yet)"
+            elif self.limits.public:
+                kept = f"kept: its training state of step {states[-1][0]}"
+            else:
+                kept = (f"kept: training state of step {states[-1][0]} in {run} "
+                        f"(continue with: python -m cait.finetune --output {run} --resume ...)")
+            job.status, job.ended, job.pid = JobStatus.CANCELLED, time.time(), None
+            job.message = f"cancelled at step {steps[-1] if steps else 0}; {kept}"
+            self.store.save(job)
+            return job.message
+
+    def cleanup(self, now: float | None = None) -> list[str]:
+        """Retention (:func:`cait.studio.jobs.retention.cleanup`); returns what was deleted."""
+        gone = cleanup(self.store, self.limits, now)
+        self._last_cleanup = time.time()
+        return gone
+
+    def new_upload(self) -> tuple[str, Path]:
+        """A fresh ``(id, directory)`` under ``RUNS/uploads`` for an archive to be unpacked into."""
+        upload_id = uuid.uuid4().hex[:16]
+        return upload_id, self.root / "uploads" / upload_id
+
+    def finished(self) -> list[Job]:
+        """Jobs that are done (their compact model exists), newest first."""
+        return [j for j in self.list() if j.status == JobStatus.DONE]
+
+    def progress(self, job_id: str) -> JobProgress:
+        """Where a job stands: status, step/steps, last loss, |S|, images/s, elapsed and ETA, its records.
+
+        Raises:
+            KeyError: unknown or malformed job id.
+        """
+        job = self.get(job_id)
+        records = self.records(job_id)
+        train = of_type(records, TrainRecord)
+        steps = int(job.args.get("steps", 300))
+        step = train[-1].step if train else 0
+        now = job.ended or time.time()
+        elapsed = now - job.started if job.started else 0.0
+        # Average pace since the start (model building included): a slight over-estimate early on.
+        eta = elapsed / step * (steps - step) if job.status == JobStatus.RUNNING and step else None
+        last = train[-1] if train else None
+        return JobProgress(job, step, steps, records, elapsed, eta, last and last.loss, last.s_size if last else 0,
+                           last and last.images_per_s)
+
+    def _loop(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                self.refresh()
+            except Exception as e:  # keep the watcher alive; the next tick retries
+                print(f"cait.studio.jobs: refresh failed: {e}", file=sys.stderr)

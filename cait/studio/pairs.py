@@ -1,0 +1,212 @@
+"""(original, CAIT twin) pairs: built once per setting and kept in a small cache (:class:`PairCache`).
+
+A DeiT's twin is made by :func:`cait.compress.compress`, calibrated without training when the DeiT has trained
+weights (else the instant weight-norm preview); the bundled pair and a finished job's pair are loaded from their
+checkpoints, whose settings their training fixed.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..baselines.tome import apply_tome, tome_schedule
+from ..compress.oneshot import compress
+from ..io.bundled import BundledPair
+from ..io.checkpoint import CheckpointError, load_checkpoint
+from ..measure.flops import flops_by_block
+from ..models.atme import get_layout
+from ..models.deit import WeightsInfo, create_model
+from ..models.layout import Layout, token_grids
+from ..models.meta import meta_of
+from .catalogue import BUNDLED, ModelRef
+from .jobs.manager import JobManager
+
+REDUCTION_RANGE = (0.05, 0.8)
+"""Total FLOPs reductions the app offers for a DeiT's twin."""
+
+
+@dataclass
+class ModelPair:
+    """An original DeiT and its compressed twin, on one device. ``merge`` is the twin's ATME layout."""
+
+    ref: ModelRef
+    flops_reduction: float
+    merge: Layout
+    original: nn.Module
+    compressed: nn.Module
+    weights: WeightsInfo
+    device: torch.device
+    _flops: dict = field(default_factory=dict)
+    _tome: nn.Module | None = None
+
+    def flops(self) -> dict[str, dict[str, int]]:
+        """fvcore FLOPs per part for both models, computed once."""
+        if not self._flops:
+            self._flops = {"original": flops_by_block(self.original), "compressed": flops_by_block(self.compressed)}
+        return self._flops
+
+    def tome(self) -> nn.Module:
+        """The ToMe baseline (:mod:`cait.baselines.tome`) of the original at the twin's FLOPs reduction, built once."""
+        if self._tome is None:
+            f = self.flops()
+            reduction = 1 - sum(f["compressed"].values()) / sum(f["original"].values())
+            model = copy.deepcopy(self.original)
+            self._tome = apply_tome(model, tome_schedule(model, max(0.0, reduction))).eval()
+        return self._tome
+
+    @property
+    def settings_apply(self) -> bool:
+        """False for a fine-tuned twin (bundled or a job): its reduction and layout were fixed by its training."""
+        return not meta_of(self.compressed).fixed_by_training
+
+
+def layout_field(text: str | None) -> Layout | None:
+    """The ATME layout field: empty → None (planned), ``"none"`` → no merges (CDCP only), else the parsed layout.
+
+    Raises:
+        ValueError: ``"ATME layout: ..."`` listing every problem of the text.
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.lower() == "none":
+        return Layout()
+    try:
+        return Layout.parse(text)
+    except ValueError as e:
+        raise ValueError(f"ATME layout: {e}") from None
+
+
+class PairCache:
+    """Builds model pairs on demand and keeps the most recent ``cache_size`` (and as many originals).
+
+    Args:
+        device: where the models live.
+        pretrained: try timm's ImageNet weights (falls back to random initialisation, visibly).
+        calibration_size: unlabelled images a trained DeiT's twin is calibrated on; 0 gives the preview.
+        cache_size: pairs kept in memory.
+        bundled: the bundled pair (None: not in this checkout).
+        jobs: the job manager whose finished jobs can be paired (None: none).
+        hub_reason: why timm's ImageNet weights cannot be had, or None (said of the bundled pair's weights).
+    """
+
+    def __init__(self, device: torch.device, pretrained: bool, calibration_size: int, cache_size: int,
+                 bundled: BundledPair | None, jobs: JobManager | None,
+                 hub_reason: Callable[[], str | None] = lambda: None) -> None:
+        self.device, self.pretrained, self.calibration_size, self.cache_size = (device, pretrained, calibration_size,
+                                                                                cache_size)
+        self.bundled, self.jobs, self.hub_reason = bundled, jobs, hub_reason
+        self._originals: OrderedDict[str, tuple[nn.Module, WeightsInfo]] = OrderedDict()
+        self._pairs: OrderedDict[tuple, ModelPair] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ref: ModelRef, flops_reduction: float, layout: Layout | None = None) -> ModelPair:
+        """The pair for these settings, built once and cached (a job's or the bundled pair ignores the settings).
+
+        Args:
+            ref: the model.
+            flops_reduction: total FLOPs reduction, within :data:`REDUCTION_RANGE`.
+            layout: the twin's ATME layout; None for the planned one (:func:`layout_field` reads the UI's text).
+
+        Raises:
+            ValueError: a reduction out of range, a layout that does not fit the model, an unreachable FLOPs
+                target, or checkpoints that cannot be loaded (the message names the field or the model).
+        """
+        if ref.kind == "job":
+            return self._job_pair(ref)
+        if ref.kind == "bundled":
+            return self._bundled_pair()
+        lo, hi = REDUCTION_RANGE
+        if not isinstance(flops_reduction, (int, float)) or not lo <= float(flops_reduction) <= hi:
+            raise ValueError(f"Total FLOPs reduction: {flops_reduction!r} is outside {lo} to {hi}")
+        key = (ref, round(float(flops_reduction), 4), layout)
+        with self._lock:
+            if key not in self._pairs:
+                original, info = self._original(ref.name)
+                if layout is not None:                 # the layout must fit this model: name the field if not
+                    try:
+                        token_grids(tuple(original.patch_embed.grid_size), len(original.blocks), layout)
+                    except ValueError as e:
+                        raise ValueError(f"ATME layout: {e}") from None
+                # Trained weights: a calibrated twin (training-free, keeps accuracy). Random ones: the instant preview.
+                calibrate = info.trained and self.calibration_size > 0
+                twin = compress(original, float(flops_reduction), layout=layout,
+                                calibration="default" if calibrate else None,
+                                calibration_size=self.calibration_size).to(self.device)
+                self._remember(key, ModelPair(ref, float(flops_reduction), get_layout(twin),
+                                              original, twin, info, self.device))
+            self._pairs.move_to_end(key)
+            return self._pairs[key]
+
+    def _original(self, name: str) -> tuple[nn.Module, WeightsInfo]:
+        if name not in self._originals:
+            model, info = create_model(name, pretrained=self.pretrained)
+            self._originals[name] = (model.to(self.device), info)
+            while len(self._originals) > self.cache_size:
+                self._originals.popitem(last=False)
+        self._originals.move_to_end(name)
+        return self._originals[name]
+
+    def _remember(self, key: tuple, pair: ModelPair) -> None:
+        """Cache a pair, dropping the least recently used beyond ``cache_size``."""
+        self._pairs[key] = pair
+        while len(self._pairs) > self.cache_size:
+            self._pairs.popitem(last=False)
+
+    def _checkpoint_pair(self, ref: ModelRef, load: Callable[[], tuple[nn.Module, nn.Module]],
+                         describe_weights: Callable[[nn.Module], WeightsInfo]) -> ModelPair:
+        """A cached pair of two checkpoints (teacher, compact twin): ``load()`` returns them, ``describe_weights``
+        turns the original into a :class:`WeightsInfo`. Settings come from the checkpoints, not the sliders."""
+        with self._lock:
+            if (ref,) not in self._pairs:
+                try:
+                    original, compressed = load()
+                except (KeyError, CheckpointError) as e:
+                    raise ValueError(f"{ref.key}: its models cannot be loaded ({e})") from None
+                meta = meta_of(compressed)
+                final = meta.finetune
+                reduction = (1 - final.flops / final.base_flops if final else meta.achieved_reduction or 0.0)
+                self._remember((ref,), ModelPair(ref, reduction, get_layout(compressed),
+                                                 original, compressed, describe_weights(original), self.device))
+            self._pairs.move_to_end((ref,))
+            return self._pairs[(ref,)]
+
+    def _job_pair(self, ref: ModelRef) -> ModelPair:
+        """Teacher and compact model of a finished fine-tune job."""
+        if self.jobs is None:
+            raise ValueError("no job manager: fine-tuned models are not available here")
+
+        def load():
+            run = self.jobs.run_dir(ref.name)
+            return load_checkpoint(run / "teacher", self.device), load_checkpoint(run / "compact", self.device)
+
+        return self._checkpoint_pair(ref, load, lambda original: WeightsInfo(
+            "checkpoint", f"fine-tuned by job {ref.name} (teacher: {meta_of(original).source or '?'})"))
+
+    def _bundled_pair(self) -> ModelPair:
+        """The DeiT-Tiny and CAIT twin trained here on synthetic shapes (``assets/``)."""
+        if self.bundled is None:
+            raise ValueError("the bundled offline weights are not in this checkout (assets/)")
+        b = self.bundled
+        prov, why = b.original_provenance, self.hub_reason()
+        detail = (f"bundled weights trained by this project on synthetic shapes "
+                  f"({prov.get('top1', '?')}% held-out top-1; `{b.original_dir.parent.name}/`)"
+                  + (f"; timm's ImageNet weights are not used: {why}" if why else ""))
+
+        def load():
+            original, twin = b.load(self.device)
+            # Show the top-1 measured on the fp16 files as shipped (provenance), not the fp32 run's last evaluation.
+            final = meta_of(twin).finetune                  # None unless cait.finetune made it
+            for key, p in (("top1_student", b.twin_provenance), ("top1_teacher", b.original_provenance)):
+                if final is not None and isinstance(p.get("top1"), (int, float)):
+                    setattr(final, key, float(p["top1"]))
+            return original, twin
+
+        return self._checkpoint_pair(BUNDLED, load, lambda original: WeightsInfo("checkpoint", detail))
+

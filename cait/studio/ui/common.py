@@ -1,0 +1,51 @@
+"""What every tab of the UI shares: the compute queue, visitor identity, field parsing and turning refusals into
+Gradio errors that name the field (never a server path or a traceback)."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import gradio as gr
+
+from ..jobs.model import FIELD_NAMES, JobError
+from ..public import Limits, on_space, visitor_key
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+COMPUTE = dict(concurrency_id="compute", concurrency_limit=1)
+"""Heavy events share one worker: a visitor cannot start two model passes at once, nor can two visitors."""
+
+
+@contextlib.contextmanager
+def refusing(*errors: type[Exception]) -> Iterator[None]:
+    """Inside a handler: an exception of these types reaches the browser as a ``gr.Error`` with its message."""
+    try:
+        yield
+    except errors as e:
+        raise gr.Error(str(e)) from None
+
+
+def whole(value, key: str) -> int:
+    """A whole number from a Number field, or a :class:`JobError` naming the field (Gradio may send floats)."""
+    if value is None or float(value) != int(float(value)):
+        raise JobError(f"{FIELD_NAMES.get(key, key)}: {value!r} is not a whole number")
+    return int(float(value))
+
+
+def visitor(request: gr.Request | None) -> tuple[str | None, str | None]:
+    """Hashed ``(session, address)`` of a request: the session owns its jobs, the address has a quota. On a Space the
+    proxy appends the caller's address to ``X-Forwarded-For``, so its last entry is the one to trust."""
+    if request is None:
+        return None, None
+    address = request.client.host if request.client else None
+    forwarded = (request.headers or {}).get("x-forwarded-for") if on_space() else None
+    if forwarded:
+        address = forwarded.split(",")[-1].strip()
+    return visitor_key(getattr(request, "session_hash", None)), visitor_key(address)
+
+
+def host_warning(host: str, port: int, limits: Limits) -> str | None:
+    """The warning printed when the app listens beyond loopback without public mode's caps (else None)."""
+    if host in LOOPBACK or limits.public:
+        return None
+    return (f"warning: listening on {host} without --public: anyone who can reach port {port} can start jobs that "
+            "read server paths and run for as long as they ask")

@@ -1,0 +1,36 @@
+"""The Cost tab: FLOPs, parameters, the FLOPs-ideal speed-up, and throughput measured live for the original, its
+twin and ToMe at the twin's FLOPs, in one run on this device."""
+from __future__ import annotations
+
+import gradio as gr
+
+from ..cost import cost_view
+from ..engine import Studio
+from .common import COMPUTE, refusing
+from .model_bar import ModelBar, pair_of
+
+SMALL_BATCH_NOTE = ("Small batches leave the processor partly idle, so measured speed-ups are smaller than at batch "
+                    "32 or more (DeiT-Tiny at 50% on a 2-core CPU: 1.21× at batch 8, 1.88× at 32, for 2.22× ideal).")
+
+
+def build(studio: Studio, bar: ModelBar) -> None:
+    """The tab's widgets and handler (inside ``gr.Tab``)."""
+    gr.Markdown("FLOPs are fvcore's, one multiply-add = one FLOP, attention matmuls included; *ideal speed-up* is the "
+                "FLOPs ratio. Throughput is measured on the device above: the original, its CAIT twin and ToMe at the "
+                "twin's FLOPs, alternately, on the same input. " + SMALL_BATCH_NOTE)
+    with gr.Row():
+        measure = gr.Checkbox(value=True, label="Measure throughput")
+        batch_size = gr.Slider(1, studio.limits.max_cost_batch if studio.limits.public else 256, value=32, step=1,
+                               label="Batch size")
+        show = gr.Button("Compute cost", variant="primary")
+    table = gr.Dataframe(label="Cost")
+    plot = gr.Plot(label="FLOPs per block")
+
+    def on_cost(model, reduction, merge, measure_speed, batch, progress=gr.Progress()):
+        p = pair_of(studio, model, reduction, merge)
+        progress(0, desc="FLOPs and parameters")
+        with refusing(ValueError):
+            return cost_view(p, studio.limits, measure=measure_speed, batch_size=int(batch),
+                             progress=lambda f, what: progress(f, desc=f"measuring throughput: {what}"))
+
+    show.click(on_cost, bar.settings + [measure, batch_size], [table, plot], api_name="cost", **COMPUTE)

@@ -1,0 +1,183 @@
+"""The Fine-tune tab: start ``python -m cait.finetune`` as a background job, estimate its time, follow its live
+curves, cancel it, and compare its model in the other tabs; a page reload brings the jobs back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ...models.deit import TEST_MODEL
+from ..catalogue import ModelRef
+from ..engine import Studio
+from ..jobs.manager import JobManager
+from ..jobs.model import JobError
+from ..jobs.views import finetune_estimate, job_view, jobs_table
+from ..public import ArchiveError, extract_archive, on_space
+from .common import COMPUTE, refusing, visitor, whole
+from .model_bar import ModelBar
+
+BUNDLED_FINETUNE = {"bundled DeiT-Tiny (trained here on synthetic shapes, 224 px) → its CAIT twin": "bundled"}
+"""The default fine-tune: what the app shows offline, compressed by the engine."""
+FINETUNE_MODELS = {f"tiny test DeiT (32 px, {TEST_MODEL}): about a minute on a CPU": TEST_MODEL,
+                   "DeiT-Tiny (224 px)": "deit_tiny_patch16_224", "DeiT-Small (224 px)": "deit_small_patch16_224",
+                   "DeiT-Base (224 px)": "deit_base_patch16_224"}
+
+
+@dataclass
+class FinetuneTab:
+    """What other parts of the page need: the selected job, and the page-load event that restores the tab."""
+
+    job: gr.Dropdown
+    on_load: object
+    load_outputs: list
+
+
+def _intro(jobs: JobManager) -> str:
+    public = jobs.limits.public
+    where = ("On this public Space the runs directory is not shown; finished jobs are deleted after "
+             f"{jobs.limits.retention_s / 3600:g} h." if public else
+             f"Jobs and their checkpoints live in `{jobs.root}` and survive an app restart."
+             + (" **On this Space that disk is ephemeral**: set `CAIT_RUNS_DIR` to persistent storage (e.g. a mounted "
+                "bucket) to keep them." if on_space() and not str(jobs.root).startswith("/data") else ""))
+    return ("Each fine-tune runs `python -m cait.finetune` as its own process (a crash or a cancel never takes the app "
+            "down); one job per device, the others queue. " + where)
+
+
+@dataclass
+class _Widgets:
+    ft_model: gr.Dropdown
+    data: gr.Textbox
+    archive: gr.File
+    reduction: gr.Slider
+    steps: gr.Number
+    batch: gr.Number
+    device: gr.Dropdown
+    estimate: gr.Button
+    start: gr.Button
+    estimated: gr.Markdown
+    started: gr.Textbox
+    job: gr.Dropdown
+    cancel: gr.Button
+    use: gr.Button
+    job_status: gr.Markdown
+    cancelled: gr.Markdown
+    curves: gr.Plot
+    table: gr.Dataframe
+
+
+def _layout(jobs: JobManager, models: dict[str, str], devices: list[str], job_ids: list[str]) -> _Widgets:
+    """The tab's widgets, top to bottom."""
+    public = jobs.limits.public
+    with gr.Row():
+        ft_model = gr.Dropdown(list(models), value=next(iter(models)), label="Model", elem_id="ft-model",
+                               info="the default compresses the bundled DeiT-Tiny into its CAIT twin")
+        data = gr.Textbox("synthetic", label="Data", elem_id="ft-data",
+                          info="'synthetic' (or empty), or upload a .zip of train/CLASS/ and val/CLASS/ images"
+                               if public else "'synthetic' (or empty) or an ImageFolder path on the server")
+        archive = gr.File(label="…or an ImageFolder .zip (train/ and val/)", file_types=[".zip"], type="filepath",
+                          height=100)
+        reduction = gr.Slider(0.0, 0.8, value=0.5, step=0.01, label="Total FLOPs reduction")
+    with gr.Row():
+        # No widget bounds: the server checks every field and names it in the error (cait.studio.jobs.validate).
+        steps = gr.Number(200, precision=0, label="Steps", info=f"1 to {jobs.limits.steps_cap():,}", elem_id="ft-steps")
+        batch = gr.Number(32, precision=0, label="Batch size (even)", info=f"2 to {jobs.limits.batch_cap():,}")
+        device = gr.Dropdown(devices, value=devices[0], label="Device")
+        estimate = gr.Button("Estimate time")
+        start = gr.Button("Start fine-tune", variant="primary")
+    estimated = gr.Markdown()
+    started = gr.Textbox(label="Started job", interactive=False)
+    with gr.Row():
+        job = gr.Dropdown(job_ids, value=(job_ids or [None])[0], label="Job", allow_custom_value=True, elem_id="job")
+        cancel = gr.Button("Cancel job", variant="stop")
+        use = gr.Button("Compare its model in the other tabs")
+    return _Widgets(ft_model, data, archive, reduction, steps, batch, device, estimate, start, estimated, started, job,
+                    cancel, use, job_status=gr.Markdown(), cancelled=gr.Markdown(),
+                    curves=gr.Plot(label="Live training curves", elem_id="curves"),
+                    table=gr.Dataframe(jobs_table(jobs), label="Jobs (newest first)", interactive=False))
+
+
+class _Handlers:
+    """The tab's event handlers; every refusal names the field, in public mode no path or traceback."""
+
+    def __init__(self, studio: Studio, models: dict[str, str]) -> None:
+        self.studio, self.jobs, self.models = studio, studio.jobs, models
+
+    def job_ids(self) -> list[str]:
+        return [j.id for j in self.jobs.list(limit=50)]
+
+    def on_load(self, request: gr.Request):
+        ids = self.job_ids()
+        return (gr.update(choices=ids, value=ids[0] if ids else None), jobs_table(self.jobs, visitor(request)[0]),
+                gr.update(choices=self.studio.catalogue.choices()))
+
+    def on_estimate(self, ft_model, reduction, n_steps, batch_size, on_device):
+        with refusing(ValueError, JobError):
+            args = self.jobs.validate(dict(model=self.models.get(ft_model, ft_model), steps=whole(n_steps, "steps"),
+                                           batch_size=whole(batch_size, "batch_size"),
+                                           flops_reduction=float(reduction)))
+            return finetune_estimate(args["model"], args["steps"], args["batch_size"], args["flops_reduction"],
+                                     on_device)
+
+    def on_start(self, ft_model, data_text, archive_file, reduction, n_steps, batch_size, on_device,
+                 request: gr.Request):
+        owner, address = visitor(request)
+        upload = None
+        with refusing(ValueError, ArchiveError, JobError):
+            data_text = (data_text or "").strip() or "synthetic"
+            if archive_file:
+                upload, dest = self.jobs.new_upload()
+                data_text = str(extract_archive(archive_file, dest, self.jobs.limits))
+            n_steps, batch_size = whole(n_steps, "steps"), whole(batch_size, "batch_size")
+            new = self.jobs.submit(device=on_device, owner=owner, visitor=address, upload=upload,
+                                   model=self.models.get(ft_model, ft_model), data=data_text,
+                                   flops_reduction=float(reduction), steps=n_steps, batch_size=batch_size,
+                                   # Live view: log often, evaluate and checkpoint a few times, whatever the length.
+                                   eval_interval=min(1000, max(10, n_steps // 5)),
+                                   log_interval=min(50, max(1, n_steps // 50)),
+                                   ckpt_interval=min(500, max(10, n_steps // 4)))
+        return new.id, gr.update(choices=self.job_ids(), value=new.id), jobs_table(self.jobs, owner)
+
+    def on_poll(self, job_id, request: gr.Request):
+        owner = visitor(request)[0]
+        table, choices = jobs_table(self.jobs, owner), gr.update(choices=self.studio.catalogue.choices())
+        if not job_id:
+            return table, "No job selected.", None, choices
+        with refusing(KeyError):
+            text, fig = job_view(self.jobs, job_id, owner)
+        return table, text, fig, choices
+
+    def on_cancel(self, job_id, request: gr.Request):
+        if not job_id:
+            raise gr.Error("select a job first")
+        with refusing(KeyError, JobError):
+            return self.jobs.cancel(job_id, owner=visitor(request)[0])
+
+    def on_use(self, job_id):
+        with refusing(ValueError):
+            key = ModelRef.job(job_id).key
+        choices = self.studio.catalogue.choices()
+        if key not in {k for _, k in choices}:
+            raise gr.Error(f"job {job_id} has no finished model yet")
+        return gr.update(choices=choices, value=key)
+
+
+def build(studio: Studio, bar: ModelBar, poll_s: float) -> FinetuneTab:
+    """The tab's widgets and handlers (inside ``gr.Tab``); the jobs table and curves refresh every ``poll_s``."""
+    jobs = studio.jobs
+    models = dict(BUNDLED_FINETUNE if studio.bundled is not None else {}, **FINETUNE_MODELS)
+    models = {k: v for k, v in models.items() if not jobs.limits.public or v in jobs.limits.models}
+    devices = ["cuda", "cpu"] if studio.device.type == "cuda" else ["cpu"]
+    h = _Handlers(studio, models)
+    gr.Markdown(_intro(jobs))
+    w = _layout(jobs, models, devices, h.job_ids())
+    poll_outputs = [w.table, w.job_status, w.curves, bar.model]
+    w.start.click(h.on_start, [w.ft_model, w.data, w.archive, w.reduction, w.steps, w.batch, w.device],
+                  [w.started, w.job, w.table], api_name="start_finetune", concurrency_limit=1, concurrency_id="jobs")
+    w.estimate.click(h.on_estimate, [w.ft_model, w.reduction, w.steps, w.batch, w.device], w.estimated,
+                     api_name="estimate_finetune", **COMPUTE)
+    w.cancel.click(h.on_cancel, w.job, w.cancelled, api_name="cancel_finetune", concurrency_limit=1,
+                   concurrency_id="jobs")
+    w.use.click(h.on_use, w.job, bar.model, api_name="use_job_model")
+    gr.Timer(poll_s).tick(h.on_poll, w.job, poll_outputs, api_visibility="private")
+    w.job.change(h.on_poll, w.job, poll_outputs, api_name="job_status")
+    return FinetuneTab(w.job, h.on_load, [w.job, w.table, bar.model])
