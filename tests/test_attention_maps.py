@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cait
-from cait.attention_maps import attention_probs
+from cait.measure.attention import attention_probs
 from conftest import randomize_
 
 
@@ -50,7 +50,7 @@ def test_block_out_of_range(tiny):
 
 
 def test_attention_in_mask_bounds_and_uniform_baseline():
-    from cait.attention_maps import ClsAttention
+    from cait.measure.attention import ClsAttention
     B, H = 2, 3
     masks = torch.zeros(B, 32, 32, dtype=torch.bool)
     masks[:, :8, :8] = True                                         # exactly patch (0, 0) of an 8×8 grid (4 px patches)

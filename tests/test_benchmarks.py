@@ -4,10 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import cait
-from cait.synthetic import CLASSES
+from cait.data.synthetic import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def test_speed_benchmark_writes_json_chart_and_table(tmp_path):
 def test_finetune_step_and_levers_benchmarks_print_json():
     step = json.loads(run("benchmarks/finetune_step.py", "--model", cait.TEST_MODEL, "--batch-size", "4",
                           "--steps", "1"))
-    assert step["ratio"] > 0
+    assert step["ratio"] == pytest.approx(step["cdcp_s_per_step"] / step["plain_s_per_step"])
     levers = json.loads(run("benchmarks/levers.py", "--model", cait.TEST_MODEL, "--flops-reduction", "0.5",
                             "--batch-size", "2", "--device", "cpu", "--rounds", "1"))
     assert set(levers["speedup"]) >= {"original", "cait_round8", "cait_round8_manual_attention"}
@@ -73,4 +74,5 @@ def test_speed_benchmark_under_onnx_runtime(tmp_path):
 
 def test_job_polling_benchmark_prints_json():
     out = json.loads(run("benchmarks/job_polling.py", "--jobs", "25", "--repeats", "2"))
-    assert out["jobs"] == 25 and out["list_s"] >= 0 and out["tick_s"] >= 0
+    assert out["jobs"] == 25                                    # every job written was listed back
+    assert set(out) == {"jobs", "first_list_s", "list_s", "tick_s"}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cait.bundled import bundled_pair
+from cait.io.bundled import bundled_pair
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed "
@@ -30,8 +30,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     import app
-    from cait.jobs import JobManager
-    from cait.studio import Studio
+    from cait.studio.jobs.manager import JobManager
+    from cait.studio.engine import Studio
     jobs = JobManager(tmp_path_factory.mktemp("runs"), poll_interval=0.5)
     studio = Studio(device="cpu", pretrained=True, jobs=jobs)
     demo = app.build_app(studio, poll_s=1.0)
@@ -57,9 +57,9 @@ def _pick(page, elem_id: str, option: str) -> None:
 def test_click_through_attention_finetune_and_compare(app_url):
     from playwright.sync_api import expect, sync_playwright
 
-    import app as app_module
-    from cait.models import TEST_MODEL
-    tiny = next(k for k, v in app_module.FINETUNE_MODELS.items() if v == TEST_MODEL)
+    from cait.studio.ui.finetune_tab import FINETUNE_MODELS
+    from cait.models.deit import TEST_MODEL
+    tiny = next(k for k, v in FINETUNE_MODELS.items() if v == TEST_MODEL)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with sync_playwright() as p:

@@ -8,9 +8,11 @@ import torch
 from PIL import Image
 
 import cait
-from cait.calibrate import fisher_scores, per_flop, refit_
-from cait.compress import main as compress_main
-from cait.data import DataError, calibration_images
+from cait.compress.importance import fisher_scores, per_flop
+from cait.compress.refit import refit_
+from cait.cli.compress import main as compress_main
+from cait.data.calibration import calibration_images
+from cait.data.datasets import DataError
 from conftest import randomize_
 
 
@@ -92,7 +94,7 @@ def test_calibrated_compress_meets_the_target_and_says_how(model):
     assert 1 - cait.count_flops(twin) / cait.count_flops(model) >= 0.5
     assert all(w % 4 == 0 for b in cait.describe(twin).blocks for w in (b.qk_dim, b.v_dim, b.ffn_dim))
     meta = twin.cait_meta
-    assert meta.kind == "calibrated" and meta.calibration["images"] == 48 and "calibrated" in meta.note
+    assert meta.kind == "calibrated" and meta.calibration.images == 48 and "calibrated" in meta.note
     with pytest.raises(DataError, match="no such directory"):
         cait.compress(model, 0.5, calibration="nowhere", calibration_size=8)
 
@@ -105,7 +107,7 @@ def test_command_line_writes_a_loadable_checkpoint(tmp_path, capsys, model):
     summary = json.loads(capsys.readouterr().out)
     assert summary["calibration"]["images"] == 16 and summary["flops"] <= 0.6 * summary["base_flops"]
     loaded = cait.load_pretrained(out)
-    assert loaded.cait_meta.calibration["source"] == "synthetic"
+    assert loaded.cait_meta.calibration.source == "synthetic"
     assert compress_main(["--model", str(src), "--flops-reduction", "1.5", "--output", str(out)]) == 2
     assert "error: flops_reduction must be in [0, 1)" in capsys.readouterr().err
     assert compress_main(["--model", str(src), "--flops-reduction", "0.4", "--calibration", "nowhere",

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import cait
-from cait.compactor import CompactorLinear, CompactorQKV
+from cait.layers.compactor import CompactorLinear, CompactorQKV
 from conftest import randomize_
 
 

@@ -55,8 +55,8 @@ def test_bad_arguments_are_refused_with_clear_errors(tiny):
 def test_compress_reads_the_model_structure_twice_not_per_planning_step(tiny, monkeypatch):
     """Planning works on one ModelSpec (issue: a DeiT-S compress walked the model 102 times; now 2)."""
     import importlib
-    compress_mod = importlib.import_module("cait.compress")               # the package (cait.compress is the function)
-    flops_mod, plan_mod = importlib.import_module("cait.flops"), importlib.import_module("cait.plan")
+    compress_mod = importlib.import_module("cait.compress.oneshot")
+    flops_mod, plan_mod = importlib.import_module("cait.models.spec"), importlib.import_module("cait.compress.plan")
     calls = []
     real = flops_mod.describe
 
@@ -66,4 +66,4 @@ def test_compress_reads_the_model_structure_twice_not_per_planning_step(tiny, mo
     monkeypatch.setattr(plan_mod, "describe", counting)
     monkeypatch.setattr(compress_mod, "describe", counting)
     cait.compress(tiny(), 0.5)                                              # planned layout + CDCP
-    assert len(calls) == 2                                                  # the plan's spec, the merged model's
+    assert len(calls) == 2                        # the plan's spec, the merged model's (the pruned one's: its widths)

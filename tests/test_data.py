@@ -1,5 +1,5 @@
 """Step-indexed data: disjoint, reproducible batches per rank."""
-from cait.data import StepBatchSampler
+from cait.data.datasets import StepBatchSampler
 
 
 def test_step_batches_are_disjoint_across_ranks_and_reproducible():

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import cait
-from cait.data import DataError
-from cait.finetune import FinetuneConfig, FinetuneError, finetune
-from cait.select import ChannelMask
-from cait.synthetic import export_imagefolder
+from cait.data.datasets import DataError
+from cait.finetune.config import FinetuneConfig, FinetuneError
+from cait.finetune.engine import finetune
+from cait.finetune.records import StoppedRecord
+from cait.compress.select import ChannelMask
+from cait.data.synthetic import export_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +29,12 @@ def _cfg(tmp_path, **kw):
 
 def test_short_run_reaches_target_and_compact_equals_masked(tmp_path):
     summary = finetune(_cfg(tmp_path))
-    assert summary["flops_reduction"] >= 0.5
-    assert summary["max_removed_row_norm"] == 0.0                     # the shrink step took S to exactly 0
-    assert summary["top1_student"] == summary["top1_masked"]            # pruning changed nothing
+    assert summary.flops_reduction >= 0.5
+    assert summary.max_removed_row_norm == 0.0                     # the shrink step took S to exactly 0
+    assert summary.top1_student == summary.top1_masked            # pruning changed nothing
     out = tmp_path / "run"
     compact = cait.load_pretrained(out / "compact")
-    assert cait.count_flops(compact) == summary["flops"] and compact.cait_meta.kind == "finetuned"
+    assert cait.count_flops(compact) == summary.flops and compact.cait_meta.kind == "finetuned"
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["type"] == "train"]
     assert [x["step"] for x in train] == [10, 20, 30, 40]
@@ -40,17 +42,17 @@ def test_short_run_reaches_target_and_compact_equals_masked(tmp_path):
     evals = [x for x in lines if x["type"] == "eval"]
     assert evals and {"top1_student", "top1_teacher"} <= set(evals[0]) and lines[-1]["type"] == "final"
     # The teacher here is a random init (and has 10 classes, the data 8): no top-1 of it is reported, no distillation.
-    assert evals[0]["top1_teacher"] is None and summary["top1_teacher"] is None and lines[0]["distill_alpha"] == 0.0
+    assert evals[0]["top1_teacher"] is None and summary.top1_teacher is None and lines[0]["distill_alpha"] == 0.0
     # Every S of the run was head-consistent: the compact model exists, and its widths match the final mask.
-    ChannelMask.from_dict(summary["mask"]).check_consistency()
+    ChannelMask.from_dict(summary.mask).check_consistency()
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     full = finetune(_cfg(tmp_path / "a"))
     stopped = finetune(_cfg(tmp_path / "b", stop_at=20))
-    assert stopped["type"] == "stopped"
+    assert isinstance(stopped, StoppedRecord) and stopped.step == 20
     resumed = finetune(_cfg(tmp_path / "b", resume=True))
-    assert resumed["mask"] == full["mask"]
+    assert resumed.mask == full.mask
     a = cait.load_pretrained(tmp_path / "a" / "run" / "compact")
     b = cait.load_pretrained(tmp_path / "b" / "run" / "compact")
     x = torch.randn(2, 3, 32, 32)
@@ -101,7 +103,7 @@ def test_imagefolder_and_checkpoint_teacher(tmp_path):
     teacher = cait.save_pretrained(cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0],
                                    tmp_path / "teacher")
     summary = finetune(_cfg(tmp_path, model=str(teacher), data=str(root), steps=20, eval_interval=100))
-    assert summary["flops_reduction"] >= 0.5 and summary["top1_student"] == summary["top1_masked"]
+    assert summary.flops_reduction >= 0.5 and summary.top1_student == summary.top1_masked
 
 
 def test_help_documents_every_flag():
@@ -131,14 +133,14 @@ def test_torchrun_two_processes_gloo_hold_the_same_mask(tmp_path):
 
 def test_zero_reduction_trains_a_plain_deit_without_compactors(tmp_path):
     summary = finetune(_cfg(tmp_path, flops_reduction=0.0, steps=10, eval_interval=100))
-    assert summary["flops_reduction"] == 0.0 and summary["s_size"] == 0
+    assert summary.flops_reduction == 0.0 and summary.s_size == 0
     model = cait.load_pretrained(tmp_path / "run" / "compact")
     from timm.layers import Attention
     assert type(model.blocks[0].attn) is Attention and not cait.get_layout(model)
     assert "uncompressed" in model.cait_meta.note and "CDCP" not in model.cait_meta.note    # says what it is
     # ... so it can teach a CAIT run.
     student = finetune(_cfg(tmp_path / "next", model=str(tmp_path / "run" / "compact"), steps=20, eval_interval=100))
-    assert student["flops_reduction"] >= 0.5
+    assert student.flops_reduction >= 0.5
 
 
 def test_checkpoint_trained_at_one_size_continues_at_another(tmp_path):
@@ -154,7 +156,7 @@ def test_checkpoint_trained_at_one_size_continues_at_another(tmp_path):
     assert "resized to 48 px" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["teacher"]
     big = cait.load_pretrained(tmp_path / "run" / "compact")
     assert big.patch_embed.img_size == (48, 48) and big.pos_embed.shape[1] == 1 + 12 * 12
-    assert big(torch.randn(2, 3, 48, 48)).shape == (2, 8) and summary["flops"] > cait.count_flops(small)
+    assert big(torch.randn(2, 3, 48, 48)).shape == (2, 8) and summary.flops > cait.count_flops(small)
 
 
 def test_distillation_weight_follows_the_teachers_architecture(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import timm
 
 import cait
-from cait.flops import count_flops
+from cait.measure.flops import count_flops
 
 SPEC_FLOPS = {"deit_tiny_patch16_224": 1.254e9, "deit_small_patch16_224": 4.599e9, "deit_base_patch16_224": 17.56e9}
 SPEC_PARAMS = {"deit_tiny_patch16_224": 5.72e6, "deit_small_patch16_224": 22.05e6, "deit_base_patch16_224": 86.57e6}
@@ -27,7 +27,7 @@ def test_paper_rounded_flops_and_params():
 
 def test_sdpa_handle_is_what_counts_the_attention_matmuls(deit_s):
     # Without an SDPA handle fvcore under-counts DeiT-S as 4.24 G (SPEC §4); ours must not.
-    from cait.flops import flop_analysis
+    from cait.measure.flops import flop_analysis
     by_op = flop_analysis(deit_s).by_operator()
     assert by_op["scaled_dot_product_attention"] == pytest.approx(4.599e9 - 4.24e9, rel=0.02)
     assert by_op.get("layer_norm", 0) == 0

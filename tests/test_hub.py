@@ -4,15 +4,15 @@ import pytest
 import torch
 
 import cait
-from cait.checkpoint import CheckpointError
-from cait.hub import HubError, parse_hub_id
+from cait.io.checkpoint import CheckpointError
+from cait.io.hub import HubError, parse_hub_id
 from conftest import randomize_
 
 
 @pytest.fixture
 def twin(tiny):
     m = cait.compress(randomize_(tiny(num_classes=8), std=0.05), 0.5)
-    from cait.synthetic import CLASSES
+    from cait.data.synthetic import CLASSES
     m.cait_meta.classes = list(CLASSES)
     return m
 

@@ -7,10 +7,15 @@ import time
 import pytest
 
 import cait
-from cait.jobs import Job, JobManager
-from cait.jobviews import compactor_view, job_view, jobs_table
-from cait.studio import Sample, Studio
-from cait.synthetic import SyntheticShapes
+from cait.studio.jobs.manager import JobManager
+from cait.finetune.records import TrainRecord, of_type
+from cait.studio.attention import attention_view
+from cait.studio.catalogue import ModelRef, job_label
+from cait.studio.jobs.model import Job, JobStatus
+from cait.studio.jobs.views import compactor_view, job_view, jobs_table
+from cait.studio.engine import Studio
+from cait.studio.samples import Sample
+from cait.data.synthetic import SyntheticShapes
 
 FAST = dict(model=cait.TEST_MODEL, steps=30, batch_size=8, val_size=32, synthetic_size=200, eval_interval=10,
             log_interval=5, ckpt_interval=10, lr=1e-3)
@@ -47,21 +52,25 @@ def test_job_life_cycle_and_the_model_becomes_selectable(tmp_path, managers):
     jm = managers(tmp_path)
     job = jm.submit(device="cpu", **FAST)
     assert job.status == "running" and job.pid
-    seen_progress = wait_for(jm, job.id, lambda j, p: p["step"] > 0 or j.status != "running")
     done = wait_for(jm, job.id, lambda j, p: j.status in ("done", "failed"))
-    assert done.status == "done", done.message
-    assert seen_progress and "fewer FLOPs" in done.message
+    assert done.status is JobStatus.DONE, done.message
+    assert "fewer FLOPs" in done.message
+    # Progress came from the log: every 5th step, in order, to the last; a finished job has no ETA.
+    assert [r.step for r in of_type(jm.records(job.id), TrainRecord)] == [5, 10, 15, 20, 25, 30]
+    p = jm.progress(job.id)
+    assert (p.step, p.steps, p.eta_s) == (30, 30, None) and p.elapsed_s > 1
     text, fig = job_view(jm, job.id)
     assert "done" in text and len(fig.data) >= 3
     assert jobs_table(jm).iloc[0]["status"] == "done"
 
     studio = Studio(device="cpu", pretrained=False, jobs=jm)
-    label = next(k for k, v in studio.model_choices().items() if v == f"job:{job.id}")
-    pair = studio.pair(label, 0.5, "")
+    key = ModelRef.job(job.id).key
+    assert (job_label(jm.get(job.id)), key) in studio.catalogue.choices()
+    pair = studio.pair(key, 0.5, "")
     status = studio.status(pair)
     assert "fine-tuned with CDCP" in status and "above its teacher" not in status
-    view = studio.attention(pair, Sample(SyntheticShapes(4, 32, split="val").sample(0)[0]))
-    assert set(view.compressed_top5) <= set(cait.synthetic.CLASSES)
+    view = attention_view(pair, Sample(SyntheticShapes(4, 32, split="val").sample(0)[0]))
+    assert set(view.compressed_top5) <= set(cait.data.synthetic.CLASSES)
     summary, norms, contrast = compactor_view(jm, job.id)
     assert "Plain global selection" in summary and len(norms.data) >= 4 and len(contrast.data) >= 3
 
@@ -71,13 +80,13 @@ def test_queue_cancel_and_killed_jobs(tmp_path, managers):
     first = jm.submit(device="cpu", **LONG)
     second = jm.submit(device="cpu", **LONG)
     assert jm.get(first.id).status == "running" and jm.get(second.id).status == "queued"   # one per device
-    wait_for(jm, first.id, lambda j, p: p["step"] >= 10)
+    wait_for(jm, first.id, lambda j, p: p.step >= 10)
     message = jm.cancel(first.id)
     assert jm.get(first.id).status == "cancelled" and "cancelled at step" in message and "kept: training state" in message
     with pytest.raises(ProcessLookupError):
         os.kill(first.pid, 0)
     # The queued job starts once the device is free; kill it from outside: it shows as failed with its log tail.
-    running = wait_for(jm, second.id, lambda j, p: j.status == "running" and p["step"] >= 5)
+    running = wait_for(jm, second.id, lambda j, p: j.status == "running" and p.step >= 5)
     os.killpg(running.pid, signal.SIGKILL)
     failed = wait_for(jm, second.id, lambda j, p: j.status != "running", timeout=30)
     assert failed.status == "failed" and "exit code" in failed.message

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from conftest import randomize_
 from timm.models.vision_transformer import Block
 
-from cait.merge import (MergeBlock, TokenMerge, apply_atme, format_layout, get_layout, pair_tokens, parse_layout,
-                        token_grids, upsample_to_patch_grid)
+from cait.layers.token_merge import TokenMerge, pair_tokens
+from cait.models.atme import MergeBlock, apply_atme, get_layout, upsample_to_patch_grid
+from cait.models.layout import format_layout, parse_layout, token_grids
 
 
 def test_htm_pairs_columns_and_vtm_pairs_rows():

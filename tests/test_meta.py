@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cait
-from cait.meta import FinetuneSummary, ModelMeta, meta_of
+from cait.models.meta import FinetuneSummary, ModelMeta, meta_of
 
 
 def test_round_trip_through_json_keeps_unknown_keys():

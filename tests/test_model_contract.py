@@ -1,11 +1,12 @@
 """One contract for every kind of model this package makes, as timm's tests/test_models.py checks every variant.
 
 Variants (tiny DeiT, perturbed weights): plain; ATME with one, two and three merges; an odd grid (7×7, padded
-merges); with compactors; compact (CDCP only, CAIT, calibrated); saved and loaded. Each must: run forward and
+merges); with compactors; compact (CDCP only, CAIT, calibrated); saved and loaded. The paper's DeiT-Tiny and
+DeiT-Small shapes (from :data:`cait.DEIT_MODELS`, random weights; DeiT-Base is too slow for a CPU suite) join as
+plain, CAIT twin at the paper's reduction, and saved-and-loaded. Each must: run forward and
 backward; agree between forward and forward_features + forward_head; take a new classifier; give intermediates on
 each block's grid (or on the patch grid with ``dense=True``); match between the fused and the manual attention path;
-trace (jit) and export (torch.export) to the same outputs; resize; count the same FLOPs with fvcore and the closed
-form; run in bf16; round-trip through save/load exactly.
+trace (jit) and export (torch.export) to the same outputs; resize; count the same FLOPs with fvcore and the closed form; run in bf16; round-trip through save/load exactly.
 """
 import copy
 
@@ -13,11 +14,28 @@ import pytest
 import torch
 
 import cait
-from cait.merge import model_token_grids
+from cait.models.atme import model_token_grids
 from conftest import randomize_
 
 VARIANTS = ["plain", "atme_h", "atme_hv", "atme_3", "odd_grid", "compactors", "cdcp_only", "cait", "calibrated",
             "loaded"]
+SHAPES = {"deit_tiny_patch16_224": 0.5, "deit_small_patch16_224": 0.55}
+"""The paper's DeiTs the matrix also runs on, with the paper's FLOPs reduction (SPEC §5)."""
+assert set(SHAPES) < set(cait.DEIT_MODELS)
+SHAPE_VARIANTS = [f"{arch}:{kind}" for arch in SHAPES for kind in ("plain", "cait", "loaded")]
+_BUILT: dict[str, torch.nn.Module] = {}
+
+
+def make_shape(arch: str, kind: str, tmp_path) -> torch.nn.Module:
+    """A DeiT of the paper's shape (random, perturbed weights, 10 classes), its CAIT twin, or the twin saved and
+    loaded."""
+    import timm
+    torch.manual_seed(0)
+    base = randomize_(timm.create_model(arch, num_classes=10).eval(), std=0.02)
+    if kind == "plain":
+        return base
+    twin = cait.compress(base, SHAPES[arch], round_to=8)
+    return twin if kind == "cait" else cait.load_pretrained(cait.save_pretrained(twin, tmp_path / "ckpt"))
 
 
 def make(kind: str, tmp_path) -> torch.nn.Module:
@@ -45,9 +63,14 @@ def make(kind: str, tmp_path) -> torch.nn.Module:
     raise KeyError(kind)
 
 
-@pytest.fixture(params=VARIANTS)
-def model(request, tmp_path):
-    return make(request.param, tmp_path).eval()
+@pytest.fixture(scope="module", params=VARIANTS + SHAPE_VARIANTS)
+def model(request, tmp_path_factory):
+    """Each variant, built once per module; tests that change a model change a copy."""
+    if request.param not in _BUILT:
+        where = tmp_path_factory.mktemp("variant")
+        _BUILT[request.param] = (make_shape(*request.param.split(":"), where) if ":" in request.param
+                                 else make(request.param, where)).eval()
+    return _BUILT[request.param]
 
 
 def x_for(model, batch=2, seed=0):
@@ -58,7 +81,7 @@ def test_forward_features_head_and_a_new_classifier(model):
     x = x_for(model)
     with torch.no_grad():
         out = model(x)
-        assert out.shape == (2, 8) and torch.isfinite(out).all()
+        assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
         assert torch.allclose(model.forward_head(model.forward_features(x)), out, atol=1e-6)
         m = copy.deepcopy(model)
         m.reset_classifier(5)
@@ -109,7 +132,7 @@ def test_trace_and_export_give_the_same_outputs(model):
 
 
 def test_resize_and_count_flops(model):
-    from cait.compactor import has_compactors
+    from cait.models.compactors import has_compactors
     size = model.patch_embed.img_size[0]
     if has_compactors(model):                                    # compactors are a training state: fvcore counts
         assert cait.count_flops(model) > cait.analytic_flops(model)   # their matmuls, the deployed model does not
@@ -119,7 +142,7 @@ def test_resize_and_count_flops(model):
     resized = copy.deepcopy(model)
     resized.set_input_size(img_size=bigger)
     with torch.no_grad():
-        assert resized(torch.randn(1, 3, bigger, bigger)).shape == (1, 8)
+        assert resized(torch.randn(1, 3, bigger, bigger)).shape == (1, model.num_classes)
     assert cait.count_flops(model, img_size=bigger) == cait.count_flops(resized)
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         cait.count_flops(model, img_size=bigger + 1)
@@ -133,7 +156,7 @@ def test_bf16_forward(model):
 
 
 def test_save_and_load_round_trip_exactly(model, tmp_path):
-    from cait.compactor import has_compactors
+    from cait.models.compactors import has_compactors
     if has_compactors(model):
         with pytest.raises(ValueError, match="fold the compactors"):
             cait.save_pretrained(model, tmp_path / "m")
@@ -142,5 +165,5 @@ def test_save_and_load_round_trip_exactly(model, tmp_path):
     x = x_for(model)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert loaded.pretrained_cfg["num_classes"] == 8 and loaded.pretrained_cfg["hf_hub_id"] is None
+    assert loaded.pretrained_cfg["num_classes"] == model.num_classes and loaded.pretrained_cfg["hf_hub_id"] is None
     assert cait.get_layout(loaded) == cait.get_layout(model) and type(loaded) is type(model)

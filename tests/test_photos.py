@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cait.photos import DISPLAY_SIDE, SAMPLE_PHOTOS, ImageError, load_image, preprocess, sample_photo
+from cait.data.photos import DISPLAY_SIDE, ImageError, SAMPLE_PHOTOS, load_image, preprocess, sample_photo
 
 
 def test_every_bundled_photo_loads_as_rgb():

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 import cait
-from cait.flops import describe
-from cait.select import ChannelMask
+from cait.models.spec import describe
+from cait.compress.select import ChannelMask
 from conftest import randomize_
 
 

@@ -14,15 +14,19 @@ import pytest
 from PIL import Image
 
 import app
+from cait.studio.ui.common import host_warning
+from cait.studio.ui.finetune_tab import FINETUNE_MODELS
 import cait
-from cait.jobs import Job, JobError, JobManager
-from cait.public import ArchiveError, Limits, extract_archive
-from cait.rundir import LogReader
-from cait.studio import Studio
+from cait.studio.jobs.manager import JobManager
+from cait.studio.jobs.model import Job, JobError
+from cait.studio.public import ArchiveError, Limits, extract_archive
+from cait.finetune.records import EvalRecord, StoppedRecord, to_json
+from cait.finetune.rundir import LogReader
+from cait.studio.engine import Studio
 
 LONG = dict(model=cait.TEST_MODEL, steps=100000, batch_size=8, val_size=16, synthetic_size=200, eval_interval=100000,
             ckpt_interval=50)
-TINY_LABEL = next(k for k, v in app.FINETUNE_MODELS.items() if v == cait.TEST_MODEL)
+TINY_LABEL = next(k for k, v in FINETUNE_MODELS.items() if v == cait.TEST_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +154,7 @@ def test_heavy_requests_are_capped(public_app, tmp_path):
     url, _ = public_app
     c = client(url)
     with pytest.raises(Exception, match="Batch size: 256 is outside 1 to 32|greater than maximum value 32"):
-        c.predict("DeiT-Tiny", 0.5, "", True, 256, api_name="/cost")
+        c.predict("deit:deit_tiny_patch16_224", 0.5, "", True, 256, api_name="/cost")
     # A 16-bit PNG of 39.7 MP (tiny on disk) is refused from its header, before decoding.
     big = tmp_path / "big.png"
     Image.new("I;16", (7000, 5670)).save(big)
@@ -158,7 +162,7 @@ def test_heavy_requests_are_capped(public_app, tmp_path):
     from gradio_client import handle_file
     t0 = time.time()
     with pytest.raises(Exception, match="big.png: 7000×5670 is too large .at most 16 MP"):
-        c.predict("DeiT-Tiny", 0.5, "", "astronaut (scikit-image)", handle_file(str(big)), 11, api_name="/attention")
+        c.predict("deit:deit_tiny_patch16_224", 0.5, "", "astronaut (scikit-image)", handle_file(str(big)), 11, api_name="/attention")
     assert time.time() - t0 < 30
 
 
@@ -172,12 +176,12 @@ def test_two_apps_on_one_runs_directory_start_each_job_once(tmp_path, monkeypatc
         starts.append(job.id)
         time.sleep(0.01)                                       # widen the window a race would need
         job.status, job.pid, job.started = "running", None, time.time()
-        self._save(job)
+        self.store.save(job)
 
     monkeypatch.setattr(JobManager, "_start", fake_start)
     a, b = JobManager(tmp_path, poll_interval=0), JobManager(tmp_path, poll_interval=0)
     for device in ("cpu", "cuda", "cpu", "cuda"):
-        a._save(Job(id=time.strftime("%Y%m%d-%H%M%S-") + os.urandom(6).hex(), args={}, device=device))
+        a.store.save(Job(id=time.strftime("%Y%m%d-%H%M%S-") + os.urandom(6).hex(), args={}, device=device))
     barrier = threading.Barrier(8)
 
     def tick(m):
@@ -195,8 +199,8 @@ def test_polling_reads_only_what_changed(tmp_path, monkeypatch):
     jm = JobManager(tmp_path, poll_interval=0)
     ids = [time.strftime("%Y%m%d-%H%M%S-") + f"{i:012x}" for i in range(30)]
     for i in ids:
-        jm._save(Job(id=i, args={}, status="done"))
-    import cait.jobs as jobs_mod
+        jm.store.save(Job(id=i, args={}, status="done"))
+    import cait.studio.jobs.store as jobs_mod
     reads = []
     real = jobs_mod.json.loads
     monkeypatch.setattr(jobs_mod.json, "loads", lambda s, *a, **k: reads.append(1) or real(s, *a, **k))
@@ -207,17 +211,18 @@ def test_polling_reads_only_what_changed(tmp_path, monkeypatch):
     job = jm.get(ids[3])
     job.message = "changed"
     time.sleep(0.01)
-    jm._save(job)
+    jm.store.save(job)
     jm.list()
     assert len(reads) == 1
     # The log is read incrementally, a partial last line waits for its newline.
     log = tmp_path / "log.jsonl"
-    log.write_text('{"a": 1}\n{"b"')
+    ev = EvalRecord(step=10, top1_student=50.0, top1_teacher=None)
+    log.write_text(to_json(ev) + '\n{"type": "someday", "x": 1}\n{"type": "eval", "step": 20}\n{"type": "stopp')
     reader = LogReader(log)
-    assert reader.records() == [{"a": 1}]
+    assert reader.records() == [ev]                    # an unknown kind and an incomplete record are skipped
     with log.open("a") as f:
-        f.write(': 2}\n')
-    assert reader.records() == [{"a": 1}, {"b": 2}]
+        f.write('ed", "step": 20}\n')
+    assert reader.records() == [ev, StoppedRecord(step=20)]
 
 
 def test_retention_deletes_old_finished_jobs_and_uploads_never_active_ones(tmp_path, monkeypatch):
@@ -229,7 +234,7 @@ def test_retention_deletes_old_finished_jobs_and_uploads_never_active_ones(tmp_p
     running = Job(id="20260101-000002-" + "c" * 12, args={}, status="queued", created=now - 9999,
                   upload="d" * 16)
     for j in (old, new, running):
-        jm._save(j)
+        jm.store.save(j)
     for up in ("d" * 16, "e" * 16):
         (tmp_path / "uploads" / up).mkdir()
         os.utime(tmp_path / "uploads" / up, (now - 7200,) * 2)
@@ -253,14 +258,14 @@ def test_local_mode_keeps_full_power_and_validates_at_submit(tmp_path):
         jm.submit(**dict(LONG, model="resnet50"))
     with pytest.raises(JobError, match="FLOPs reduction: 1.5 is outside 0 to 0.95"):
         jm.submit(**dict(LONG, flops_reduction=1.5))
-    assert app.host_warning("0.0.0.0", 7860, Limits(public=False)).startswith("warning: listening on 0.0.0.0")
-    assert app.host_warning("127.0.0.1", 7860, Limits(public=False)) is None
-    assert app.host_warning("0.0.0.0", 7860, Limits(public=True)) is None
+    assert host_warning("0.0.0.0", 7860, Limits(public=False)).startswith("warning: listening on 0.0.0.0")
+    assert host_warning("127.0.0.1", 7860, Limits(public=False)) is None
+    assert host_warning("0.0.0.0", 7860, Limits(public=True)) is None
 
 
 def test_a_bad_output_is_a_clear_error_and_exit_code_2(tmp_path, capsys):
-    from cait.compress import main as compress_main
-    from cait.finetune import main as finetune_main
+    from cait.cli.compress import main as compress_main
+    from cait.cli.finetune import main as finetune_main
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     assert finetune_main(["--model", cait.TEST_MODEL, "--steps", "2", "--batch-size", "4", "--device", "cpu",
@@ -272,5 +277,5 @@ def test_a_bad_output_is_a_clear_error_and_exit_code_2(tmp_path, capsys):
 
 
 def test_eta_past_a_day_does_not_wrap():
-    from cait.jobviews import _fmt_s
+    from cait.studio.jobs.views import _fmt_s
     assert _fmt_s(3 * 86400 + 3723) == "3 d 01:02:03" and _fmt_s(59) == "00:00:59" and _fmt_s(None) == "–"

@@ -4,8 +4,9 @@ import timm
 import torch
 
 import cait
-from cait.flops import describe
-from cait.select import ChannelMask, ChannelScores
+from cait.models.spec import describe
+from cait.compress.importance import ChannelScores
+from cait.compress.select import ChannelMask
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_selection_meets_target_and_is_consistent_in_every_block(deit_s_selectio
 
 def test_head_level_consistency_pulls_each_other_heads_lowest_unit():
     # One block, 2 heads of 4, FFN 2. Head 0 has the globally lowest v score; head 1's lowest v is channel 2.
-    from cait.flops import BlockSpec, ModelSpec
+    from cait.models.spec import BlockSpec, ModelSpec
     spec = ModelSpec((BlockSpec(tokens=5, dim=8, heads=2, qk_dim=4, v_dim=4, ffn_dim=2),), 0, 0)
     big = torch.full((2, 4), 10.0)
     v = torch.tensor([[0.1, 5.0, 6.0, 7.0], [3.0, 4.0, 2.0, 9.0]])
@@ -45,7 +46,7 @@ def test_head_level_consistency_pulls_each_other_heads_lowest_unit():
 
 def test_attention_level_consistency_scores_qk_pairs_by_their_mean():
     # q_0 is tiny but k_0 is large; pair 1 has the lowest mean: it goes first, and q and k go together.
-    from cait.flops import BlockSpec, ModelSpec
+    from cait.models.spec import BlockSpec, ModelSpec
     spec = ModelSpec((BlockSpec(tokens=5, dim=8, heads=1, qk_dim=3, v_dim=3, ffn_dim=2),), 0, 0)
     q = torch.tensor([[0.01, 1.0, 5.0]])
     k = torch.tensor([[9.0, 1.0, 5.0]])

@@ -71,11 +71,11 @@ def test_app_starts_like_a_space_and_writes_nothing_into_the_repo(tmp_path):
                 time.sleep(1)
         from gradio_client import Client
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        status = client.predict("DeiT-Tiny", 0.5, "", api_name="/build")[0]
+        status = client.predict("deit:deit_tiny_patch16_224", 0.5, "", api_name="/build")[0]
         assert "CAIT twin" in status
-        from cait.bundled import BUNDLED_LABEL, bundled_pair
+        from cait.io.bundled import bundled_pair
         if bundled_pair() is not None:                                     # the fresh offline default: trained
-            status = client.predict(BUNDLED_LABEL, 0.5, "", api_name="/build")[0]
+            status = client.predict("bundled", 0.5, "", api_name="/build")[0]
             assert "bundled weights trained by this project" in status and "HF_HUB_OFFLINE" in status
         assert (tmp / "cait-runs" / "jobs").is_dir()                       # runs go to the ephemeral disk
         assert _listing(repo) == before                                    # nothing written into the repo

@@ -1,5 +1,5 @@
 """The synthetic shapes data set: deterministic, with object masks, exportable."""
-from cait.synthetic import CLASSES, SyntheticShapes, export_imagefolder
+from cait.data.synthetic import CLASSES, SyntheticShapes, export_imagefolder
 
 
 def test_synthetic_set_is_deterministic_with_masks(tmp_path):

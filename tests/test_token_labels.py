@@ -3,9 +3,11 @@ import pytest
 import torch
 
 import cait
-from cait.finetune import FinetuneConfig, FinetuneError, finetune
-from cait.rundir import read_log
-from cait.token_labels import TokenLabelled, token_targets
+from cait.finetune.config import FinetuneConfig, FinetuneError
+from cait.finetune.engine import finetune
+from cait.finetune.records import EvalRecord, of_type
+from cait.finetune.rundir import read_log
+from cait.finetune.token_labels import TokenLabelled, token_targets
 
 
 def test_targets_follow_the_object_share_of_each_patch(tiny):
@@ -38,10 +40,10 @@ def test_token_labelled_run_resumes_and_leaves_a_plain_twin(tmp_path):
     full = finetune(FinetuneConfig(**base, output=str(tmp_path / "full")))
     finetune(FinetuneConfig(**base, output=str(tmp_path / "cut"), stop_at=20))
     resumed = finetune(FinetuneConfig(**base, output=str(tmp_path / "cut"), resume=True))
-    assert resumed["mask"] == full["mask"] and resumed["top1_student"] == full["top1_student"]
+    assert resumed.mask == full.mask and resumed.top1_student == full.top1_student
     twin = cait.load_pretrained(tmp_path / "full" / "compact")
     assert not hasattr(twin, "token_head") and cait.get_layout(twin)
-    assert [r["step"] for r in read_log(tmp_path / "full") if r["type"] == "eval"] == [10, 20]
+    assert [r.step for r in of_type(read_log(tmp_path / "full"), EvalRecord)] == [10, 20]
 
 
 def test_token_labels_need_masks_and_no_mixing(tmp_path):

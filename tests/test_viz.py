@@ -8,7 +8,7 @@ import torch.nn.functional as F
 def test_overlay_keeps_image_size_and_upscales_small_images():
     from PIL import Image
 
-    from cait.viz import MIN_DISPLAY_SIDE, overlay
+    from cait.viz.overlay import MIN_DISPLAY_SIDE, overlay
     heat = F.softmax(torch.randn(7, 4).flatten(), 0).reshape(7, 4)
     big = Image.new("RGB", (2 * MIN_DISPLAY_SIDE, MIN_DISPLAY_SIDE + 10), (10, 200, 30))
     out = overlay(big, heat)
@@ -22,7 +22,7 @@ def test_overlay_keeps_image_size_and_upscales_small_images():
 def test_colour_bar_widens_the_overlay_and_leaves_the_picture_alone():
     from PIL import Image
 
-    from cait.viz import overlay
+    from cait.viz.overlay import overlay
     img = Image.new("RGB", (300, 240), (10, 200, 30))
     heat = torch.rand(6, 5)
     plain, scaled = overlay(img, heat), overlay(img, heat, scale=True)
@@ -31,7 +31,7 @@ def test_colour_bar_widens_the_overlay_and_leaves_the_picture_alone():
 
 
 def test_top_k_is_sorted_named_and_a_probability():
-    from cait.viz import top_k
+    from cait.viz.overlay import top_k
     logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
     out = top_k(logits, ["a", "b", "c", "d"], k=3)
     assert list(out) == ["b", "d", "c"] and list(out.values()) == sorted(out.values(), reverse=True)
@@ -41,8 +41,8 @@ def test_top_k_is_sorted_named_and_a_probability():
 
 def test_channels_figure_plots_kept_percentages_and_tokens(tiny):
     import cait
-    from cait.flops import describe
-    from cait.viz import channels_figure
+    from cait.models.spec import describe
+    from cait.viz.charts import channels_figure
     model = tiny()
     twin = cait.compress(model, 0.5, layout="h2")
     fig = channels_figure(describe(model), describe(twin))
@@ -55,7 +55,7 @@ def test_channels_figure_plots_kept_percentages_and_tokens(tiny):
 
 
 def test_cost_table_is_relative_to_the_first_row():
-    from cait.viz import cost_table
+    from cait.viz.charts import cost_table
     t = cost_table({"original": {"flops": 4e9, "params": 22e6, "images_per_s": 100.0, "top1": 80.0},
                     "CAIT": {"flops": 2e9, "params": 12e6, "images_per_s": 180.0, "top1": 79.5}})
     cait_row = t.set_index("model").loc["CAIT"]
@@ -65,8 +65,8 @@ def test_cost_table_is_relative_to_the_first_row():
 
 def test_compactor_figure_marks_exactly_the_masked_channels(tiny):
     import cait
-    from cait.select import ChannelMask
-    from cait.viz import compactor_figure
+    from cait.compress.select import ChannelMask
+    from cait.viz.charts import compactor_figure
     model = cait.add_compactors(tiny())
     scores = cait.compactor_scores(model)
     mask = ChannelMask.empty_like(scores)

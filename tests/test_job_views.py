@@ -1,0 +1,54 @@
+"""What the Fine-tune tab shows of jobs: the table and one job's view, and in public mode nothing of another
+visitor's data or log."""
+import time
+
+import pytest
+
+from cait.studio.jobs.manager import JobManager
+from cait.studio.jobs.model import Job, JobStatus
+from cait.studio.jobs.views import _fmt_s, compactor_view, job_view, jobs_table
+from cait.studio.public import Limits
+
+
+def _job(i: int, owner: str, status: JobStatus, **kw) -> Job:
+    return Job(id=time.strftime("%Y%m%d-%H%M%S-") + f"{i:012x}", args={"steps": 40, "data": f"/srv/data/{owner}",
+                                                                           "flops_reduction": 0.5},
+               status=status, owner=owner, created=1000.0 + i, message=f"secret of {owner}\nsecond line", **kw)
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    jm = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True))
+    for i, (owner, status) in enumerate([("alice", JobStatus.DONE), ("bob", JobStatus.FAILED)]):
+        jm.store.save(_job(i, owner, status))
+    return jm
+
+
+def test_public_table_shows_a_visitor_only_their_own_paths_and_messages(jobs):
+    table = jobs_table(jobs, viewer="alice")
+    rows = {r["status"]: r for r in table.to_dict("records")}
+    assert rows["done"]["data"] == "/srv/data/alice" and rows["done"]["message"] == "secret of alice"
+    assert rows["failed"]["data"] == "(not shown)" and rows["failed"]["message"] == ""
+    assert list(table["job"]) == [j.id for j in jobs.list()]                            # newest first
+
+
+def test_a_jobs_view_hides_another_visitors_log(jobs):
+    bob = next(j for j in jobs.list() if j.owner == "bob")
+    text, _ = job_view(jobs, bob.id, viewer="alice")
+    assert "**failed**" in text and "step 0/40" in text and "secret" not in text
+    assert "secret of bob" in job_view(jobs, bob.id, viewer="bob")[0]
+
+
+def test_a_queued_job_says_it_waits_and_one_without_state_has_no_compactors(tmp_path):
+    jm = JobManager(tmp_path, poll_interval=0)
+    queued = _job(7, "carol", JobStatus.QUEUED)
+    jm.store.save(queued)
+    assert "Waiting for its device to be free" in job_view(jm, queued.id)[0]
+    with pytest.raises(ValueError, match="no training state yet"):
+        compactor_view(jm, queued.id)
+    with pytest.raises(KeyError, match="is not a job id"):
+        job_view(jm, "../../etc/passwd")
+
+
+def test_durations_read_as_clocks_with_days():
+    assert (_fmt_s(None), _fmt_s(59), _fmt_s(3723), _fmt_s(90000)) == ("–", "00:00:59", "01:02:03", "1 d 01:00:00")
