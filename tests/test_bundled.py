@@ -184,11 +184,13 @@ def test_reproduction_script_end_to_end(tmp_path, capsys, script):
 def test_training_time_survives_interruptions(script):
     """A stage's time is summed from its log, so a session that ended mid-stage (nothing written at the kill) keeps
     the time before it; steps a resumed run logs again count once, at their last measurement."""
-    log = [{"type": "start", "config": {"batch_size": 4}},
-           {"type": "train", "step": 50, "images_per_s": 10.0},
-           {"type": "train", "step": 100, "images_per_s": 20.0},       # killed after this; resumed from step 50
-           {"type": "start", "config": {"batch_size": 4}},
-           {"type": "train", "step": 100, "images_per_s": 40.0},
-           {"type": "eval", "step": 100, "top1_student": 50.0},
-           {"type": "train", "step": 150, "images_per_s": 10.0}]
+    from cait.finetune.records import EvalRecord, StartRecord, TrainRecord
+    start = StartRecord(config={"batch_size": 4}, teacher="t", distill_alpha=0.1, merge="", base_flops=2,
+                        atme_flops=2, target_flops=1, classes=8, world_size=1, device="cpu")
+
+    def train(step: int, images_per_s: float) -> TrainRecord:
+        return TrainRecord(step=step, epoch=0.0, loss=1.0, lr=1e-4, flops_target=None, s_size=0, s_entered=0,
+                           max_masked_norm=0.0, images_per_s=images_per_s)
+    log = [start, train(50, 10.0), train(100, 20.0),                   # killed after this; resumed from step 50
+           start, train(100, 40.0), EvalRecord(step=100, top1_student=50.0, top1_teacher=None), train(150, 10.0)]
     assert script.training_seconds(log) == pytest.approx(50 * 4 / 10 + 50 * 4 / 40 + 50 * 4 / 10)
