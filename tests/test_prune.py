@@ -3,6 +3,7 @@ original scale, bad masks are refused."""
 import copy
 
 import pytest
+import timm
 import torch
 import cait
 from cait.models.spec import describe
@@ -81,3 +82,28 @@ def test_compress_with_rounding_equals_its_masked_twin(tiny):
     compact = cait.compress(model, 0.5, round_to=4)
     assert all(w % 4 == 0 for b in describe(compact).blocks for w in (b.qk_dim, b.v_dim, b.ffn_dim))
     assert cait.count_flops(compact) <= 0.5 * cait.count_flops(model)
+
+
+def test_pruned_attention_pads_to_one_width_for_the_fused_kernel_without_changing_outputs():
+    """q/k ≠ v leaves PyTorch's fast kernel; zero padding keeps it, exactly (zero q/k channels add nothing to q·kᵀ,
+    zero v channels are sliced off), and FLOPs are still the model's own multiply-adds."""
+    import copy
+    from cait.layers.pruned_attention import PrunedAttention, exact_widths
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 48)
+    for qk, v in ((5, 9), (9, 5), (7, 7)):
+        attn = PrunedAttention(48, 3, qk_dim=qk, v_dim=v, scale=16 ** -0.5).eval()
+        plain = copy.deepcopy(attn)
+        plain.pad_to_kernel = False
+        manual = copy.deepcopy(attn)
+        manual.fused_attn = False
+        with torch.no_grad():
+            torch.testing.assert_close(attn(x), plain(x), rtol=0, atol=2e-6)
+            torch.testing.assert_close(attn(x), manual(x), rtol=0, atol=2e-6)
+    model = cait.compress(timm.create_model(cait.TEST_MODEL).eval(), 0.5)
+    widths = [(b.attn.qk_dim, b.attn.v_dim) for b in model.blocks]
+    assert any(q != v for q, v in widths)                                   # the case the padding is for
+    assert cait.count_flops(model) == cait.analytic_flops(model)           # the padding is not counted
+    assert all(b.attn.pad_to_kernel for b in model.blocks)                 # ... and is back on after counting
+    with exact_widths(model):
+        assert not any(b.attn.pad_to_kernel for b in model.blocks)

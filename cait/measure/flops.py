@@ -32,6 +32,7 @@ with warnings.catch_warnings():          # fvcore's import touches the deprecate
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
+from ..layers.pruned_attention import exact_widths
 from ..models.spec import ModelSpec, describe
 
 
@@ -77,7 +78,8 @@ def flop_analysis(model: nn.Module, img_size: int | None = None) -> FlopCountAna
     # Zero, not None: fvcore's set_op_handle(name, None) leaves an existing default handle in place.
     fca.set_op_handle("aten::layer_norm", _not_counted)
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    fca.total()                                                      # run the trace now, in eval mode
+    with exact_widths(model):                # the kernel's zero padding is not the model's multiply-adds
+        fca.total()                          # run the trace now, in eval mode (fvcore caches it)
     model.train(was_training)
     return fca
 
