@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -38,6 +35,7 @@ from ..models.meta import ModelMeta
 from ..models.spec import describe
 from .build import Run, build_run
 from .config import FinetuneConfig, FinetuneError
+from .distributed import broadcast, seed_step, setup_distributed
 from .lasso import (apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_, shrink_masked_rows_,
                     zero_masked_rows_)
 from .records import EvalRecord, FinalRecord, StoppedRecord, TrainRecord
@@ -56,7 +54,7 @@ def finetune(cfg: FinetuneConfig) -> FinalRecord | StoppedRecord:
             configuration, or a NaN loss (bad data raises :class:`cait.data.datasets.DataError` as is). Earlier
             training states are left intact.
     """
-    rank, world, device = _setup_distributed(cfg.device)
+    rank, world, device = setup_distributed(cfg.device)
     try:
         return _train(build_run(cfg, rank, world, device))
     finally:
@@ -117,10 +115,10 @@ def _step(run: Run, step: int, batch: list[torch.Tensor]) -> float:
     if nets.cdcp and optim.schedule.rebuild_at(step):
         m = (select_channels(compactor_scores(nets.student), nets.spec, optim.schedule.target(step),
                              cfg.min_channels, cfg.round_to) if run.rank == 0 else None)
-        m = _broadcast(m, run.rank, run.world)
+        m = broadcast(m, run.rank, run.world)
         run.entered = reset_optimizer_rows_(nets.student, optim.opt, run.mask, m)
         run.mask = m
-    _seed_step(cfg.seed, step * run.world + run.rank)
+    seed_step(cfg.seed, step * run.world + run.rank)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if optim.mixup:
         x, y = optim.mixup(x, y)
@@ -163,7 +161,7 @@ def _export(run: Run) -> FinalRecord:
         final_mask = (select_channels(compactor_scores(student), nets.spec, split.target_flops, cfg.min_channels,
                                       cfg.round_to) if run.rank == 0 and needs_final else None)
         if final_mask is not None or run.world > 1:
-            mask = _broadcast(final_mask if final_mask is not None else mask, run.rank, run.world)
+            mask = broadcast(final_mask if final_mask is not None else mask, run.rank, run.world)
         removed = zero_masked_rows_(student, mask)
     else:
         mask, removed = ChannelMask.keep_all(nets.spec), 0.0
@@ -189,37 +187,3 @@ def _export(run: Run) -> FinalRecord:
     if run.world > 1:
         (run.out / f"final_mask_rank{run.rank}.json").write_text(json.dumps(mask.to_dict()))
     return final
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Processes and seeds
-# ------------------------------------------------------------------------------------------------------------------
-def _setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise FinetuneError("CUDA was asked for, but torch sees no GPU here; use --device cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def _broadcast(obj, rank: int, world: int):
-    if world == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _seed_step(seed: int, step: int) -> None:
-    """Seed every RNG from (seed, step): augmentation is then the same whether or not the run was resumed."""
-    s = (seed * 1_000_003 + step) % (2 ** 31)
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
