@@ -6,10 +6,11 @@ The pipeline, one package per stage, imports pointing down this list only (``tes
     data       synthetic shapes with masks, bundled photos, datasets, calibration images
     models     DeiT creation; ATME and compactor patches of timm; Layout, ModelSpec, ModelMeta
     compress   plan → importance → select S → prune and fold → refit; one-shot compress()
-    baselines  ToMe, measured beside CAIT in the same run
+    baselines  ToMe and EViT-style token pruning, measured beside CAIT in the same run
     measure    FLOPs (SPEC §4), throughput, CLS attention, top-1
     io         safetensors + JSON checkpoints, the Hugging Face Hub, exports, the bundled pair
     finetune   CDCP fine-tuning: Eq. 2, typed log records, run directory, the engine
+    dense      dense transfer: any backbone's blocks on the patch grid, a Semantic FPN segmenter
     viz        overlays and charts
     cli        every command line (python -m cait.finetune / compress / bench / export)
     studio     the app's engine: model pairs, tab answers, background jobs, public-mode limits, the Gradio UI

@@ -4,13 +4,13 @@ README's ``python -m cait.<tool>`` commands answer."""
 import ast
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["layers", "data", "models", "compress", "baselines", "measure", "io", "finetune", "viz", "cli", "studio"]
+LAYERS = ["layers", "data", "models", "compress", "baselines", "measure", "io", "finetune", "dense", "viz", "cli",
+          "studio"]
 """The subpackages of ``cait`` bottom to top: a module may import from its own subpackage and from those below it.
 ``cait/__init__.py`` and the command entry points (``cait/bench.py``, ``cait/export.py``, ``__main__.py``) sit above
 them all."""

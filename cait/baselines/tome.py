@@ -31,6 +31,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from ..models.atme import get_layout
+from ..models.deit import block_outputs
 from ..models.meta import meta_of
 from ..models.spec import describe
 
@@ -38,6 +39,40 @@ from ..models.spec import describe
 # ----------------------------------------------------------------------------------------------------------------
 # Pure tensor core
 # ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Matching:
+    """One block's bipartite soft matching over ``N`` patch tokens: A = even positions, B = odd ones; ``src`` (B, r)
+    are the A tokens merged into the B tokens ``dst`` (B, r); ``keep`` (B, |A| − r) the A tokens kept, in order."""
+
+    keep: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+
+    def merge(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` ``(B, N, c)`` per token → ``(B, N − r, c)``: kept A rows, then every B row plus the A rows merged into
+        it (a sum: weight ``t`` first for a mean)."""
+        def rows(u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # u (B, n, c), idx (B, k) → (B, k, c)
+            return u.gather(1, idx[..., None].expand(-1, -1, u.shape[-1]))
+        ta, tb = t[:, ::2], t[:, 1::2]
+        tb = tb.scatter_add(1, self.dst[..., None].expand(-1, -1, t.shape[-1]), rows(ta, self.src))
+        return torch.cat([rows(ta, self.keep), tb], dim=1)
+
+
+def bipartite_match(metric: torch.Tensor, r: int) -> Matching | None:
+    """ToMe §3's matching: each A token's most similar B token (cosine of ``metric`` ``(B, N, d)``, the keys averaged
+    over heads); the ``r`` best-matched A tokens merge (``r`` capped at ``ceil(N / 2)``). None when ``r <= 0``."""
+    N = metric.shape[1]
+    r = min(int(r), (N + 1) // 2)
+    if r <= 0:
+        return None
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)                    # (B, |A|, |B|) cosine similarity
+    best, partner = scores.max(dim=-1)                                 # (B, |A|)
+    order = best.argsort(dim=-1, descending=True)
+    src, keep = order[:, :r], order[:, r:].sort(dim=-1).values         # merged A tokens; kept A tokens, in order
+    return Matching(keep, src, partner.gather(1, src))                 # dst: their B partners
+
+
 def merge_tokens(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``r`` tokens by bipartite soft matching (ToMe §3), size-weighted.
@@ -52,26 +87,11 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: i
         ``(x', size')`` with ``N − r`` tokens: the unmerged A tokens (in their original order), then all B tokens.
         ``size'`` sums to the same total as ``size``.
     """
-    B, N, C = x.shape
-    r = min(int(r), (N + 1) // 2)
-    if r <= 0:
+    match = bipartite_match(metric, r)
+    if match is None:
         return x, size
-    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)                    # (B, |A|, |B|) cosine similarity
-    best, partner = scores.max(dim=-1)                                 # (B, |A|)
-    order = best.argsort(dim=-1, descending=True)
-    src, keep = order[:, :r], order[:, r:].sort(dim=-1).values         # merged A tokens; kept A tokens, in order
-    dst = partner.gather(1, src)                                       # (B, r) their B partners
-
-    def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:      # t (B, n, c), idx (B, k) → (B, k, c)
-        return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
-
-    weighted = x * size
-    xa, xb, sa, sb = weighted[:, ::2], weighted[:, 1::2], size[:, ::2], size[:, 1::2]
-    xb = xb.scatter_add(1, dst[..., None].expand(-1, -1, C), rows(xa, src))
-    sb = sb.scatter_add(1, dst[..., None], rows(sa, src))
-    size_out = torch.cat([rows(sa, keep), sb], dim=1)                  # (B, N − r, 1)
-    return torch.cat([rows(xa, keep), xb], dim=1) / size_out, size_out
+    size_out = match.merge(size)                                       # (B, N − r, 1)
+    return match.merge(x * size) / size_out, size_out
 
 
 def tome_token_counts(num_patches: int, schedule: Sequence[int]) -> list[tuple[int, int]]:
@@ -97,6 +117,8 @@ class ToMeState:
     schedule: list[int]
     size: torch.Tensor | None = None                                   # (B, N, 1), CLS included
     keys: dict = field(default_factory=dict)                           # block index → qkv output of this pass
+    trace_source: bool = False                                         # keep `source` (dense outputs need it)
+    source: torch.Tensor | None = None                                 # (B, N − 1, P): token n holds patch p
 
 
 class ToMeBlock(Block):
@@ -110,8 +132,11 @@ class ToMeBlock(Block):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                 ) -> torch.Tensor:
         state, i = self.tome, self.tome_index
-        if i == 0:
-            state.size = None                                          # a new forward pass
+        if i == 0:                                                     # a new forward pass
+            state.size = None
+            P = x.shape[1] - 1
+            state.source = (torch.eye(P, device=x.device, dtype=x.dtype).expand(x.shape[0], P, P)
+                            if state.trace_source else None)
         bias = None if state.size is None else state.size.log().transpose(1, 2)[:, None]   # (B, 1, 1, N)
         if attn_mask is not None:
             bias = attn_mask if bias is None else bias + attn_mask
@@ -123,9 +148,12 @@ class ToMeBlock(Block):
             H = self.attn.num_heads
             keys = qkv.reshape(B, N, 3, H, -1)[:, :, 1].mean(dim=2)    # (B, N, d): keys, mean over heads
             size = state.size if state.size is not None else x.new_ones(B, N, 1)
-            patches, psize = merge_tokens(x[:, 1:], size[:, 1:], keys[:, 1:], r)
-            x = torch.cat([x[:, :1], patches], dim=1)                  # (B, 1 + N − r, C)
+            match = bipartite_match(keys[:, 1:], r)
+            psize = match.merge(size[:, 1:])
+            x = torch.cat([x[:, :1], match.merge(x[:, 1:] * size[:, 1:]) / psize], dim=1)   # (B, 1 + N − r, C)
             state.size = torch.cat([size[:, :1], psize], dim=1)
+            if state.source is not None:
+                state.source = match.merge(state.source)               # each patch stays in exactly one token
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -220,3 +248,33 @@ def tome_schedule(model: nn.Module, flops_reduction: float) -> list[int]:
     if reduction(schedule) < flops_reduction - 0.005:
         raise ValueError(f"ToMe cannot remove {100 * flops_reduction:.1f}% of FLOPs from this model")
     return schedule
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dense outputs: merges undone
+# ----------------------------------------------------------------------------------------------------------------
+def tome_dense_intermediates(model: nn.Module, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+    """Each listed block's output on the full patch grid, ``(B, C, H, W)``: every patch position takes the value of
+    the merged token that absorbed it (ToMe's source tracking, the paper's way to use ToMe for dense prediction).
+
+    Args:
+        model: a ToMe model (:func:`apply_tome`).
+        x: images ``(B, 3, S, S)``.
+        indices: blocks whose outputs to return.
+    """
+    state, (H, W) = model.tome, model.patch_embed.grid_size
+    sources: dict[int, torch.Tensor] = {}
+    hooks = [model.blocks[i].register_forward_hook(lambda m, a, out, i=i: sources.__setitem__(i, state.source))
+             for i in sorted({i % len(model.blocks) for i in indices})]
+    state.trace_source = True
+    try:
+        outs = block_outputs(model, x, indices)
+    finally:
+        state.trace_source = False
+        for h in hooks:
+            h.remove()
+    maps = []
+    for i, tokens in zip(sorted(sources), outs):
+        patches = sources[i].transpose(1, 2) @ tokens[:, 1:]                  # (B, P, C): each patch its token's value
+        maps.append(patches.transpose(1, 2).reshape(tokens.shape[0], -1, H, W))
+    return maps

@@ -7,4 +7,5 @@ unlabelled calibration images.
     photos       real photos from installed packages; image validation for uploads
     datasets     build_datasets ("synthetic" or an ImageFolder), StepBatchSampler, DataError
     calibration  calibration_images: named sources, a folder, a tensor or a DataLoader
+    segmentation per-pixel class maps: synthetic shapes at any resolution, a checked images/ + masks/ folder
 """

@@ -6,4 +6,5 @@
     speed      compare_throughput: images/s of models timed in alternation on one input
     attention  CLS attention through the merged grid; its share inside a known object       (Fig. 8)
     accuracy   evaluate: top-1 on a held-out set, across DDP ranks
+    segmentation  mIoU and per-class IoU (torchmetrics), pixel accuracy
 """

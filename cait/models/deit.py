@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import timm
+import torch
 import torch.nn as nn
 from huggingface_hub import try_to_load_from_cache
 from timm.models import (
@@ -170,3 +171,24 @@ def create_model(name: str, pretrained: bool = True, **kwargs) -> tuple[nn.Modul
     if model is None:
         model = timm.create_model(name, pretrained=False, **kwargs)
     return model.eval(), info
+
+
+def block_outputs(model: nn.Module, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+    """Each listed block's output tokens ``(B, N_i, C)`` (CLS first) for images ``x (B, 3, S, S)``, running the model's
+    own patch embedding and blocks (for models whose token count is not a grid, where timm's
+    ``forward_intermediates`` cannot reshape).
+
+    Raises:
+        ValueError: for a block index outside the model.
+    """
+    depth = len(model.blocks)
+    wanted = sorted({i % depth for i in indices}) if all(-depth <= i < depth for i in indices) else None
+    if wanted is None:
+        raise ValueError(f"block indices {indices} are outside 0..{depth - 1}")
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    out = []
+    for i, block in enumerate(model.blocks[: wanted[-1] + 1]):
+        x = block(x)
+        if i in wanted:
+            out.append(x)
+    return out

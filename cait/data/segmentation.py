@@ -1,0 +1,182 @@
+"""Segmentation data: per-pixel class maps for the synthetic shapes at any resolution, and a user's own folder.
+
+Targets are ``(S, S)`` int64 class indices. The synthetic set has 9 classes: ``background`` (0) and the 8 shapes
+(1..8, :data:`cait.data.synthetic.CLASSES` shifted by one), from the object mask the renderer already draws. A
+folder of one's own::
+
+    ROOT/train/images/<stem>.png|jpg|...     ROOT/train/masks/<stem>.png     (PNG of class indices, same size)
+    ROOT/val/images/...                      ROOT/val/masks/...
+    ROOT/classes.json                        optional: ["background", "road", ...] (else class_0, class_1, ...)
+
+is checked whole before any training (:func:`check_folder`): a missing mask, a mask that is not a PNG, a mask whose
+size differs from its image, a class index outside ``classes.json`` or above 255, an unreadable file — each refused
+by the file's name, with every problem found listed (up to 20).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .datasets import DataError
+from .synthetic import CLASSES, IMAGENET_MEAN, IMAGENET_STD, SyntheticShapes
+
+SYNTHETIC_SEG_CLASSES = ("background",) + tuple(CLASSES)
+"""The synthetic set's segmentation classes: background, then the 8 shapes."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_CLASSES = 256
+MAX_PROBLEMS = 20
+
+
+class SyntheticSegmentation(Dataset):
+    """``ds[i]`` → ``(x (3, S, S) normalised, target (S, S) int64)``: sample ``i`` of the synthetic stream, its object
+    pixels labelled ``1 + class``, the rest 0.
+
+    Args:
+        length: samples; img_size: side in pixels (any multiple of the patch); seed, split: as
+            :class:`~cait.data.synthetic.SyntheticShapes` (``"val"`` is held out).
+    """
+
+    classes = SYNTHETIC_SEG_CLASSES
+
+    def __init__(self, length: int, img_size: int = 224, seed: int = 0, split: str = "train") -> None:
+        self.shapes = SyntheticShapes(length, img_size, seed, split)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        x, label, mask = self.shapes.tensor(index)
+        return x, mask.long() * (label + 1)
+
+
+@dataclass(frozen=True)
+class FolderSample:
+    image: Path
+    mask: Path
+
+
+def _classes(root: Path) -> list[str] | None:
+    f = root / "classes.json"
+    if not f.is_file():
+        return None
+    try:
+        names = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{f}: not a JSON list of class names ({e})") from None
+    if not (isinstance(names, list) and 1 < len(names) <= MAX_CLASSES and all(isinstance(n, str) for n in names)):
+        raise DataError(f"{f}: must be a list of 2 to {MAX_CLASSES} class names (index 0 first)")
+    return names
+
+
+def _pairs(split_dir: Path, problems: list[str]) -> list[FolderSample]:
+    images, masks = split_dir / "images", split_dir / "masks"
+    for d in (images, masks):
+        if not d.is_dir():
+            raise DataError(f"{d}: missing (a segmentation folder needs train/ and val/, each with images/ and masks/)")
+    out = []
+    for img in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        png = masks / f"{img.stem}.png"
+        if png.is_file():
+            out.append(FolderSample(img, png))
+        else:
+            other = sorted(p.name for p in masks.glob(f"{img.stem}.*"))
+            problems.append(f"{img.name}: mask {other[0]} is not a PNG" if other else f"{img.name}: no mask "
+                            f"masks/{img.stem}.png")
+    if not out and not problems:
+        raise DataError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return out
+
+
+def _check_pair(s: FolderSample, num_classes: int | None) -> tuple[str | None, int]:
+    """A problem with one image/mask pair (or None), and its largest class index."""
+    try:
+        with Image.open(s.image) as im:
+            size = im.size
+        with Image.open(s.mask) as m:
+            if m.mode not in ("L", "P", "I", "I;16"):
+                return f"{s.mask.name}: a mask holds one class index per pixel (mode L or P), got mode {m.mode}", 0
+            if m.size != size:
+                return f"{s.mask.name}: {m.size[0]}×{m.size[1]}, its image is {size[0]}×{size[1]}", 0
+            top = int(np.asarray(m).max())
+    except (OSError, UnidentifiedImageError) as e:
+        return f"{s.image.name}: unreadable ({type(e).__name__})", 0
+    limit = num_classes if num_classes is not None else MAX_CLASSES
+    if top >= limit:
+        where = "classes.json names" if num_classes is not None else "at most"
+        return f"{s.mask.name}: class index {top} is out of range ({where} {limit} classes)", top
+    return None, top
+
+
+def check_folder(root: str | Path) -> tuple[dict[str, list[FolderSample]], list[str]]:
+    """Every image/mask pair of a segmentation folder, checked; returns ``({"train": [...], "val": [...]}, class
+    names)``.
+
+    Raises:
+        DataError: naming each problem found (missing mask, non-PNG mask, size mismatch, class index out of range,
+            unreadable file), or a missing ``train/``/``val/``/``images/``/``masks/``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such data directory (expected {root}/train and {root}/val, or 'synthetic')")
+    names = _classes(root)
+    problems: list[str] = []
+    splits = {split: _pairs(root / split, problems) for split in ("train", "val")}
+    top = 0
+    for pairs in splits.values():
+        for s in pairs:
+            problem, t = _check_pair(s, None if names is None else len(names))
+            top = max(top, t)
+            if problem:
+                problems.append(problem)
+    if problems:
+        shown = "; ".join(problems[:MAX_PROBLEMS]) + (f"; and {len(problems) - MAX_PROBLEMS} more"
+                                                        if len(problems) > MAX_PROBLEMS else "")
+        raise DataError(f"{root}: {len(problems)} problem(s): {shown}")
+    return splits, names or [f"class_{i}" for i in range(max(2, top + 1))]
+
+
+class SegmentationFolder(Dataset):
+    """A checked folder split (:func:`check_folder`): ``ds[i]`` → ``(x (3, S, S), target (S, S) int64)``, both resized
+    to ``img_size`` (bicubic image, nearest-neighbour mask), randomly flipped when ``train``."""
+
+    def __init__(self, samples: list[FolderSample], classes: list[str], img_size: int, train: bool,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        self.samples, self.classes, self.img_size, self.train = samples, classes, img_size, train
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, S = self.samples[index], self.img_size
+        image = Image.open(s.image).convert("RGB").resize((S, S), Image.Resampling.BICUBIC)
+        mask = Image.open(s.mask).resize((S, S), Image.Resampling.NEAREST)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
+        y = torch.from_numpy(np.array(mask).astype(np.int64))
+        if self.train and random.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        return (x - self.mean) / self.std, y
+
+
+def build_segmentation_sets(data: str, img_size: int, seed: int = 0, train_size: int = 2000, val_size: int = 500
+                            ) -> tuple[Dataset, Dataset, list[str]]:
+    """``(train, val, class names)`` for ``"synthetic"`` (``train_size`` and ``val_size`` images) or a checked folder.
+
+    Raises:
+        DataError: for a folder that fails :func:`check_folder`.
+    """
+    if data == "synthetic":
+        return (SyntheticSegmentation(train_size, img_size, seed, "train"),
+                SyntheticSegmentation(val_size, img_size, seed, "val"), list(SYNTHETIC_SEG_CLASSES))
+    splits, classes = check_folder(data)
+    return (SegmentationFolder(splits["train"], classes, img_size, train=True),
+            SegmentationFolder(splits["val"], classes, img_size, train=False), classes)
