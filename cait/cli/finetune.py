@@ -11,8 +11,6 @@ exits 2 with one ``error:`` line.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -20,25 +18,13 @@ import sys
 from ..finetune.config import FinetuneConfig, FinetuneError
 from ..finetune.engine import finetune
 from ..finetune.records import to_dict
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cait.finetune", description="CDCP fine-tuning with hard distillation (SPEC §2, §3)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(FinetuneConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    return p
-
+from .flags import dataclass_parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run, print the final summary as JSON (rank 0); exit 2 with a message on bad input."""
-    args = _parser().parse_args(argv)
+    args = dataclass_parser(FinetuneConfig, "python -m cait.finetune",
+                            "CDCP fine-tuning with hard distillation (SPEC §2, §3)").parse_args(argv)
     cfg = FinetuneConfig(**vars(args))
     try:
         result = finetune(cfg)

@@ -91,6 +91,19 @@ class FinalRecord(FinetuneSummary):
 
 Record = Union[StartRecord, TrainRecord, EvalRecord, StoppedRecord, FinalRecord]
 RECORD_TYPES: dict[str, type] = {c.TYPE: c for c in (StartRecord, TrainRecord, EvalRecord, StoppedRecord, FinalRecord)}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a record class (a dataclass with a ``TYPE``) readable by :func:`from_json`, for log
+    kinds of other engines (the segmentation engine's, :mod:`cait.dense.records`).
+
+    Raises:
+        ValueError: if another class already has that ``TYPE``.
+    """
+    if RECORD_TYPES.get(cls.TYPE, cls) is not cls:
+        raise ValueError(f"log record type {cls.TYPE!r} is taken by {RECORD_TYPES[cls.TYPE].__name__}")
+    RECORD_TYPES[cls.TYPE] = cls
+    return cls
 _NOT_LOGGED = ("mask",)
 R = TypeVar("R")
 

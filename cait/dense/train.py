@@ -1,0 +1,244 @@
+"""Training a segmenter: :func:`segment` (``python -m cait.dense``), frozen backbone (a probe) or end to end.
+
+The same shape as the fine-tune engine (:mod:`cait.finetune.engine`): one config dataclass, batches a pure function
+of (seed, step) (:class:`cait.data.datasets.StepBatchSampler`), a resumable training state every
+``ckpt_interval`` steps (:mod:`cait.finetune.rundir`, safetensors + JSON), typed log records
+(:mod:`cait.dense.records`), ``torchrun`` for several processes, a progress bar on a terminal. The loss is
+cross-entropy over pixels; AdamW with a cosine LR (the paper's ADE20K recipe uses AdamW, lr 6e-5, weight decay 0.01
+end to end; a probe's decoder trains at a larger LR). At the end the segmenter is scored on the held-out split and
+written to ``OUTPUT/segmenter`` (:func:`cait.dense.checkpoint.load_segmenter`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
+
+from ..data.datasets import StepBatchSampler
+from ..data.segmentation import build_segmentation_sets
+from ..finetune.config import FinetuneError
+from ..finetune.distributed import seed_step, setup_distributed
+from ..finetune.records import to_json
+from ..finetune.rundir import LOG_NAME, RunDirError, read_state, restore_state, save_state, state_files
+from ..measure.segmentation import evaluate_segmentation
+from .backbones import load_backbone, make_backbone
+from .checkpoint import save_segmenter, segmenter_flops
+from .records import SegmentEvalRecord, SegmentStartRecord, SegmentTrainRecord
+from .segmenter import DecoderConfig, Segmenter
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SegmentConfig:
+    """Every option of a segmentation run; the command line has one flag per field."""
+
+    backbone: str = _f("bundled:original", "bundled:original, bundled:cait, a checkpoint directory or a DeiT name")
+    baseline: str = _f("none", "none, or a training-free baseline made from the (uncompressed) backbone: tome, "
+                               "token_pruning, atme, cdcp")
+    flops_reduction: float = _f(0.5, "FLOPs reduction of the tome, token_pruning and cdcp baselines")
+    merge: str | None = _f(None, "the atme baseline's layout, e.g. h5,v10")
+    data: str = _f("synthetic", "'synthetic' or a folder of train|val/images + masks (cait.data.segmentation)")
+    img_size: int | None = _f(None, "input side in pixels (default: the backbone's)")
+    steps: int = _f(300, "optimizer steps")
+    batch_size: int = _f(16, "global batch size")
+    lr: float = _f(1e-3, "peak LR of the pyramid, decoder and head")
+    backbone_lr: float | None = _f(None, "peak LR of the backbone: set it to train end to end (default: frozen, a probe)")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    lr_warmup: float = _f(0.05, "fraction of steps of linear LR warm-up")
+    pyramid_channels: int = _f(64, "FPN pyramid channels")
+    segmentation_channels: int = _f(32, "FPN segmentation channels (a multiple of 32: GroupNorm)")
+    train_size: int = _f(2000, "synthetic training images (one epoch)")
+    val_size: int = _f(500, "synthetic held-out images")
+    eval_interval: int = _f(100, "evaluate every this many steps (and at the end)")
+    log_interval: int = _f(10, "log every this many steps")
+    ckpt_interval: int = _f(100, "write a training state every this many steps")
+    seed: int = _f(0, "seed of data order, flips and the decoder's initialisation")
+    device: str | None = _f(None, "cpu or cuda (default: cuda when available)")
+    output: str = _f("runs/segment", "run directory")
+    resume: bool = _f(False, "continue the run in --output from its newest training state")
+    stop_at: int | None = _f(None, "stop after this step as if killed (for tests and time-boxed runs)")
+
+    IDENTITY = ("backbone", "baseline", "flops_reduction", "merge", "data", "img_size", "steps", "batch_size", "lr",
+                "backbone_lr", "weight_decay", "lr_warmup", "pyramid_channels", "segmentation_channels",
+                "train_size", "val_size", "seed")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SegmentResult:
+    """What :func:`segment` returns: the held-out score at ``step`` (None for a run stopped by ``stop_at``)."""
+
+    step: int
+    score: SegmentEvalRecord | None
+    output: Path
+
+
+def segment(cfg: SegmentConfig) -> SegmentResult:
+    """Train a segmenter as ``cfg`` says (module docstring).
+
+    Raises:
+        FinetuneError: an option no run can start with, or a resume of a different configuration, or a NaN loss
+            (earlier training states are left intact); :class:`cait.data.datasets.DataError` for bad data.
+    """
+    rank, world, device = setup_distributed(cfg.device)
+    try:
+        return _run(cfg, rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _segmenter(cfg: SegmentConfig, model: nn.Module, num_classes: int, device: torch.device
+               ) -> tuple[Segmenter, str]:
+    """The backbone (its baseline made, if any) inside a fresh segmenter, and what the backbone is."""
+    try:
+        backbone, what = make_backbone(model, cfg.baseline, cfg.flops_reduction, cfg.merge)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    torch.manual_seed(cfg.seed)                                     # the same decoder for every backbone
+    seg = Segmenter(backbone, num_classes, decoder=DecoderConfig(cfg.pyramid_channels, cfg.segmentation_channels),
+                    frozen=cfg.backbone_lr is None)
+    return seg.to(device), what
+
+
+def _load(cfg: SegmentConfig) -> tuple[nn.Module, int]:
+    """The backbone checkpoint, resized to ``img_size`` (position embedding resampled, merges moved), and its size."""
+    try:
+        model = load_backbone(cfg.backbone)
+        size = cfg.img_size or int(model.patch_embed.img_size[0])
+        if size != model.patch_embed.img_size[0]:
+            model.set_input_size(img_size=size)
+    except ValueError as e:
+        raise FinetuneError(f"--backbone {cfg.backbone}: {e}") from None
+    return model, size
+
+
+def _optimizer(cfg: SegmentConfig, seg: Segmenter) -> torch.optim.Optimizer:
+    groups = [{"params": list(seg.decoder_modules().parameters()), "lr": cfg.lr}]
+    if cfg.backbone_lr is not None:
+        groups.append({"params": [p for p in seg.backbone.parameters() if p.requires_grad], "lr": cfg.backbone_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def _check(cfg: SegmentConfig, world: int) -> Path:
+    if cfg.steps < 1 or cfg.batch_size < world or cfg.batch_size % world:
+        raise FinetuneError(f"--steps must be >= 1 and --batch-size a multiple of the {world} processes")
+    if cfg.segmentation_channels % 32:
+        raise FinetuneError(f"--segmentation-channels must be a multiple of 32 (GroupNorm), got "
+                            f"{cfg.segmentation_channels}")
+    out = Path(cfg.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FinetuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+    if not cfg.resume and state_files(out):
+        raise FinetuneError(f"{out}: holds an earlier run; pass --resume to continue it or choose a new --output")
+    return out
+
+
+def _resume(cfg: SegmentConfig, out: Path, seg: Segmenter, opt: torch.optim.Optimizer) -> int:
+    try:
+        meta, tensors = read_state(out)
+    except RunDirError as e:
+        raise FinetuneError(f"--resume given, but {e}") from None
+    before = meta.get("config", {})
+    diff = [k for k in SegmentConfig.IDENTITY if before.get(k) != getattr(cfg, k)]
+    if diff:
+        raise FinetuneError(f"{out}: cannot resume a different configuration; changed: " + ", ".join(diff))
+    restore_state(seg, opt, meta, tensors)
+    return int(meta["step"])
+
+
+def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> SegmentResult:
+    out = _check(cfg, world)
+    model, size = _load(cfg)
+    train_set, val_set, classes = build_segmentation_sets(cfg.data, size, cfg.seed, cfg.train_size, cfg.val_size)
+    seg, what = _segmenter(cfg, model, len(classes), device)
+    opt = _optimizer(cfg, seg)
+    start = _resume(cfg, out, seg, opt) if cfg.resume else 0
+    sched = CosineLRScheduler(opt, t_initial=cfg.steps, lr_min=cfg.lr * 1e-2, warmup_t=int(cfg.lr_warmup * cfg.steps),
+                              warmup_lr_init=cfg.lr * 1e-2, t_in_epochs=False)
+    sched.step_update(start)
+    model = seg if world == 1 else nn.parallel.DistributedDataParallel(
+        seg, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=seg.frozen)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=StepBatchSampler(
+        len(train_set), cfg.batch_size // world, cfg.steps, start, rank, world, cfg.seed))
+    log = (out / LOG_NAME).open("a") if rank == 0 else None
+
+    def emit(record) -> None:
+        if log:
+            log.write(to_json(record) + "\n")
+            log.flush()
+
+    if rank == 0 and not cfg.resume:
+        backbone_flops, total_flops = segmenter_flops(seg, size)
+        emit(SegmentStartRecord(config=cfg.to_dict(), backbone=what, classes=classes, img_size=size,
+                                backbone_flops=backbone_flops, segmenter_flops=total_flops,
+                                trainable_params=sum(p.numel() for p in seg.parameters() if p.requires_grad),
+                                world_size=world, device=str(device)))
+
+    def evaluate(step: int) -> SegmentEvalRecord:
+        s = evaluate_segmentation(seg, val_set, len(classes), device)
+        record = SegmentEvalRecord(step=step, miou=s.miou, per_class_iou=s.per_class_iou,
+                                   pixel_accuracy=s.pixel_accuracy)
+        emit(record)
+        return record
+
+    def save(step: int) -> None:
+        if rank == 0:
+            save_state(out, step, seg, opt, None, {"config": cfg.to_dict()})
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="cait.dense", dynamic_ncols=True) \
+        if rank == 0 and sys.stderr.isatty() else None
+    t_last, seen = time.perf_counter(), 0
+    for step, (x, y) in enumerate(loader, start=start):
+        model.train()
+        seed_step(cfg.seed, step * world + rank)
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        if not math.isfinite(float(loss)):
+            raise FinetuneError(f"loss became {float(loss)} at step {step}; earlier training states in {out} are intact")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step_update(step + 1)
+        done, seen = step + 1, seen + x.shape[0] * world
+        if rank == 0 and (done % cfg.log_interval == 0 or done == cfg.steps):
+            now = time.perf_counter()
+            emit(SegmentTrainRecord(step=done, loss=float(loss), lr=opt.param_groups[0]["lr"],
+                                    images_per_s=seen / (now - t_last)))
+            t_last, seen = now, 0
+        if done % cfg.eval_interval == 0 and done < cfg.steps and rank == 0:
+            evaluate(done)
+        if done % cfg.ckpt_interval == 0 and done < cfg.steps:
+            save(done)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        if cfg.stop_at is not None and done >= cfg.stop_at:
+            save(done)
+            if bar:
+                bar.close()
+            return SegmentResult(done, None, out)
+    if bar:
+        bar.close()
+    save(cfg.steps)
+    final = evaluate(cfg.steps) if rank == 0 else None
+    if rank == 0:
+        save_segmenter(seg, out / "segmenter", classes=classes, what=what, config=cfg.to_dict(), score=final)
+        log.close()
+    return SegmentResult(cfg.steps, final, out)
