@@ -164,7 +164,45 @@ def _resume(cfg: SegmentConfig, out: Path, seg: Segmenter, opt: torch.optim.Opti
     return int(meta["step"])
 
 
-def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> SegmentResult:
+@dataclass
+class _Run:
+    """A segmentation run between steps: made by :func:`_build`, advanced by :func:`_run`."""
+
+    cfg: SegmentConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    seg: Segmenter
+    model: nn.Module                        # the segmenter, inside DDP with several processes
+    opt: torch.optim.Optimizer
+    sched: CosineLRScheduler
+    loader: torch.utils.data.DataLoader
+    val_set: object
+    classes: list[str]
+    start: int
+    what: str                               # what the backbone is (for the checkpoint)
+    log: object | None
+
+    def emit(self, record) -> None:
+        if self.log:
+            self.log.write(to_json(record) + "\n")
+            self.log.flush()
+
+    def evaluate(self, step: int) -> SegmentEvalRecord:
+        s = evaluate_segmentation(self.seg, self.val_set, len(self.classes), self.device)
+        record = SegmentEvalRecord(step=step, miou=s.miou, per_class_iou=s.per_class_iou,
+                                   pixel_accuracy=s.pixel_accuracy)
+        self.emit(record)
+        return record
+
+    def save(self, step: int) -> None:
+        if self.rank == 0:
+            save_state(self.out, step, self.seg, self.opt, None, {"config": self.cfg.to_dict()})
+
+
+def _build(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> _Run:
+    """Check, load the backbone, make data, segmenter, optimizer and loader, resume; rank 0 logs a new run's start."""
     out = _check(cfg, world)
     model, size = _load(cfg)
     train_set, val_set, classes = build_segmentation_sets(cfg.data, size, cfg.seed, cfg.train_size, cfg.val_size)
@@ -174,71 +212,61 @@ def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> Seg
     sched = CosineLRScheduler(opt, t_initial=cfg.steps, lr_min=cfg.lr * 1e-2, warmup_t=int(cfg.lr_warmup * cfg.steps),
                               warmup_lr_init=cfg.lr * 1e-2, t_in_epochs=False)
     sched.step_update(start)
-    model = seg if world == 1 else nn.parallel.DistributedDataParallel(
+    wrapped = seg if world == 1 else nn.parallel.DistributedDataParallel(
         seg, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=seg.frozen)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=StepBatchSampler(
         len(train_set), cfg.batch_size // world, cfg.steps, start, rank, world, cfg.seed))
-    log = (out / LOG_NAME).open("a") if rank == 0 else None
-
-    def emit(record) -> None:
-        if log:
-            log.write(to_json(record) + "\n")
-            log.flush()
-
+    run = _Run(cfg, rank, world, device, out, seg, wrapped, opt, sched, loader, val_set, classes, start, what,
+               (out / LOG_NAME).open("a") if rank == 0 else None)
     if rank == 0 and not cfg.resume:
         backbone_flops, total_flops = segmenter_flops(seg, size)
-        emit(SegmentStartRecord(config=cfg.to_dict(), backbone=what, classes=classes, img_size=size,
-                                backbone_flops=backbone_flops, segmenter_flops=total_flops,
-                                trainable_params=sum(p.numel() for p in seg.parameters() if p.requires_grad),
-                                world_size=world, device=str(device)))
+        run.emit(SegmentStartRecord(config=cfg.to_dict(), backbone=what, classes=classes, img_size=size,
+                                    backbone_flops=backbone_flops, segmenter_flops=total_flops,
+                                    trainable_params=sum(p.numel() for p in seg.parameters() if p.requires_grad),
+                                    world_size=world, device=str(device)))
+    return run
 
-    def evaluate(step: int) -> SegmentEvalRecord:
-        s = evaluate_segmentation(seg, val_set, len(classes), device)
-        record = SegmentEvalRecord(step=step, miou=s.miou, per_class_iou=s.per_class_iou,
-                                   pixel_accuracy=s.pixel_accuracy)
-        emit(record)
-        return record
 
-    def save(step: int) -> None:
-        if rank == 0:
-            save_state(out, step, seg, opt, None, {"config": cfg.to_dict()})
-
-    bar = tqdm(total=cfg.steps, initial=start, desc="cait.dense", dynamic_ncols=True) \
+def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> SegmentResult:
+    run = _build(cfg, rank, world, device)
+    bar = tqdm(total=cfg.steps, initial=run.start, desc="cait.dense", dynamic_ncols=True) \
         if rank == 0 and sys.stderr.isatty() else None
     t_last, seen = time.perf_counter(), 0
-    for step, (x, y) in enumerate(loader, start=start):
-        model.train()
+    for step, (x, y) in enumerate(run.loader, start=run.start):
+        run.model.train()
         seed_step(cfg.seed, step * world + rank)
-        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        loss = F.cross_entropy(run.model(x.to(device)), y.to(device))
         if not math.isfinite(float(loss)):
-            raise FinetuneError(f"loss became {float(loss)} at step {step}; earlier training states in {out} are intact")
-        opt.zero_grad(set_to_none=True)
+            raise FinetuneError(f"loss became {float(loss)} at step {step}; earlier training states in {run.out} "
+                                "are intact")
+        run.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step_update(step + 1)
+        run.opt.step()
+        run.sched.step_update(step + 1)
         done, seen = step + 1, seen + x.shape[0] * world
         if rank == 0 and (done % cfg.log_interval == 0 or done == cfg.steps):
             now = time.perf_counter()
-            emit(SegmentTrainRecord(step=done, loss=float(loss), lr=opt.param_groups[0]["lr"],
-                                    images_per_s=seen / (now - t_last)))
+            run.emit(SegmentTrainRecord(step=done, loss=float(loss), lr=run.opt.param_groups[0]["lr"],
+                                        images_per_s=seen / (now - t_last)))
             t_last, seen = now, 0
         if done % cfg.eval_interval == 0 and done < cfg.steps and rank == 0:
-            evaluate(done)
+            run.evaluate(done)
         if done % cfg.ckpt_interval == 0 and done < cfg.steps:
-            save(done)
+            run.save(done)
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.3f}")
         if cfg.stop_at is not None and done >= cfg.stop_at:
-            save(done)
+            run.save(done)
             if bar:
                 bar.close()
-            return SegmentResult(done, None, out)
+            return SegmentResult(done, None, run.out)
     if bar:
         bar.close()
-    save(cfg.steps)
-    final = evaluate(cfg.steps) if rank == 0 else None
+    run.save(cfg.steps)
+    final = run.evaluate(cfg.steps) if rank == 0 else None
     if rank == 0:
-        save_segmenter(seg, out / "segmenter", classes=classes, what=what, config=cfg.to_dict(), score=final)
-        log.close()
-    return SegmentResult(cfg.steps, final, out)
+        save_segmenter(run.seg, run.out / "segmenter", classes=run.classes, what=run.what, config=cfg.to_dict(),
+                       score=final)
+        run.log.close()
+    return SegmentResult(cfg.steps, final, run.out)
