@@ -138,3 +138,14 @@ def test_miou_and_per_class_iou_on_predictions_known_by_hand():
     assert s.miou == round(sum(s.per_class_iou) / 3, 2) and s.pixel_accuracy == round(100 * 11 / 16, 2)
     with pytest.raises(ValueError, match="outside 0..1"):
         evaluate_segmentation(Fixed(), data, 2)
+
+
+def test_a_copy_of_a_patched_baseline_runs_on_its_own(base):
+    """The qkv hooks keep their output on the module, not in a closure over the model's state: a deep copy of a
+    ToMe or token-pruning model runs as the model does (it used to write into the original's state)."""
+    x = torch.randn(2, 3, 32, 32)
+    for model in (apply_tome(copy.deepcopy(base), 4), apply_token_pruning(copy.deepcopy(base), 0.5)):
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), model(x))
+            torch.testing.assert_close(dense_features(twin, x, BLOCKS)[3], dense_features(model, x, BLOCKS)[3])

@@ -18,7 +18,7 @@ closed form and equals fvcore's count (tests).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 
 import torch
@@ -27,6 +27,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from ..models.atme import get_layout
+from .tome import keep_output
 from ..models.deit import block_outputs
 from ..models.meta import meta_of
 from ..models.spec import describe
@@ -66,7 +67,6 @@ class PruningState:
 
     keep_rate: float
     locations: list[int]
-    qkv: dict = field(default_factory=dict)                 # block index → its qkv output of this pass
     positions: torch.Tensor | None = None                   # (B, k) original patch index of each kept patch token
     trace_canvas: bool = False
     canvas: torch.Tensor | None = None                      # (B, P, C): last value of each patch position
@@ -88,7 +88,8 @@ class PrunedTokensBlock(Block):
             st.canvas = x[:, 1:].detach().clone() if st.trace_canvas else None
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         if i in st.locations:
-            x = self._prune(x, st.qkv.pop(i))
+            x = self._prune(x, self.attn.qkv.kept_output)
+            self.attn.qkv.kept_output = None
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if st.canvas is not None:                                           # kept tokens: their newest value
             k = st.positions.shape[1]
@@ -155,7 +156,7 @@ def apply_token_pruning(model: nn.Module, keep_rate: float, locations: list[int]
         block.__class__ = PrunedTokensBlock
         block.pruning, block.pruning_index = state, i
         if i in locations:
-            block.attn.qkv.register_forward_hook(lambda mod, args, out, i=i: state.qkv.__setitem__(i, out))
+            block.attn.qkv.register_forward_hook(keep_output)
     model.pruning = state
     model.cait_meta = dataclasses.replace(meta_of(model), extra={**meta_of(model).extra,
                                           "token_pruning": {"keep_rate": keep_rate, "locations": locations}})

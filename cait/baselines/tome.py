@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 
 import torch
@@ -116,9 +116,14 @@ class ToMeState:
 
     schedule: list[int]
     size: torch.Tensor | None = None                                   # (B, N, 1), CLS included
-    keys: dict = field(default_factory=dict)                           # block index → qkv output of this pass
     trace_source: bool = False                                         # keep `source` (dense outputs need it)
     source: torch.Tensor | None = None                                 # (B, N − 1, P): token n holds patch p
+
+
+def keep_output(module: nn.Module, args, output: torch.Tensor) -> None:
+    """Forward hook: keep a module's last output on the module (``module.kept_output``). Stateless, so a copy of a
+    patched model (``copy.deepcopy``) keeps its own."""
+    module.kept_output = output
 
 
 class ToMeBlock(Block):
@@ -143,7 +148,8 @@ class ToMeBlock(Block):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias, is_causal=is_causal)))
         r = state.schedule[i]
         if r > 0:
-            qkv = state.keys.pop(i)                                    # (B, N, 3·H·d) from the hook below
+            qkv = self.attn.qkv.kept_output                            # (B, N, 3·H·d), kept by keep_output
+            self.attn.qkv.kept_output = None
             B, N, _ = qkv.shape
             H = self.attn.num_heads
             keys = qkv.reshape(B, N, 3, H, -1)[:, :, 1].mean(dim=2)    # (B, N, d): keys, mean over heads
@@ -190,8 +196,7 @@ def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
         block.__class__ = ToMeBlock
         block.tome, block.tome_index = state, i
         if schedule[i] > 0:
-            block.attn.qkv.register_forward_hook(
-                lambda mod, args, out, i=i: state.keys.__setitem__(i, out))
+            block.attn.qkv.register_forward_hook(keep_output)
     model.tome = state
     model.cait_meta = dataclasses.replace(meta_of(model), tome=list(schedule))
     return model
