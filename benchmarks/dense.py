@@ -35,6 +35,7 @@ from cait.dense.train import SegmentConfig, segment  # noqa: E402
 from cait.io.bundled import bundled_pair  # noqa: E402
 from cait.measure.segmentation import evaluate_segmentation  # noqa: E402
 from cait.measure.speed import compare_throughput  # noqa: E402
+from cait.models.deit import resize_input  # noqa: E402
 
 BACKBONES = ("original", "cait", "atme", "cdcp", "tome", "token_pruning")
 
@@ -42,7 +43,8 @@ BACKBONES = ("original", "cait", "atme", "cdcp", "tome", "token_pruning")
 def configs(a, twin_reduction: float, layout: str) -> dict[str, SegmentConfig]:
     common = dict(data="synthetic", img_size=a.sizes[0], steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                   backbone_lr=a.backbone_lr, train_size=a.train_size, val_size=a.val_size,
-                  eval_interval=a.steps, ckpt_interval=max(10, a.steps // 4), seed=a.seed, device=a.device)
+                  eval_interval=a.steps, ckpt_interval=max(10, a.steps // 4), seed=a.seed, device=a.device,
+                  calibration_size=a.calibration_size)
     spec = {"original": ("bundled:original", "none"), "cait": ("bundled:cait", "none"),
             "atme": ("bundled:original", "atme"), "cdcp": ("bundled:original", "cdcp"),
             "tome": ("bundled:original", "tome"), "token_pruning": ("bundled:original", "token_pruning")}
@@ -67,10 +69,9 @@ def at_size(seg, size: int, name: str, original: torch.nn.Module, twin_flops: in
     if size == seg.backbone.patch_embed.img_size[0]:
         return seg
     kind = backbone_kind(seg.backbone)
-    seg.backbone.set_input_size(img_size=size)                 # position embedding resampled, merges moved
+    resize_input(seg.backbone, size)                           # position embedding resampled, merges moved
     if kind in ("tome", "token_pruning"):                      # re-schedule the baseline for this size's FLOPs
-        base = copy.deepcopy(original)
-        base.set_input_size(img_size=size)
+        base = resize_input(copy.deepcopy(original), size)
         base.load_state_dict(seg.backbone.state_dict())        # the segmenter's own (resampled) weights
         target = 1 - twin_flops / cait.count_flops(base)
         seg.backbone = (apply_tome(base, tome_schedule(base, target)) if kind == "tome"
@@ -88,6 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backbone-lr", type=float, default=None, help="train end to end at this LR (default: probes)")
+    p.add_argument("--calibration-size", type=int, default=256, help="images the atme and cdcp baselines calibrate on")
     p.add_argument("--batch-size-speed", type=int, default=8, help="batch of the throughput measurement")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backbones", default=",".join(BACKBONES))
@@ -101,25 +103,19 @@ def main(argv=None) -> dict:
     if pair is None:
         raise SystemExit("error: the bundled pair is not in this checkout (assets/)")
     original, twin = pair.load()
-    if a.sizes[0] != 224:
-        for m in (original, twin):
-            m.set_input_size(img_size=a.sizes[0])
+    for m in (original, twin):
+        resize_input(m, a.sizes[0])
     reduction = 1 - cait.count_flops(twin) / cait.count_flops(original)
     for cfg in configs(a, reduction, twin.cait_meta.merge).values():
         train_or_reuse(cfg)
     segs = {b: load_segmenter(a.out / b / "segmenter") for b in a.backbones}
     rows = []
     for size in a.sizes:
-        base = copy.deepcopy(original)
-        if size != base.patch_embed.img_size[0]:
-            base.set_input_size(img_size=size)
-        twin_at = copy.deepcopy(twin)
-        if size != twin_at.patch_embed.img_size[0]:
-            twin_at.set_input_size(img_size=size)
-        twin_flops = cait.count_flops(twin_at)
+        twin_flops = cait.count_flops(resize_input(copy.deepcopy(twin), size))
         here = {b: at_size(s, size, b, original, twin_flops) for b, s in segs.items()}
         val = SyntheticSegmentation(a.val_size, size, a.seed, "val")
-        speed = compare_throughput(here, a.batch_size_speed, a.device, warmup=1, iters=3, rounds=a.rounds, img_size=size)
+        speed = compare_throughput(here, a.batch_size_speed, a.device, warmup=1, iters=3, rounds=a.rounds,
+                                   img_size=size)
         latency = compare_throughput(here, 1, a.device, warmup=2, iters=5, rounds=a.rounds, img_size=size)
         for b, seg in here.items():
             score = evaluate_segmentation(seg, val, seg.num_classes, a.device)

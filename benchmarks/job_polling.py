@@ -2,7 +2,8 @@
 
     python benchmarks/job_polling.py --jobs 2000
 
-Writes ``--jobs`` finished jobs into a temporary runs directory, then times, with a fresh :class:`cait.studio.jobs.manager.JobManager`
+Writes ``--jobs`` finished jobs into a temporary runs directory, then times, with a fresh
+:class:`cait.studio.jobs.manager.JobManager`
 on it (as a second app or a restart would): the first ``list()`` (every ``job.json`` parsed once), and the median of
 later ``list()`` calls and scheduler ticks (``refresh()``) when nothing changed (files are only stat-ed). Prints one
 JSON object; seconds.

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--flops-reduction", type=float, default=0.5)
     p.add_argument("--layouts", default="planned,none", help="comma-separated: planned, none, or explicit layouts "
                                                              "(';' between the items of one layout is not needed)")
-    p.add_argument("--calibration", default="synthetic", help="calibration source (see cait.data.calibration.calibration_images)")
+    p.add_argument("--calibration", default="synthetic",
+                   help="calibration source (see cait.data.calibration.calibration_images)")
     p.add_argument("--calibration-size", type=int, default=256)
     p.add_argument("--val-size", type=int, default=1000, help="held-out synthetic images")
     p.add_argument("--batch-size", type=int, default=32, help="batch for the speed measurement")

@@ -7,7 +7,8 @@ import torch
 from timm.models.vision_transformer import Block
 
 import cait
-from cait.baselines.tome import ToMeBlock, ToMeState, keep_output, apply_tome, merge_tokens, tome_flops, tome_schedule, tome_token_counts
+from cait.baselines.tome import (ToMeBlock, ToMeState, keep_output, apply_tome, merge_tokens, tome_flops,
+                                 tome_schedule, tome_token_counts)
 from conftest import randomize_
 
 

@@ -76,3 +76,28 @@ def test_job_polling_benchmark_prints_json():
     out = json.loads(run("benchmarks/job_polling.py", "--jobs", "25", "--repeats", "2"))
     assert out["jobs"] == 25                                    # every job written was listed back
     assert set(out) == {"jobs", "first_list_s", "list_s", "tick_s"}
+
+
+def test_dense_benchmark_measures_every_backbone_at_every_size_in_one_run(tmp_path):
+    """Rows for the six backbones at each size; ToMe and token pruning at the twin's backbone FLOPs there (the
+    comparison the issue asks for); speed-ups are ratios against the original measured in the same run."""
+    from cait.io.bundled import bundled_pair
+    if bundled_pair() is None:
+        pytest.skip("assets/ holds no bundled pair")
+    run("benchmarks/dense.py", "--img-size", "64,96", "--val-size", "4", "--train-size", "8", "--steps", "2",
+        "--batch-size", "2", "--batch-size-speed", "2", "--rounds", "1", "--calibration-size", "8",
+        "--out", str(tmp_path))
+    data = json.loads((tmp_path / "dense.json").read_text())
+    rows = {(r["backbone"], r["img_size"]): r for r in data["rows"]}
+    backbones = {"original", "cait", "atme", "cdcp", "tome", "token_pruning"}
+    assert set(rows) == {(b, s) for b in backbones for s in (64, 96)}
+    for size in (64, 96):
+        twin = rows[("cait", size)]["backbone_flops"]
+        for b in ("tome", "token_pruning", "cdcp"):
+            assert abs(rows[(b, size)]["backbone_flops"] / twin - 1) < 0.02, (b, size)
+        original = rows[("original", size)]
+        assert original["speedup"] == 1.0 and original["miou_vs_original"] == 0.0
+        r = rows[("cait", size)]
+        assert r["speedup"] == pytest.approx(r["images_per_s"] / original["images_per_s"])
+        assert len(r["per_class_iou"]) == 9 and r["miou"] == pytest.approx(sum(r["per_class_iou"]) / 9, abs=0.01)
+    assert rows[("cait", 64)]["trained_at"] == 64 and data["frozen"] is True

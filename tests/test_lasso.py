@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import cait
-from cait.finetune.lasso import FlopsSchedule, apply_gradient_rule, compactor_rows, max_masked_row_norm, reset_optimizer_rows_, shrink_masked_rows_
+from cait.finetune.lasso import (FlopsSchedule, apply_gradient_rule, compactor_rows, max_masked_row_norm,
+                                 reset_optimizer_rows_, shrink_masked_rows_)
 from cait.compress.select import ChannelMask
 
 

@@ -136,7 +136,8 @@ def test_every_module_says_what_it_is():
 
 
 def test_the_library_imports_without_the_app():
-    code = "import sys, cait, cait.finetune, cait.io.hub; print(sorted(m for m in ('gradio', 'cait.studio') if m in sys.modules))"
+    code = ("import sys, cait, cait.finetune, cait.io.hub; "
+            "print(sorted(m for m in ('gradio', 'cait.studio') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

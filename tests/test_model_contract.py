@@ -6,7 +6,8 @@ DeiT-Small shapes (from :data:`cait.DEIT_MODELS`, random weights; DeiT-Base is t
 plain, CAIT twin at the paper's reduction, and saved-and-loaded. Each must: run forward and
 backward; agree between forward and forward_features + forward_head; take a new classifier; give intermediates on
 each block's grid (or on the patch grid with ``dense=True``); match between the fused and the manual attention path;
-trace (jit) and export (torch.export) to the same outputs; resize; count the same FLOPs with fvcore and the closed form; run in bf16; round-trip through save/load exactly.
+trace (jit) and export (torch.export) to the same outputs; resize; count the same FLOPs with fvcore and the closed
+form; run in bf16; round-trip through save/load exactly.
 """
 import copy
 

@@ -162,7 +162,8 @@ def test_heavy_requests_are_capped(public_app, tmp_path):
     from gradio_client import handle_file
     t0 = time.time()
     with pytest.raises(Exception, match="big.png: 7000×5670 is too large .at most 16 MP"):
-        c.predict("deit:deit_tiny_patch16_224", 0.5, "", "astronaut (scikit-image)", handle_file(str(big)), 11, api_name="/attention")
+        c.predict("deit:deit_tiny_patch16_224", 0.5, "", "astronaut (scikit-image)", handle_file(str(big)), 11,
+                  api_name="/attention")
     assert time.time() - t0 < 30
 
 

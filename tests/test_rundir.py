@@ -34,8 +34,9 @@ def test_a_state_restores_model_optimizer_and_mask_exactly(tmp_path, tiny):
     restore_state(fresh, fresh_opt, meta, tensors)
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
-    pairs = zip((p for g in opt.param_groups for p in g["params"]), (p for g in fresh_opt.param_groups for p in g["params"]))
-    for a, b in pairs:                                                          # the Adam moments, parameter by parameter
+    params = [p for g in opt.param_groups for p in g["params"]]
+    fresh_params = [p for g in fresh_opt.param_groups for p in g["params"]]
+    for a, b in zip(params, fresh_params):                          # the Adam moments, parameter by parameter
         assert torch.equal(opt.state[a]["exp_avg"], fresh_opt.state[b]["exp_avg"])
         assert torch.equal(opt.state[a]["exp_avg_sq"], fresh_opt.state[b]["exp_avg_sq"])
 
@@ -57,5 +58,6 @@ def test_the_log_reads_back_as_records_in_order(tmp_path):
                         classes=8, world_size=1, device="cpu")
     train = TrainRecord(step=1, epoch=0.1, loss=1.0, lr=0.1, flops_target=1, s_size=2, s_entered=2,
                         max_masked_norm=0.5, images_per_s=3.0)
-    (tmp_path / LOG_NAME).write_text("\n".join([to_json(start), "garbage", to_json(train), json.dumps({"t": 1})]) + "\n")
+    lines = [to_json(start), "garbage", to_json(train), json.dumps({"t": 1})]
+    (tmp_path / LOG_NAME).write_text("\n".join(lines) + "\n")
     assert read_log(tmp_path) == [start, train]

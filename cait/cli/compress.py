@@ -77,5 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"model": a.model, "weights": source, "output": str(dest), "merge": out.cait_meta.merge,
                       "flops": count_flops(out), "base_flops": count_flops(model), "params": count_params(out),
                       "seconds": round(seconds, 1),
-                      "calibration": dataclasses.asdict(out.cait_meta.calibration) if out.cait_meta.calibration else None}))
+                      "calibration": (dataclasses.asdict(out.cait_meta.calibration)
+                                      if out.cait_meta.calibration else None)}))
     return 0

@@ -28,7 +28,8 @@ from .flags import dataclass_parser
 def main(argv: list[str] | None = None) -> int:
     """Run, print the score as JSON (rank 0); exit 2 with a message on bad input."""
     args = dataclass_parser(SegmentConfig, "python -m cait.dense",
-                            "Train a segmenter (Semantic FPN) on a CAIT, original or baseline backbone").parse_args(argv)
+                            "Train a segmenter (Semantic FPN) on a CAIT, original or baseline "
+                            "backbone").parse_args(argv)
     try:
         result = segment(SegmentConfig(**vars(args)))
     except (FinetuneError, DataError, ValueError) as e:

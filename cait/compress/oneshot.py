@@ -46,8 +46,8 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
         min_channels: channels kept at least per head and per FFN.
         round_to: kept widths in multiples of this (8 suits CPU vector units and GPU tensor cores); 1 = exact.
         calibration: None for the weight-norm preview; otherwise unlabelled images to calibrate on, anything
-            :func:`cait.data.calibration.calibration_images` takes (``"default"``, ``"synthetic"``, a directory, a tensor
-            ``(N, 3, S, S)``, a DataLoader).
+            :func:`cait.data.calibration.calibration_images` takes (``"default"``, ``"synthetic"``, a directory, a
+            tensor ``(N, 3, S, S)``, a DataLoader).
         calibration_size: how many calibration images.
         batch_size: images per pass while calibrating.
         seed: of the calibration draw.
@@ -56,8 +56,9 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
     Returns:
         A compact model (timm ``VisionTransformer`` with merged and pruned blocks) whose FLOPs are at most
         ``(1 − R)`` of the original's. ``model.cait_meta`` (:class:`cait.models.meta.ModelMeta`) records the settings:
-        kind ``"preview"`` without calibration; ``"calibrated"`` with it, ``calibration`` (:class:`cait.models.meta.CalibrationSummary`)
-        giving the images, their source, the seconds it took and each block's refit error.
+        kind ``"preview"`` without calibration; ``"calibrated"`` with it, ``calibration``
+        (:class:`cait.models.meta.CalibrationSummary`) giving the images, their source, the seconds it took and each
+        block's refit error.
 
     Raises:
         ValueError: if R is out of range, the layout does not fit or alone exceeds R, or R cannot be reached.

@@ -127,7 +127,8 @@ class SyntheticShapes(Dataset):
         seed: data set seed.
         split: ``"train"``, ``"val"`` or ``"test"`` (disjoint streams).
         mean, std: normalisation (ImageNet's by default, as DeiT expects).
-        masks: ``ds[i]`` also returns the ``(S, S)`` bool object mask (for token labelling, :mod:`cait.finetune.token_labels`).
+        masks: ``ds[i]`` also returns the ``(S, S)`` bool object mask (for token labelling,
+            :mod:`cait.finetune.token_labels`).
     """
 
     classes = CLASSES

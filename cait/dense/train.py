@@ -31,6 +31,7 @@ from ..finetune.distributed import seed_step, setup_distributed
 from ..finetune.records import to_json
 from ..finetune.rundir import LOG_NAME, RunDirError, read_state, restore_state, save_state, state_files
 from ..measure.segmentation import evaluate_segmentation
+from ..models.deit import resize_input
 from .backbones import load_backbone, make_backbone
 from .checkpoint import save_segmenter, segmenter_flops
 from .records import SegmentEvalRecord, SegmentStartRecord, SegmentTrainRecord
@@ -50,12 +51,14 @@ class SegmentConfig:
                                "token_pruning, atme, cdcp")
     flops_reduction: float = _f(0.5, "FLOPs reduction of the tome, token_pruning and cdcp baselines")
     merge: str | None = _f(None, "the atme baseline's layout, e.g. h5,v10")
+    calibration_size: int = _f(256, "synthetic images the atme and cdcp baselines are calibrated on")
     data: str = _f("synthetic", "'synthetic' or a folder of train|val/images + masks (cait.data.segmentation)")
     img_size: int | None = _f(None, "input side in pixels (default: the backbone's)")
     steps: int = _f(300, "optimizer steps")
     batch_size: int = _f(16, "global batch size")
     lr: float = _f(1e-3, "peak LR of the pyramid, decoder and head")
-    backbone_lr: float | None = _f(None, "peak LR of the backbone: set it to train end to end (default: frozen, a probe)")
+    backbone_lr: float | None = _f(None, "peak LR of the backbone: set it to train end to end (default: frozen, "
+                                         "a probe)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     lr_warmup: float = _f(0.05, "fraction of steps of linear LR warm-up")
     pyramid_channels: int = _f(64, "FPN pyramid channels")
@@ -71,9 +74,9 @@ class SegmentConfig:
     resume: bool = _f(False, "continue the run in --output from its newest training state")
     stop_at: int | None = _f(None, "stop after this step as if killed (for tests and time-boxed runs)")
 
-    IDENTITY = ("backbone", "baseline", "flops_reduction", "merge", "data", "img_size", "steps", "batch_size", "lr",
-                "backbone_lr", "weight_decay", "lr_warmup", "pyramid_channels", "segmentation_channels",
-                "train_size", "val_size", "seed")
+    IDENTITY = ("backbone", "baseline", "flops_reduction", "merge", "calibration_size", "data", "img_size", "steps",
+                "batch_size", "lr", "backbone_lr", "weight_decay", "lr_warmup", "pyramid_channels",
+                "segmentation_channels", "train_size", "val_size", "seed")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,7 +110,7 @@ def _segmenter(cfg: SegmentConfig, model: nn.Module, num_classes: int, device: t
                ) -> tuple[Segmenter, str]:
     """The backbone (its baseline made, if any) inside a fresh segmenter, and what the backbone is."""
     try:
-        backbone, what = make_backbone(model, cfg.baseline, cfg.flops_reduction, cfg.merge)
+        backbone, what = make_backbone(model, cfg.baseline, cfg.flops_reduction, cfg.merge, cfg.calibration_size)
     except ValueError as e:
         raise FinetuneError(str(e)) from None
     torch.manual_seed(cfg.seed)                                     # the same decoder for every backbone
@@ -121,8 +124,7 @@ def _load(cfg: SegmentConfig) -> tuple[nn.Module, int]:
     try:
         model = load_backbone(cfg.backbone)
         size = cfg.img_size or int(model.patch_embed.img_size[0])
-        if size != model.patch_embed.img_size[0]:
-            model.set_input_size(img_size=size)
+        resize_input(model, size)
     except ValueError as e:
         raise FinetuneError(f"--backbone {cfg.backbone}: {e}") from None
     return model, size
@@ -156,8 +158,8 @@ def _resume(cfg: SegmentConfig, out: Path, seg: Segmenter, opt: torch.optim.Opti
         meta, tensors = read_state(out)
     except RunDirError as e:
         raise FinetuneError(f"--resume given, but {e}") from None
-    before = meta.get("config", {})
-    diff = [k for k in SegmentConfig.IDENTITY if before.get(k) != getattr(cfg, k)]
+    before, defaults = meta.get("config", {}), SegmentConfig().to_dict()   # a newer field: its default then
+    diff = [k for k in SegmentConfig.IDENTITY if before.get(k, defaults[k]) != getattr(cfg, k)]
     if diff:
         raise FinetuneError(f"{out}: cannot resume a different configuration; changed: " + ", ".join(diff))
     restore_state(seg, opt, meta, tensors)
@@ -236,8 +238,9 @@ def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> Seg
         run.model.train()
         seed_step(cfg.seed, step * world + rank)
         loss = F.cross_entropy(run.model(x.to(device)), y.to(device))
-        if not math.isfinite(float(loss)):
-            raise FinetuneError(f"loss became {float(loss)} at step {step}; earlier training states in {run.out} "
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FinetuneError(f"loss became {loss_value} at step {step}; earlier training states in {run.out} "
                                 "are intact")
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,7 +249,7 @@ def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> Seg
         done, seen = step + 1, seen + x.shape[0] * world
         if rank == 0 and (done % cfg.log_interval == 0 or done == cfg.steps):
             now = time.perf_counter()
-            run.emit(SegmentTrainRecord(step=done, loss=float(loss), lr=run.opt.param_groups[0]["lr"],
+            run.emit(SegmentTrainRecord(step=done, loss=loss_value, lr=run.opt.param_groups[0]["lr"],
                                         images_per_s=seen / (now - t_last)))
             t_last, seen = now, 0
         if done % cfg.eval_interval == 0 and done < cfg.steps and rank == 0:
@@ -255,7 +258,7 @@ def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> Seg
             run.save(done)
         if bar:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
         if cfg.stop_at is not None and done >= cfg.stop_at:
             run.save(done)
             if bar:

@@ -31,7 +31,7 @@ from ..io.checkpoint import CheckpointError, load_checkpoint, read_config, save_
 from ..measure.accuracy import evaluate
 from ..models.atme import apply_atme, get_layout
 from ..models.compactors import add_compactors, iter_compactors
-from ..models.deit import architecture, create_model, update_cfg
+from ..models.deit import architecture, create_model, resize_input, update_cfg
 from ..models.meta import ModelMeta
 from ..models.spec import ModelSpec, describe
 from .config import FinetuneConfig, FinetuneError
@@ -285,8 +285,7 @@ def _checkpoint_teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Modul
     if cfg.img_size % model.patch_embed.patch_size[0]:
         raise FinetuneError(f"--img-size {cfg.img_size} is not a multiple of the patch size "
                             f"{model.patch_embed.patch_size[0]}")
-    model.set_input_size(img_size=(cfg.img_size, cfg.img_size))   # timm resamples the position embedding
-    update_cfg(model, input_size=(3, cfg.img_size, cfg.img_size))
+    resize_input(model, cfg.img_size)                               # timm resamples the position embedding
     return model, True, f"checkpoint {cfg.model} (trained at {trained_at} px, resized to {cfg.img_size} px)"
 
 

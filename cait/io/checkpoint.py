@@ -115,7 +115,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
         ValueError: if the model still has compactors.
     """
     if has_compactors(model):
-        raise ValueError("fold the compactors first (cait.prune or cait.fold_compactors); a compactor model is a training state")
+        raise ValueError("fold the compactors first (cait.prune or cait.fold_compactors); a compactor model is a "
+                         "training state")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model_config(model)

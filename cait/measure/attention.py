@@ -1,8 +1,8 @@
 """CLS attention maps, mapped back to image pixels through the merged grid (paper Fig. 8).
 
 The CLS token's attention row in block l, over the patch tokens, says where the classifier "looks". With ATME, block
-l sees a merged grid (e.g. 7×7 after ``h4,v7`` on DeiT-S); :func:`cait.models.atme.upsample_to_patch_grid` maps each merged
-token back onto the 14×14 patches it covers, and :meth:`ClsAttention.to_pixels` onto the image.
+l sees a merged grid (e.g. 7×7 after ``h4,v7`` on DeiT-S); :func:`cait.models.atme.upsample_to_patch_grid` maps each
+merged token back onto the 14×14 patches it covers, and :meth:`ClsAttention.to_pixels` onto the image.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Worked example, DeiT-Tiny::
 
     >>> model = add_compactors(timm.create_model("deit_tiny_patch16_224"))
     >>> [name for name, q in iter_compactors(model)][:4], model.blocks[0].mlp.fc1.q.shape
-    (['blocks.0.attn.qkv.q', 'blocks.0.attn.qkv.k', 'blocks.0.attn.qkv.v', 'blocks.0.mlp.fc1.q'], torch.Size([768, 768]))
+    (['blocks.0.attn.qkv.q', 'blocks.0.attn.qkv.k', 'blocks.0.attn.qkv.v', 'blocks.0.mlp.fc1.q'],
+     torch.Size([768, 768]))
 """
 from __future__ import annotations
 

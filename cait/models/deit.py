@@ -192,3 +192,19 @@ def block_outputs(model: nn.Module, x: torch.Tensor, indices: list[int]) -> list
         if i in wanted:
             out.append(x)
     return out
+
+
+def resize_input(model: nn.Module, img_size: int) -> nn.Module:
+    """Make a model take ``img_size``-pixel inputs, in place: timm's ``set_input_size`` (position embedding
+    resampled; an ATME model also moves its merges) and its ``pretrained_cfg`` updated to match, so data configs
+    read from it (calibration, transforms) use the new size.
+
+    Raises:
+        ValueError: for a size that is not a multiple of the patch, or at which an ATME layout no longer fits.
+    """
+    patch = model.patch_embed.patch_size[0]
+    if img_size % patch:
+        raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch}")
+    if img_size != model.patch_embed.img_size[0]:
+        model.set_input_size(img_size=img_size)
+    return update_cfg(model, input_size=(3, img_size, img_size))

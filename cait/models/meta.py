@@ -8,8 +8,9 @@ bundled twin::
               finetune=FinetuneSummary(step=600, merge="h5,v10", base_flops=1253683200, flops=626..., top1_student=...),
               config={...the run's FinetuneConfig...})
 
-Kinds: ``"preview"`` (weight-norm one-shot), ``"calibrated"`` (training-free, :mod:`cait.compress.refit`), ``"finetuned"``
-(:mod:`cait.finetune`), ``"teacher"`` (the uncompressed model a run started from), ``"model"`` (anything else).
+Kinds: ``"preview"`` (weight-norm one-shot), ``"calibrated"`` (training-free, :mod:`cait.compress.refit`),
+``"finetuned"`` (:mod:`cait.finetune`), ``"teacher"`` (the uncompressed model a run started from), ``"model"``
+(anything else).
 On disk the record is a JSON object; keys this version does not know are kept in :attr:`ModelMeta.extra` and written
 back, and files from before this record existed (no ``kind``) are read by what they hold.
 """

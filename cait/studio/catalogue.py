@@ -3,8 +3,10 @@
 A model is a timm DeiT by name, the bundled offline pair, or a finished fine-tune job. Its :attr:`ModelRef.key` is
 the one spelling that travels (the dropdown's value, the API's argument, the pair cache's key)::
 
-    >>> ModelRef.parse("deit:deit_small_patch16_224"), ModelRef.parse("bundled"), ModelRef.parse("job:20261201-101500-ab12cd34ef56")
-    (ModelRef(kind='deit', name='deit_small_patch16_224'), ModelRef(kind='bundled', name=''), ModelRef(kind='job', ...))
+    >>> ModelRef.parse("deit:deit_small_patch16_224"), ModelRef.parse("bundled")
+    (ModelRef(kind='deit', name='deit_small_patch16_224'), ModelRef(kind='bundled', name=''))
+    >>> ModelRef.parse("job:20261201-101500-ab12cd34ef56").name
+    '20261201-101500-ab12cd34ef56'
 
 The dropdown shows labels and carries keys (Gradio's ``(label, value)`` choices), so no label is ever looked up
 backwards.

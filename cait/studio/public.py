@@ -3,8 +3,8 @@
 On a Hugging Face Space (``SPACE_ID`` set), with ``CAIT_PUBLIC=1`` or ``python app.py --public``, every input from
 the browser is hostile until validated. :class:`Limits` holds the caps; :func:`extract_archive` is the one way a
 visitor's data reaches the server (a ``.zip`` of an ImageFolder tree, checked member by member); the job manager
-(:mod:`cait.studio.jobs`) enforces the rest: job ownership, queue quotas and retention. Locally (not public) the full power
-stays: server paths, any step count, no quotas.
+(:mod:`cait.studio.jobs`) enforces the rest: job ownership, queue quotas and retention. Locally (not public) the full
+power stays: server paths, any step count, no quotas.
 
 Defaults in public mode::
 

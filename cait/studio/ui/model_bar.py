@@ -42,7 +42,8 @@ def build(studio: Studio) -> ModelBar:
     with gr.Row():
         model = gr.Dropdown(studio.catalogue.choices(), value=studio.catalogue.default().key, label="Model",
                             elem_id="model",
-                            info="the bundled offline pair, DeiTs (timm ImageNet weights), then finished fine-tune jobs")
+                            info="the bundled offline pair, DeiTs (timm ImageNet weights), then finished fine-tune "
+                                 "jobs")
         # A number, not a slider: a value out of range is refused by name instead of clamped silently.
         reduction = gr.Number(DEFAULT_REDUCTION, label="Total FLOPs reduction", step=0.05, elem_id="reduction",
                               info=f"{REDUCTION_RANGE[0]} to {REDUCTION_RANGE[1]}")
