@@ -80,6 +80,8 @@ def test_channels_and_cost(client):
     for name in ("CAIT twin", "ToMe (baseline)"):
         ratio = rows[name]["images/s"] / rows["original"]["images/s"]
         assert rows[name]["speed-up"] == pytest.approx(ratio, abs=0.02)
+        latency = rows["original"]["latency, batch 1 (ms)"] / rows[name]["latency, batch 1 (ms)"]
+        assert rows[name]["latency speed-up"] == pytest.approx(latency, abs=0.02)      # batch 1, same run
 
 
 def test_a_trained_hub_deit_gets_a_calibrated_twin(monkeypatch, tiny):

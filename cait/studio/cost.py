@@ -22,13 +22,14 @@ from .status import model_labels
 def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size: int = 8, iters: int = 3,
               held_out: int = 200, progress: Callable[[float, str], None] | None = None
               ) -> tuple[pd.DataFrame, go.Figure]:
-    """FLOPs, params, throughput (images/s, when ``measure``) and, for models trained on the synthetic shapes,
+    """FLOPs, params, throughput (images/s at ``batch_size``) and latency at batch 1 (ms), when ``measure``, and, for
+    models trained on the synthetic shapes,
     held-out top-1 of the original, its twin and ToMe at the twin's FLOPs; and FLOPs per block.
 
     Args:
         pair: the models.
         limits: caps on the batch size (public mode).
-        measure: time the three models (alternately, same input) on the pair's device.
+        measure: time the three models (alternately, same input) on the pair's device, at ``batch_size`` and at 1.
         batch_size: images per timed batch.
         iters: timed batches per model per round.
         held_out: images of the synthetic held-out split to score top-1 on, when the models know its classes.
@@ -49,10 +50,16 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
     for k, m in models.items():
         rows[k]["params"] = count_params(m)
     if measure:
+        def part(start: float):                            # the two measurements share the progress bar
+            return None if progress is None else (lambda f, what: progress(start + f / 2, what))
         speed = compare_throughput(models, batch_size=int(batch_size), device=pair.device, warmup=1, iters=iters,
-                                   rounds=2, progress=progress)
+                                   rounds=2, progress=part(0.0))
+        # Batch 1, where token merging's matching costs more than its FLOPs (Dense transfer, item 7).
+        single = compare_throughput(models, batch_size=1, device=pair.device, warmup=2, iters=2 * iters, rounds=2,
+                                    progress=part(0.5))
         for k in rows:
             rows[k]["images_per_s"] = speed[k]["images_per_s"]
+            rows[k]["latency_ms"] = 1e3 * single[k]["latency_s"]
     if model_labels(pair.original) == list(CLASSES) and held_out > 0:
         _, val, _ = build_datasets("synthetic", int(pair.original.patch_embed.img_size[0]), val_size=held_out)
         for k, m in models.items():

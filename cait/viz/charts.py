@@ -53,10 +53,11 @@ def block_flops_figure(original: dict[str, int], compressed: dict[str, int]) -> 
 
 
 def cost_table(rows: dict[str, dict]) -> pd.DataFrame:
-    """Summary table from ``{name: {"flops", "params", "images_per_s"?, "top1"?}}``; the first row is the reference.
+    """Summary table from ``{name: {"flops", "params", "images_per_s"?, "latency_ms"?, "top1"?}}``; the first row is
+    the reference.
 
     Columns: GFLOPs (multiply-adds), params (M), FLOPs reduction (%), the FLOPs-ideal speed-up ``flops_ref / flops``,
-    and when measured images/s, speed-up and held-out top-1 (%).
+    and when measured images/s with its speed-up, latency at batch 1 (ms) with its speed-up, and held-out top-1 (%).
     """
     ref = next(iter(rows.values()))
     out = []
@@ -67,6 +68,9 @@ def cost_table(rows: dict[str, dict]) -> pd.DataFrame:
         if r.get("images_per_s"):
             row["images/s"] = round(r["images_per_s"], 1)
             row["speed-up"] = round(r["images_per_s"] / ref["images_per_s"], 2) if ref.get("images_per_s") else None
+        if r.get("latency_ms"):
+            row["latency, batch 1 (ms)"] = round(r["latency_ms"], 1)
+            row["latency speed-up"] = round(ref["latency_ms"] / r["latency_ms"], 2) if ref.get("latency_ms") else None
         if r.get("top1") is not None:
             row["held-out top-1 (%)"] = round(r["top1"], 1)
         out.append(row)

@@ -17,7 +17,8 @@ def build(studio: Studio, bar: ModelBar) -> None:
     """The tab's widgets and handler (inside ``gr.Tab``)."""
     gr.Markdown("FLOPs are fvcore's, one multiply-add = one FLOP, attention matmuls included; *ideal speed-up* is the "
                 "FLOPs ratio. Throughput is measured on the device above: the original, its CAIT twin and ToMe at the "
-                "twin's FLOPs, alternately, on the same input. " + SMALL_BATCH_NOTE)
+                "twin's FLOPs, alternately, on the same input, at the batch size below and at batch 1 (*latency*: "
+                "one image at a time, where ToMe's matching costs more than its FLOPs say). " + SMALL_BATCH_NOTE)
     with gr.Row():
         measure = gr.Checkbox(value=True, label="Measure throughput")
         batch_size = gr.Slider(1, studio.limits.max_cost_batch if studio.limits.public else 256, value=32, step=1,
