@@ -1,14 +1,15 @@
 """Speed of CAIT models against their originals: original, ATME-only, CDCP-only, CAIT and the ToMe baseline at CAIT's
 FLOPs and at ATME-only's FLOPs (the paper's Tab. XV), for DeiT-T/S/B.
 
-    python benchmarks/speed.py --device cpu --batch-sizes 32 --precisions fp32 --out runs/speed_cpu
+    python benchmarks/speed.py --device cpu --batch-sizes 1,32 --precisions fp32 --out runs/speed_cpu
     python benchmarks/speed.py --device cuda --batch-sizes 1,32,64,128,256 --precisions fp32,bf16 --out runs/speed_gpu
     python benchmarks/speed.py --device cpu --runtime onnxruntime --out runs/speed_ort    # exported, ONNX Runtime
 
 For every model, batch size and precision the six variants are timed in alternation on the same input (warm-up,
-then several rounds; CUDA events on GPU, wall clock on CPU; medians). Weights are random: speed does not depend on
-them. Writes ``OUT/speed.json`` (every row), ``OUT/speedup.png`` (speed-up against the FLOPs-ideal 1/(1-r)) and
-prints a table with the issue's targets and where each stands.
+then several rounds; CUDA events on GPU, wall clock on CPU; medians); batch 1 gives the latency of one image. In
+fp32 PyTorch runs every row also has each block's attention time (``attention_ms``). Weights are random: speed does
+not depend on them. Writes ``OUT/speed.json`` (every row), ``OUT/speedup.png`` (speed-up against the FLOPs-ideal
+1/(1-r)) and prints a table with the issue's targets and where each stands.
 """
 from __future__ import annotations
 
@@ -92,12 +93,36 @@ def ort_throughput(sessions: dict, original: torch.nn.Module, batch_size: int, w
             for k, v in times.items()}
 
 
+def attention_ms(model: torch.nn.Module, batch_size: int, device: torch.device, repeats: int = 3) -> list[float]:
+    """Median milliseconds of each block's attention module for one batch (forward hooks around ``block.attn``),
+    so a block whose attention leaves the fused kernel shows (PrunedAttention pads q/k ≠ v for it)."""
+    import statistics
+    import time
+    marks: dict[int, list[float]] = {i: [] for i in range(len(model.blocks))}
+    started: dict[int, float] = {}
+    hooks = []
+    for i, block in enumerate(model.blocks):
+        hooks.append(block.attn.register_forward_pre_hook(
+            lambda m, a, i=i: started.__setitem__(i, time.perf_counter())))
+        hooks.append(block.attn.register_forward_hook(
+            lambda m, a, o, i=i: marks[i].append(1e3 * (time.perf_counter() - started[i]))))
+    x = torch.randn(batch_size, 3, *model.patch_embed.img_size, device=device)
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats + 1):
+                model.to(device).eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [round(statistics.median(v[1:]), 2) for v in marks.values()]      # the first pass is a warm-up
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default=",".join(SETTINGS), help="comma-separated timm names")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--batch-sizes", default="32", help="comma-separated")
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated (1: latency of one image)")
     p.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16 (autocast)")
     p.add_argument("--round-to", type=int, default=8, help="kept widths in multiples of this (1 = exact)")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant (measured, not assumed)")
@@ -132,6 +157,9 @@ def main() -> None:
                                  "latency_ms": 1e3 * speed[k]["latency_s"], "speedup": speed[k]["images_per_s"] / base,
                                  "ideal_speedup": 1 / (1 - r), "compiled": a.compile, "round_to": a.round_to,
                                  "runtime": a.runtime})
+                if a.runtime == "torch" and prec == "fp32" and not a.compile:
+                    for row in rows[-len(models):]:
+                        row["attention_ms"] = attention_ms(models[row["variant"]], bs, dev)
                 print(f"{name} {prec} batch {bs}: " + ", ".join(
                     f"{r['variant']} {r['speedup']:.2f}x" for r in rows[-len(models):]), flush=True)
     meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else

@@ -29,6 +29,8 @@ def test_speed_benchmark_writes_json_chart_and_table(tmp_path):
     assert abs(rows["tome_atme"]["flops_reduction"] - rows["atme"]["flops_reduction"]) < 0.01   # and at ATME's
     assert rows["tome_atme"]["flops_reduction"] < rows["tome"]["flops_reduction"]
     assert (tmp_path / "speedup.png").stat().st_size > 0 and "ideal_speedup" in out
+    depth = len(cait.create_model(cait.TEST_MODEL, pretrained=False)[0].blocks)
+    assert all(len(r["attention_ms"]) == depth for r in data["rows"])            # per-block attention time
 
 
 def test_finetune_step_and_levers_benchmarks_print_json():
