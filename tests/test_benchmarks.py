@@ -13,8 +13,8 @@ from cait.data.synthetic import CLASSES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args):
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+def run(*args, timeout: float = 300):
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -86,20 +86,20 @@ def test_dense_benchmark_measures_every_backbone_at_every_size_in_one_run(tmp_pa
     from cait.io.bundled import bundled_pair
     if bundled_pair() is None:
         pytest.skip("assets/ holds no bundled pair")
-    run("benchmarks/dense.py", "--img-size", "64,96", "--val-size", "4", "--train-size", "8", "--steps", "2",
+    run("benchmarks/dense.py", "--img-size", "128,160", "--val-size", "4", "--train-size", "8", "--steps", "2",
         "--batch-size", "2", "--batch-size-speed", "2", "--rounds", "1", "--calibration-size", "8",
-        "--out", str(tmp_path))
+        "--out", str(tmp_path), timeout=900)
     data = json.loads((tmp_path / "dense.json").read_text())
     rows = {(r["backbone"], r["img_size"]): r for r in data["rows"]}
     backbones = {"original", "cait", "atme", "cdcp", "tome", "token_pruning"}
-    assert set(rows) == {(b, s) for b in backbones for s in (64, 96)}
-    for size in (64, 96):
+    assert set(rows) == {(b, s) for b in backbones for s in (128, 160)}
+    for size in (128, 160):          # (at 64 px, 16 patches, whole tokens cannot come within 2%: ToMe -4.9%)
         twin = rows[("cait", size)]["backbone_flops"]
-        for b in ("tome", "token_pruning", "cdcp"):
-            assert abs(rows[(b, size)]["backbone_flops"] / twin - 1) < 0.02, (b, size)
+        for b in ("tome", "token_pruning", "cdcp"):            # at the twin's FLOPs, never above them
+            assert -0.02 < rows[(b, size)]["backbone_flops"] / twin - 1 <= 0.001, (b, size)
         original = rows[("original", size)]
         assert original["speedup"] == 1.0 and original["miou_vs_original"] == 0.0
         r = rows[("cait", size)]
         assert r["speedup"] == pytest.approx(r["images_per_s"] / original["images_per_s"])
         assert len(r["per_class_iou"]) == 9 and r["miou"] == pytest.approx(sum(r["per_class_iou"]) / 9, abs=0.01)
-    assert rows[("cait", 64)]["trained_at"] == 64 and data["frozen"] is True
+    assert rows[("cait", 160)]["trained_at"] == 128 and data["frozen"] is True

@@ -116,8 +116,10 @@ def test_a_probe_trains_its_decoder_and_leaves_the_backbone_as_it_was(base):
     end_to_end = Segmenter(copy.deepcopy(twin), 9, frozen=False)
     torch.nn.functional.cross_entropy(end_to_end(x), y).backward()
     assert all(p.grad is not None for p in end_to_end.backbone.parameters() if p.requires_grad)
-    with pytest.raises(ValueError, match="four blocks"):
+    with pytest.raises(ValueError, match="four different blocks"):
         Segmenter(twin, 9, blocks=[1, 2])
+    with pytest.raises(ValueError, match="four different blocks"):
+        Segmenter(twin, 9, blocks=[1, 2, 3, -5])                         # -5 is block 1 of 6
 
 
 def test_miou_and_per_class_iou_on_predictions_known_by_hand():

@@ -109,3 +109,25 @@ def test_the_command_line_prints_the_score_and_refuses_bad_input(tmp_path, backb
     assert out["step"] == 2 and set(out["score"]) == {"step", "miou", "per_class_iou", "pixel_accuracy"}
     assert main(["--backbone", "bundled:nothing", "--output", str(tmp_path / "bad")]) == 2
     assert "error: --backbone bundled:nothing" in capsys.readouterr().err
+
+
+def test_a_bundled_segmenter_refers_to_its_backbone_and_stores_a_half_precision_decoder(tmp_path):
+    from cait.dense.checkpoint import BACKBONE_DIR, save_segmenter
+    from cait.dense.segmenter import Segmenter
+    from cait.io.bundled import bundled_pair
+    pair = bundled_pair()
+    if pair is None:
+        pytest.skip("assets/ holds no bundled pair")
+    twin = pair.load()[1]
+    seg = Segmenter(twin, 9)
+    path = save_segmenter(seg, tmp_path / "s", classes=[f"c{i}" for i in range(9)], bundled_backbone="cait",
+                          dtype=torch.float16)
+    assert not (path / BACKBONE_DIR).exists()                                    # no copy of the shipped twin
+    assert (path / DECODER_NAME).stat().st_size < 3_000_000                      # the budget per decoder
+    loaded = load_segmenter(path)
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), loaded.backbone.state_dict().values()))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), seg.eval()(x), rtol=0, atol=5e-2)   # fp16 decoder weights
+    with pytest.raises(ValueError, match="'original' or 'cait'"):
+        save_segmenter(seg, tmp_path / "t", classes=["a"] * 9, bundled_backbone="mine")

@@ -180,8 +180,10 @@ def token_pruning_flops(model: nn.Module, keep_rate: float | None = None, locati
     for b, (n_attn, n_mlp, dropped) in zip(spec.blocks, counts):
         C, Dqk, Dv = b.dim, b.heads * b.qk_dim, b.heads * b.v_dim
         total += n_attn * C * (2 * Dqk + Dv) + n_attn ** 2 * (Dqk + Dv) + n_attn * Dv * C + 2 * n_mlp * C * b.ffn_dim
-        if n_attn != n_mlp or dropped:
-            fused_in = dropped + (n_attn - 1 - (n_mlp - 2) - dropped)    # dropped tokens, plus an earlier fused one
+        if n_attn != n_mlp or dropped:                              # a pruning block
+            # n_attn = 1 + candidates + earlier fused token (0 or 1); n_mlp = 1 + kept + 1; candidates = kept + dropped
+            earlier_fused = n_attn - 1 - (n_mlp - 2) - dropped
+            fused_in = dropped + earlier_fused                        # what the new fused token averages
             total += b.heads * n_attn * b.qk_dim + fused_in * C        # CLS-attention scores, the fused average
     return total
 

@@ -4,7 +4,8 @@
 
     SEGMENTER/segmenter.json        format cait-studio/segmenter-v1: classes, blocks read, decoder widths, the
                                     backbone's baseline and its settings, input size, held-out score, run config
-    SEGMENTER/backbone/             the backbone checkpoint (cait.io.checkpoint): a baseline's uncompressed model
+    SEGMENTER/backbone/             the backbone checkpoint (cait.io.checkpoint): a baseline's uncompressed model;
+                                    absent when segmenter.json names a bundled one ("bundled": "original"|"cait")
     SEGMENTER/decoder.safetensors   pyramid, decoder and head; metadata config_sha256 ties it to segmenter.json
 
 :func:`load_segmenter` checks the JSON's size and every field against a bound before building anything, then the
@@ -28,8 +29,10 @@ from safetensors.torch import load_file, save_file
 
 from ..baselines.token_pruning import apply_token_pruning
 from ..baselines.tome import apply_tome
+from ..io.bundled import bundled_pair
 from ..io.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_pretrained
 from ..measure.flops import count_flops
+from ..models.deit import resize_input
 from .backbones import BASELINES
 from .features import backbone_kind
 from .records import SegmentEvalRecord
@@ -56,20 +59,32 @@ def _baseline_settings(backbone: nn.Module) -> dict:
 
 
 def save_segmenter(seg: Segmenter, path: str | os.PathLike, classes: list[str], what: str = "",
-                   config: dict | None = None, score: SegmentEvalRecord | None = None) -> Path:
-    """Write a segmenter (module docstring); returns the directory."""
+                   config: dict | None = None, score: SegmentEvalRecord | None = None,
+                   bundled_backbone: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a segmenter (module docstring); returns the directory.
+
+    Args:
+        bundled_backbone: ``"original"`` or ``"cait"``: the backbone is that bundled checkpoint (``assets/``) and is
+            not copied (a baseline's settings are still saved); default: the backbone is written beside the decoder.
+        dtype: store the decoder in this dtype (``torch.float16`` halves it); default: as is.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_pretrained(seg.backbone, path / BACKBONE_DIR)
+    if bundled_backbone not in (None, "original", "cait"):
+        raise ValueError(f"bundled_backbone is 'original' or 'cait', got {bundled_backbone!r}")
+    if bundled_backbone is None:
+        save_pretrained(seg.backbone, path / BACKBONE_DIR)
     d = seg.decoder_config
     cfg = {"format": FORMAT, "num_classes": seg.num_classes, "classes": list(classes), "blocks": list(seg.blocks),
            "decoder": {"pyramid_channels": d.pyramid_channels, "segmentation_channels": d.segmentation_channels},
-           "backbone": {**_baseline_settings(seg.backbone), "what": what},
+           "backbone": {**_baseline_settings(seg.backbone), "what": what,
+                        **({"bundled": bundled_backbone} if bundled_backbone else {})},
            "img_size": int(seg.backbone.patch_embed.img_size[0]), "frozen": seg.frozen,
            "score": None if score is None else {"miou": score.miou, "per_class_iou": score.per_class_iou,
                                                 "pixel_accuracy": score.pixel_accuracy},
            "config": config or {}}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in seg.decoder_modules().state_dict().items()}
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in seg.decoder_modules().state_dict().items()}
     atomic_write(path / DECODER_NAME, lambda f: save_file(tensors, f, metadata={"format": FORMAT,
                                                                                  "config_sha256": _hash(cfg)}))
     atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(cfg, indent=2) + "\n"))
@@ -113,8 +128,12 @@ def read_segmenter_config(path: str | os.PathLike) -> dict:
             and dec["segmentation_channels"] % 32 == 0):
         raise bad("decoder")
     bb = cfg.get("backbone")
-    if not (isinstance(bb, dict) and bb.get("baseline") in BASELINES):
+    if not (isinstance(bb, dict) and bb.get("baseline") in BASELINES
+            and bb.get("bundled") in (None, "original", "cait")):
         raise bad("backbone")
+    size = cfg.get("img_size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= 1024:
+        raise bad("img_size")
     return cfg
 
 
@@ -128,8 +147,12 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") 
     """
     path = Path(path)
     cfg = read_segmenter_config(path)
-    backbone = load_checkpoint(path / BACKBONE_DIR)
     bb = cfg["backbone"]
+    backbone = _bundled_backbone(bb["bundled"]) if bb.get("bundled") else load_checkpoint(path / BACKBONE_DIR)
+    try:
+        resize_input(backbone, cfg["img_size"])                    # a bundled backbone ships at 224 px
+    except ValueError as e:
+        raise CheckpointError(f"{path / CONFIG_NAME}: 'img_size' does not fit the backbone ({e})") from None
     try:
         if bb["baseline"] == "tome":
             apply_tome(backbone, bb["schedule"])
@@ -152,9 +175,16 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise CheckpointError(f"{wfile}: was saved with another {CONFIG_NAME} (num_classes, blocks or decoder edited?)")
     if header != {k: tuple(v.shape) for k, v in expected.items()}:
         raise CheckpointError(f"{wfile}: tensor names or shapes do not match {CONFIG_NAME}")
-    seg.decoder_modules().load_state_dict(tensors)
+    seg.decoder_modules().load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
     seg.classes = cfg["classes"]
     return seg.to(device).eval()
+
+
+def _bundled_backbone(which: str) -> nn.Module:
+    pair = bundled_pair()
+    if pair is None:
+        raise CheckpointError("this segmenter reads a bundled backbone, and the bundled pair is not in this checkout")
+    return load_checkpoint(pair.original_dir if which == "original" else pair.twin_dir)
 
 
 class _Decode(nn.Module):

@@ -67,8 +67,10 @@ class Segmenter(nn.Module):
         super().__init__()
         self.backbone, self.frozen = backbone, frozen
         self.blocks = list(blocks) if blocks is not None else default_blocks(len(backbone.blocks))
-        if len(self.blocks) != 4:
-            raise ValueError(f"the pyramid reads four blocks, got {self.blocks}")
+        depth = len(backbone.blocks)
+        if len(self.blocks) != 4 or len({b % depth for b in self.blocks}) != 4 or \
+                any(not -depth <= b < depth for b in self.blocks):
+            raise ValueError(f"the pyramid reads four different blocks of the {depth}, got {self.blocks}")
         self.decoder_config = decoder
         self.pyramid = SimpleFeaturePyramid(backbone.embed_dim)
         self.decoder = FPNDecoder(self.pyramid.out_channels, encoder_depth=3,

@@ -13,6 +13,7 @@ from .jobs.manager import JobManager
 from .pairs import ModelPair, PairCache, layout_field
 from .public import Limits
 from .samples import SYNTHETIC_SAMPLES, sample_names
+from .segmentation import BundledSegmenters
 from .status import pair_status, startup_note
 
 
@@ -28,11 +29,13 @@ class Studio:
         calibration_size: unlabelled images the twin of a trained DeiT is calibrated on (bundled photos with random
             crops and flips, and synthetic shapes); 0 gives the weight-norm preview.
         limits: request caps (:class:`cait.studio.public.Limits`); default: the job manager's, else the environment's.
+        segmenters: the Segmentation tab's segmenters; ``"auto"``: the bundled ones (``assets/segmenters``).
     """
 
     def __init__(self, device: str | None = None, pretrained: bool = True, cache_size: int = 2,
                  jobs: JobManager | None = None, bundled: BundledPair | None | str = "auto",
-                 calibration_size: int = 128, limits: Limits | None = None) -> None:
+                 calibration_size: int = 128, limits: Limits | None = None,
+                 segmenters: BundledSegmenters | str = "auto") -> None:
         self.device = resolve_device(device)
         self.limits = limits or (jobs.limits if jobs is not None else Limits.for_environment())
         self.jobs = jobs
@@ -40,6 +43,7 @@ class Studio:
         self.catalogue = Catalogue(self.bundled, jobs, pretrained)
         self.pairs = PairCache(self.device, pretrained, calibration_size, cache_size, self.bundled, jobs,
                                self.catalogue.hub_reason)
+        self.segmenters = BundledSegmenters(device=self.device) if segmenters == "auto" else segmenters
 
     def pair(self, key: str, flops_reduction: float, merge: str | None = "") -> ModelPair:
         """The pair for a model key (:attr:`cait.studio.catalogue.ModelRef.key`) and the UI's settings.

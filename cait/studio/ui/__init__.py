@@ -6,6 +6,7 @@
     attention_tab    CLS attention of both models on a photo, a synthetic sample or an upload
     channels_tab     retained channels per block (Fig. 6)
     cost_tab         FLOPs, params, ideal and measured speed-up, with ToMe at the twin's FLOPs
+    segmentation_tab the bundled segmenters' masks, per-class IoU, FLOPs and speed (dense transfer)
     finetune_tab     background fine-tune jobs: estimate, start, live curves, cancel, compare
     compactors_tab   a job's compactor norms and CDCP against global selection (Fig. 7, Tab. XI)
 """
@@ -15,7 +16,7 @@ import gradio as gr
 
 from ..engine import Studio
 from ..jobs.manager import JobManager
-from . import attention_tab, channels_tab, compactors_tab, cost_tab, finetune_tab, model_bar
+from . import attention_tab, channels_tab, compactors_tab, cost_tab, finetune_tab, model_bar, segmentation_tab
 
 EXPLAINER = """
 **What am I looking at?** Two models side by side: an original **DeiT** and its **CAIT twin**, which needs about half
@@ -55,6 +56,8 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
             channels_tab.build(studio, bar)
         with gr.Tab("Cost"):
             cost_tab.build(studio, bar)
+        with gr.Tab("Segmentation"):
+            segmentation_tab.build(studio, studio.segmenters)
         finetune = None
         if studio.jobs is not None:
             with gr.Tab("Fine-tune"):

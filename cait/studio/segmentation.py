@@ -1,0 +1,159 @@
+"""The Segmentation tab's answers: the bundled segmenters (``assets/segmenters/``: the original, its CAIT twin, and ToMe
+and token pruning at the twin's FLOPs, each a probe with the same decoder) on a photo, a held-out synthetic sample
+(with its true mask) or an upload; their per-class IoU on the 1000 held-out images as shipped; and their FLOPs,
+throughput and latency measured in one run on this device."""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib import colormaps
+from PIL import Image
+
+from ..data.photos import model_view, preprocess
+from ..data.synthetic import CLASSES, SyntheticShapes
+from ..dense.checkpoint import CONFIG_NAME, load_segmenter, segmenter_flops
+from ..dense.segmenter import Segmenter
+from ..io.bundled import ASSETS_DIR
+from ..io.checkpoint import CheckpointError
+from ..measure.speed import compare_throughput
+from .public import Limits
+from .samples import Sample
+
+SEGMENTERS_DIR = ASSETS_DIR / "segmenters"
+LABELS = {"original": "original", "cait": "CAIT twin", "tome": "ToMe (merges undone)",
+          "token_pruning": "token pruning (EViT, drops filled in)"}
+"""The bundled segmenters, in the order shown."""
+BASELINES = ("tome", "token_pruning")
+"""Shown on request."""
+
+
+def colour_map(classes: list[str]) -> dict[str, str]:
+    """One fixed colour per class name (matplotlib's tab10), so every mask of the page uses the same legend."""
+    tab = colormaps["tab10"]
+    return {c: "#%02x%02x%02x" % tuple(int(255 * v) for v in tab(i % 10)[:3]) for i, c in enumerate(classes)}
+
+
+class BundledSegmenters:
+    """The segmenters in ``root`` (default ``assets/segmenters``), loaded once each on first use.
+
+    Args:
+        root: a folder of segmenter directories named as :data:`LABELS`.
+        device: where they run.
+    """
+
+    def __init__(self, root: str | Path = SEGMENTERS_DIR, device: str | torch.device = "cpu") -> None:
+        self.root, self.device = Path(root), torch.device(device)
+        self._loaded: dict[str, Segmenter] = {}
+        self._lock = threading.Lock()
+
+    def available(self) -> list[str]:
+        """Names with a ``segmenter.json``, in :data:`LABELS` order."""
+        return [n for n in LABELS if (self.root / n / CONFIG_NAME).is_file()]
+
+    def get(self, name: str) -> Segmenter:
+        """The segmenter ``name``.
+
+        Raises:
+            ValueError: for a name not in :meth:`available`, or one that cannot be loaded (said why).
+        """
+        if name not in self.available():
+            raise ValueError(f"Segmenter: {str(name)[:40]!r} is not bundled here (python assets/train_segmenters.py "
+                             "trains it)")
+        with self._lock:
+            if name not in self._loaded:
+                try:
+                    self._loaded[name] = load_segmenter(self.root / name, self.device)
+                except CheckpointError as e:
+                    raise ValueError(f"the bundled {LABELS[name]} segmenter cannot be loaded ({e})") from None
+            return self._loaded[name]
+
+    def scores(self) -> pd.DataFrame:
+        """Per-class IoU (%) of every available segmenter on its held-out images, as shipped (``segmenter.json``),
+        one column per segmenter, the mIoU last."""
+        columns, classes = {}, None
+        for name in self.available():
+            cfg = json.loads((self.root / name / CONFIG_NAME).read_text())
+            score, classes = cfg.get("score") or {}, cfg["classes"]
+            columns[LABELS[name]] = list(score.get("per_class_iou", [None] * len(classes))) + [score.get("miou")]
+        if not columns:
+            return pd.DataFrame()
+        return pd.DataFrame({"class": list(classes) + ["mIoU"], **columns})
+
+
+@dataclass
+class SegmentationView:
+    """What the tab shows for one image: the input as the models see it, each segmenter's annotated masks
+    (``(image, [(mask (H, W) 0/1, class)])``, Gradio's AnnotatedImage value), and the true mask when known."""
+
+    image: Image.Image
+    masks: dict[str, tuple]
+    truth: tuple | None
+    colours: dict[str, str]
+
+
+def _annotated(image: Image.Image, pred: np.ndarray, classes: list[str]) -> tuple:
+    """``(image, [(mask, class), ...])`` for every class present except the background (index 0)."""
+    return image, [((pred == k).astype(np.float32), classes[k]) for k in np.unique(pred) if k != 0]
+
+
+@torch.no_grad()
+def segmentation_view(segs: BundledSegmenters, names: list[str], sample: Sample) -> SegmentationView:
+    """Each listed segmenter's prediction on ``sample``; a synthetic sample (rendered at the input size) also shows
+    its true mask.
+
+    Raises:
+        ValueError: for a segmenter that is not bundled.
+    """
+    first = segs.get(names[0])
+    size = int(first.backbone.patch_embed.img_size[0])
+    if sample.mask is not None:
+        x, view = SyntheticShapes.normalise_image(sample.image)[None], sample.image
+    else:
+        x, view = preprocess(first.backbone, [sample.image]), model_view(first.backbone, sample.image)
+    classes = first.classes
+    masks = {}
+    for name in names:
+        seg = segs.get(name)
+        pred = seg(x.to(segs.device)).argmax(dim=1)[0].cpu().numpy()                 # (S, S) class indices
+        masks[name] = _annotated(view, pred, classes)
+    truth = None
+    if sample.mask is not None and sample.label in CLASSES:
+        target = sample.mask.numpy().astype(np.int64) * (CLASSES.index(sample.label) + 1)
+        truth = _annotated(view, target[:size, :size], classes)
+    return SegmentationView(view, masks, truth, colour_map(classes))
+
+
+def segmenter_cost(segs: BundledSegmenters, names: list[str], limits: Limits, batch_size: int = 8,
+                   progress=None) -> pd.DataFrame:
+    """Backbone and segmenter FLOPs (multiply-adds, one image) of each listed segmenter, images/s at ``batch_size``
+    and latency at batch 1, measured in alternation in one run on this device.
+
+    Raises:
+        ValueError: for a batch size outside what these limits allow (the message names the field).
+    """
+    cap = limits.cost_batch_cap()
+    if not 1 <= int(batch_size) <= cap:
+        raise ValueError(f"Batch size: {batch_size} is outside 1 to {cap}"
+                         + (" on this public Space" if limits.public else ""))
+    models = {LABELS[n]: segs.get(n) for n in names}
+    size = int(next(iter(models.values())).backbone.patch_embed.img_size[0])
+    speed = compare_throughput(models, int(batch_size), segs.device, warmup=1, iters=2, rounds=2, img_size=size,
+                               progress=None if progress is None else (lambda f, w: progress(f / 2, w)))
+    single = compare_throughput(models, 1, segs.device, warmup=1, iters=4, rounds=2, img_size=size,
+                                progress=None if progress is None else (lambda f, w: progress(0.5 + f / 2, w)))
+    ref = next(iter(models))
+    rows = []
+    for label, seg in models.items():
+        backbone, total = segmenter_flops(seg, size)
+        rows.append({"segmenter": label, "backbone GFLOPs": round(backbone / 1e9, 3),
+                     "segmenter GFLOPs": round(total / 1e9, 3), "images/s": round(speed[label]["images_per_s"], 1),
+                     "speed-up": round(speed[label]["images_per_s"] / speed[ref]["images_per_s"], 2),
+                     "latency, batch 1 (ms)": round(1e3 * single[label]["latency_s"], 1),
+                     "latency speed-up": round(single[ref]["latency_s"] / single[label]["latency_s"], 2)})
+    return pd.DataFrame(rows)
