@@ -1,12 +1,13 @@
 """End to end in a real browser: headless Chromium (Debian's package) driven by Playwright.
 
-Clicks through what a new user does: the explainer; the offline default (the bundled trained pair when
-``assets/`` holds it, its fixed settings disabled) on a synthetic sample → the input beside both attention maps with
-colour scales, every head, the classes and the true label; another model, whose status follows by itself; a refused
+Clicks through what a new user does: the explainer; the offline default (the bundled trained pair when ``assets/``
+holds it, its fixed settings disabled) on a synthetic sample → the input beside both attention maps with colour
+scales, every head, the classes and the true label; another model, whose status follows by itself; a refused
 reduction and a refused layout, named in the status; the twin's download; the Cost tab with the ToMe baseline and
-the ideal speed-up; the Fine-tune tab's time estimate and its field-named refusals; a tiny fine-tune → live curves
-→ finished; a page reload that loses nothing; its model compared with its teacher; the Compactors tab; a long
-fine-tune, cancelled. Screenshots go to ``test-artifacts/`` (or ``$CAIT_TEST_ARTIFACTS``).
+the ideal speed-up; the Segmentation tab (the bundled segmenters' masks, ToMe's on request, their speed); the
+Fine-tune tab's time estimate and its field-named refusals; a tiny fine-tune → live curves → finished; a page reload
+that loses nothing; its model compared with its teacher; the Compactors tab; a long fine-tune, cancelled.
+Screenshots go to ``test-artifacts/`` (or ``$CAIT_TEST_ARTIFACTS``).
 """
 import os
 import re
@@ -128,6 +129,21 @@ def test_click_through_attention_finetune_and_compare(app_url):
         expect(body).to_contain_text("ToMe (baseline)", timeout=180_000)
         expect(body).to_contain_text("images/s", timeout=180_000)
         page.screenshot(path=str(ARTIFACTS / "3-cost.png"), full_page=True)
+
+        # Segmentation: the bundled segmenters' masks beside the true one, ToMe's (merges undone) on request.
+        page.get_by_role("tab", name="Segmentation").click()
+        expect(body).to_contain_text("Per-class IoU")
+        if (Path(__file__).resolve().parents[1] / "assets" / "segmenters" / "cait" / "segmenter.json").is_file():
+            page.get_by_role("button", name="Segment", exact=True).click()
+            expect(page.locator("#seg-cait img").first).to_be_visible(timeout=120_000)
+            expect(page.locator("#seg-original img").first).to_be_visible()
+            page.get_by_label("ToMe (merges undone)").check()
+            page.get_by_role("button", name="Segment", exact=True).click()
+            expect(page.locator("#seg-tome img").first).to_be_visible(timeout=120_000)
+            page.get_by_role("button", name="Measure speed").click()
+            expect(body).to_contain_text("latency, batch 1 (ms)", timeout=180_000)
+            expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+        page.screenshot(path=str(ARTIFACTS / "3b-segmentation.png"), full_page=True)
 
         # Fine-tune: bad inputs refused at submit with the field named; the default model's time estimate.
         page.get_by_role("tab", name="Fine-tune").click()
