@@ -95,7 +95,9 @@ def test_dense_benchmark_measures_every_backbone_at_every_size_in_one_run(tmp_pa
     assert set(rows) == {(b, s) for b in backbones for s in (128, 160)}
     for size in (128, 160):          # (at 64 px, 16 patches, whole tokens cannot come within 2%: ToMe -4.9%)
         twin = rows[("cait", size)]["backbone_flops"]
-        for b in ("tome", "token_pruning", "cdcp"):            # at the twin's FLOPs, never above them
+        # ToMe and token pruning are re-scheduled at every size; CDCP alone is one architecture, matched where it
+        # was made (the training size): at the twin's FLOPs, never above them.
+        for b in ("tome", "token_pruning") + (("cdcp",) if size == 128 else ()):
             assert -0.02 < rows[(b, size)]["backbone_flops"] / twin - 1 <= 0.001, (b, size)
         original = rows[("original", size)]
         assert original["speedup"] == 1.0 and original["miou_vs_original"] == 0.0
