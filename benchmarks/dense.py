@@ -84,6 +84,8 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="bundled", choices=["bundled"], help="the pair whose twin is compared")
     p.add_argument("--img-size", default="224", help="sizes in px, comma-separated; the first is the training size")
     p.add_argument("--val-size", type=int, default=1000, help="held-out synthetic images")
+    p.add_argument("--score-at", default=None, help="sizes at which to score mIoU (default: every size; the rest "
+                                                   "are timed only, their miou null)")
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
@@ -98,6 +100,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=Path("runs/dense"))
     a = p.parse_args(argv)
     a.sizes = [int(s) for s in a.img_size.split(",")]
+    a.score_at = a.sizes if a.score_at is None else [int(s) for s in a.score_at.split(",")]
     a.backbones = [b for b in a.backbones.split(",") if b]
     pair = bundled_pair()
     if pair is None:
@@ -113,15 +116,16 @@ def main(argv=None) -> dict:
     for size in a.sizes:
         twin_flops = cait.count_flops(resize_input(copy.deepcopy(twin), size))
         here = {b: at_size(s, size, b, original, twin_flops) for b, s in segs.items()}
-        val = SyntheticSegmentation(a.val_size, size, a.seed, "val")
+        val = SyntheticSegmentation(a.val_size, size, a.seed, "val") if size in a.score_at else None
         speed = compare_throughput(here, a.batch_size_speed, a.device, warmup=1, iters=3, rounds=a.rounds,
                                    img_size=size)
         latency = compare_throughput(here, 1, a.device, warmup=2, iters=5, rounds=a.rounds, img_size=size)
         for b, seg in here.items():
-            score = evaluate_segmentation(seg, val, seg.num_classes, a.device)
+            score = evaluate_segmentation(seg, val, seg.num_classes, a.device) if size in a.score_at else None
             backbone_flops, total = segmenter_flops(seg, size)
-            rows.append({"backbone": b, "img_size": size, "trained_at": a.sizes[0], "miou": score.miou,
-                         "per_class_iou": score.per_class_iou, "pixel_accuracy": score.pixel_accuracy,
+            rows.append({"backbone": b, "img_size": size, "trained_at": a.sizes[0],
+                         "miou": score and score.miou, "per_class_iou": score and score.per_class_iou,
+                         "pixel_accuracy": score and score.pixel_accuracy,
                          "backbone_flops": backbone_flops, "segmenter_flops": total,
                          "images_per_s": speed[b]["images_per_s"], "batch_size": a.batch_size_speed,
                          "latency_ms_batch1": 1e3 * latency[b]["latency_s"]})
@@ -131,7 +135,7 @@ def main(argv=None) -> dict:
             if ref and r["img_size"] == size:
                 r["speedup"] = r["images_per_s"] / ref["images_per_s"]
                 r["latency_speedup"] = ref["latency_ms_batch1"] / r["latency_ms_batch1"]
-                r["miou_vs_original"] = r["miou"] - ref["miou"]
+                r["miou_vs_original"] = None if r["miou"] is None else r["miou"] - ref["miou"]
     out = {"model": a.model, "steps": a.steps, "batch_size": a.batch_size, "val_size": a.val_size,
            "frozen": a.backbone_lr is None, "device": a.device, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "twin_flops_reduction": reduction, "rows": rows}
