@@ -31,7 +31,9 @@ def test_every_log_record_round_trips_through_its_line(record):
 
 
 def test_one_record_class_per_kind_and_selection_by_class():
-    assert set(RECORD_TYPES) == {"start", "train", "eval", "stopped", "final"}
+    import cait.dense.records  # noqa: F401  (registers the segmentation engine's kinds, as any reader of its logs does)
+    assert set(RECORD_TYPES) == {"start", "train", "eval", "stopped", "final", "segment_start", "segment_train",
+                                 "segment_eval"}
     assert of_type(SAMPLES, TrainRecord) == [SAMPLES[1]] and of_type(SAMPLES, FinalRecord) == [SAMPLES[4]]
 
 
