@@ -54,8 +54,8 @@ from cait.data.datasets import build_datasets  # noqa: E402
 from cait.data.synthetic import CLASSES  # noqa: E402
 from cait.finetune.config import FinetuneConfig  # noqa: E402
 from cait.finetune.engine import finetune  # noqa: E402
-from cait.finetune.records import FinalRecord, Record, StartRecord, TrainRecord, of_type, to_dict  # noqa: E402
-from cait.finetune.rundir import read_log, state_files  # noqa: E402
+from cait.finetune.records import FinalRecord, of_type, to_dict  # noqa: E402
+from cait.finetune.rundir import read_log, state_files, training_seconds  # noqa: E402
 from cait.io.bundled import ORIGINAL_DIR, PROVENANCE_NAME, TWIN_DIR  # noqa: E402
 from cait.io.checkpoint import CONFIG_NAME  # noqa: E402
 from cait.measure.accuracy import evaluate  # noqa: E402
@@ -113,20 +113,6 @@ def stage_config(recipe: str, stage: str, work: Path, device: str) -> FinetuneCo
     if args["model"].startswith("@"):
         args["model"] = str(work / args["model"][1:] / "compact")
     return FinetuneConfig(**args, device=device, output=str(work / stage))
-
-
-def training_seconds(records: list[Record]) -> float:
-    """Wall-clock seconds a run spent training, from its log: each ``train`` record covers the images since the
-    previous one at its measured ``images_per_s`` (evaluations and checkpoints included). A resumed run logs some
-    steps twice; the last record of a step counts, so work lost to an interruption is not counted and an
-    interruption (which writes nothing) does not lose the time before it."""
-    last = {r.step: r for r in of_type(records, TrainRecord)}
-    batch = next(r.config["batch_size"] for r in of_type(records, StartRecord))
-    seconds, previous = 0.0, 0
-    for step in sorted(last):
-        seconds += (step - previous) * batch / last[step].images_per_s
-        previous = step
-    return seconds
 
 
 def run_stage(cfg: FinetuneConfig) -> dict:

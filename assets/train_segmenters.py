@@ -28,7 +28,7 @@ from cait.dense.checkpoint import load_segmenter, save_segmenter  # noqa: E402
 from cait.dense.records import SegmentEvalRecord, SegmentStartRecord, SegmentTrainRecord  # noqa: E402
 from cait.dense.train import SegmentConfig, segment  # noqa: E402
 from cait.finetune.records import of_type  # noqa: E402
-from cait.finetune.rundir import read_log  # noqa: E402
+from cait.finetune.rundir import changed_fields, read_log, training_seconds  # noqa: E402
 from cait.io.bundled import ASSETS_DIR, bundled_pair  # noqa: E402
 
 SEGMENTERS = {"original": ("bundled:original", "none", "original"), "cait": ("bundled:cait", "none", "cait"),
@@ -50,23 +50,10 @@ def check_same(cfg: SegmentConfig, run: Path) -> None:
     start = of_type(read_log(run), SegmentStartRecord)
     if not start:
         raise SystemExit(f"error: {run}: no start record")
-    logged, defaults = start[0].config, SegmentConfig().to_dict()
-    diff = [k for k in SegmentConfig.IDENTITY if logged.get(k, defaults[k]) != getattr(cfg, k)]
+    diff = changed_fields(cfg, start[0].config)
     if diff:
         raise SystemExit(f"error: {run} was trained with another configuration ({', '.join(diff)}); "
                          "choose another --work")
-
-
-def training_seconds(run: Path) -> float:
-    """Seconds the run spent training, from its log (each train record covers the images since the previous one)."""
-    records = read_log(run)
-    batch = of_type(records, SegmentStartRecord)[0].config["batch_size"]
-    last = {r.step: r for r in of_type(records, SegmentTrainRecord)}
-    seconds, previous = 0.0, 0
-    for step in sorted(last):
-        seconds += (step - previous) * batch / last[step].images_per_s
-        previous = step
-    return seconds
 
 
 def main(argv=None) -> dict:
@@ -97,8 +84,8 @@ def main(argv=None) -> dict:
         dest = save_segmenter(seg, a.out / name, classes=seg.classes, what=trained["backbone"]["what"],
                               config=portable, score=SegmentEvalRecord(step=cfg.steps, **score),
                               bundled_backbone=SEGMENTERS[name][2], dtype=torch.float16)
-        prov = {"recipe": portable,
-                "score": score, "training_s": round(training_seconds(run), 1), "torch": torch.__version__,
+        seconds = training_seconds(read_log(run), SegmentTrainRecord, SegmentStartRecord)
+        prov = {"recipe": portable, "score": score, "training_s": round(seconds, 1), "torch": torch.__version__,
                 "decoder_bytes": (dest / "decoder.safetensors").stat().st_size,
                 "command": "python assets/train_segmenters.py", "date": time.strftime("%Y-%m-%d")}
         (dest / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")

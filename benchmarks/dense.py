@@ -34,7 +34,7 @@ from cait.dense.features import backbone_kind  # noqa: E402
 from cait.dense.train import SegmentConfig, segment  # noqa: E402
 from cait.io.bundled import bundled_pair  # noqa: E402
 from cait.measure.segmentation import evaluate_segmentation  # noqa: E402
-from cait.measure.speed import compare_throughput  # noqa: E402
+from cait.measure.speed import throughput_and_latency  # noqa: E402
 from cait.models.deit import resize_input  # noqa: E402
 
 BACKBONES = ("original", "cait", "atme", "cdcp", "tome", "token_pruning")
@@ -117,9 +117,7 @@ def main(argv=None) -> dict:
         twin_flops = cait.count_flops(resize_input(copy.deepcopy(twin), size))
         here = {b: at_size(s, size, b, original, twin_flops) for b, s in segs.items()}
         val = SyntheticSegmentation(a.val_size, size, a.seed, "val") if size in a.score_at else None
-        speed = compare_throughput(here, a.batch_size_speed, a.device, warmup=1, iters=3, rounds=a.rounds,
-                                   img_size=size)
-        latency = compare_throughput(here, 1, a.device, warmup=2, iters=5, rounds=a.rounds, img_size=size)
+        speed = throughput_and_latency(here, a.batch_size_speed, a.device, iters=3, rounds=a.rounds, img_size=size)
         for b, seg in here.items():
             score = evaluate_segmentation(seg, val, seg.num_classes, a.device) if size in a.score_at else None
             backbone_flops, total = segmenter_flops(seg, size)
@@ -128,7 +126,7 @@ def main(argv=None) -> dict:
                          "pixel_accuracy": score and score.pixel_accuracy,
                          "backbone_flops": backbone_flops, "segmenter_flops": total,
                          "images_per_s": speed[b]["images_per_s"], "batch_size": a.batch_size_speed,
-                         "latency_ms_batch1": 1e3 * latency[b]["latency_s"]})
+                         "latency_ms_batch1": speed[b]["latency_ms"]})
         ref = next(r for r in rows if r["img_size"] == size and r["backbone"] == "original") \
             if "original" in here else None
         for r in rows:

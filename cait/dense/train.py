@@ -14,7 +14,7 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from ..data.datasets import StepBatchSampler
 from ..data.segmentation import build_segmentation_sets
-from ..finetune.config import FinetuneError
+from ..finetune.config import FinetuneError, option
 from ..finetune.distributed import seed_step, setup_distributed
 from ..finetune.records import to_json
-from ..finetune.rundir import LOG_NAME, RunDirError, read_state, restore_state, save_state, state_files
+from ..finetune.rundir import LOG_NAME, prepare_output, resume_state, save_state
 from ..measure.segmentation import evaluate_segmentation
 from ..models.deit import resize_input
 from .backbones import load_backbone, make_backbone
@@ -38,41 +38,37 @@ from .records import SegmentEvalRecord, SegmentStartRecord, SegmentTrainRecord
 from .segmenter import DecoderConfig, Segmenter
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class SegmentConfig:
     """Every option of a segmentation run; the command line has one flag per field."""
 
-    backbone: str = _f("bundled:original", "bundled:original, bundled:cait, a checkpoint directory or a DeiT name")
-    baseline: str = _f("none", "none, or a training-free baseline made from the (uncompressed) backbone: tome, "
-                               "token_pruning, atme, cdcp")
-    flops_reduction: float = _f(0.5, "FLOPs reduction of the tome, token_pruning and cdcp baselines")
-    merge: str | None = _f(None, "the atme baseline's layout, e.g. h5,v10")
-    calibration_size: int = _f(256, "synthetic images the atme and cdcp baselines are calibrated on")
-    data: str = _f("synthetic", "'synthetic' or a folder of train|val/images + masks (cait.data.segmentation)")
-    img_size: int | None = _f(None, "input side in pixels (default: the backbone's)")
-    steps: int = _f(300, "optimizer steps")
-    batch_size: int = _f(16, "global batch size")
-    lr: float = _f(1e-3, "peak LR of the pyramid, decoder and head")
-    backbone_lr: float | None = _f(None, "peak LR of the backbone: set it to train end to end (default: frozen, "
-                                         "a probe)")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    lr_warmup: float = _f(0.05, "fraction of steps of linear LR warm-up")
-    pyramid_channels: int = _f(64, "FPN pyramid channels")
-    segmentation_channels: int = _f(32, "FPN segmentation channels (a multiple of 32: GroupNorm)")
-    train_size: int = _f(2000, "synthetic training images (one epoch)")
-    val_size: int = _f(500, "synthetic held-out images")
-    eval_interval: int = _f(100, "evaluate every this many steps (and at the end)")
-    log_interval: int = _f(10, "log every this many steps")
-    ckpt_interval: int = _f(100, "write a training state every this many steps")
-    seed: int = _f(0, "seed of data order, flips and the decoder's initialisation")
-    device: str | None = _f(None, "cpu or cuda (default: cuda when available)")
-    output: str = _f("runs/segment", "run directory")
-    resume: bool = _f(False, "continue the run in --output from its newest training state")
-    stop_at: int | None = _f(None, "stop after this step as if killed (for tests and time-boxed runs)")
+    backbone: str = option("bundled:original", "bundled:original, bundled:cait, a checkpoint directory or a DeiT name")
+    baseline: str = option("none", "none, or a training-free baseline made from the (uncompressed) backbone: tome, "
+                           "token_pruning, atme, cdcp")
+    flops_reduction: float = option(0.5, "FLOPs reduction of the tome, token_pruning and cdcp baselines")
+    merge: str | None = option(None, "the atme baseline's layout, e.g. h5,v10")
+    calibration_size: int = option(256, "synthetic images the atme and cdcp baselines are calibrated on")
+    data: str = option("synthetic", "'synthetic' or a folder of train|val/images + masks (cait.data.segmentation)")
+    img_size: int | None = option(None, "input side in pixels (default: the backbone's)")
+    steps: int = option(300, "optimizer steps")
+    batch_size: int = option(16, "global batch size")
+    lr: float = option(1e-3, "peak LR of the pyramid, decoder and head")
+    backbone_lr: float | None = option(None, "peak LR of the backbone: set it to train end to end (default: frozen, "
+                                       "a probe)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    lr_warmup: float = option(0.05, "fraction of steps of linear LR warm-up")
+    pyramid_channels: int = option(64, "FPN pyramid channels")
+    segmentation_channels: int = option(32, "FPN segmentation channels (a multiple of 32: GroupNorm)")
+    train_size: int = option(2000, "synthetic training images (one epoch)")
+    val_size: int = option(500, "synthetic held-out images")
+    eval_interval: int = option(100, "evaluate every this many steps (and at the end)")
+    log_interval: int = option(10, "log every this many steps")
+    ckpt_interval: int = option(100, "write a training state every this many steps")
+    seed: int = option(0, "seed of data order, flips and the decoder's initialisation")
+    device: str | None = option(None, "cpu or cuda (default: cuda when available)")
+    output: str = option("runs/segment", "run directory")
+    resume: bool = option(False, "continue the run in --output from its newest training state")
+    stop_at: int | None = option(None, "stop after this step as if killed (for tests and time-boxed runs)")
 
     IDENTITY = ("backbone", "baseline", "flops_reduction", "merge", "calibration_size", "data", "img_size", "steps",
                 "batch_size", "lr", "backbone_lr", "weight_decay", "lr_warmup", "pyramid_channels",
@@ -143,27 +139,7 @@ def _check(cfg: SegmentConfig, world: int) -> Path:
     if cfg.segmentation_channels % 32:
         raise FinetuneError(f"--segmentation-channels must be a multiple of 32 (GroupNorm), got "
                             f"{cfg.segmentation_channels}")
-    out = Path(cfg.output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FinetuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
-    if not cfg.resume and state_files(out):
-        raise FinetuneError(f"{out}: holds an earlier run; pass --resume to continue it or choose a new --output")
-    return out
-
-
-def _resume(cfg: SegmentConfig, out: Path, seg: Segmenter, opt: torch.optim.Optimizer) -> int:
-    try:
-        meta, tensors = read_state(out)
-    except RunDirError as e:
-        raise FinetuneError(f"--resume given, but {e}") from None
-    before, defaults = meta.get("config", {}), SegmentConfig().to_dict()   # a newer field: its default then
-    diff = [k for k in SegmentConfig.IDENTITY if before.get(k, defaults[k]) != getattr(cfg, k)]
-    if diff:
-        raise FinetuneError(f"{out}: cannot resume a different configuration; changed: " + ", ".join(diff))
-    restore_state(seg, opt, meta, tensors)
-    return int(meta["step"])
+    return prepare_output(cfg.output, cfg.resume)
 
 
 @dataclass
@@ -210,7 +186,7 @@ def _build(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> _
     train_set, val_set, classes = build_segmentation_sets(cfg.data, size, cfg.seed, cfg.train_size, cfg.val_size)
     seg, what = _segmenter(cfg, model, len(classes), device)
     opt = _optimizer(cfg, seg)
-    start = _resume(cfg, out, seg, opt) if cfg.resume else 0
+    start = int(resume_state(out, seg, opt, cfg)["step"]) if cfg.resume else 0
     sched = CosineLRScheduler(opt, t_initial=cfg.steps, lr_min=cfg.lr * 1e-2, warmup_t=int(cfg.lr_warmup * cfg.steps),
                               warmup_lr_init=cfg.lr * 1e-2, t_in_epochs=False)
     sched.step_update(start)

@@ -8,7 +8,6 @@ of a new run.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -37,7 +36,7 @@ from ..models.spec import ModelSpec, describe
 from .config import FinetuneConfig, FinetuneError
 from .lasso import FlopsSchedule
 from .records import Record, StartRecord, to_json
-from .rundir import LOG_NAME, RunDirError, read_state, restore_state, save_state, state_files
+from .rundir import LOG_NAME, prepare_output, resume_state, save_state
 from .token_labels import TokenLabelled
 
 
@@ -130,13 +129,13 @@ def build_run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) 
         cait.data.datasets.DataError: data that cannot be used.
     """
     _check(cfg, world)
-    out = _check_output(cfg) if rank == 0 else Path(cfg.output)
+    out = prepare_output(cfg.output, cfg.resume) if rank == 0 else Path(cfg.output)
     data = _data(cfg)
     nets = _networks(cfg, data, device)
     optim = _optimisation(cfg, nets, len(data.classes))
     start, mask, history = 0, None, {}
     if cfg.resume:                                         # every rank: each holds its own optimizer state
-        state = _resume(out, nets.student, optim.opt, cfg)
+        state = resume_state(out, nets.student, optim.opt, cfg)
         start = state["step"]
         mask = None if state["mask"] is None else ChannelMask.from_dict(state["mask"])
         history = state.get("history", {})
@@ -173,21 +172,6 @@ def _check(cfg: FinetuneConfig, world: int) -> None:
     if cfg.token_labels > 0 and (cfg.data != "synthetic" or cfg.mixup > 0 or cfg.cutmix > 0):
         raise FinetuneError("--token-labels needs object masks (--data synthetic) and no Mixup/CutMix "
                             "(--mixup 0 --cutmix 0)")
-
-
-def _check_output(cfg: FinetuneConfig) -> Path:
-    """``--output`` exists and is writable, and holds no earlier run unless resuming (rank 0)."""
-    out = Path(cfg.output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise FinetuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
-    if not cfg.resume and state_files(out):
-        raise FinetuneError(f"{out}: holds an earlier run; pass --resume to continue it or choose a new --output")
-    return out
 
 
 def _data(cfg: FinetuneConfig) -> RunData:
@@ -308,22 +292,6 @@ def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
         {"params": compactors, "weight_decay": 0.0, "betas": (cfg.compactor_beta1, 0.999),    # SPEC §2
          "lr": cfg.lr if cfg.compactor_lr is None else cfg.compactor_lr},
     ]
-
-
-def _resume(out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: FinetuneConfig) -> dict:
-    """Restore the newest training state of ``out`` after checking it was written by the same configuration."""
-    try:
-        meta, tensors = read_state(out)
-    except RunDirError as e:
-        raise FinetuneError(f"--resume given, but {e}") from None
-    before = meta.get("config", {})
-    defaults = FinetuneConfig().to_dict()                  # a field newer than the state: its default then
-    diff = [k for k in FinetuneConfig.IDENTITY if before.get(k, defaults[k]) != getattr(cfg, k)]
-    if diff:
-        raise FinetuneError(f"{out}: cannot resume a different configuration; changed: "
-                            + ", ".join(f"{k} ({before.get(k)!r} → {getattr(cfg, k)!r})" for k in diff))
-    restore_state(model, opt, meta, tensors)
-    return meta
 
 
 def _default_img_size(cfg: FinetuneConfig) -> int:

@@ -9,7 +9,8 @@ class FinetuneError(RuntimeError):
     """A run that cannot start or continue; earlier checkpoints are left intact."""
 
 
-def _f(default, help: str, **kw):
+def option(default, help: str, **kw):
+    """A config field with its command-line help text (read by :func:`cait.cli.flags.dataclass_parser`)."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -18,50 +19,50 @@ def _f(default, help: str, **kw):
 class FinetuneConfig:
     """Every option of a run; the command line has one flag per field (``--flops-reduction`` for flops_reduction)."""
 
-    model: str = _f("deit_tiny_patch16_224", "timm DeiT name, or a checkpoint directory of an uncompressed model")
-    pretrained: bool = _f(False, "start from timm's ImageNet weights when the Hub is reachable")
-    data: str = _f("synthetic", "'synthetic' or an ImageFolder root with train/ and val/")
-    flops_reduction: float = _f(0.5, "total FLOPs reduction R (ATME planned first, CDCP the rest)")
-    merge: str | None = _f(None, "explicit ATME layout, e.g. h4,v7 (default: planned from R)")
-    atme_share: float = _f(0.8, "share of R planned for ATME when --merge is not given")
-    steps: int = _f(300, "optimizer steps")
-    batch_size: int = _f(64, "global batch size (split across processes)")
-    img_size: int | None = _f(None, "input side in pixels (default: the model's; a checkpoint trained at another size "
-                                         "has its position embedding resampled)")
-    device: str | None = _f(None, "cpu or cuda (default: cuda when available)")
-    output: str = _f("runs/finetune", "run directory")
-    resume: bool = _f(False, "continue the run in --output from its newest training state")
-    lr: float = _f(1e-4, "peak learning rate (paper: 1e-4 at batch 256)")
-    min_lr: float = _f(1e-6, "final learning rate of the cosine decay")
-    lr_warmup: float = _f(0.05, "fraction of steps of linear LR warm-up")
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on compactors, biases, norms, tokens)")
-    compactor_beta1: float = _f(0.99, "AdamW beta1 of the compactor group (0.9 elsewhere)")
-    compactor_lr: float | None = _f(None, "peak LR of the compactors, on the model's cosine schedule (default: lr)")
-    mask_shrink: float | None = _f(None, "norm taken off each masked compactor row per step by the proximal "
-                                         "group-lasso step (default: 2 / hold steps, so a unit row reaches 0 halfway "
-                                         "through the hold; 0: Eq. 2's lasso gradient inside AdamW instead)")
-    label_smoothing: float = _f(0.1, "label smoothing")
-    mixup: float = _f(0.8, "Mixup alpha (0 disables)")
-    cutmix: float = _f(1.0, "CutMix alpha (0 disables)")
-    distill_alpha: float | None = _f(None, "weight of hard distillation (default: 0.1 for Tiny, 0.25 otherwise)")
-    token_labels: float = _f(0.0, "weight of token labelling: each patch token also predicts its patch's label "
-                                  "(object class by covered share, else background) through a training-only head "
-                                  "(LV-ViT; cait.finetune.token_labels); needs --data synthetic and no Mixup/CutMix")
-    lasso: float = _f(1e-5, "group-lasso strength lambda of Eq. 2")
-    mask_interval: int = _f(10, "rebuild the masked set S every this many steps")
-    cdcp_warmup: float = _f(0.1, "fraction of steps before S is first built")
-    cdcp_ramp: float = _f(0.4, "fraction of steps over which the FLOPs target ramps to its final value")
-    min_channels: int = _f(1, "channels kept at least per head and per FFN")
-    round_to: int = _f(1, "kept widths in multiples of this (8 suits tensor cores and CPU vector units)")
-    eval_interval: int = _f(100, "evaluate every this many steps (and at the end)")
-    val_size: int = _f(512, "validation images of the synthetic set")
-    synthetic_size: int = _f(20000, "training images of the synthetic set (one epoch)")
-    log_interval: int = _f(10, "log every this many steps")
-    ckpt_interval: int = _f(100, "write a training state every this many steps")
-    workers: int = _f(0, "data-loader worker processes per rank")
-    seed: int = _f(0, "seed of data order, augmentation and selection ties")
-    amp: bool = _f(True, "bfloat16 autocast on CUDA")
-    stop_at: int | None = _f(None, "stop after this step as if killed (for tests and time-boxed runs)")
+    model: str = option("deit_tiny_patch16_224", "timm DeiT name, or a checkpoint directory of an uncompressed model")
+    pretrained: bool = option(False, "start from timm's ImageNet weights when the Hub is reachable")
+    data: str = option("synthetic", "'synthetic' or an ImageFolder root with train/ and val/")
+    flops_reduction: float = option(0.5, "total FLOPs reduction R (ATME planned first, CDCP the rest)")
+    merge: str | None = option(None, "explicit ATME layout, e.g. h4,v7 (default: planned from R)")
+    atme_share: float = option(0.8, "share of R planned for ATME when --merge is not given")
+    steps: int = option(300, "optimizer steps")
+    batch_size: int = option(64, "global batch size (split across processes)")
+    img_size: int | None = option(None, "input side in pixels (default: the model's; a checkpoint trained at another "
+                                  "size has its position embedding resampled)")
+    device: str | None = option(None, "cpu or cuda (default: cuda when available)")
+    output: str = option("runs/finetune", "run directory")
+    resume: bool = option(False, "continue the run in --output from its newest training state")
+    lr: float = option(1e-4, "peak learning rate (paper: 1e-4 at batch 256)")
+    min_lr: float = option(1e-6, "final learning rate of the cosine decay")
+    lr_warmup: float = option(0.05, "fraction of steps of linear LR warm-up")
+    weight_decay: float = option(0.05, "AdamW weight decay (not on compactors, biases, norms, tokens)")
+    compactor_beta1: float = option(0.99, "AdamW beta1 of the compactor group (0.9 elsewhere)")
+    compactor_lr: float | None = option(None, "peak LR of the compactors, on the model's cosine schedule (default: lr)")
+    mask_shrink: float | None = option(None, "norm taken off each masked compactor row per step by the proximal "
+                                       "group-lasso step (default: 2 / hold steps, so a unit row reaches 0 halfway "
+                                       "through the hold; 0: Eq. 2's lasso gradient inside AdamW instead)")
+    label_smoothing: float = option(0.1, "label smoothing")
+    mixup: float = option(0.8, "Mixup alpha (0 disables)")
+    cutmix: float = option(1.0, "CutMix alpha (0 disables)")
+    distill_alpha: float | None = option(None, "weight of hard distillation (default: 0.1 for Tiny, 0.25 otherwise)")
+    token_labels: float = option(0.0, "weight of token labelling: each patch token also predicts its patch's label "
+                                 "(object class by covered share, else background) through a training-only head "
+                                 "(LV-ViT; cait.finetune.token_labels); needs --data synthetic and no Mixup/CutMix")
+    lasso: float = option(1e-5, "group-lasso strength lambda of Eq. 2")
+    mask_interval: int = option(10, "rebuild the masked set S every this many steps")
+    cdcp_warmup: float = option(0.1, "fraction of steps before S is first built")
+    cdcp_ramp: float = option(0.4, "fraction of steps over which the FLOPs target ramps to its final value")
+    min_channels: int = option(1, "channels kept at least per head and per FFN")
+    round_to: int = option(1, "kept widths in multiples of this (8 suits tensor cores and CPU vector units)")
+    eval_interval: int = option(100, "evaluate every this many steps (and at the end)")
+    val_size: int = option(512, "validation images of the synthetic set")
+    synthetic_size: int = option(20000, "training images of the synthetic set (one epoch)")
+    log_interval: int = option(10, "log every this many steps")
+    ckpt_interval: int = option(100, "write a training state every this many steps")
+    workers: int = option(0, "data-loader worker processes per rank")
+    seed: int = option(0, "seed of data order, augmentation and selection ties")
+    amp: bool = option(True, "bfloat16 autocast on CUDA")
+    stop_at: int | None = option(None, "stop after this step as if killed (for tests and time-boxed runs)")
 
     # Fields that define a run: a resume must match them.
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",

@@ -26,7 +26,8 @@ from ..compress.select import ChannelMask
 from ..io.checkpoint import CONFIG_NAME, atomic_write, build_skeleton, read_config
 from ..models.atme import apply_atme
 from ..models.spec import ModelSpec, describe
-from .records import Record, StartRecord, from_json, of_type
+from .config import FinetuneError
+from .records import Record, StartRecord, TrainRecord, from_json, of_type
 
 LOG_NAME = "log.jsonl"
 
@@ -101,12 +102,73 @@ def restore_state(model: nn.Module, opt: torch.optim.Optimizer, meta: dict, tens
     opt.load_state_dict(osd)
 
 
+def prepare_output(output: str | os.PathLike, resume: bool) -> Path:
+    """A run's ``--output``: created, checked writable, and holding no earlier run unless resuming (rank 0 calls it).
+
+    Raises:
+        FinetuneError: a directory that cannot be written, or one with an earlier run and no ``resume``.
+    """
+    out = Path(output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise FinetuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+    if not resume and state_files(out):
+        raise FinetuneError(f"{out}: holds an earlier run; pass --resume to continue it or choose a new --output")
+    return out
+
+
+def changed_fields(cfg, logged: dict) -> list[str]:
+    """The fields of ``type(cfg).IDENTITY`` (those that define a run) whose logged value differs from ``cfg``'s; a
+    field the log predates counts as its default."""
+    defaults = type(cfg)().to_dict()
+    return [k for k in type(cfg).IDENTITY if logged.get(k, defaults[k]) != getattr(cfg, k)]
+
+
+def resume_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg) -> dict:
+    """Restore the newest training state of ``out`` into ``model`` and ``opt``, after checking it was written by the
+    same configuration (:func:`changed_fields`); returns the state's JSON part (``step``, ``mask``, ...).
+
+    Raises:
+        FinetuneError: no readable state, or a different configuration (each changed field with both values).
+    """
+    try:
+        meta, tensors = read_state(out)
+    except RunDirError as e:
+        raise FinetuneError(f"--resume given, but {e}") from None
+    before = meta.get("config", {})
+    diff = changed_fields(cfg, before)
+    if diff:
+        raise FinetuneError(f"{out}: cannot resume a different configuration; changed: "
+                            + ", ".join(f"{k} ({before.get(k)!r} → {getattr(cfg, k)!r})" for k in diff))
+    restore_state(model, opt, meta, tensors)
+    return meta
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The log
 # ----------------------------------------------------------------------------------------------------------------
 def read_log(run_dir: str | os.PathLike) -> list[Record]:
     """The records of a run's ``log.jsonl`` (a partial last line, still being written, is skipped)."""
     return LogReader(Path(run_dir) / LOG_NAME).records()
+
+
+def training_seconds(records: list[Record], train: type = TrainRecord, start: type = StartRecord) -> float:
+    """Wall-clock seconds a run spent training, from its log: each ``train`` record covers the images since the
+    previous one at its measured ``images_per_s`` (evaluations and checkpoints included). A resumed run logs some
+    steps twice; the last record of a step counts, so work lost to an interruption is not counted and an
+    interruption (which writes nothing) does not lose the time before it. ``train`` and ``start`` are the record
+    classes of the engine that wrote the log (the segmentation engine's: ``SegmentTrainRecord``, ...)."""
+    last = {r.step: r for r in of_type(records, train)}
+    batch = next(r.config["batch_size"] for r in of_type(records, start))
+    seconds, previous = 0.0, 0
+    for step in sorted(last):
+        seconds += (step - previous) * batch / last[step].images_per_s
+        previous = step
+    return seconds
 
 
 class LogReader:

@@ -100,3 +100,29 @@ def measure_throughput(model: nn.Module, batch_size: int = 32, device: str | tor
                        amp_dtype: torch.dtype | None = None) -> dict:
     """Images/s of one model: ``{"images_per_s", "latency_s", "batch_size", "device"}`` (see compare_throughput)."""
     return compare_throughput({"model": model}, batch_size, device, warmup, iters, 1, img_size, amp_dtype)["model"]
+
+
+def throughput_and_latency(models: dict[str, nn.Module], batch_size: int, device: str | torch.device | None = None,
+                           iters: int = 3, rounds: int = 2, img_size: int | None = None, progress=None
+                           ) -> dict[str, dict]:
+    """Images/s at ``batch_size`` and latency at batch 1 of each model, each measured in alternation on one input
+    (:func:`compare_throughput`; batch 1 gets twice the timed passes, one image being quick and noisy).
+
+    Args:
+        models, device, img_size: as :func:`compare_throughput`.
+        batch_size: images per batch of the throughput measurement.
+        iters, rounds: timed batches per model per round, and rounds.
+        progress: called as ``progress(fraction_done, message)`` over both measurements.
+
+    Returns:
+        name → ``{"images_per_s", "latency_ms" (batch 1, median), "batch_size", "device"}``.
+    """
+    def part(start: float):                                # the two measurements share the progress bar
+        return None if progress is None else (lambda f, what: progress(start + f / 2, what))
+
+    batch = compare_throughput(models, batch_size, device, warmup=1, iters=iters, rounds=rounds, img_size=img_size,
+                               progress=part(0.0))
+    single = compare_throughput(models, 1, device, warmup=2, iters=2 * iters, rounds=rounds, img_size=img_size,
+                                progress=part(0.5))
+    return {k: {"images_per_s": batch[k]["images_per_s"], "latency_ms": 1e3 * single[k]["latency_s"],
+                "batch_size": batch_size, "device": batch[k]["device"]} for k in models}

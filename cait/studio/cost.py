@@ -12,7 +12,7 @@ from ..data.datasets import build_datasets
 from ..data.synthetic import CLASSES
 from ..measure.accuracy import evaluate
 from ..measure.flops import count_params
-from ..measure.speed import compare_throughput
+from ..measure.speed import throughput_and_latency
 from ..viz.charts import block_flops_figure, cost_table
 from .pairs import ModelPair
 from .public import Limits
@@ -50,16 +50,11 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
     for k, m in models.items():
         rows[k]["params"] = count_params(m)
     if measure:
-        def part(start: float):                            # the two measurements share the progress bar
-            return None if progress is None else (lambda f, what: progress(start + f / 2, what))
-        speed = compare_throughput(models, batch_size=int(batch_size), device=pair.device, warmup=1, iters=iters,
-                                   rounds=2, progress=part(0.0))
-        # Batch 1, where token merging's matching costs more than its FLOPs (Dense transfer, item 7).
-        single = compare_throughput(models, batch_size=1, device=pair.device, warmup=2, iters=2 * iters, rounds=2,
-                                    progress=part(0.5))
+        # Batch 1 too, where token merging's matching costs more than its FLOPs (Dense transfer, item 7).
+        speed = throughput_and_latency(models, int(batch_size), pair.device, iters=iters, rounds=2, progress=progress)
         for k in rows:
             rows[k]["images_per_s"] = speed[k]["images_per_s"]
-            rows[k]["latency_ms"] = 1e3 * single[k]["latency_s"]
+            rows[k]["latency_ms"] = speed[k]["latency_ms"]
     if model_labels(pair.original) == list(CLASSES) and held_out > 0:
         _, val, _ = build_datasets("synthetic", int(pair.original.patch_embed.img_size[0]), val_size=held_out)
         for k, m in models.items():

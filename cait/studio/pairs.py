@@ -20,7 +20,7 @@ from ..compress.oneshot import compress
 from ..io.bundled import BundledPair
 from ..io.checkpoint import CheckpointError, load_checkpoint
 from ..measure.flops import flops_by_block
-from ..models.atme import get_layout
+from ..models.atme import get_layout, patch_grid
 from ..models.deit import WeightsInfo, create_model
 from ..models.layout import Layout, token_grids
 from ..models.meta import meta_of
@@ -131,7 +131,7 @@ class PairCache:
                 original, info = self._original(ref.name)
                 if layout is not None:                 # the layout must fit this model: name the field if not
                     try:
-                        token_grids(tuple(original.patch_embed.grid_size), len(original.blocks), layout)
+                        token_grids(patch_grid(original), len(original.blocks), layout)
                     except ValueError as e:
                         raise ValueError(f"ATME layout: {e}") from None
                 # Trained weights: a calibrated twin (training-free, keeps accuracy). Random ones: the instant preview.

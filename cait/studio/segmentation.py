@@ -21,7 +21,7 @@ from ..dense.checkpoint import CONFIG_NAME, load_segmenter, segmenter_flops
 from ..dense.segmenter import Segmenter
 from ..io.bundled import ASSETS_DIR
 from ..io.checkpoint import CheckpointError
-from ..measure.speed import compare_throughput
+from ..measure.speed import throughput_and_latency
 from .public import Limits
 from .samples import Sample
 
@@ -143,10 +143,8 @@ def segmenter_cost(segs: BundledSegmenters, names: list[str], limits: Limits, ba
                          + (" on this public Space" if limits.public else ""))
     models = {LABELS[n]: segs.get(n) for n in names}
     size = int(next(iter(models.values())).backbone.patch_embed.img_size[0])
-    speed = compare_throughput(models, int(batch_size), segs.device, warmup=1, iters=2, rounds=2, img_size=size,
-                               progress=None if progress is None else (lambda f, w: progress(f / 2, w)))
-    single = compare_throughput(models, 1, segs.device, warmup=1, iters=4, rounds=2, img_size=size,
-                                progress=None if progress is None else (lambda f, w: progress(0.5 + f / 2, w)))
+    speed = throughput_and_latency(models, int(batch_size), segs.device, iters=2, rounds=2, img_size=size,
+                                   progress=progress)
     ref = next(iter(models))
     rows = []
     for label, seg in models.items():
@@ -154,6 +152,6 @@ def segmenter_cost(segs: BundledSegmenters, names: list[str], limits: Limits, ba
         rows.append({"segmenter": label, "backbone GFLOPs": round(backbone / 1e9, 3),
                      "segmenter GFLOPs": round(total / 1e9, 3), "images/s": round(speed[label]["images_per_s"], 1),
                      "speed-up": round(speed[label]["images_per_s"] / speed[ref]["images_per_s"], 2),
-                     "latency, batch 1 (ms)": round(1e3 * single[label]["latency_s"], 1),
-                     "latency speed-up": round(single[ref]["latency_s"] / single[label]["latency_s"], 2)})
+                     "latency, batch 1 (ms)": round(speed[label]["latency_ms"], 1),
+                     "latency speed-up": round(speed[ref]["latency_ms"] / speed[label]["latency_ms"], 2)})
     return pd.DataFrame(rows)
