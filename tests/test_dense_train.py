@@ -131,3 +131,32 @@ def test_a_bundled_segmenter_refers_to_its_backbone_and_stores_a_half_precision_
         torch.testing.assert_close(loaded(x), seg.eval()(x), rtol=0, atol=5e-2)   # fp16 decoder weights
     with pytest.raises(ValueError, match="'original' or 'cait'"):
         save_segmenter(seg, tmp_path / "t", classes=["a"] * 9, bundled_backbone="mine")
+
+
+def test_torchrun_two_processes_train_end_to_end_and_save_once(tmp_path, backbone_dir):
+    """``torchrun -m cait.dense`` with two gloo processes, end to end: one log, one segmenter, whose backbone
+    moved away from its checkpoint (the backbone's gradients are all-reduced, so both ranks step the same way)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cait.dense",
+           "--backbone", backbone_dir, "--steps", "12", "--batch-size", "4", "--train-size", "32", "--val-size", "8",
+           "--backbone-lr", "1e-3", "--lr", "3e-3", "--log-interval", "4", "--eval-interval", "100",
+           "--ckpt-interval", "100", "--output", str(out), "--device", "cpu"]
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=240,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and printed[0]["step"] == 12                       # rank 0 alone prints the score
+    records = read_log(out)
+    assert len(of_type(records, SegmentStartRecord)) == 1 and of_type(records, SegmentStartRecord)[0].world_size == 2
+    assert [t.step for t in of_type(records, SegmentTrainRecord)] == [4, 8, 12]
+    seg = load_segmenter(out / "segmenter")
+    original = cait.load_pretrained(backbone_dir)
+    moved = [not torch.equal(a, b) for a, b in zip(original.state_dict().values(), seg.backbone.state_dict().values())]
+    assert any(moved)
+    assert of_type(records, SegmentEvalRecord)[-1].miou == json.loads((out / "segmenter" / CONFIG_NAME).read_text()
+                                                                       )["score"]["miou"]

@@ -80,6 +80,15 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         if frozen:
             backbone.requires_grad_(False)
+        else:                                        # end to end: what the pyramid never reads stays fixed, so
+            for part in self._unread(backbone):      # DDP sees no parameter without a gradient
+                part.requires_grad_(False)
+
+    def _unread(self, backbone: nn.Module) -> list[nn.Module]:
+        """The backbone's modules after the last block read: its final norm, classifier head, later blocks."""
+        last = max(b % len(backbone.blocks) for b in self.blocks)
+        parts = [getattr(backbone, n) for n in ("norm", "fc_norm", "head_drop", "head") if hasattr(backbone, n)]
+        return parts + list(backbone.blocks[last + 1:])
 
     def train(self, mode: bool = True) -> "Segmenter":
         super().train(mode)

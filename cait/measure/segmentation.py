@@ -31,8 +31,9 @@ def evaluate_segmentation(model: nn.Module, dataset, num_classes: int, device: s
     if len(dataset) == 0:
         raise ValueError("no images to evaluate on")
     device = torch.device(device)
-    iou = MulticlassJaccardIndex(num_classes, average="none").to(device)
-    acc = MulticlassAccuracy(num_classes, average="micro").to(device)
+    # One process scores the whole held-out split (rank 0 of a torchrun), so the metrics never wait for the others.
+    iou = MulticlassJaccardIndex(num_classes, average="none", sync_on_compute=False).to(device)
+    acc = MulticlassAccuracy(num_classes, average="micro", sync_on_compute=False).to(device)
     model.eval()
     for i in range(0, len(dataset), batch_size):
         xs, ys = zip(*(dataset[j] for j in range(i, min(len(dataset), i + batch_size))))
