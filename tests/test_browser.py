@@ -200,6 +200,25 @@ def test_click_through_attention_finetune_and_compare(app_url):
         expect(body).to_contain_text("compactor rows, since a q/k unit is a pair of rows")
         page.screenshot(path=str(ARTIFACTS / "8-compactors.png"), full_page=True)
 
+        # That job's twin segmented by a background job (python -m cait.dense); its masks in the Segmentation tab.
+        page.get_by_role("tab", name="Fine-tune").click()
+        page.get_by_text("Train a segmenter (Semantic FPN) as a background job").click()
+        _pick(page, "seg-backbone", f"fine-tune job {job_id}")
+        page.locator("#seg-steps input").fill("12")
+        page.get_by_role("button", name="Start segmentation").click()
+        expect(page.locator("#job-status")).to_contain_text(re.compile(r"Segmentation job \S+ — done on cpu"),
+                                                           timeout=240_000)
+        expect(body).to_contain_text("held-out mIoU")
+        seg_job = page.locator("#job input").input_value()
+        page.screenshot(path=str(ARTIFACTS / "8b-segmentation-job.png"), full_page=True)
+        page.get_by_role("tab", name="Segmentation").click()
+        page.locator("#seg-job input").click()
+        page.get_by_role("option", name=re.compile(f"job {seg_job}")).click()
+        page.get_by_role("button", name="Segment", exact=True).click()
+        expect(page.locator("#seg-job-mask img").first).to_be_visible(timeout=120_000)
+        expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+        page.screenshot(path=str(ARTIFACTS / "8c-job-segmenter.png"), full_page=True)
+
         # A long job, cancelled: the app says what was kept.
         page.get_by_role("tab", name="Fine-tune").click()
         _pick(page, "ft-model", tiny)                      # the reload brought back the default model

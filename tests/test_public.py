@@ -115,7 +115,7 @@ def test_uploaded_archives_are_checked_member_by_member(public_app, tmp_path):
     flat = tmp_path / "flat.zip"
     with zipfile.ZipFile(flat, "w") as z:
         z.writestr("a/0.png", _png())
-    with pytest.raises(ArchiveError, match="expected train/<class>/ and val/<class>/"):
+    with pytest.raises(ArchiveError, match="expected train/ and val/ folders"):
         extract_archive(flat, tmp_path / "z", Limits(public=True))
 
 
@@ -141,9 +141,9 @@ def test_a_valid_archive_trains_and_jobs_belong_to_their_session(public_app, tmp
     with pytest.raises(Exception, match="you already have 1 jobs queued or running"):
         start(other)
     # Another session sees the job but not its data path or messages, and cannot cancel it.
-    table, text, _, _ = other.predict(job_id, api_name="/job_status")
-    row = next(r for r in table["data"] if r[0] == job_id)
-    assert row[3] == "(not shown)" and str(jobs.root) not in json.dumps(table) + text
+    table, text, _, _, _ = other.predict(job_id, api_name="/job_status")
+    row = dict(zip(table["headers"], next(r for r in table["data"] if r[0] == job_id)))
+    assert row["data"] == "(not shown)" and str(jobs.root) not in json.dumps(table) + text
     with pytest.raises(Exception, match="started by another visitor"):
         other.predict(job_id, api_name="/cancel_finetune")
     message = owner.predict(job_id, api_name="/cancel_finetune")

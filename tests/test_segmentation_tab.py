@@ -10,6 +10,7 @@ import cait
 from cait.baselines.token_pruning import apply_token_pruning
 from cait.baselines.tome import apply_tome
 from cait.data.photos import SAMPLE_PHOTOS
+from cait.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from cait.dense.checkpoint import save_segmenter
 from cait.dense.records import SegmentEvalRecord
 from cait.dense.segmenter import Segmenter
@@ -18,7 +19,7 @@ from cait.studio.samples import SYNTHETIC_SAMPLES, load_sample
 from cait.studio.segmentation import LABELS, BundledSegmenters, segmentation_view, segmenter_cost
 from conftest import randomize_
 
-CLASSES = ["background"] + [f"shape{i}" for i in range(8)]
+CLASSES = ["background"] + list(SYNTHETIC_CLASSES)          # a job trained on a folder has its own
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,8 @@ def test_cost_is_measured_in_one_run_and_capped_in_public(segs):
     assert list(rows) == [LABELS["original"], LABELS["cait"], LABELS["tome"]]
     assert rows["original"]["speed-up"] == 1.0
     ratio = rows[LABELS["cait"]]["images/s"] / rows["original"]["images/s"]
-    assert rows[LABELS["cait"]]["speed-up"] == pytest.approx(ratio, abs=0.02)
+    slack = 0.01 + 0.05 * (1 + ratio) / rows["original"]["images/s"]         # images/s are shown to 0.1
+    assert rows[LABELS["cait"]]["speed-up"] == pytest.approx(ratio, abs=slack)
     twin, original = rows[LABELS["cait"]], rows["original"]
     assert twin["backbone GFLOPs"] < original["backbone GFLOPs"] < original["segmenter GFLOPs"]
     with pytest.raises(ValueError, match="Batch size: 64 is outside 1 to 32 on this public Space"):

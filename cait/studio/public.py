@@ -119,12 +119,19 @@ class ArchiveError(ValueError):
     """An uploaded archive that cannot be used; the message says why and names only the archive."""
 
 
-def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits: Limits) -> Path:
-    """Unpack an uploaded ``.zip`` of an ImageFolder tree (``train/<class>/*`` and ``val/<class>/*``) into ``dest``.
+CLASSES_FILE = "classes.json"
+MAX_CLASSES_BYTES = 65_536
+"""A segmentation set's optional class names (:mod:`cait.data.segmentation`) travel with its images."""
 
-    Only image files are written; every member is checked first: no absolute path, no ``..``, no link, names of
-    ordinary characters, at most ``limits.max_upload_files`` images and ``limits.max_upload_bytes`` unpacked (the
-    sizes the archive claims are checked before reading and enforced while reading, so a zip bomb stops early).
+
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits: Limits) -> Path:
+    """Unpack an uploaded ``.zip`` of an ImageFolder tree (``train/<class>/*`` and ``val/<class>/*``) or a segmentation
+    set (``train|val/images/*`` + ``masks/*.png``, an optional ``classes.json``) into ``dest``.
+
+    Only image files (and ``classes.json``) are written; every member is checked first: no absolute path, no ``..``,
+    no link, names of ordinary characters, at most ``limits.max_upload_files`` images and ``limits.max_upload_bytes``
+    unpacked (the sizes the archive claims are checked before reading and enforced while reading, so a zip bomb
+    stops early).
     A top-level folder wrapping ``train/`` and ``val/`` is accepted.
 
     Returns:
@@ -148,8 +155,9 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits:
                 raise ArchiveError(f"{name}: unsafe member name {m.filename[:80]!r}")
             if stat.S_ISLNK(m.external_attr >> 16):
                 raise ArchiveError(f"{name}: links are not allowed ({m.filename[:80]!r})")
-            if m.filename.lower().endswith(IMAGE_SUFFIXES):
-                images.append(m)
+            if m.filename.lower().endswith(IMAGE_SUFFIXES) or (Path(m.filename).name == CLASSES_FILE
+                                                                and m.file_size <= MAX_CLASSES_BYTES):
+                images.append(m)                   # images, PNG masks, and a segmentation set's class names
         if len(images) > limits.max_upload_files:
             raise ArchiveError(f"{name}: {len(images)} images, at most {limits.max_upload_files}")
         if sum(m.file_size for m in images) > limits.max_upload_bytes:
@@ -170,4 +178,5 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits:
     for root in (dest, *[p for p in dest.iterdir() if p.is_dir()]):
         if (root / "train").is_dir() and (root / "val").is_dir():
             return root
-    raise ArchiveError(f"{name}: expected train/<class>/ and val/<class>/ folders of images")
+    raise ArchiveError(f"{name}: expected train/ and val/ folders (train/<class>/ images, or train/images/ and "
+                       "train/masks/ for segmentation)")

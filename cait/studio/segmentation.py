@@ -1,7 +1,8 @@
 """The Segmentation tab's answers: the bundled segmenters (``assets/segmenters/``: the original, its CAIT twin, and ToMe
-and token pruning at the twin's FLOPs, each a probe with the same decoder) on a photo, a held-out synthetic sample
-(with its true mask) or an upload; their per-class IoU on the 1000 held-out images as shipped; and their FLOPs,
-throughput and latency measured in one run on this device."""
+and token pruning at the twin's FLOPs, each a probe with the same decoder) and those finished segmentation jobs
+made (:class:`JobSegmenters`) on a photo, a held-out synthetic sample (with its true mask) or an upload; their
+per-class IoU on the 1000 held-out images as shipped; and their FLOPs, throughput and latency measured in one run
+on this device."""
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ from ..dense.segmenter import Segmenter
 from ..io.bundled import ASSETS_DIR
 from ..io.checkpoint import CheckpointError
 from ..measure.speed import throughput_and_latency
+from .jobs.manager import JobManager
 from .public import Limits
 from .samples import Sample
 
@@ -86,6 +88,51 @@ class BundledSegmenters:
         return pd.DataFrame({"class": list(classes) + ["mIoU"], **columns})
 
 
+class JobSegmenters:
+    """The segmenters finished segmentation jobs made, by job id, loaded on first use (the newest 4 kept).
+
+    Args:
+        jobs: the job manager (None: no jobs, none available).
+        device: where they run.
+    """
+
+    def __init__(self, jobs: JobManager | None, device: str | torch.device = "cpu", keep: int = 4) -> None:
+        self.jobs, self.device, self.keep = jobs, torch.device(device), keep
+        self._loaded: dict[str, Segmenter] = {}
+        self._lock = threading.Lock()
+
+    def available(self, viewer: str | None = None) -> list[tuple[str, str]]:
+        """``(label, job id)`` of finished segmentation jobs ``viewer`` may use, newest first: locally all; in public
+        mode none trained on another visitor's upload."""
+        out = []
+        for j in self.jobs.finished("segment") if self.jobs is not None else []:
+            if self.jobs.limits.public and j.upload and j.owner != viewer:
+                continue
+            out.append((f"job {j.id}: {j.model_label()} ({j.message.removeprefix('done: ')})", j.id))
+        return out
+
+    def get(self, job_id: str, viewer: str | None = None) -> Segmenter:
+        """The segmenter of job ``job_id``.
+
+        Raises:
+            ValueError: for an unknown id, a job that is not a finished segmentation this viewer may use, or a
+                segmenter that cannot be loaded (said why, no path).
+        """
+        if job_id not in {i for _, i in self.available(viewer)}:
+            raise ValueError(f"Segmenter job: {str(job_id)[:40]!r} is not a finished segmentation job of yours")
+        with self._lock:
+            if job_id not in self._loaded:
+                try:
+                    seg = load_segmenter(self.jobs.get(job_id).product(self.jobs.root).parent, self.device)
+                except (CheckpointError, KeyError) as e:
+                    why = str(e).replace(str(self.jobs.root), "RUNS")[:200]
+                    raise ValueError(f"job {job_id}'s segmenter cannot be loaded ({why})") from None
+                while len(self._loaded) >= self.keep:
+                    self._loaded.pop(next(iter(self._loaded)))
+                self._loaded[job_id] = seg
+            return self._loaded[job_id]
+
+
 @dataclass
 class SegmentationView:
     """What the tab shows for one image: the input as the models see it, each segmenter's annotated masks
@@ -103,9 +150,13 @@ def _annotated(image: Image.Image, pred: np.ndarray, classes: list[str]) -> tupl
 
 
 @torch.no_grad()
-def segmentation_view(segs: BundledSegmenters, names: list[str], sample: Sample) -> SegmentationView:
-    """Each listed segmenter's prediction on ``sample``; a synthetic sample (rendered at the input size) also shows
-    its true mask.
+def segmentation_view(segs: BundledSegmenters | dict[str, Segmenter], names: list[str], sample: Sample
+                      ) -> SegmentationView:
+    """Each listed segmenter's prediction on ``sample``, all at the first one's input size and with its classes; a
+    synthetic sample (rendered at that size) also shows its true mask when those are the synthetic classes.
+
+    Args:
+        segs: where the names are looked up: the bundled segmenters, or ``{name: segmenter}`` (a job's).
 
     Raises:
         ValueError: for a segmenter that is not bundled.
@@ -120,10 +171,11 @@ def segmentation_view(segs: BundledSegmenters, names: list[str], sample: Sample)
     masks = {}
     for name in names:
         seg = segs.get(name)
-        pred = seg(x.to(segs.device)).argmax(dim=1)[0].cpu().numpy()                 # (S, S) class indices
+        device = next(seg.parameters()).device
+        pred = seg(x.to(device)).argmax(dim=1)[0].cpu().numpy()                       # (S, S) class indices
         masks[name] = _annotated(view, pred, classes)
     truth = None
-    if sample.mask is not None and sample.label in CLASSES:
+    if sample.mask is not None and sample.label in CLASSES and classes[1:] == list(CLASSES):
         target = sample.mask.numpy().astype(np.int64) * (CLASSES.index(sample.label) + 1)
         truth = _annotated(view, target[:size, :size], classes)
     return SegmentationView(view, masks, truth, colour_map(classes))

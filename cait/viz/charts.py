@@ -14,6 +14,7 @@ from plotly.subplots import make_subplots
 
 from ..compress.importance import ChannelScores
 from ..compress.select import ChannelMask
+from ..dense.records import SegmentEvalRecord, SegmentTrainRecord
 from ..finetune.records import EvalRecord, Record, TrainRecord, of_type
 from ..models.spec import ModelSpec
 
@@ -94,6 +95,19 @@ def training_figure(records: list[Record]) -> go.Figure:
     fig.add_scatter(x=steps, y=[r.s_size for r in train], name="|S|", row=2, col=2)
     fig.update_layout(height=520, showlegend=False, margin=dict(t=40, l=40, r=20, b=30))
     fig.update_xaxes(title_text="step", row=2)
+    return fig
+
+
+def segmentation_figure(records: list[Record]) -> go.Figure:
+    """Live view of a segmentation run (:mod:`cait.dense.records`): pixel cross-entropy and held-out mIoU against
+    step."""
+    train, evals = of_type(records, SegmentTrainRecord), of_type(records, SegmentEvalRecord)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss (pixel cross-entropy)", "held-out mIoU (%)"))
+    fig.add_scatter(x=[r.step for r in train], y=[r.loss for r in train], name="loss", row=1, col=1)
+    fig.add_scatter(x=[r.step for r in evals], y=[r.miou for r in evals], name="mIoU", mode="lines+markers",
+                    row=1, col=2)
+    fig.update_layout(height=320, showlegend=False, margin=dict(t=40, l=40, r=20, b=30))
+    fig.update_xaxes(title_text="step")
     return fig
 
 

@@ -1,4 +1,5 @@
-"""Background fine-tune jobs: each runs ``python -m cait.finetune`` as its own process (SPEC §2/§3 engine).
+"""Background jobs: each fine-tune runs ``python -m cait.finetune`` (SPEC §2/§3 engine), each segmentation run
+``python -m cait.dense``, as its own process.
 
 :class:`JobManager` queues, starts, watches and cancels them; one job runs per device at a time, the others wait,
 oldest first. Everything lives under one runs directory (:mod:`cait.studio.jobs.model`), so jobs survive an app
@@ -11,6 +12,7 @@ deleted after the retention time (:mod:`cait.studio.jobs.retention`).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,15 +21,15 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...dense.records import SegmentEvalRecord, SegmentTrainRecord
 from ...finetune.records import FinalRecord, Record, TrainRecord, of_type
 from ...finetune.rundir import state_files
-from ...io.checkpoint import CONFIG_NAME
-from ..public import Limits
+from ..public import Limits, extract_archive
 from . import process
-from .model import Job, JobError, JobStatus, default_runs_dir, new_job_id
+from .model import JOB_KINDS, Job, JobError, JobStatus, default_runs_dir, new_job_id
 from .retention import cleanup
 from .store import JobStore
-from .validate import validate_request
+from .validate import validate_request, validate_segment_request
 
 
 @dataclass
@@ -46,7 +48,7 @@ class JobProgress:
 
 
 class JobManager:
-    """Starts, watches, queues and cancels fine-tune processes under ``root``.
+    """Starts, watches, queues and cancels fine-tune and segmentation processes under ``root``.
 
     Args:
         root: the runs directory (default :func:`cait.studio.jobs.model.default_runs_dir`).
@@ -85,39 +87,82 @@ class JobManager:
         """The engine's ``--output`` of a job. Raises ``KeyError`` for an unknown or malformed id."""
         return self.get(job_id).dir(self.root) / "run"
 
-    def validate(self, args: dict) -> dict:
-        """:func:`cait.studio.jobs.validate.validate_request` under these limits. Raises :class:`JobError`."""
+    def validate(self, args: dict, kind: str = "finetune", owner: str | None = None) -> dict:
+        """The request checked under these limits (:mod:`cait.studio.jobs.validate`), for a job of ``kind``; a
+        segmentation may start from ``owner``'s finished fine-tunes (``backbone="job:<id>"``). Raises
+        :class:`JobError`."""
+        if kind == "segment":
+            return validate_segment_request(args, self.limits, self.root / "uploads", self.job_models(owner))
+        if kind != "finetune":
+            raise JobError(f"unknown job kind {str(kind)[:40]!r} (finetune or segment)")
         return validate_request(args, self.limits, self.root / "uploads")
 
+    def job_models(self, viewer: str | None = None) -> dict[str, str]:
+        """``{"job:<id>": compact model directory}`` of finished fine-tunes ``viewer`` may build on: locally all; in
+        public mode those not trained on another visitor's upload."""
+        return {f"job:{j.id}": str(j.product(self.root).parent) for j in self.finished()
+                if not (self.limits.public and j.upload and j.owner != viewer)}
+
     def submit(self, device: str = "cpu", owner: str | None = None, visitor: str | None = None,
-               upload: str | None = None, **args) -> Job:
-        """Queue a job; it starts when its device is free. ``args`` are FinetuneConfig fields.
+               upload: str | None = None, kind: str = "finetune", **args) -> Job:
+        """Queue a job; it starts when its device is free. ``args`` are its kind's config fields.
 
         Args:
             device: ``"cpu"`` or ``"cuda"``.
             owner, visitor: hashed session and address keys (:func:`cait.studio.public.visitor_key`); in public mode
                 only the owner may cancel, and each visitor has a quota of active jobs.
             upload: the id of an unpacked upload under ``RUNS/uploads`` the job trains on.
+            kind: ``"finetune"`` (:class:`cait.finetune.config.FinetuneConfig` fields) or ``"segment"``
+                (:class:`cait.dense.train.SegmentConfig` fields).
 
         Raises:
             JobError: an invalid option (named), or a quota reached.
         """
-        args = self.validate(args)
+        args = self.validate(args, kind, owner)
         if device not in ("cpu", "cuda"):
-            raise JobError(f"Device: {device!r} is not cpu or cuda")
+            raise JobError(f"Device: {str(device)[:20]!r} is not cpu or cuda")
         with self.store.locked():
-            active = [j for j in self.list() if j.status.active]
-            if self.limits.public:
-                if len(active) >= self.limits.max_active_jobs:
-                    raise JobError(f"the queue is full ({len(active)} jobs); try again when one has finished")
-                mine = [j for j in active if visitor is not None and j.visitor == visitor]
-                if len(mine) >= self.limits.max_jobs_per_visitor:
-                    raise JobError(f"you already have {len(mine)} jobs queued or running (at most "
-                                   f"{self.limits.max_jobs_per_visitor}); cancel one or wait")
-            job = Job(id=new_job_id(), args=args, device=device, owner=owner, visitor=visitor, upload=upload)
+            self._check_quota(visitor)
+            job = Job(id=new_job_id(), args=args, device=device, owner=owner, visitor=visitor, upload=upload,
+                      kind=kind)
             self.store.save(job)
         self.refresh()
         return self.get(job.id)
+
+    def submit_archive(self, archive: str | os.PathLike, device: str = "cpu", owner: str | None = None,
+                       visitor: str | None = None, kind: str = "finetune", **args) -> Job:
+        """:meth:`submit` on an uploaded ``.zip``: every field and the quota are checked first, then the archive is
+        unpacked under ``RUNS/uploads/<id>`` (:func:`cait.studio.public.extract_archive`), then the job is queued. A
+        refusal at any point removes what was unpacked.
+
+        Raises:
+            JobError: an invalid option (named) or a quota reached; :class:`cait.studio.public.ArchiveError`: an
+                archive refused (unsafe, oversized, not the expected folders).
+        """
+        self.validate({**args, "data": "synthetic"}, kind, owner)
+        if device not in ("cpu", "cuda"):
+            raise JobError(f"Device: {str(device)[:20]!r} is not cpu or cuda")
+        with self.store.locked():
+            self._check_quota(visitor)
+        upload, dest = self.new_upload()
+        try:
+            data = extract_archive(archive, dest, self.limits)
+            return self.submit(device, owner, visitor, upload, kind, **{**args, "data": str(data)})
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+
+    def _check_quota(self, visitor: str | None) -> None:
+        """In public mode: room in the queue, and in this visitor's share of it. Raises :class:`JobError`."""
+        if not self.limits.public:
+            return
+        active = [j for j in self.list() if j.status.active]
+        if len(active) >= self.limits.max_active_jobs:
+            raise JobError(f"the queue is full ({len(active)} jobs); try again when one has finished")
+        mine = [j for j in active if visitor is not None and j.visitor == visitor]
+        if len(mine) >= self.limits.max_jobs_per_visitor:
+            raise JobError(f"you already have {len(mine)} jobs queued or running (at most "
+                           f"{self.limits.max_jobs_per_visitor}); cancel one or wait")
 
     def refresh(self) -> None:
         """One scheduler tick: notice finished or dead processes, then start queued jobs on free devices. Holds
@@ -133,7 +178,7 @@ class JobManager:
                     if code is not None:
                         self._procs.pop(job.id)
                         self._finish(job, code)
-                elif not process.alive(job.pid, job.dir(self.root)):
+                elif not process.alive(job.pid, job.dir(self.root), job.engine.module):
                     self._finish(job, None)                          # died while no app was watching
             # _finish/_start update these Job objects in place: no need to read job.json again.
             busy = {j.device for j in jobs if j.status == JobStatus.RUNNING}
@@ -151,13 +196,18 @@ class JobManager:
         self.store.save(job)
 
     def _finish(self, job: Job, returncode: int | None) -> None:
-        final = of_type(self.records(job.id), FinalRecord)
+        records = self.records(job.id)
+        final = of_type(records, SegmentEvalRecord if job.kind == "segment" else FinalRecord)
         job.ended, job.returncode, job.pid = time.time(), returncode, None
-        if final and (job.dir(self.root) / "run" / "compact" / CONFIG_NAME).is_file():
-            f = final[-1]
-            teacher = "" if f.top1_teacher is None else f" (teacher {f.top1_teacher:.1f}%)"
+        if final and job.product(self.root).is_file():
             job.status = JobStatus.DONE
-            job.message = f"done: {100 * f.flops_reduction:.1f}% fewer FLOPs, top-1 {f.top1_student:.1f}%" + teacher
+            f = final[-1]
+            if job.kind == "segment":
+                job.message = f"done: held-out mIoU {f.miou:.1f}% after {f.step} steps"
+            else:
+                teacher = "" if f.top1_teacher is None else f" (teacher {f.top1_teacher:.1f}%)"
+                job.message = (f"done: {100 * f.flops_reduction:.1f}% fewer FLOPs, top-1 {f.top1_student:.1f}%"
+                               + teacher)
         else:
             why = f"exit code {returncode}" if returncode is not None else "its process is gone"
             job.status = JobStatus.FAILED
@@ -181,18 +231,18 @@ class JobManager:
                 raise JobError(f"job {job_id} was started by another visitor; only they can cancel it")
             if not job.status.active:
                 return f"job {job_id} is already {job.status}"
-            if job.status == JobStatus.RUNNING and process.alive(job.pid, job.dir(self.root)):
+            if job.status == JobStatus.RUNNING and process.alive(job.pid, job.dir(self.root), job.engine.module):
                 process.stop(job.pid, self._procs.pop(job_id, None))
             run = job.dir(self.root) / "run"
             states = state_files(run)
-            steps = [r.step for r in of_type(self.records(job_id), TrainRecord)]
+            steps = [r.step for r in of_type(self.records(job_id), (TrainRecord, SegmentTrainRecord))]
             if not states:
                 kept = "nothing was kept (no training state had been written yet)"
             elif self.limits.public:
                 kept = f"kept: its training state of step {states[-1][0]}"
             else:
                 kept = (f"kept: training state of step {states[-1][0]} in {run} "
-                        f"(continue with: python -m cait.finetune --output {run} --resume ...)")
+                        f"(continue with: python -m {job.engine.module} --output {run} --resume ...)")
             job.status, job.ended, job.pid = JobStatus.CANCELLED, time.time(), None
             job.message = f"cancelled at step {steps[-1] if steps else 0}; {kept}"
             self.store.save(job)
@@ -209,9 +259,11 @@ class JobManager:
         upload_id = uuid.uuid4().hex[:16]
         return upload_id, self.root / "uploads" / upload_id
 
-    def finished(self) -> list[Job]:
-        """Jobs that are done (their compact model exists), newest first."""
-        return [j for j in self.list() if j.status == JobStatus.DONE]
+    def finished(self, kind: str = "finetune") -> list[Job]:
+        """Jobs of ``kind`` that are done (their model exists), newest first."""
+        if kind not in JOB_KINDS:
+            raise ValueError(f"unknown job kind {kind!r}")
+        return [j for j in self.list() if j.status == JobStatus.DONE and j.kind == kind]
 
     def progress(self, job_id: str) -> JobProgress:
         """Where a job stands: status, step/steps, last loss, |S|, images/s, elapsed and ETA, its records.
@@ -221,7 +273,7 @@ class JobManager:
         """
         job = self.get(job_id)
         records = self.records(job_id)
-        train = of_type(records, TrainRecord)
+        train = of_type(records, SegmentTrainRecord if job.kind == "segment" else TrainRecord)
         steps = int(job.args.get("steps", 300))
         step = train[-1].step if train else 0
         now = job.ended or time.time()
@@ -229,7 +281,7 @@ class JobManager:
         # Average pace since the start (model building included): a slight over-estimate early on.
         eta = elapsed / step * (steps - step) if job.status == JobStatus.RUNNING and step else None
         last = train[-1] if train else None
-        return JobProgress(job, step, steps, records, elapsed, eta, last and last.loss, last.s_size if last else 0,
+        return JobProgress(job, step, steps, records, elapsed, eta, last and last.loss, getattr(last, "s_size", 0),
                            last and last.images_per_s)
 
     def _loop(self, interval: float) -> None:

@@ -1,10 +1,11 @@
-"""A background fine-tune job as data: :class:`Job`, its :class:`JobStatus`, its id format and where jobs live.
+"""A background job as data: :class:`Job`, its :class:`JobStatus`, its :class:`JobKind` (a fine-tune or a
+segmentation run), its id format and where jobs live.
 
 ::
 
     RUNS/jobs/<id>/job.json      # this record (written atomically)
     RUNS/jobs/<id>/stdout.log    # the process's output (its tail explains a failure)
-    RUNS/jobs/<id>/run/          # the engine's --output: log.jsonl, train_state-*, teacher/, compact/
+    RUNS/jobs/<id>/run/          # the engine's --output: log.jsonl, train_state-*, and compact/ or segmenter/
     RUNS/uploads/<id>/           # an uploaded archive, unpacked (public mode)
 
 Statuses: ``queued`` → ``running`` → ``done`` | ``failed`` | ``cancelled``. Job ids have one format (:data:`JOB_ID`),
@@ -29,8 +30,24 @@ JOB_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4,12}$")
 """``YYYYMMDD-HHMMSS-<hex>``: the only job ids accepted anywhere (the hex part is 12 digits for new jobs)."""
 UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
 FIELD_NAMES = {"model": "Model", "data": "Data", "flops_reduction": "FLOPs reduction", "steps": "Steps",
-               "batch_size": "Batch size", "img_size": "Image size"}
+               "batch_size": "Batch size", "img_size": "Image size", "backbone": "Backbone", "baseline": "Baseline",
+               "backbone_lr": "Backbone LR (end to end)", "lr": "Decoder LR", "merge": "Layout",
+               "train_size": "Training images", "val_size": "Held-out images"}
 """The Fine-tune tab's label for each option, so an error names the field the visitor sees."""
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What a kind of job runs and what a finished one has made."""
+
+    module: str                    # run as ``python -m <module>``
+    product: str                   # the file under ``run/`` whose presence means the job made its model
+    noun: str                      # how the tab names it
+
+
+JOB_KINDS = {"finetune": JobKind("cait.finetune", "compact/config.json", "fine-tune"),
+             "segment": JobKind("cait.dense", "segmenter/segmenter.json", "segmentation")}
+"""``finetune``: a CAIT twin (:mod:`cait.finetune`); ``segment``: a segmenter (:mod:`cait.dense`)."""
 
 
 class JobStatus(str, enum.Enum):
@@ -57,7 +74,8 @@ class JobError(ValueError):
 
 @dataclass
 class Job:
-    """One fine-tune job. ``args`` are :class:`cait.finetune.config.FinetuneConfig` fields (``output`` is ours).
+    """One background job. ``args`` are the fields of its kind's config (:class:`cait.finetune.config.FinetuneConfig`
+    or :class:`cait.dense.train.SegmentConfig`; ``output`` is ours).
 
     ``owner`` and ``visitor`` are hashed keys (:func:`cait.studio.public.visitor_key`) of the session and the network
     address that submitted it; ``upload`` names the unpacked archive it trains on, if any. Times are seconds since
@@ -77,9 +95,21 @@ class Job:
     owner: str | None = None
     visitor: str | None = None
     upload: str | None = None
+    kind: str = "finetune"
 
     def __post_init__(self) -> None:
         self.status = JobStatus(self.status)              # from job.json: the value string
+        if self.kind not in JOB_KINDS:
+            raise ValueError(f"unknown job kind {self.kind!r}")
+
+    @property
+    def engine(self) -> JobKind:
+        """What this job runs and makes."""
+        return JOB_KINDS[self.kind]
+
+    def product(self, root: Path) -> Path:
+        """The file a finished job has made (``compact/config.json`` or ``segmenter/segmenter.json``)."""
+        return self.dir(root) / "run" / self.engine.product
 
     def dir(self, root: Path) -> Path:
         """This job's directory under a runs directory."""
@@ -88,6 +118,16 @@ class Job:
     def data_label(self) -> str:
         """What the job trains on: ``uploaded archive`` for an upload, else its ``data`` (``synthetic`` or a path)."""
         return "uploaded archive" if self.upload else str(self.args.get("data", "synthetic"))
+
+    def model_label(self) -> str:
+        """The model it starts from: a fine-tune's ``model``, a segmentation's ``backbone`` (and its baseline)."""
+        if self.kind == "segment":
+            backbone, base = str(self.args.get("backbone", "")), self.args.get("baseline", "none")
+            parts = Path(backbone).parts
+            if len(parts) >= 4 and parts[-4:-2][0] == "jobs" and parts[-1] == "compact":    # jobs/<id>/run/compact
+                backbone = "job:" + parts[-3]
+            return backbone + ("" if base in (None, "none") else f" → {base}")
+        return str(self.args.get("model", ""))
 
 
 def new_job_id() -> str:

@@ -1,6 +1,6 @@
-"""A job's process: the ``python -m cait.finetune`` command line, starting it in its own session, telling whether it
-still runs, and stopping its whole process group. A crash, an out-of-memory kill or a cancel never takes the app
-down.
+"""A job's process: its engine's command line (``python -m cait.finetune`` or ``python -m cait.dense``), starting it
+in its own session, telling whether it still runs, and stopping its whole process group. A crash, an out-of-memory
+kill or a cancel never takes the app down.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .model import Job
 
 def command(job: Job, root: Path, python: str) -> list[str]:
     """The engine's command line for ``job``: ``--output`` inside the job's directory, one flag per option."""
-    cmd = [python, "-m", "cait.finetune", "--output", str(job.dir(root) / "run"), "--device", job.device]
+    cmd = [python, "-m", job.engine.module, "--output", str(job.dir(root) / "run"), "--device", job.device]
     for k, v in job.args.items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -36,8 +36,8 @@ def start(job: Job, root: Path, python: str) -> subprocess.Popen:
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
-def alive(pid: int | None, job_dir: Path) -> bool:
-    """True if ``pid`` runs and is this job's engine (pids are reused after restarts)."""
+def alive(pid: int | None, job_dir: Path, module: str = "cait.finetune") -> bool:
+    """True if ``pid`` runs and is this job's engine, ``python -m <module>`` (pids are reused after restarts)."""
     if not pid:
         return False
     try:
@@ -46,7 +46,7 @@ def alive(pid: int | None, job_dir: Path) -> bool:
         return False
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        if "cait.finetune" not in cmd or str(job_dir) not in cmd:
+        if module not in cmd or str(job_dir) not in cmd:
             return False
         stat = Path(f"/proc/{pid}/stat").read_text()
         return stat.rsplit(")", 1)[1].split()[0] != "Z"            # a zombie has exited

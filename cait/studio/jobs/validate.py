@@ -1,8 +1,12 @@
-"""Checking a fine-tune request before anything is written: every field, named as the Fine-tune tab names it."""
+"""Checking a job request before anything is written: every field of a fine-tune (:func:`validate_request`) or a
+segmentation run (:func:`validate_segment_request`), named as the Fine-tune tab names it."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from ...data.datasets import DataError
+from ...data.segmentation import check_folder
+from ...dense.train import SegmentConfig
 from ...finetune.config import FinetuneConfig
 from ...io.bundled import ASSETS_DIR, ORIGINAL_DIR
 from ...models.deit import PATCH_SIZES
@@ -11,6 +15,13 @@ from .model import FIELD_NAMES, JobError
 
 REQUEST_FIELDS = frozenset(FinetuneConfig.__dataclass_fields__) - {"output", "resume", "device", "stop_at"}
 """The :class:`FinetuneConfig` fields a request may set (the job manager sets the others)."""
+SEGMENT_FIELDS = frozenset(SegmentConfig.__dataclass_fields__) - {"output", "resume", "device", "stop_at"}
+"""The :class:`SegmentConfig` fields a segmentation request may set."""
+BUNDLED_BACKBONES = ("bundled:original", "bundled:cait")
+BASELINES = ("none", "tome", "token_pruning", "atme", "cdcp")
+MAX_MERGE_CHARS = 200
+PUBLIC_MAX_IMAGES = 2000
+"""On a public Space: at most this many synthetic training, held-out or calibration images per segmentation job."""
 
 
 def _bad(key: str, why: str) -> JobError:
@@ -50,6 +61,86 @@ def validate_request(args: dict, limits: Limits, uploads: Path) -> dict:
     return args
 
 
+def _whole(args: dict, key: str, lo: int, hi: int, cls=SegmentConfig, public: bool = False) -> int:
+    v = args.get(key, getattr(cls, key))
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise _bad(key, f"{repr(v)[:40]} is not a whole number from {lo} to {hi}"
+                        + (" on this public Space" if public else ""))
+    return v
+
+
+def _number(args: dict, key: str, lo: float, hi: float, optional: bool = False) -> float | None:
+    v = args.get(key, getattr(SegmentConfig, key))
+    if v is None and optional:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise _bad(key, f"{repr(v)[:40]} is outside {lo:g} to {hi:g}")
+    return float(v)
+
+
+def validate_segment_request(args: dict, limits: Limits, uploads: Path, job_models: dict[str, str]) -> dict:
+    """A segmentation job's options checked, naming the field; ``backbone`` resolved (``job:<id>`` → its model's
+    directory) and the data folder checked image by image (:func:`cait.data.segmentation.check_folder`).
+
+    Args:
+        args: :class:`cait.dense.train.SegmentConfig` fields.
+        limits: what this server allows.
+        uploads: where uploaded archives are unpacked (the only data paths public mode takes).
+        job_models: ``{"job:<id>": directory}`` of the finished fine-tunes this visitor may segment with.
+
+    Raises:
+        JobError: an unknown option, a value outside these limits, or data that would fail (each problem named).
+    """
+    unknown = sorted(set(args) - SEGMENT_FIELDS)
+    if unknown:
+        raise JobError(f"unknown segmentation options: {', '.join(unknown)[:200]}")
+    args, public = dict(args), limits.public
+    _whole(args, "steps", 1, limits.steps_cap(), public=public)
+    _whole(args, "batch_size", 1, limits.batch_cap(), public=public)
+    for key in ("train_size", "val_size", "calibration_size"):
+        _whole(args, key, 1, PUBLIC_MAX_IMAGES if public else 1_000_000, public=public)
+    for key in ("eval_interval", "log_interval", "ckpt_interval"):
+        _whole(args, key, 1, 1_000_000)
+    _whole(args, "seed", 0, 2**31 - 1)
+    _whole(args, "pyramid_channels", 8, 512)
+    if _whole(args, "segmentation_channels", 32, 512) % 32:
+        raise _bad("segmentation_channels", "must be a multiple of 32 (GroupNorm)")
+    _number(args, "flops_reduction", 0.0, 0.95)
+    _number(args, "lr", 1e-7, 1.0)
+    _number(args, "backbone_lr", 1e-8, 1.0, optional=True)
+    _number(args, "weight_decay", 0.0, 1.0)
+    _number(args, "lr_warmup", 0.0, 1.0)
+    size = args.get("img_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)
+                             or not 16 <= size <= limits.img_size_cap()):
+        raise _bad("img_size", f"{repr(size)[:40]} is outside 16 to {limits.img_size_cap()}")
+    baseline = args.get("baseline", SegmentConfig.baseline)
+    if baseline not in BASELINES:
+        raise _bad("baseline", f"{str(baseline)[:40]!r} is not one of {', '.join(BASELINES)}")
+    merge = args.get("merge")
+    if merge is not None and (not isinstance(merge, str) or len(merge) > MAX_MERGE_CHARS):
+        raise _bad("merge", f"at most {MAX_MERGE_CHARS} characters, e.g. h5,v10")
+    args["backbone"] = _backbone(str(args.get("backbone", SegmentConfig.backbone)).strip(), limits, job_models)
+    args["data"] = _data(str(args.get("data", "synthetic")).strip() or "synthetic", limits, uploads, segmentation=True)
+    return args
+
+
+def _backbone(name: str, limits: Limits, job_models: dict[str, str]) -> str:
+    if name in BUNDLED_BACKBONES or (name in limits.models and name != "bundled"):
+        return name
+    if name in job_models:
+        return job_models[name]
+    if name.startswith("job:"):
+        raise _bad("backbone", f"{name[:40]!r} is not one of your finished fine-tune jobs")
+    if limits.public:
+        raise _bad("backbone", f"choose one of {', '.join(BUNDLED_BACKBONES)}, a listed DeiT or a finished job; "
+                               "paths are not accepted on this public Space")
+    if name not in PATCH_SIZES and not Path(name).is_dir():
+        raise _bad("backbone", f"{name[:80]!r} is neither bundled:original|cait, a DeiT name nor a checkpoint "
+                               "directory")
+    return name
+
+
 def _model(model: str, limits: Limits) -> str:
     if model == "bundled":
         return str(ASSETS_DIR / ORIGINAL_DIR)
@@ -61,13 +152,22 @@ def _model(model: str, limits: Limits) -> str:
     return model
 
 
-def _data(data: str, limits: Limits, uploads: Path) -> str:
+def _data(data: str, limits: Limits, uploads: Path, segmentation: bool = False) -> str:
     if data == "synthetic":
         return data
     path = Path(data).resolve()
     if limits.public and not path.is_relative_to(uploads.resolve()):
         raise _bad("data", "on this public Space, data is 'synthetic' or an uploaded .zip archive; server paths are "
                            "not accepted")
+    if segmentation:
+        try:
+            check_folder(path)
+        except DataError as e:
+            shown = str(e)
+            if limits.public:                                       # no server path reaches the browser
+                shown = shown.replace(f"{path}: ", "the uploaded set: ").replace(str(path), "upload")
+            raise _bad("data", shown[:1000]) from None
+        return data
     if not (path / "train").is_dir() or not (path / "val").is_dir():
         raise _bad("data", f"{data}: expected an ImageFolder root with train/ and val/ (one folder per class) or "
                            "'synthetic'")

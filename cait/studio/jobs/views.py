@@ -27,7 +27,7 @@ from ...models.atme import apply_atme
 from ...models.compactors import add_compactors
 from ...models.deit import create_model
 from ...models.spec import describe
-from ...viz.charts import compactor_figure, consistency_figure, training_figure
+from ...viz.charts import compactor_figure, consistency_figure, segmentation_figure, training_figure
 from .manager import JobManager
 from .model import JobStatus
 
@@ -47,19 +47,21 @@ def _sees_details(jobs: JobManager, job, viewer: str | None) -> bool:
 
 
 def jobs_table(jobs: JobManager, viewer: str | None = None, limit: int = 50) -> pd.DataFrame:
-    """One row per job, newest first (at most ``limit``): id, status, model, data, FLOPs target, step, device,
-    message. In public mode another visitor's job shows no data path and no message."""
+    """One row per job, newest first (at most ``limit``): id, task (fine-tune or segmentation), status, model (a
+    segmentation's backbone), data, FLOPs target, step, device, message. In public mode another visitor's job shows
+    no data path and no message."""
     rows = []
     for j in jobs.list(limit=limit):
         p = jobs.progress(j.id)
         mine = _sees_details(jobs, j, viewer)
-        model = j.args.get("model", "")
-        rows.append({"job": j.id, "status": j.status.value,
-                     "model": "bundled DeiT-Tiny" if str(model).endswith(ORIGINAL_DIR) else model,
+        model = j.model_label()
+        rows.append({"job": j.id, "task": j.engine.noun, "status": j.status.value,
+                     "model": "bundled DeiT-Tiny" if model.endswith(ORIGINAL_DIR) else model,
                      "data": j.data_label() if mine or j.data_label() == "synthetic" else "(not shown)",
-                     "FLOPs reduction": j.args.get("flops_reduction"), "step": f"{p.step}/{p.steps}",
+                     "FLOPs reduction": j.args.get("flops_reduction") if j.kind == "finetune"
+                     or j.args.get("baseline") not in (None, "none") else None, "step": f"{p.step}/{p.steps}",
                      "device": j.device, "message": j.message.splitlines()[0] if j.message and mine else ""})
-    return pd.DataFrame(rows, columns=["job", "status", "model", "data", "FLOPs reduction", "step", "device",
+    return pd.DataFrame(rows, columns=["job", "task", "status", "model", "data", "FLOPs reduction", "step", "device",
                                        "message"])
 
 
@@ -71,16 +73,18 @@ def job_view(jobs: JobManager, job_id: str, viewer: str | None = None) -> tuple[
     """
     p = jobs.progress(job_id)
     job = p.job
-    lines = [f"**Job `{job.id}`** — **{job.status}** on `{job.device}` · step {p.step}/{p.steps}"
+    lines = [f"**{job.engine.noun.capitalize()} job `{job.id}`** — **{job.status}** on `{job.device}` · "
+             f"step {p.step}/{p.steps}"
              + (f" · loss {p.loss:.3f}" if p.loss is not None else "")
-             + f" · |S| {p.s_size}"
+             + (f" · |S| {p.s_size}" if job.kind == "finetune" else "")
              + (f" · {p.images_per_s:.0f} images/s" if p.images_per_s else "")
              + f" · elapsed {_fmt_s(p.elapsed_s)} · ETA {_fmt_s(p.eta_s)}"]
     if job.status == JobStatus.QUEUED:
         lines.append("Waiting for its device to be free (one job per device).")
     if job.message and _sees_details(jobs, job, viewer):
         lines.append("```\n" + job.message + "\n```")
-    return "\n\n".join(lines), training_figure(p.records)
+    figure = segmentation_figure if job.kind == "segment" else training_figure
+    return "\n\n".join(lines), figure(p.records)
 
 
 @functools.lru_cache(maxsize=16)

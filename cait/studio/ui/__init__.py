@@ -6,8 +6,9 @@
     attention_tab    CLS attention of both models on a photo, a synthetic sample or an upload
     channels_tab     retained channels per block (Fig. 6)
     cost_tab         FLOPs, params, ideal and measured speed-up, with ToMe at the twin's FLOPs
-    segmentation_tab the bundled segmenters' masks, per-class IoU, FLOPs and speed (dense transfer)
+    segmentation_tab the bundled segmenters' and a job's masks, per-class IoU, FLOPs and speed (dense transfer)
     finetune_tab     background fine-tune jobs: estimate, start, live curves, cancel, compare
+    segment_job      the Fine-tune tab's segmentation jobs (python -m cait.dense in the background)
     compactors_tab   a job's compactor norms and CDCP against global selection (Fig. 7, Tab. XI)
 """
 from __future__ import annotations

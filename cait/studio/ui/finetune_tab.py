@@ -12,7 +12,8 @@ from ..engine import Studio
 from ..jobs.manager import JobManager
 from ..jobs.model import JobError
 from ..jobs.views import finetune_estimate, job_view, jobs_table
-from ..public import ArchiveError, extract_archive, on_space
+from ..public import ArchiveError, on_space
+from . import segment_job
 from .common import COMPUTE, refusing, visitor, whole
 from .model_bar import ModelBar
 
@@ -63,10 +64,12 @@ class _Widgets:
     cancelled: gr.Markdown
     curves: gr.Plot
     table: gr.Dataframe
+    segment: segment_job.SegmentJobWidgets
 
 
-def _layout(jobs: JobManager, models: dict[str, str], devices: list[str], job_ids: list[str]) -> _Widgets:
+def _layout(studio: Studio, models: dict[str, str], devices: list[str], job_ids: list[str]) -> _Widgets:
     """The tab's widgets, top to bottom."""
+    jobs = studio.jobs
     public = jobs.limits.public
     with gr.Row():
         ft_model = gr.Dropdown(list(models), value=next(iter(models)), label="Model", elem_id="ft-model",
@@ -85,15 +88,17 @@ def _layout(jobs: JobManager, models: dict[str, str], devices: list[str], job_id
         estimate = gr.Button("Estimate time")
         start = gr.Button("Start fine-tune", variant="primary")
     estimated = gr.Markdown()
+    segment = segment_job.layout(studio, devices)
     started = gr.Textbox(label="Started job", interactive=False)
     with gr.Row():
         job = gr.Dropdown(job_ids, value=(job_ids or [None])[0], label="Job", allow_custom_value=True, elem_id="job")
         cancel = gr.Button("Cancel job", variant="stop")
         use = gr.Button("Compare its model in the other tabs")
     return _Widgets(ft_model, data, archive, reduction, steps, batch, device, estimate, start, estimated, started, job,
-                    cancel, use, job_status=gr.Markdown(), cancelled=gr.Markdown(),
+                    cancel, use, job_status=gr.Markdown(elem_id="job-status"), cancelled=gr.Markdown(),
                     curves=gr.Plot(label="Live training curves", elem_id="curves"),
-                    table=gr.Dataframe(jobs_table(jobs), label="Jobs (newest first)", interactive=False))
+                    table=gr.Dataframe(jobs_table(jobs), label="Jobs (newest first)", interactive=False),
+                    segment=segment)
 
 
 class _Handlers:
@@ -121,30 +126,28 @@ class _Handlers:
     def on_start(self, ft_model, data_text, archive_file, reduction, n_steps, batch_size, on_device,
                  request: gr.Request):
         owner, address = visitor(request)
-        upload = None
         with refusing(ValueError, ArchiveError, JobError):
-            data_text = (data_text or "").strip() or "synthetic"
-            if archive_file:
-                upload, dest = self.jobs.new_upload()
-                data_text = str(extract_archive(archive_file, dest, self.jobs.limits))
             n_steps, batch_size = whole(n_steps, "steps"), whole(batch_size, "batch_size")
-            new = self.jobs.submit(device=on_device, owner=owner, visitor=address, upload=upload,
-                                   model=self.models.get(ft_model, ft_model), data=data_text,
-                                   flops_reduction=float(reduction), steps=n_steps, batch_size=batch_size,
-                                   # Live view: log often, evaluate and checkpoint a few times, whatever the length.
-                                   eval_interval=min(1000, max(10, n_steps // 5)),
-                                   log_interval=min(50, max(1, n_steps // 50)),
-                                   ckpt_interval=min(500, max(10, n_steps // 4)))
+            args = dict(model=self.models.get(ft_model, ft_model), data=(data_text or "").strip() or "synthetic",
+                        flops_reduction=float(reduction), steps=n_steps, batch_size=batch_size,
+                        # Live view: log often, evaluate and checkpoint a few times, whatever the length.
+                        eval_interval=min(1000, max(10, n_steps // 5)), log_interval=min(50, max(1, n_steps // 50)),
+                        ckpt_interval=min(500, max(10, n_steps // 4)))
+            if archive_file:                    # every field checked, then unpacked; a refusal leaves nothing
+                new = self.jobs.submit_archive(archive_file, device=on_device, owner=owner, visitor=address, **args)
+            else:
+                new = self.jobs.submit(device=on_device, owner=owner, visitor=address, **args)
         return new.id, gr.update(choices=self.job_ids(), value=new.id), jobs_table(self.jobs, owner)
 
     def on_poll(self, job_id, request: gr.Request):
         owner = visitor(request)[0]
         table, choices = jobs_table(self.jobs, owner), gr.update(choices=self.studio.catalogue.choices())
+        backbones = gr.update(choices=segment_job.backbone_choices(self.studio, owner))
         if not job_id:
-            return table, "No job selected.", None, choices
+            return table, "No job selected.", None, choices, backbones
         with refusing(KeyError):
             text, fig = job_view(self.jobs, job_id, owner)
-        return table, text, fig, choices
+        return table, text, fig, choices, backbones
 
     def on_cancel(self, job_id, request: gr.Request):
         if not job_id:
@@ -153,8 +156,10 @@ class _Handlers:
             return self.jobs.cancel(job_id, owner=visitor(request)[0])
 
     def on_use(self, job_id):
-        with refusing(ValueError):
+        with refusing(ValueError, KeyError):
             key = ModelRef.job(job_id).key
+            if self.jobs.get(job_id).kind == "segment":
+                raise ValueError(f"job {job_id} trains a segmenter: pick it in the Segmentation tab")
         choices = self.studio.catalogue.choices()
         if key not in {k for _, k in choices}:
             raise gr.Error(f"job {job_id} has no finished model yet")
@@ -169,8 +174,9 @@ def build(studio: Studio, bar: ModelBar, poll_s: float) -> FinetuneTab:
     devices = ["cuda", "cpu"] if studio.device.type == "cuda" else ["cpu"]
     h = _Handlers(studio, models)
     gr.Markdown(_intro(jobs))
-    w = _layout(jobs, models, devices, h.job_ids())
-    poll_outputs = [w.table, w.job_status, w.curves, bar.model]
+    w = _layout(studio, models, devices, h.job_ids())
+    segment_job.wire(studio, w.segment, w.started, w.job, w.table, h.job_ids, jobs_table)
+    poll_outputs = [w.table, w.job_status, w.curves, bar.model, w.segment.backbone]
     w.start.click(h.on_start, [w.ft_model, w.data, w.archive, w.reduction, w.steps, w.batch, w.device],
                   [w.started, w.job, w.table], api_name="start_finetune", concurrency_limit=1, concurrency_id="jobs")
     w.estimate.click(h.on_estimate, [w.ft_model, w.reduction, w.steps, w.batch, w.device], w.estimated,
