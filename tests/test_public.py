@@ -89,6 +89,37 @@ def test_caps_and_no_server_paths(public_app):
         start(c, model="/etc")
     with pytest.raises(JobError, match="Model: choose one of the listed models"):    # ... and the server's
         jobs.submit(model="/etc", steps=10, batch_size=8)
+    # Fractions are refused by name, not rounded by the widget.
+    with pytest.raises(Exception, match="Steps: 10.5 is not a whole number"):
+        start(c, steps=10.5)
+
+
+def start_segmentation(c, backbone="bundled:original", data="synthetic", archive=None, steps=12, batch=4):
+    from gradio_client import handle_file
+    return c.predict(backbone, "none (the backbone as it is)", 0.5, data,
+                     handle_file(str(archive)) if archive else None, steps, batch, False, "cpu",
+                     api_name="/start_segmentation")
+
+
+def test_segmentation_jobs_take_no_server_path_and_a_refused_upload_leaves_nothing(public_app, tmp_path):
+    url, jobs = public_app
+    c = client(url)
+    with pytest.raises(Exception, match="Steps: 600 is not a whole number from 1 to 500 on this public Space"):
+        start_segmentation(c, steps=600)
+    with pytest.raises(Exception, match="Data: on this public Space, data is 'synthetic' or an uploaded"):
+        start_segmentation(c, data="/etc")
+    with pytest.raises(Exception, match="not in the list of choices"):
+        start_segmentation(c, backbone="/etc")
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as z:                      # an image without its mask
+        for split in ("train", "val"):
+            z.writestr(f"set/{split}/images/0.png", _png())
+            z.writestr(f"set/{split}/masks/placeholder.png", _png())
+    with pytest.raises(Exception, match=r"Data: the uploaded set: \d+ problem\(s\):.*0\.png") as e:
+        start_segmentation(c, archive=bad)
+    assert str(jobs.root) not in str(e.value)
+    uploads = jobs.root / "uploads"
+    assert not uploads.exists() or list(uploads.iterdir()) == []
 
 
 def test_uploaded_archives_are_checked_member_by_member(public_app, tmp_path):
@@ -280,3 +311,22 @@ def test_a_bad_output_is_a_clear_error_and_exit_code_2(tmp_path, capsys):
 def test_eta_past_a_day_does_not_wrap():
     from cait.studio.jobs.views import _fmt_s
     assert _fmt_s(3 * 86400 + 3723) == "3 d 01:02:03" and _fmt_s(59) == "00:00:59" and _fmt_s(None) == "–"
+
+
+def test_a_failed_job_tells_a_visitor_why_without_paths_or_traceback(tmp_path):
+    from cait.studio.jobs.process import reason
+    jm = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True))
+    job = jm.submit(owner="s", visitor="v", model=cait.TEST_MODEL, steps=2000, batch_size=8)
+    jm.cancel(job.id, owner="s")
+    log = jm.get(job.id).dir(tmp_path) / "stdout.log"
+    log.write_text(f'Traceback (most recent call last):\n  File "{tmp_path}/site-packages/x.py", line 3\n'
+                   f"PIL.UnidentifiedImageError: cannot identify image file '{tmp_path}/uploads/ab/train/a/0.png'\n")
+    from cait.studio.jobs.views import compactor_view
+    with pytest.raises(ValueError) as e:                # no training state yet: said without the runs path
+        compactor_view(jm, job.id)
+    assert str(tmp_path) not in str(e.value) and "<path>" in str(e.value)
+    jm._finish(jm.get(job.id), 1)                   # as the scheduler does when the process exits
+    message = jm.get(job.id).message
+    assert message == "failed (exit code 1): PIL.UnidentifiedImageError: cannot identify image file '<path>'"
+    assert str(tmp_path) not in message and "Traceback" not in message
+    assert reason("error: --data /srv/runs/uploads/0123/set: no train/") == "error: --data <path>: no train/"

@@ -211,7 +211,10 @@ class JobManager:
         else:
             why = f"exit code {returncode}" if returncode is not None else "its process is gone"
             job.status = JobStatus.FAILED
-            job.message = f"failed ({why}):\n{process.tail(job.dir(self.root) / 'stdout.log')}"
+            tail = process.tail(job.dir(self.root) / "stdout.log")
+            # On a public Space the visitor reads the reason, never a path or a traceback (stdout.log keeps both).
+            job.message = (f"failed ({why}): {process.reason(tail)}" if self.limits.public
+                           else f"failed ({why}):\n{tail}")
         self.store.save(job)
 
     def cancel(self, job_id: str, owner: str | None = None) -> str:
@@ -225,7 +228,7 @@ class JobManager:
             KeyError: unknown or malformed job id.
             JobError: in public mode, a job started by another session.
         """
-        with self.store.thread_lock:
+        with self.store.locked():                 # the same lock as start: never a job half-started, half-cancelled
             job = self.get(job_id)
             if self.limits.public and (owner is None or job.owner != owner):
                 raise JobError(f"job {job_id} was started by another visitor; only they can cancel it")

@@ -5,6 +5,7 @@ kill or a cancel never takes the app down.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -74,3 +75,21 @@ def tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s/:'\"()]+){2,}/?")
+
+
+def reason(tail: str) -> str:
+    """One line for a visitor from a failed job's output: its ``error:`` line or last exception, with every
+    absolute path replaced by ``<path>`` ("" when there is none)."""
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    pick = next((ln for ln in reversed(lines) if ln.startswith("error:")), None) or \
+        next((ln for ln in reversed(lines) if re.match(r"^[A-Za-z_.]+(Error|Exception)\b", ln)), None) or \
+        (lines[-1] if lines else "")
+    return hide_paths(pick)[:300]
+
+
+def hide_paths(text: str) -> str:
+    """``text`` with every absolute path replaced by ``<path>`` (what a public visitor may read)."""
+    return _PATH.sub("<path>", text)

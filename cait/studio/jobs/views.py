@@ -30,6 +30,7 @@ from ...models.spec import describe
 from ...viz.charts import compactor_figure, consistency_figure, segmentation_figure, training_figure
 from .manager import JobManager
 from .model import JobStatus
+from .process import hide_paths
 
 
 def _fmt_s(seconds: float | None) -> str:
@@ -139,7 +140,7 @@ def compactor_view(jobs: JobManager, job_id: str) -> tuple[str, go.Figure, go.Fi
     try:
         snap = compactor_snapshot(jobs.run_dir(job_id))
     except (RunDirError, KeyError) as e:
-        raise ValueError(str(e)) from None
+        raise ValueError(hide_paths(str(e)) if jobs.limits.public else str(e)) from None
     g = global_selection(snap.scores, snap.spec, snap.target_flops)
     g_flops = snap.spec.with_widths(g.widths).flops()
     cdcp_widths = snap.mask.widths() if snap.mask is not None else None

@@ -3,6 +3,7 @@ Gradio errors that name the field (never a server path or a traceback)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import gradio as gr
@@ -25,10 +26,12 @@ def refusing(*errors: type[Exception]) -> Iterator[None]:
 
 
 def whole(value, key: str) -> int:
-    """A whole number from a Number field, or a :class:`JobError` naming the field (Gradio may send floats)."""
-    if value is None or float(value) != int(float(value)):
-        raise JobError(f"{FIELD_NAMES.get(key, key)}: {value!r} is not a whole number")
-    return int(float(value))
+    """A whole number from a Number field, or a :class:`JobError` naming the field. The fields keep their decimals
+    (``precision=None``), so 10.5 is refused here rather than rounded by Gradio; so are ``inf`` and ``nan``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
+        raise JobError(f"{FIELD_NAMES.get(key, key)}: {repr(value)[:40]} is not a whole number")
+    return int(value)
 
 
 def visitor(request: gr.Request | None) -> tuple[str | None, str | None]:

@@ -82,8 +82,9 @@ def _layout(studio: Studio, models: dict[str, str], devices: list[str], job_ids:
         reduction = gr.Slider(0.0, 0.8, value=0.5, step=0.01, label="Total FLOPs reduction")
     with gr.Row():
         # No widget bounds: the server checks every field and names it in the error (cait.studio.jobs.validate).
-        steps = gr.Number(200, precision=0, label="Steps", info=f"1 to {jobs.limits.steps_cap():,}", elem_id="ft-steps")
-        batch = gr.Number(32, precision=0, label="Batch size (even)", info=f"2 to {jobs.limits.batch_cap():,}")
+        steps = gr.Number(200, precision=None, label="Steps", info=f"1 to {jobs.limits.steps_cap():,}",
+                          elem_id="ft-steps")
+        batch = gr.Number(32, precision=None, label="Batch size (even)", info=f"2 to {jobs.limits.batch_cap():,}")
         device = gr.Dropdown(devices, value=devices[0], label="Device")
         estimate = gr.Button("Estimate time")
         start = gr.Button("Start fine-tune", variant="primary")

@@ -67,9 +67,9 @@ def layout(studio: Studio, devices: list[str]) -> SegmentJobWidgets:
                               info="'synthetic', or upload a .zip" + ("" if limits.public else ", or a server path"))
             archive = gr.File(label="…or a segmentation .zip (train/ and val/, images/ + masks/)",
                               file_types=[".zip"], type="filepath", height=100)
-            steps = gr.Number(100, precision=0, label="Steps", info=f"1 to {limits.steps_cap():,}",
+            steps = gr.Number(100, precision=None, label="Steps", info=f"1 to {limits.steps_cap():,}",
                               elem_id="seg-steps")
-            batch = gr.Number(8, precision=0, label="Batch size", info=f"1 to {limits.batch_cap():,}")
+            batch = gr.Number(8, precision=None, label="Batch size", info=f"1 to {limits.batch_cap():,}")
             end_to_end = gr.Checkbox(False, label=f"End to end (backbone LR {END_TO_END_LR:g})")
             device = gr.Dropdown(devices, value=devices[0], label="Device")
             start = gr.Button("Start segmentation", variant="primary")
