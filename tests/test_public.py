@@ -330,3 +330,19 @@ def test_a_failed_job_tells_a_visitor_why_without_paths_or_traceback(tmp_path):
     assert message == "failed (exit code 1): PIL.UnidentifiedImageError: cannot identify image file '<path>'"
     assert str(tmp_path) not in message and "Traceback" not in message
     assert reason("error: --data /srv/runs/uploads/0123/set: no train/") == "error: --data <path>: no train/"
+
+
+def test_a_model_trained_on_an_upload_is_offered_to_its_session_only(tmp_path):
+    from cait.studio.engine import Studio
+    from cait.studio.jobs.model import Job, JobStatus, new_job_id
+    jm = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True))
+    mine = Job(id=new_job_id(), args={"model": cait.TEST_MODEL}, status=JobStatus.DONE, owner="a", upload="0" * 16)
+    shared = Job(id=new_job_id(), args={"model": cait.TEST_MODEL}, status=JobStatus.DONE, owner="a")
+    for job in (mine, shared):
+        jm.store.save(job)
+    studio = Studio(device="cpu", pretrained=False, jobs=jm, bundled=None, segmenters=None)
+    keys = {who: {k for _, k in studio.catalogue.choices(who) if k.startswith("job:")} for who in ("a", "b", None)}
+    assert keys["a"] == {f"job:{mine.id}", f"job:{shared.id}"} and keys["b"] == keys[None] == {f"job:{shared.id}"}
+    assert set(jm.job_models("b")) == {f"job:{shared.id}"}
+    with pytest.raises(ValueError, match=f"Model: job:{mine.id} is not one of the listed models"):
+        studio.pair(f"job:{mine.id}", 0.5, "", viewer="b")

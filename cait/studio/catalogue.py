@@ -90,12 +90,14 @@ class Catalogue:
     def __init__(self, bundled: BundledPair | None, jobs: JobManager | None, pretrained: bool) -> None:
         self.bundled, self.jobs, self.pretrained = bundled, jobs, pretrained
 
-    def choices(self) -> list[tuple[str, str]]:
-        """``(label, key)`` for the dropdown: the bundled pair, timm DeiTs, then every finished fine-tune job."""
+    def choices(self, viewer: str | None = None) -> list[tuple[str, str]]:
+        """``(label, key)`` for the dropdown: the bundled pair, timm DeiTs, then the finished fine-tune jobs session
+        ``viewer`` may use (:meth:`cait.studio.jobs.manager.JobManager.visible`)."""
         out = [(BUNDLED_LABEL, BUNDLED.key)] if self.bundled is not None else []
         out += [(label, ModelRef("deit", name).key) for name, label in DEIT_MODELS.items()]
         if self.jobs is not None:
-            out += [(job_label(j), ModelRef("job", j.id).key) for j in self.jobs.finished()]
+            out += [(job_label(j), ModelRef("job", j.id).key) for j in self.jobs.finished()
+                    if self.jobs.visible(j, viewer)]
         return out
 
     def hub_reason(self) -> str | None:

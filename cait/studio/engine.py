@@ -45,18 +45,27 @@ class Studio:
                                self.catalogue.hub_reason)
         self.segmenters = BundledSegmenters(device=self.device) if segmenters == "auto" else segmenters
 
-    def pair(self, key: str, flops_reduction: float, merge: str | None = "") -> ModelPair:
+    def pair(self, key: str, flops_reduction: float, merge: str | None = "", viewer: str | None = None) -> ModelPair:
         """The pair for a model key (:attr:`cait.studio.catalogue.ModelRef.key`) and the UI's settings.
 
         Args:
             key: ``"deit:<timm name>"``, ``"bundled"`` or ``"job:<id>"``.
             flops_reduction: total FLOPs reduction.
             merge: the ATME layout field: empty for the planned layout, ``"none"`` for CDCP only, or e.g. ``h4,v7``.
+            viewer: the caller's session key; in public mode a job trained on another visitor's upload is refused.
 
         Raises:
             ValueError: unknown model, bad layout, or an unreachable FLOPs target (the message names the field).
         """
-        return self.pairs.get(ModelRef.parse(key), flops_reduction, layout_field(merge))
+        ref = ModelRef.parse(key)
+        if ref.kind == "job" and self.jobs is not None:
+            try:
+                job = self.jobs.get(ref.name)
+            except KeyError:
+                job = None
+            if job is not None and not self.jobs.visible(job, viewer):
+                raise ValueError(f"Model: {ref.key} is not one of the listed models")
+        return self.pairs.get(ref, flops_reduction, layout_field(merge))
 
     def startup_note(self) -> str:
         """Markdown for the app's first screen (:func:`cait.studio.status.startup_note`)."""

@@ -106,7 +106,7 @@ class JobSegmenters:
         mode none trained on another visitor's upload."""
         out = []
         for j in self.jobs.finished("segment") if self.jobs is not None else []:
-            if self.jobs.limits.public and j.upload and j.owner != viewer:
+            if not self.jobs.visible(j, viewer):
                 continue
             out.append((f"job {j.id}: {j.model_label()} ({j.message.removeprefix('done: ')})", j.id))
         return out

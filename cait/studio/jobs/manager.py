@@ -97,11 +97,15 @@ class JobManager:
             raise JobError(f"unknown job kind {str(kind)[:40]!r} (finetune or segment)")
         return validate_request(args, self.limits, self.root / "uploads")
 
+    def visible(self, job: Job, viewer: str | None) -> bool:
+        """Whether session ``viewer`` may use what ``job`` made: locally always; in public mode, a job trained on an
+        uploaded set only by the session that started it (its model would show the visitor's classes)."""
+        return not (self.limits.public and job.upload and job.owner != viewer)
+
     def job_models(self, viewer: str | None = None) -> dict[str, str]:
-        """``{"job:<id>": compact model directory}`` of finished fine-tunes ``viewer`` may build on: locally all; in
-        public mode those not trained on another visitor's upload."""
-        return {f"job:{j.id}": str(j.product(self.root).parent) for j in self.finished()
-                if not (self.limits.public and j.upload and j.owner != viewer)}
+        """``{"job:<id>": compact model directory}`` of finished fine-tunes ``viewer`` may build on
+        (:meth:`visible`)."""
+        return {f"job:{j.id}": str(j.product(self.root).parent) for j in self.finished() if self.visible(j, viewer)}
 
     def submit(self, device: str = "cpu", owner: str | None = None, visitor: str | None = None,
                upload: str | None = None, kind: str = "finetune", **args) -> Job:

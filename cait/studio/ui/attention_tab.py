@@ -34,8 +34,8 @@ def build(studio: Studio, bar: ModelBar) -> gr.Slider:
         comp_top5 = gr.Label(num_top_classes=5, label="CAIT twin: top-5")
     localisation = gr.Markdown()
 
-    def on_attention(model, reduction, merge, name, file, block_index):
-        p = pair_of(studio, model, reduction, merge)
+    def on_attention(model, reduction, merge, name, file, block_index, request: gr.Request):
+        p = pair_of(studio, model, reduction, merge, request)
         with refusing(ValueError, ImageError):
             s = load_sample(name, file, int(p.original.patch_embed.img_size[0]), studio.limits.image_pixels_cap())
             v = attention_view(p, s, int(block_index))

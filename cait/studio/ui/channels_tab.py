@@ -16,8 +16,8 @@ def build(studio: Studio, bar: ModelBar) -> None:
     show = gr.Button("Show retained channels", variant="primary")
     plot = gr.Plot(label="Retained channels")
 
-    def on_channels(model, reduction, merge):
-        p = pair_of(studio, model, reduction, merge)
+    def on_channels(model, reduction, merge, request: gr.Request):
+        p = pair_of(studio, model, reduction, merge, request)
         return channels_view(p, studio.catalogue.label(p.ref))
 
     show.click(on_channels, bar.settings, plot, api_name="channels", **COMPUTE)

@@ -27,8 +27,8 @@ def build(studio: Studio, bar: ModelBar) -> None:
     table = gr.Dataframe(label="Cost")
     plot = gr.Plot(label="FLOPs per block")
 
-    def on_cost(model, reduction, merge, measure_speed, batch, progress=gr.Progress()):
-        p = pair_of(studio, model, reduction, merge)
+    def on_cost(model, reduction, merge, measure_speed, batch, request: gr.Request, progress=gr.Progress()):
+        p = pair_of(studio, model, reduction, merge, request)
         progress(0, desc="FLOPs and parameters")
         with refusing(ValueError):
             return cost_view(p, studio.limits, measure=measure_speed, batch_size=int(batch),

@@ -113,8 +113,9 @@ class _Handlers:
 
     def on_load(self, request: gr.Request):
         ids = self.job_ids()
-        return (gr.update(choices=ids, value=ids[0] if ids else None), jobs_table(self.jobs, visitor(request)[0]),
-                gr.update(choices=self.studio.catalogue.choices()))
+        owner = visitor(request)[0]
+        return (gr.update(choices=ids, value=ids[0] if ids else None), jobs_table(self.jobs, owner),
+                gr.update(choices=self.studio.catalogue.choices(owner)))
 
     def on_estimate(self, ft_model, reduction, n_steps, batch_size, on_device):
         with refusing(ValueError, JobError):
@@ -142,7 +143,7 @@ class _Handlers:
 
     def on_poll(self, job_id, request: gr.Request):
         owner = visitor(request)[0]
-        table, choices = jobs_table(self.jobs, owner), gr.update(choices=self.studio.catalogue.choices())
+        table, choices = jobs_table(self.jobs, owner), gr.update(choices=self.studio.catalogue.choices(owner))
         backbones = gr.update(choices=segment_job.backbone_choices(self.studio, owner))
         if not job_id:
             return table, "No job selected.", None, choices, backbones
@@ -156,12 +157,12 @@ class _Handlers:
         with refusing(KeyError, JobError):
             return self.jobs.cancel(job_id, owner=visitor(request)[0])
 
-    def on_use(self, job_id):
+    def on_use(self, job_id, request: gr.Request):
         with refusing(ValueError, KeyError):
             key = ModelRef.job(job_id).key
             if self.jobs.get(job_id).kind == "segment":
                 raise ValueError(f"job {job_id} trains a segmenter: pick it in the Segmentation tab")
-        choices = self.studio.catalogue.choices()
+        choices = self.studio.catalogue.choices(visitor(request)[0])
         if key not in {k for _, k in choices}:
             raise gr.Error(f"job {job_id} has no finished model yet")
         return gr.update(choices=choices, value=key)

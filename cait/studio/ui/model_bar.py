@@ -11,7 +11,7 @@ import gradio as gr
 from ..download import download_twin
 from ..engine import Studio
 from ..pairs import REDUCTION_RANGE, ModelPair
-from .common import COMPUTE, refusing
+from .common import COMPUTE, refusing, visitor
 
 DEFAULT_REDUCTION = 0.5
 
@@ -31,16 +31,16 @@ class ModelBar:
         return [self.model, self.reduction, self.merge]
 
 
-def pair_of(studio: Studio, model: str, reduction, merge: str) -> ModelPair:
-    """The pair the bar's settings name, or a ``gr.Error`` naming the field."""
+def pair_of(studio: Studio, model: str, reduction, merge: str, request: gr.Request | None = None) -> ModelPair:
+    """The pair the bar's settings name for the requesting session, or a ``gr.Error`` naming the field."""
     with refusing(ValueError):
-        return studio.pair(model, reduction, merge)
+        return studio.pair(model, reduction, merge, viewer=visitor(request)[0])
 
 
 def build(studio: Studio) -> ModelBar:
     """The bar's widgets (inside the Blocks context); :func:`wire` connects them once the tabs exist."""
     with gr.Row():
-        model = gr.Dropdown(studio.catalogue.choices(), value=studio.catalogue.default().key, label="Model",
+        model = gr.Dropdown(studio.catalogue.choices(None), value=studio.catalogue.default().key, label="Model",
                             elem_id="model",
                             info="the bundled offline pair, DeiTs (timm ImageNet weights), then finished fine-tune "
                                  "jobs")
@@ -58,8 +58,9 @@ def build(studio: Studio) -> ModelBar:
     jobs = studio.jobs
     where = (jobs.root if jobs is not None else Path(tempfile.gettempdir()) / "cait-studio") / "downloads"
 
-    def on_download(model, reduction, merge):
-        return gr.update(value=str(download_twin(pair_of(studio, model, reduction, merge), where)), visible=True)
+    def on_download(model, reduction, merge, request: gr.Request):
+        p = pair_of(studio, model, reduction, merge, request)
+        return gr.update(value=str(download_twin(p, where)), visible=True)
 
     download.click(on_download, bar.settings, twin_file, api_name="download_twin", **COMPUTE)
     return bar
@@ -68,11 +69,11 @@ def build(studio: Studio) -> ModelBar:
 def wire(studio: Studio, bar: ModelBar, block: gr.Slider, demo: gr.Blocks) -> None:
     """*Build*, a model change and the page load rebuild the twin; edited settings say they need a build."""
 
-    def on_build(model, reduction, merge):
+    def on_build(model, reduction, merge, request: gr.Request):
         """Status, block slider, and whether the reduction/layout controls apply; a failure goes into the status
         (with a warning toast), so no component is left showing an error badge."""
         try:
-            p = studio.pair(model, reduction, merge)
+            p = studio.pair(model, reduction, merge, viewer=visitor(request)[0])
         except ValueError as e:
             gr.Warning(str(e))
             return f"**Could not build the twin:** {e}", gr.update(), gr.update(), gr.update()
