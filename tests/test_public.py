@@ -346,3 +346,29 @@ def test_a_model_trained_on_an_upload_is_offered_to_its_session_only(tmp_path):
     assert set(jm.job_models("b")) == {f"job:{shared.id}"}
     with pytest.raises(ValueError, match=f"Model: job:{mine.id} is not one of the listed models"):
         studio.pair(f"job:{mine.id}", 0.5, "", viewer="b")
+
+
+def test_every_image_of_an_upload_is_checked_before_a_job_can_take_it(tmp_path):
+    jm = JobManager(tmp_path / "runs", poll_interval=0, limits=Limits(public=True, max_upload_pixels=10_000_000))
+    uploads = tmp_path / "runs" / "uploads"
+
+    def archive(extra: dict[str, bytes]):
+        path = tmp_path / f"set{len(list(tmp_path.glob('*.zip')))}.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            for split in ("train", "val"):
+                for cls in ("a", "b"):
+                    z.writestr(f"{split}/{cls}/0.png", _png())
+            for member, data in extra.items():
+                z.writestr(member, data)
+        return path
+
+    corrupt = _png()[:60] + b"\0" * 200                       # a PNG header, then garbage
+    huge = io.BytesIO()
+    Image.new("RGB", (3000, 3000)).save(huge, "PNG")           # 9 MP, a few kB on disk
+    for extra, why in (({"train/a/bad.png": corrupt}, r"1 image\(s\) refused: train/a/bad.png: corrupt or truncated"),
+                       ({"train/a/big.png": huge.getvalue()}, r"train/a/big.png: 3000×3000 is more than 4 MP"),
+                       ({f"train/b/{i}.png": _png((1200, 1000)) for i in range(1, 10)},     # 9 × 1.2 MP
+                        r"its images hold 11 MP, at most 10 MP")):
+        with pytest.raises(ArchiveError, match=why):
+            jm.submit_archive(archive(extra), owner="s", visitor="v", model=cait.TEST_MODEL, steps=10, batch_size=8)
+        assert list(uploads.iterdir()) == []                    # refused at upload, nothing left

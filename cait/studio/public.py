@@ -25,9 +25,10 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from ..data.photos import MAX_PIXELS
 from ..models.deit import TEST_MODEL
-
 
 
 def on_space() -> bool:
@@ -58,6 +59,8 @@ class Limits:
         max_cost_batch: batch size of a throughput measurement.
         max_upload_bytes, max_upload_files: an uploaded archive, unpacked.
         max_image_pixels: an uploaded image (decoding a larger one is refused from its header).
+        max_train_image_pixels, max_upload_pixels: each image of an uploaded set, and all of them together (from
+            their headers, before any is decoded: a training image is resized to at most 224 px anyway).
         retention_s: finished jobs and uploads older than this are deleted.
         max_runs_bytes: beyond this, the oldest finished jobs and uploads are deleted first.
         local_max_*: the sanity bounds of local use; ``*_cap()`` gives the one that applies.
@@ -74,6 +77,8 @@ class Limits:
     max_upload_bytes: int = 50_000_000
     max_upload_files: int = 20_000
     max_image_pixels: int = 16_000_000
+    max_train_image_pixels: int = 4_000_000
+    max_upload_pixels: int = 400_000_000
     retention_s: float = 24 * 3600.0
     max_runs_bytes: int = 5_000_000_000
     local_max_steps: int = 10_000_000
@@ -103,6 +108,11 @@ class Limits:
     def image_pixels_cap(self) -> int:
         return self.max_image_pixels if self.public else self.local_max_image_pixels
 
+    def train_pixels_caps(self) -> tuple[int, int | None]:
+        """(each image, all together) of an uploaded set; locally the per-image sanity bound and no total."""
+        return (self.max_train_image_pixels, self.max_upload_pixels) if self.public else \
+            (self.local_max_image_pixels, None)
+
 
 def visitor_key(value: str | None) -> str | None:
     """A short, stable, non-reversible key for a session id or a network address (what is stored in job files)."""
@@ -122,6 +132,42 @@ class ArchiveError(ValueError):
 CLASSES_FILE = "classes.json"
 MAX_CLASSES_BYTES = 65_536
 """A segmentation set's optional class names (:mod:`cait.data.segmentation`) travel with its images."""
+
+
+MAX_NAMED = 5
+
+
+def check_images(name: str, dest: Path, members: list[str], limits: Limits) -> None:
+    """Every unpacked image is an image this app can decode, within the pixel caps: sizes from the headers first
+    (each image, then all together), then each decoded.
+
+    Raises:
+        ArchiveError: naming up to :data:`MAX_NAMED` members and how many more failed.
+    """
+    each, total = limits.train_pixels_caps()
+    problems, pixels = [], 0
+    for member in members:
+        try:
+            with Image.open(dest / member) as img:
+                w, h = img.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            problems.append(f"{member}: not an image we can read")
+            continue
+        pixels += w * h
+        if w * h > each:
+            problems.append(f"{member}: {w}×{h} is more than {each / 1e6:g} MP")
+    if total is not None and pixels > total:
+        raise ArchiveError(f"{name}: its images hold {pixels / 1e6:.0f} MP, at most {total / 1e6:g} MP")
+    if not problems:
+        for member in members:
+            try:
+                with Image.open(dest / member) as img:
+                    img.load()
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                problems.append(f"{member}: corrupt or truncated image")
+    if problems:
+        more = f"; and {len(problems) - MAX_NAMED} more" if len(problems) > MAX_NAMED else ""
+        raise ArchiveError(f"{name}: {len(problems)} image(s) refused: {'; '.join(problems[:MAX_NAMED])}{more}")
 
 
 def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits: Limits) -> Path:
@@ -175,6 +221,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits:
                     if written > limits.max_upload_bytes:
                         raise ArchiveError(f"{name}: unpacks to more than {limits.max_upload_bytes // 1_000_000} MB")
                     out.write(chunk)
+    check_images(name, dest, [m.filename for m in images if m.filename.lower().endswith(IMAGE_SUFFIXES)], limits)
     for root in (dest, *[p for p in dest.iterdir() if p.is_dir()]):
         if (root / "train").is_dir() and (root / "val").is_dir():
             return root
