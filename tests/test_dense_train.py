@@ -160,3 +160,13 @@ def test_torchrun_two_processes_train_end_to_end_and_save_once(tmp_path, backbon
     assert any(moved)
     assert of_type(records, SegmentEvalRecord)[-1].miou == json.loads((out / "segmenter" / CONFIG_NAME).read_text()
                                                                        )["score"]["miou"]
+
+
+def test_a_time_limit_stops_a_segmentation_run_with_its_state(tmp_path, backbone_dir):
+    from cait.finetune.records import StoppedRecord
+    result = segment(_cfg(tmp_path, backbone_dir, time_limit_s=0.0))
+    assert result.score is None and result.step == 1
+    stopped = of_type(read_log(tmp_path / "run"), StoppedRecord)
+    assert [(s.step, s.reason) for s in stopped] == [(1, "time_limit")]
+    assert (tmp_path / "run" / "train_state-0000001.json").is_file()
+    assert not (tmp_path / "run" / "segmenter").exists()

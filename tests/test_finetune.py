@@ -167,3 +167,13 @@ def test_distillation_weight_follows_the_teachers_architecture(tmp_path):
     finetune(_cfg(tmp_path / "d", model=str(path), steps=2, flops_reduction=0.0, eval_interval=100))
     start = json.loads((tmp_path / "d" / "run" / "log.jsonl").read_text().splitlines()[0])
     assert start["distill_alpha"] == 0.25
+
+
+def test_a_time_limit_stops_cleanly_with_its_state_and_the_run_resumes(tmp_path):
+    stopped = finetune(_cfg(tmp_path, time_limit_s=0.0))
+    assert isinstance(stopped, StoppedRecord) and stopped.reason == "time_limit" and stopped.step == 1
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["type"] == "stopped" and log[-1]["reason"] == "time_limit"
+    assert (tmp_path / "run" / "train_state-0000001.json").is_file() and not (tmp_path / "run" / "compact").exists()
+    final = finetune(_cfg(tmp_path, resume=True, eval_interval=100))   # no limit this time: it finishes
+    assert final.flops_reduction >= 0.5

@@ -372,3 +372,22 @@ def test_every_image_of_an_upload_is_checked_before_a_job_can_take_it(tmp_path):
         with pytest.raises(ArchiveError, match=why):
             jm.submit_archive(archive(extra), owner="s", visitor="v", model=cait.TEST_MODEL, steps=10, batch_size=8)
         assert list(uploads.iterdir()) == []                    # refused at upload, nothing left
+
+
+def test_a_public_job_stops_cleanly_when_its_time_budget_runs_out(tmp_path):
+    import time
+    jm = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True, max_job_seconds=0.0))
+    with pytest.raises(JobError, match="unknown fine-tune options: time_limit_s"):
+        jm.submit(owner="s", visitor="v", model=cait.TEST_MODEL, steps=50, batch_size=8, time_limit_s=1e9)
+    job = jm.submit(owner="s", visitor="v", model=cait.TEST_MODEL, steps=50, batch_size=8, val_size=16,
+                    synthetic_size=64)
+    assert job.args["time_limit_s"] == 0.0
+    deadline = time.time() + 180
+    while jm.get(job.id).status.active and time.time() < deadline:
+        time.sleep(0.5)
+        jm.refresh()
+    job = jm.get(job.id)
+    assert job.status.value == "stopped", job.message
+    assert job.message == ("stopped at step 1: its time budget of 0 min on this public Space ran out; its training "
+                           "state is kept")
+    assert (jm.run_dir(job.id) / "train_state-0000001.json").is_file()

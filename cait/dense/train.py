@@ -27,8 +27,8 @@ from tqdm import tqdm
 from ..data.datasets import StepBatchSampler
 from ..data.segmentation import build_segmentation_sets
 from ..finetune.config import FinetuneError, option
-from ..finetune.distributed import seed_step, setup_distributed
-from ..finetune.records import to_json
+from ..finetune.distributed import out_of_time, seed_step, setup_distributed
+from ..finetune.records import StoppedRecord, to_json
 from ..finetune.rundir import LOG_NAME, prepare_output, resume_state, save_state
 from ..measure.segmentation import evaluate_segmentation
 from ..models.deit import resize_input
@@ -69,6 +69,8 @@ class SegmentConfig:
     output: str = option("runs/segment", "run directory")
     resume: bool = option(False, "continue the run in --output from its newest training state")
     stop_at: int | None = option(None, "stop after this step as if killed (for tests and time-boxed runs)")
+    time_limit_s: float | None = option(None, "stop cleanly after this many seconds of training in this process: the "
+                                        "training state is written and a 'stopped' record says why")
 
     IDENTITY = ("backbone", "baseline", "flops_reduction", "merge", "calibration_size", "data", "img_size", "steps",
                 "batch_size", "lr", "backbone_lr", "weight_decay", "lr_warmup", "pyramid_channels",
@@ -210,6 +212,7 @@ def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> Seg
     bar = tqdm(total=cfg.steps, initial=run.start, desc="cait.dense", dynamic_ncols=True) \
         if rank == 0 and sys.stderr.isatty() else None
     t_last, seen = time.perf_counter(), 0
+    t0 = t_last
     for step, (x, y) in enumerate(run.loader, start=run.start):
         run.model.train()
         seed_step(cfg.seed, step * world + rank)
@@ -235,8 +238,11 @@ def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> Seg
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
-        if cfg.stop_at is not None and done >= cfg.stop_at:
+        late = done < cfg.steps and out_of_time(t0, cfg.time_limit_s, world, device)
+        if late or (cfg.stop_at is not None and done >= cfg.stop_at):
             run.save(done)
+            if rank == 0:
+                run.emit(StoppedRecord(step=done, reason="time_limit" if late else "stop_at"))
             if bar:
                 bar.close()
             return SegmentResult(done, None, run.out)

@@ -63,6 +63,8 @@ class FinetuneConfig:
     seed: int = option(0, "seed of data order, augmentation and selection ties")
     amp: bool = option(True, "bfloat16 autocast on CUDA")
     stop_at: int | None = option(None, "stop after this step as if killed (for tests and time-boxed runs)")
+    time_limit_s: float | None = option(None, "stop cleanly after this many seconds of training in this process: the "
+                                        "training state is written and a 'stopped' record says why")
 
     # Fields that define a run: a resume must match them.
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -40,6 +41,19 @@ def broadcast(obj, rank: int, world: int):
     box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def out_of_time(t0: float, limit_s: float | None, world: int, device: torch.device | None = None) -> bool:
+    """Whether ``limit_s`` seconds have passed since ``t0`` (``time.perf_counter()``); with several processes, as soon
+    as any of them says so, so that all stop at the same step."""
+    if limit_s is None:
+        return False
+    late = time.perf_counter() - t0 > limit_s
+    if world > 1:
+        flag = torch.tensor([float(late)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        late = bool(flag.item())
+    return late
 
 
 def seed_step(seed: int, step: int) -> None:

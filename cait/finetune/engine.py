@@ -35,7 +35,7 @@ from ..models.meta import ModelMeta
 from ..models.spec import describe
 from .build import Run, build_run
 from .config import FinetuneConfig, FinetuneError
-from .distributed import broadcast, seed_step, setup_distributed
+from .distributed import broadcast, out_of_time, seed_step, setup_distributed
 from .lasso import (apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_, shrink_masked_rows_,
                     zero_masked_rows_)
 from .records import EvalRecord, FinalRecord, StoppedRecord, TrainRecord
@@ -68,6 +68,7 @@ def _train(run: Run) -> FinalRecord | StoppedRecord:
     bar = tqdm(total=cfg.steps, initial=run.start, desc="cait.finetune", dynamic_ncols=True) \
         if run.rank == 0 and sys.stderr.isatty() else None
     t_last, seen = time.perf_counter(), 0
+    t0 = t_last
     for step, batch in enumerate(run.loader, start=run.start):
         loss = _step(run, step, batch)
         seen += batch[0].shape[0] * run.world
@@ -91,9 +92,11 @@ def _train(run: Run) -> FinalRecord | StoppedRecord:
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", S=0 if run.mask is None else run.mask.size())
-        if cfg.stop_at is not None and done >= cfg.stop_at:
+        late = done < cfg.steps and out_of_time(t0, cfg.time_limit_s, run.world, run.device)
+        if late or (cfg.stop_at is not None and done >= cfg.stop_at):
             run.save(done)
-            stopped = StoppedRecord(step=done, mask=None if run.mask is None else run.mask.to_dict())
+            stopped = StoppedRecord(step=done, mask=None if run.mask is None else run.mask.to_dict(),
+                                    reason="time_limit" if late else "stop_at")
             run.emit(stopped)
             if bar:
                 bar.close()

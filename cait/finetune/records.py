@@ -68,11 +68,13 @@ class EvalRecord:
 
 @dataclass
 class StoppedRecord:
-    """A run stopped on purpose before its end (``--stop-at``): its training state of ``step`` is kept."""
+    """A run stopped on purpose before its end: its training state of ``step`` is kept. ``reason``: ``"stop_at"``
+    (``--stop-at``) or ``"time_limit"`` (``--time-limit-s`` ran out)."""
 
     TYPE: ClassVar[str] = "stopped"
     step: int
     mask: dict | None = field(default=None, compare=False)   # S then (ChannelMask.to_dict); not in the log line
+    reason: str = "stop_at"
 
 
 @dataclass

@@ -62,6 +62,7 @@ class Limits:
         max_train_image_pixels, max_upload_pixels: each image of an uploaded set, and all of them together (from
             their headers, before any is decoded: a training image is resized to at most 224 px anyway).
         retention_s: finished jobs and uploads older than this are deleted.
+        max_job_seconds: a job's training time in public mode; then it stops cleanly, its training state kept.
         max_runs_bytes: beyond this, the oldest finished jobs and uploads are deleted first.
         local_max_*: the sanity bounds of local use; ``*_cap()`` gives the one that applies.
     """
@@ -80,6 +81,7 @@ class Limits:
     max_train_image_pixels: int = 4_000_000
     max_upload_pixels: int = 400_000_000
     retention_s: float = 24 * 3600.0
+    max_job_seconds: float = 2 * 3600.0
     max_runs_bytes: int = 5_000_000_000
     local_max_steps: int = 10_000_000
     local_max_batch_size: int = 4096

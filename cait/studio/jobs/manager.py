@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...dense.records import SegmentEvalRecord, SegmentTrainRecord
-from ...finetune.records import FinalRecord, Record, TrainRecord, of_type
+from ...finetune.records import FinalRecord, Record, StoppedRecord, TrainRecord, of_type
 from ...finetune.rundir import state_files
 from ..public import Limits, extract_archive
 from . import process
@@ -125,6 +125,8 @@ class JobManager:
         args = self.validate(args, kind, owner)
         if device not in ("cpu", "cuda"):
             raise JobError(f"Device: {str(device)[:20]!r} is not cpu or cuda")
+        if self.limits.public:                                      # one job cannot hold the CPU for hours
+            args["time_limit_s"] = self.limits.max_job_seconds
         with self.store.locked():
             self._check_quota(visitor)
             job = Job(id=new_job_id(), args=args, device=device, owner=owner, visitor=visitor, upload=upload,
@@ -212,6 +214,11 @@ class JobManager:
                 teacher = "" if f.top1_teacher is None else f" (teacher {f.top1_teacher:.1f}%)"
                 job.message = (f"done: {100 * f.flops_reduction:.1f}% fewer FLOPs, top-1 {f.top1_student:.1f}%"
                                + teacher)
+        elif any(r.reason == "time_limit" for r in of_type(records, StoppedRecord)):
+            step = of_type(records, StoppedRecord)[-1].step
+            job.status = JobStatus.STOPPED
+            job.message = (f"stopped at step {step}: its time budget of {self.limits.max_job_seconds / 60:g} min on "
+                           "this public Space ran out; its training state is kept")
         else:
             why = f"exit code {returncode}" if returncode is not None else "its process is gone"
             job.status = JobStatus.FAILED

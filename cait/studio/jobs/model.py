@@ -8,8 +8,8 @@ segmentation run), its id format and where jobs live.
     RUNS/jobs/<id>/run/          # the engine's --output: log.jsonl, train_state-*, and compact/ or segmenter/
     RUNS/uploads/<id>/           # an uploaded archive, unpacked (public mode)
 
-Statuses: ``queued`` → ``running`` → ``done`` | ``failed`` | ``cancelled``. Job ids have one format (:data:`JOB_ID`),
-checked before any path is built from them.
+Statuses: ``queued`` → ``running`` → ``done`` | ``failed`` | ``cancelled`` | ``stopped`` (its time budget ran
+out). Job ids have one format (:data:`JOB_ID`), checked before any path is built from them.
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ class JobStatus(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    STOPPED = "stopped"                 # its public time budget ran out; the training state is kept
 
     @property
     def active(self) -> bool:

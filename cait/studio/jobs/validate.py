@@ -13,9 +13,11 @@ from ...models.deit import PATCH_SIZES
 from ..public import Limits
 from .model import FIELD_NAMES, JobError
 
-REQUEST_FIELDS = frozenset(FinetuneConfig.__dataclass_fields__) - {"output", "resume", "device", "stop_at"}
+MANAGED = {"output", "resume", "device", "stop_at", "time_limit_s"}
+"""Set by the job manager, never by a request (``time_limit_s``: the public time budget)."""
+REQUEST_FIELDS = frozenset(FinetuneConfig.__dataclass_fields__) - MANAGED
 """The :class:`FinetuneConfig` fields a request may set (the job manager sets the others)."""
-SEGMENT_FIELDS = frozenset(SegmentConfig.__dataclass_fields__) - {"output", "resume", "device", "stop_at"}
+SEGMENT_FIELDS = frozenset(SegmentConfig.__dataclass_fields__) - MANAGED
 """The :class:`SegmentConfig` fields a segmentation request may set."""
 BUNDLED_BACKBONES = ("bundled:original", "bundled:cait")
 BASELINES = ("none", "tome", "token_pruning", "atme", "cdcp")
