@@ -391,3 +391,36 @@ def test_a_public_job_stops_cleanly_when_its_time_budget_runs_out(tmp_path):
     assert job.message == ("stopped at step 1: its time budget of 0 min on this public Space ran out; its training "
                            "state is kept")
     assert (jm.run_dir(job.id) / "train_state-0000001.json").is_file()
+
+
+def test_forwarded_addresses_are_believed_only_from_a_trusted_proxy(monkeypatch):
+    from cait.studio.public import client_address
+    monkeypatch.delenv("CAIT_TRUSTED_PROXIES", raising=False)
+    monkeypatch.setenv("SPACE_ID", "user/space")
+    # Straight from loopback (the probe of issue 28): a forged header mints no new address.
+    assert {client_address("127.0.0.1", f"10.0.0.{i}") for i in range(20)} == {"127.0.0.1"}
+    # From the Space's proxy (its private network): the entry the proxy appended, the last one.
+    assert client_address("10.2.3.4", "6.6.6.6, 203.0.113.9") == "203.0.113.9"
+    monkeypatch.delenv("SPACE_ID")
+    assert client_address("10.2.3.4", "203.0.113.9") == "10.2.3.4"             # off a Space, no proxy is trusted
+    monkeypatch.setenv("CAIT_TRUSTED_PROXIES", "192.0.2.0/24, not-a-network")
+    assert client_address("192.0.2.8", "203.0.113.9") == "203.0.113.9"
+    assert client_address("10.2.3.4", "203.0.113.9") == "10.2.3.4"
+
+
+def test_forged_forwarded_headers_do_not_multiply_the_quota(public_app, monkeypatch):
+    from gradio_client import Client
+    url, jobs = public_app
+    monkeypatch.setenv("SPACE_ID", "user/space")
+    accepted = []
+    for i in range(6):
+        c = Client(url, verbose=False, headers={"X-Forwarded-For": f"10.0.0.{i}"})
+        try:
+            accepted.append(start(c, steps=400)[0])
+        except Exception as e:
+            assert "you already have 1 jobs queued or running" in str(e) or "the queue is full" in str(e)
+    try:
+        assert len(accepted) <= 1, [(jobs.get(j).status, jobs.get(j).visitor, jobs.get(j).message) for j in accepted]
+    finally:
+        for job_id in accepted:
+            jobs.cancel(job_id, owner=jobs.get(job_id).owner)

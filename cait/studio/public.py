@@ -18,6 +18,7 @@ Defaults in public mode::
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import stat
@@ -34,6 +35,45 @@ from ..models.deit import TEST_MODEL
 def on_space() -> bool:
     """True when running on a Hugging Face Space (it sets ``SPACE_ID``)."""
     return bool(os.environ.get("SPACE_ID"))
+
+
+SPACE_PROXIES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+"""Where a Space's own proxy connects from (its private network); never loopback, which any local process can use."""
+
+
+def trusted_proxies() -> list:
+    """The networks whose ``X-Forwarded-For`` is believed: ``$CAIT_TRUSTED_PROXIES`` (comma-separated CIDRs; empty:
+    none), else on a Space :data:`SPACE_PROXIES`, else none."""
+    text = os.environ.get("CAIT_TRUSTED_PROXIES")
+    if text is None:
+        text = ",".join(SPACE_PROXIES) if on_space() else ""
+    nets = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            continue                                   # a typo trusts nothing rather than everything
+    return nets
+
+
+def client_address(peer: str | None, forwarded: str | None) -> str | None:
+    """The address a request's quota counts: the last ``X-Forwarded-For`` entry (what the proxy itself appended)
+    when the connection comes from a trusted proxy (:func:`trusted_proxies`), else the peer itself. A header a
+    visitor writes is never believed from an untrusted peer, so it cannot mint new addresses.
+
+    >>> client_address("127.0.0.1", "10.0.0.7")        # off a Space, or straight from loopback: the peer
+    '127.0.0.1'
+    """
+    if not peer or not forwarded:
+        return peer
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if not any(ip in net for net in trusted_proxies()):
+        return peer
+    last = forwarded.split(",")[-1].strip()
+    return last or peer
 
 
 def public_by_default() -> bool:

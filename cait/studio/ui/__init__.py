@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
 from ..engine import Studio
@@ -44,6 +46,10 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
     given); job views refresh every ``poll_s`` seconds."""
     studio = studio or Studio(jobs=JobManager())
     public = studio.limits.public
+    if public:
+        # uvicorn believes X-Forwarded-For from loopback by default, so any local caller could pick its address;
+        # here nothing rewrites the peer, and cait.studio.public.client_address decides which proxy to believe.
+        os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
     # Public: Gradio's own upload cache is emptied of files over an hour old, every 10 minutes.
     with gr.Blocks(title="CAIT Studio", delete_cache=(600, 3600) if public else None) as demo:
         gr.Markdown("# CAIT Studio\nA DeiT next to its CAIT twin: asymmetric token merging (ATME) + consistent "

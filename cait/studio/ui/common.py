@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import gradio as gr
 
 from ..jobs.model import FIELD_NAMES, JobError
-from ..public import Limits, on_space, visitor_key
+from ..public import Limits, client_address, visitor_key
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 COMPUTE = dict(concurrency_id="compute", concurrency_limit=1)
@@ -35,14 +35,13 @@ def whole(value, key: str) -> int:
 
 
 def visitor(request: gr.Request | None) -> tuple[str | None, str | None]:
-    """Hashed ``(session, address)`` of a request: the session owns its jobs, the address has a quota. On a Space the
-    proxy appends the caller's address to ``X-Forwarded-For``, so its last entry is the one to trust."""
+    """Hashed ``(session, address)`` of a request: the session owns its jobs, the address has a quota. The address
+    is the connection's peer, or the last ``X-Forwarded-For`` entry when the peer is a trusted proxy
+    (:func:`cait.studio.public.client_address`)."""
     if request is None:
         return None, None
-    address = request.client.host if request.client else None
-    forwarded = (request.headers or {}).get("x-forwarded-for") if on_space() else None
-    if forwarded:
-        address = forwarded.split(",")[-1].strip()
+    peer = request.client.host if request.client else None
+    address = client_address(peer, (request.headers or {}).get("x-forwarded-for"))
     return visitor_key(getattr(request, "session_hash", None)), visitor_key(address)
 
 
