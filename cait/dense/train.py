@@ -241,8 +241,7 @@ def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> Seg
         late = done < cfg.steps and out_of_time(t0, cfg.time_limit_s, world, device)
         if late or (cfg.stop_at is not None and done >= cfg.stop_at):
             run.save(done)
-            if rank == 0:
-                run.emit(StoppedRecord(step=done, reason="time_limit" if late else "stop_at"))
+            run.emit(StoppedRecord(step=done, reason="time_limit" if late else "stop_at"))     # rank 0 logs
             if bar:
                 bar.close()
             return SegmentResult(done, None, run.out)

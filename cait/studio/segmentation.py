@@ -24,6 +24,7 @@ from ..io.bundled import ASSETS_DIR
 from ..io.checkpoint import CheckpointError
 from ..measure.speed import throughput_and_latency
 from .jobs.manager import JobManager
+from .jobs.process import hide_paths
 from .public import Limits
 from .samples import Sample
 
@@ -125,7 +126,7 @@ class JobSegmenters:
                 try:
                     seg = load_segmenter(self.jobs.get(job_id).product(self.jobs.root).parent, self.device)
                 except (CheckpointError, KeyError) as e:
-                    why = str(e).replace(str(self.jobs.root), "RUNS")[:200]
+                    why = hide_paths(str(e))[:200]
                     raise ValueError(f"job {job_id}'s segmenter cannot be loaded ({why})") from None
                 while len(self._loaded) >= self.keep:
                     self._loaded.pop(next(iter(self._loaded)))

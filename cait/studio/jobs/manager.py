@@ -47,6 +47,11 @@ class JobProgress:
     images_per_s: float | None
 
 
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise JobError(f"Device: {str(device)[:20]!r} is not cpu or cuda")
+
+
 class JobManager:
     """Starts, watches, queues and cancels fine-tune and segmentation processes under ``root``.
 
@@ -123,8 +128,7 @@ class JobManager:
             JobError: an invalid option (named), or a quota reached.
         """
         args = self.validate(args, kind, owner)
-        if device not in ("cpu", "cuda"):
-            raise JobError(f"Device: {str(device)[:20]!r} is not cpu or cuda")
+        _check_device(device)
         if self.limits.public:                                      # one job cannot hold the CPU for hours
             args["time_limit_s"] = self.limits.max_job_seconds
         with self.store.locked():
@@ -146,8 +150,7 @@ class JobManager:
                 archive refused (unsafe, oversized, not the expected folders).
         """
         self.validate({**args, "data": "synthetic"}, kind, owner)
-        if device not in ("cpu", "cuda"):
-            raise JobError(f"Device: {str(device)[:20]!r} is not cpu or cuda")
+        _check_device(device)
         with self.store.locked():
             self._check_quota(visitor)
         upload, dest = self.new_upload()
@@ -204,6 +207,7 @@ class JobManager:
     def _finish(self, job: Job, returncode: int | None) -> None:
         records = self.records(job.id)
         final = of_type(records, SegmentEvalRecord if job.kind == "segment" else FinalRecord)
+        timed_out = [r for r in of_type(records, StoppedRecord) if r.reason == "time_limit"]
         job.ended, job.returncode, job.pid = time.time(), returncode, None
         if final and job.product(self.root).is_file():
             job.status = JobStatus.DONE
@@ -214,11 +218,11 @@ class JobManager:
                 teacher = "" if f.top1_teacher is None else f" (teacher {f.top1_teacher:.1f}%)"
                 job.message = (f"done: {100 * f.flops_reduction:.1f}% fewer FLOPs, top-1 {f.top1_student:.1f}%"
                                + teacher)
-        elif any(r.reason == "time_limit" for r in of_type(records, StoppedRecord)):
-            step = of_type(records, StoppedRecord)[-1].step
+        elif timed_out:
             job.status = JobStatus.STOPPED
-            job.message = (f"stopped at step {step}: its time budget of {self.limits.max_job_seconds / 60:g} min on "
-                           "this public Space ran out; its training state is kept")
+            job.message = (f"stopped at step {timed_out[-1].step}: its time budget of "
+                           f"{self.limits.max_job_seconds / 60:g} min on this public Space ran out; its training "
+                           "state is kept")
         else:
             why = f"exit code {returncode}" if returncode is not None else "its process is gone"
             job.status = JobStatus.FAILED

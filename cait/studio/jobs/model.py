@@ -125,7 +125,7 @@ class Job:
         if self.kind == "segment":
             backbone, base = str(self.args.get("backbone", "")), self.args.get("baseline", "none")
             parts = Path(backbone).parts
-            if len(parts) >= 4 and parts[-4:-2][0] == "jobs" and parts[-1] == "compact":    # jobs/<id>/run/compact
+            if len(parts) >= 4 and parts[-4] == "jobs" and parts[-2:] == ("run", "compact"):  # jobs/<id>/run/compact
                 backbone = "job:" + parts[-3]
             return backbone + ("" if base in (None, "none") else f" → {base}")
         return str(self.args.get("model", ""))

@@ -10,6 +10,7 @@ from ...dense.train import SegmentConfig
 from ...finetune.config import FinetuneConfig
 from ...io.bundled import ASSETS_DIR, ORIGINAL_DIR
 from ...models.deit import PATCH_SIZES
+from ...models.layout import MAX_LAYOUT_CHARS
 from ..public import Limits
 from .model import FIELD_NAMES, JobError
 
@@ -21,7 +22,6 @@ SEGMENT_FIELDS = frozenset(SegmentConfig.__dataclass_fields__) - MANAGED
 """The :class:`SegmentConfig` fields a segmentation request may set."""
 BUNDLED_BACKBONES = ("bundled:original", "bundled:cait")
 BASELINES = ("none", "tome", "token_pruning", "atme", "cdcp")
-MAX_MERGE_CHARS = 200
 PUBLIC_MAX_IMAGES = 2000
 """On a public Space: at most this many synthetic training, held-out or calibration images per segmentation job."""
 
@@ -46,10 +46,7 @@ def validate_request(args: dict, limits: Limits, uploads: Path) -> dict:
         raise JobError(f"unknown fine-tune options: {', '.join(unknown)}")
     args = dict(args)
     for key, lo, hi in (("steps", 1, limits.steps_cap()), ("batch_size", 2, limits.batch_cap())):
-        v = args.get(key, getattr(FinetuneConfig, key))
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            raise _bad(key, f"{v!r} is not a whole number from {lo} to {hi}"
-                            + (" on this public Space" if limits.public else ""))
+        _whole(args, key, lo, hi, FinetuneConfig, limits.public)
     if args.get("batch_size", FinetuneConfig.batch_size) % 2:
         raise _bad("batch_size", f"{args['batch_size']} is odd; Mixup/CutMix pair images, so it must be even")
     r = args.get("flops_reduction", FinetuneConfig.flops_reduction)
@@ -64,6 +61,7 @@ def validate_request(args: dict, limits: Limits, uploads: Path) -> dict:
 
 
 def _whole(args: dict, key: str, lo: int, hi: int, cls=SegmentConfig, public: bool = False) -> int:
+    """``args[key]`` (else ``cls``'s default) if a whole number in ``[lo, hi]``, else a :class:`JobError` naming it."""
     v = args.get(key, getattr(cls, key))
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise _bad(key, f"{repr(v)[:40]} is not a whole number from {lo} to {hi}"
@@ -120,8 +118,8 @@ def validate_segment_request(args: dict, limits: Limits, uploads: Path, job_mode
     if baseline not in BASELINES:
         raise _bad("baseline", f"{str(baseline)[:40]!r} is not one of {', '.join(BASELINES)}")
     merge = args.get("merge")
-    if merge is not None and (not isinstance(merge, str) or len(merge) > MAX_MERGE_CHARS):
-        raise _bad("merge", f"at most {MAX_MERGE_CHARS} characters, e.g. h5,v10")
+    if merge is not None and (not isinstance(merge, str) or len(merge) > MAX_LAYOUT_CHARS):
+        raise _bad("merge", f"at most {MAX_LAYOUT_CHARS} characters, e.g. h5,v10")
     args["backbone"] = _backbone(str(args.get("backbone", SegmentConfig.backbone)).strip(), limits, job_models)
     args["data"] = _data(str(args.get("data", "synthetic")).strip() or "synthetic", limits, uploads, segmentation=True)
     return args

@@ -34,6 +34,14 @@ def whole(value, key: str) -> int:
     return int(value)
 
 
+def live_intervals(steps: int, evaluations: int) -> dict[str, int]:
+    """Log, evaluation and checkpoint intervals of a job started from the browser, for a live view whatever its
+    length: a log line every ~2% of the steps (1 to 50), ``evaluations`` held-out scores and 4 training states
+    (each at least every 10 steps apart, at most every 1000 / 500)."""
+    return dict(eval_interval=min(1000, max(10, steps // evaluations)), log_interval=min(50, max(1, steps // 50)),
+                ckpt_interval=min(500, max(10, steps // 4)))
+
+
 def visitor(request: gr.Request | None) -> tuple[str | None, str | None]:
     """Hashed ``(session, address)`` of a request: the session owns its jobs, the address has a quota. The address
     is the connection's peer, or the last ``X-Forwarded-For`` entry when the peer is a trusted proxy

@@ -14,7 +14,7 @@ from ..jobs.model import JobError
 from ..jobs.views import finetune_estimate, job_view, jobs_table
 from ..public import ArchiveError, on_space
 from . import segment_job
-from .common import COMPUTE, refusing, visitor, whole
+from .common import COMPUTE, live_intervals, refusing, visitor, whole
 from .model_bar import ModelBar
 
 BUNDLED_FINETUNE = {"bundled DeiT-Tiny (trained here on synthetic shapes, 224 px) → its CAIT twin": "bundled"}
@@ -132,9 +132,7 @@ class _Handlers:
             n_steps, batch_size = whole(n_steps, "steps"), whole(batch_size, "batch_size")
             args = dict(model=self.models.get(ft_model, ft_model), data=(data_text or "").strip() or "synthetic",
                         flops_reduction=float(reduction), steps=n_steps, batch_size=batch_size,
-                        # Live view: log often, evaluate and checkpoint a few times, whatever the length.
-                        eval_interval=min(1000, max(10, n_steps // 5)), log_interval=min(50, max(1, n_steps // 50)),
-                        ckpt_interval=min(500, max(10, n_steps // 4)))
+                        **live_intervals(n_steps, evaluations=5))
             if archive_file:                    # every field checked, then unpacked; a refusal leaves nothing
                 new = self.jobs.submit_archive(archive_file, device=on_device, owner=owner, visitor=address, **args)
             else:

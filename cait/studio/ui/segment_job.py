@@ -3,6 +3,7 @@ or an end-to-end run on the bundled pair, a DeiT or a finished fine-tune), follo
 curves; a finished segmenter is shown in the Segmentation tab."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import gradio as gr
@@ -11,7 +12,7 @@ from ...io.bundled import bundled_pair
 from ..engine import Studio
 from ..jobs.model import JobError
 from ..public import ArchiveError
-from .common import refusing, visitor, whole
+from .common import live_intervals, refusing, visitor, whole
 
 BASELINE_CHOICES = {"none (the backbone as it is)": "none", "ToMe, merges undone": "tome",
                     "token pruning (EViT), drops filled in": "token_pruning", "ATME alone (calibrated)": "atme",
@@ -20,11 +21,17 @@ END_TO_END_LR = 6e-5
 """The paper's ADE20K backbone LR (AdamW), used when "end to end" is ticked."""
 
 
+@functools.cache
+def _bundled_here() -> bool:
+    """Whether this checkout has the bundled pair (read once: the page polls the backbone list every second)."""
+    return bundled_pair() is not None
+
+
 def backbone_choices(studio: Studio, viewer: str | None = None) -> list[tuple[str, str]]:
     """``(label, value)``: the bundled pair, the DeiTs this server allows, then finished fine-tunes ``viewer`` may
     build on."""
     out = []
-    if bundled_pair() is not None:
+    if _bundled_here():
         out += [("bundled DeiT-Tiny (original)", "bundled:original"), ("bundled CAIT twin", "bundled:cait")]
     limits = studio.limits
     out += [(m, m) for m in (limits.models if limits.public else limits.models + ("deit_base_patch16_224",))
@@ -92,8 +99,7 @@ def wire(studio: Studio, w: SegmentJobWidgets, started: gr.Textbox, job: gr.Drop
             args = dict(backbone=str(backbone_key or ""), baseline=BASELINE_CHOICES[baseline_label],
                         flops_reduction=float(flops), steps=n_steps, batch_size=batch_size,
                         backbone_lr=END_TO_END_LR if e2e else None, data=(data_text or "").strip() or "synthetic",
-                        eval_interval=min(1000, max(10, n_steps // 4)), log_interval=min(50, max(1, n_steps // 50)),
-                        ckpt_interval=min(500, max(10, n_steps // 4)), val_size=200)
+                        val_size=200, **live_intervals(n_steps, evaluations=4))
             if archive_file:                    # every field checked, then unpacked; a refusal leaves nothing
                 new = jobs.submit_archive(archive_file, device=on_device, owner=owner, visitor=address,
                                           kind="segment", **args)
