@@ -14,15 +14,15 @@ import pytest
 from PIL import Image
 
 import app
-from cait.studio.ui.common import host_warning
-from cait.studio.ui.finetune_tab import FINETUNE_MODELS
 import cait
-from cait.studio.jobs.manager import JobManager
-from cait.studio.jobs.model import Job, JobError
-from cait.studio.public import ArchiveError, Limits, extract_archive
 from cait.finetune.records import EvalRecord, StoppedRecord, to_json
 from cait.finetune.rundir import LogReader
 from cait.studio.engine import Studio
+from cait.studio.jobs.manager import JobManager
+from cait.studio.jobs.model import Job, JobError
+from cait.studio.public import ArchiveError, Limits, extract_archive
+from cait.studio.ui.common import host_warning
+from cait.studio.ui.finetune_tab import FINETUNE_MODELS
 
 LONG = dict(model=cait.TEST_MODEL, steps=100000, batch_size=8, val_size=16, synthetic_size=200, eval_interval=100000,
             ckpt_interval=50)
@@ -148,6 +148,55 @@ def test_uploaded_archives_are_checked_member_by_member(public_app, tmp_path):
         z.writestr("a/0.png", _png())
     with pytest.raises(ArchiveError, match="expected train/ and val/ folders"):
         extract_archive(flat, tmp_path / "z", Limits(public=True))
+
+
+def _broken_archives(tmp_path):
+    """The six archives of issue "Safe to host, part two", probe 5, that once came back as ``{"error": null}``."""
+    def make(name, members, method=zipfile.ZIP_STORED):
+        path = tmp_path / f"{name}.zip"
+        with zipfile.ZipFile(path, "w", method) as z:
+            for member, data in members:
+                z.writestr(member, data)
+        return path
+
+    def patch(path, old: bytes, new: bytes, count=1):
+        data = path.read_bytes()
+        assert old in data
+        path.write_bytes(data.replace(old, new, count))
+        return path
+
+    png = _png()
+    payload = b"A" * 5000
+    yield make("clash", [("train/a/x.png", png), ("train/a/x.png/y.png", png)]), "where a folder"
+    yield make("long", [("train/a/" + "n" * 300 + ".png", png)]), "name over 100 characters"
+    yield make("deep", [("train/" + "d/" * 40 + "x.png", png)]), "nested deeper than 8 folders"
+    # Stored data changed after the CRC was written.
+    yield patch(make("crc", [("train/a/x.png", payload)]), b"A" * 50, b"B" * 50), "bad CRC or corrupt data"
+    deflated = make("corrupt", [("train/a/x.png", payload * 3)], zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(deflated) as z:
+        start = z.infolist()[0].header_offset + 30 + len("train/a/x.png")
+    data = bytearray(deflated.read_bytes())
+    data[start:start + 8] = b"\xff" * 8
+    deflated.write_bytes(bytes(data))
+    yield deflated, "bad CRC or corrupt data"
+    # The central directory says 10 bytes; the member holds 5000.
+    lying = make("lying", [("train/a/x.png", payload)])
+    yield patch(lying, (5000).to_bytes(4, "little") * 2, (5000).to_bytes(4, "little") + (10).to_bytes(4, "little"),
+                count=2), "bad CRC or corrupt data|holds more than"
+
+
+def test_broken_archives_are_refused_by_name_and_leave_nothing(public_app, tmp_path):
+    url, jobs = public_app
+    c = client(url)
+    before = sorted(p.name for p in (jobs.root / "uploads").iterdir())
+    for archive, why in _broken_archives(tmp_path):
+        with pytest.raises(Exception, match=f"{archive.name}: .*({why})"):
+            start(c, archive=archive)
+        assert sorted(p.name for p in (jobs.root / "uploads").iterdir()) == before, archive.name
+        dest = tmp_path / f"out-{archive.stem}"
+        with pytest.raises(ArchiveError):
+            extract_archive(archive, dest, Limits(public=True))
+        assert not dest.exists()
 
 
 def _png(size=(40, 40)) -> bytes:

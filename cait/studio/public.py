@@ -21,8 +21,10 @@ import hashlib
 import ipaddress
 import os
 import re
+import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,37 +214,95 @@ def check_images(name: str, dest: Path, members: list[str], limits: Limits) -> N
         raise ArchiveError(f"{name}: {len(problems)} image(s) refused: {'; '.join(problems[:MAX_NAMED])}{more}")
 
 
+MAX_NAME_CHARS = 100
+MAX_DEPTH = 8
+"""A member's path: each part at most this many characters, at most this many parts (an ImageFolder tree needs 4)."""
+_READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, ValueError)
+"""What reading or writing a member can raise: a bad CRC, corrupt deflate data, encryption, an unknown method, a path
+the file system refuses (a member where a folder is, a name too long)."""
+
+
+def _check_member(name: str, m: zipfile.ZipInfo) -> None:
+    parts = Path(m.filename).parts
+    if m.filename.startswith(("/", "\\")) or ".." in parts or any(not _SAFE_NAME.match(p) for p in parts):
+        raise ArchiveError(f"{name}: unsafe member name {m.filename[:80]!r}")
+    if len(parts) > MAX_DEPTH or any(len(p) > MAX_NAME_CHARS for p in parts):
+        raise ArchiveError(f"{name}: member {m.filename[:80]!r}... is nested deeper than {MAX_DEPTH} folders or has "
+                           f"a name over {MAX_NAME_CHARS} characters")
+    if stat.S_ISLNK(m.external_attr >> 16):
+        raise ArchiveError(f"{name}: links are not allowed ({m.filename[:80]!r})")
+
+
+def _unpack(name: str, zf: zipfile.ZipFile, images: list[zipfile.ZipInfo], dest: Path, limits: Limits) -> None:
+    """Write ``images`` under ``dest``, holding each to the size it claims and all to ``limits.max_upload_bytes``."""
+    too_big = ArchiveError(f"{name}: unpacks to more than {limits.max_upload_bytes // 1_000_000} MB")
+    written = 0
+    for m in images:
+        target = (dest / m.filename).resolve()
+        if not target.is_relative_to(dest.resolve()):
+            raise ArchiveError(f"{name}: unsafe member name {m.filename[:80]!r}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src, target.open("xb") as out:
+                size = 0
+                while chunk := src.read(1 << 20):
+                    size += len(chunk)
+                    written += len(chunk)
+                    if written > limits.max_upload_bytes:
+                        raise too_big
+                    if size > m.file_size:
+                        raise ArchiveError(f"{name}: {m.filename[:80]!r} holds more than the {m.file_size} bytes "
+                                           "the archive says")
+                    out.write(chunk)
+        except ArchiveError:
+            raise
+        except FileExistsError:
+            raise ArchiveError(f"{name}: {m.filename[:80]!r} is in the archive twice, or where a folder is") from None
+        except _READ_ERRORS as e:
+            why = ("a file stands where a folder of that name is needed"
+                   if isinstance(e, (NotADirectoryError, IsADirectoryError)) else
+                   "bad CRC or corrupt data" if isinstance(e, (zipfile.BadZipFile, zlib.error, EOFError)) else
+                   "unreadable (encrypted, an unknown compression, or a path this server cannot write)")
+            raise ArchiveError(f"{name}: member {m.filename[:80]!r}: {why}") from None
+
+
 def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits: Limits) -> Path:
     """Unpack an uploaded ``.zip`` of an ImageFolder tree (``train/<class>/*`` and ``val/<class>/*``) or a segmentation
     set (``train|val/images/*`` + ``masks/*.png``, an optional ``classes.json``) into ``dest``.
 
     Only image files (and ``classes.json``) are written; every member is checked first: no absolute path, no ``..``,
-    no link, names of ordinary characters, at most ``limits.max_upload_files`` images and ``limits.max_upload_bytes``
-    unpacked (the sizes the archive claims are checked before reading and enforced while reading, so a zip bomb
-    stops early).
-    A top-level folder wrapping ``train/`` and ``val/`` is accepted.
+    no link, names of ordinary characters (each part at most :data:`MAX_NAME_CHARS`, at most :data:`MAX_DEPTH` deep),
+    at most ``limits.max_upload_files`` images and ``limits.max_upload_bytes`` unpacked (the sizes the archive claims
+    are checked before reading and enforced, member by member, while reading, so a zip bomb stops early). Then every
+    image is checked (:func:`check_images`). A top-level folder wrapping ``train/`` and ``val/`` is accepted. On any
+    refusal ``dest`` is removed: nothing of a refused archive stays on disk.
 
     Returns:
         The root holding ``train/`` and ``val/``.
 
     Raises:
-        ArchiveError: not a zip, an unsafe or oversized member, or no ``train/``/``val/`` of images.
+        ArchiveError: not a zip, an unsafe, corrupt or oversized member, or no ``train/``/``val/`` of images; the
+            message names the archive and the member, never a server path.
     """
     archive, dest = Path(archive), Path(dest)
-    name = archive.name
+    try:
+        return _extract(archive, dest, limits)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _extract(archive: Path, dest: Path, limits: Limits) -> Path:
+    name = archive.name[:80]
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         raise ArchiveError(f"{name}: not a .zip archive") from None
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
         images = []
         for m in members:
-            parts = Path(m.filename).parts
-            if m.filename.startswith(("/", "\\")) or ".." in parts or any(not _SAFE_NAME.match(p) for p in parts):
-                raise ArchiveError(f"{name}: unsafe member name {m.filename[:80]!r}")
-            if stat.S_ISLNK(m.external_attr >> 16):
-                raise ArchiveError(f"{name}: links are not allowed ({m.filename[:80]!r})")
+            _check_member(name, m)
             if m.filename.lower().endswith(IMAGE_SUFFIXES) or (Path(m.filename).name == CLASSES_FILE
                                                                 and m.file_size <= MAX_CLASSES_BYTES):
                 images.append(m)                   # images, PNG masks, and a segmentation set's class names
@@ -251,18 +311,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits:
         if sum(m.file_size for m in images) > limits.max_upload_bytes:
             raise ArchiveError(f"{name}: unpacks to more than {limits.max_upload_bytes // 1_000_000} MB")
         dest.mkdir(parents=True, exist_ok=True)
-        written = 0
-        for m in images:
-            target = (dest / m.filename).resolve()
-            if not target.is_relative_to(dest.resolve()):
-                raise ArchiveError(f"{name}: unsafe member name {m.filename[:80]!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(m) as src, target.open("wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > limits.max_upload_bytes:
-                        raise ArchiveError(f"{name}: unpacks to more than {limits.max_upload_bytes // 1_000_000} MB")
-                    out.write(chunk)
+        _unpack(name, zf, images, dest, limits)
     check_images(name, dest, [m.filename for m in images if m.filename.lower().endswith(IMAGE_SUFFIXES)], limits)
     for root in (dest, *[p for p in dest.iterdir() if p.is_dir()]):
         if (root / "train").is_dir() and (root / "val").is_dir():
