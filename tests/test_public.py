@@ -473,3 +473,63 @@ def test_forged_forwarded_headers_do_not_multiply_the_quota(public_app, monkeypa
     finally:
         for job_id in accepted:
             jobs.cancel(job_id, owner=jobs.get(job_id).owner)
+
+
+def test_one_visitor_cannot_hold_the_compute_queue(public_app, monkeypatch):
+    """Probe 2: one client's many ``/cost`` calls once delayed another visitor's ``/build`` by 95 s and could take
+    every place of the queue. Now a visitor holds one place: its second call is refused at once, and another
+    visitor's build waits for at most the one computation ahead of it."""
+    from gradio_client import Client
+    url, _ = public_app
+    monkeypatch.setenv("CAIT_TRUSTED_PROXIES", "127.0.0.1/32")     # the test plays the Space's proxy
+    a = Client(url, verbose=False, headers={"X-Forwarded-For": "203.0.113.1"})
+    b = Client(url, verbose=False, headers={"X-Forwarded-For": "203.0.113.2"})
+    model = "deit:deit_tiny_patch16_224"
+    b.predict(model, 0.5, "", api_name="/build")                    # built once, so the timing below is the queue's
+    first = a.submit(model, 0.5, "", True, 32, api_name="/cost")
+    t0 = time.time()
+    while first.status().code.name not in ("PROCESSING", "PROGRESS") and time.time() - t0 < 30:
+        time.sleep(0.05)
+    refused = []
+    for _ in range(4):                                               # the flood: refused at once, none queued
+        t1 = time.time()
+        with pytest.raises(Exception, match="you already have a computation running or waiting"):
+            a.predict(model, 0.5, "", True, 32, api_name="/cost")
+        refused.append(time.time() - t1)
+    t2 = time.time()
+    b.predict(model, 0.5, "", api_name="/build")
+    waited = time.time() - t2
+    table, _ = first.result(timeout=300)
+    assert first.done() and len(table["data"]) == 3
+    assert max(refused) < 5, refused
+    assert waited < 120, waited
+
+
+def test_the_compute_slot_is_first_come_first_served_with_one_place_per_visitor():
+    from cait.studio.slot import ComputeSlot, SlotBusy
+    slot, order, started = ComputeSlot(per_visitor=True, max_wait_s=0.3), [], threading.Event()
+
+    def hold(v, seconds):
+        with slot.turn(v):
+            started.set()
+            order.append(v)
+            time.sleep(seconds)
+
+    t = threading.Thread(target=hold, args=("a", 0.6))
+    t.start()
+    started.wait(5)
+    with pytest.raises(SlotBusy, match="already have a computation"):
+        with slot.turn("a"):
+            pass
+    with pytest.raises(SlotBusy, match="stayed busy"):             # b's turn does not come within 0.3 s
+        with slot.turn("b"):
+            pass
+    assert slot.holders() == ["a"]                                   # the refused wait left the line
+    t.join()
+    slot, started = ComputeSlot(per_visitor=False), threading.Event()   # locally a second request waits its turn
+    first = threading.Thread(target=hold, args=("me", 0.3))
+    first.start()
+    started.wait(5)
+    hold("me", 0)
+    first.join()
+    assert order == ["a", "me", "me"] and slot.holders() == []

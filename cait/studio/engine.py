@@ -14,6 +14,7 @@ from .pairs import ModelPair, PairCache, layout_field
 from .public import Limits
 from .samples import SYNTHETIC_SAMPLES, sample_names
 from .segmentation import BundledSegmenters
+from .slot import ComputeSlot
 from .status import pair_status, startup_note
 
 
@@ -30,6 +31,10 @@ class Studio:
             crops and flips, and synthetic shapes); 0 gives the weight-norm preview.
         limits: request caps (:class:`cait.studio.public.Limits`); default: the job manager's, else the environment's.
         segmenters: the Segmentation tab's segmenters; ``"auto"``: the bundled ones (``assets/segmenters``).
+
+    Attributes:
+        slot: the :class:`cait.studio.slot.ComputeSlot` the UI's heavy requests take turns in (in public mode,
+            one place per visitor).
     """
 
     def __init__(self, device: str | None = None, pretrained: bool = True, cache_size: int = 2,
@@ -44,6 +49,7 @@ class Studio:
         self.pairs = PairCache(self.device, pretrained, calibration_size, cache_size, self.bundled, jobs,
                                self.catalogue.hub_reason)
         self.segmenters = BundledSegmenters(device=self.device) if segmenters == "auto" else segmenters
+        self.slot = ComputeSlot(per_visitor=self.limits.public)     # the app's heavy requests, one at a time
 
     def pair(self, key: str, flops_reduction: float, merge: str | None = "", viewer: str | None = None) -> ModelPair:
         """The pair for a model key (:attr:`cait.studio.catalogue.ModelRef.key`) and the UI's settings.

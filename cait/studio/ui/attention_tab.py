@@ -9,7 +9,7 @@ from ...data.photos import ImageError
 from ..attention import attention_view
 from ..engine import Studio
 from ..samples import load_sample, sample_names
-from .common import COMPUTE, refusing
+from .common import COMPUTE, heavy, refusing
 from .model_bar import ModelBar, pair_of
 
 
@@ -42,7 +42,7 @@ def build(studio: Studio, bar: ModelBar) -> gr.Slider:
         return (v.image, v.original_mean, v.compressed_mean, v.original_heads, v.compressed_heads, v.original_top5,
                 v.compressed_top5, v.localisation_text())
 
-    show.click(on_attention, bar.settings + [sample, upload, block],
+    show.click(heavy(studio.slot, on_attention), bar.settings + [sample, upload, block],
                [view, orig_mean, comp_mean, orig_heads, comp_heads, orig_top5, comp_top5, localisation],
                api_name="attention", **COMPUTE)
     return block

@@ -5,7 +5,7 @@ import gradio as gr
 
 from ..channels import channels_view
 from ..engine import Studio
-from .common import COMPUTE
+from .common import COMPUTE, heavy
 from .model_bar import ModelBar, pair_of
 
 
@@ -20,4 +20,4 @@ def build(studio: Studio, bar: ModelBar) -> None:
         p = pair_of(studio, model, reduction, merge, request)
         return channels_view(p, studio.catalogue.label(p.ref))
 
-    show.click(on_channels, bar.settings, plot, api_name="channels", **COMPUTE)
+    show.click(heavy(studio.slot, on_channels), bar.settings, plot, api_name="channels", **COMPUTE)

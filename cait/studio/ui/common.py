@@ -3,17 +3,21 @@ Gradio errors that name the field (never a server path or a traceback)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gradio as gr
 
 from ..jobs.model import FIELD_NAMES, JobError
 from ..public import Limits, client_address, visitor_key
+from ..slot import ComputeSlot, SlotBusy
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-COMPUTE = dict(concurrency_id="compute", concurrency_limit=1)
-"""Heavy events share one worker: a visitor cannot start two model passes at once, nor can two visitors."""
+COMPUTE = dict(concurrency_id="compute", concurrency_limit=8)
+"""Heavy events: up to 8 handlers in flight, which :func:`heavy` lines up in one :class:`cait.studio.slot.ComputeSlot`
+(one computes, the others wait their turn or, a visitor's second, are refused at once), so no client can fill
+Gradio's queue with its own requests."""
 
 
 @contextlib.contextmanager
@@ -23,6 +27,18 @@ def refusing(*errors: type[Exception]) -> Iterator[None]:
         yield
     except errors as e:
         raise gr.Error(str(e)) from None
+
+
+def heavy(slot: ComputeSlot, fn: Callable) -> Callable:
+    """``fn`` (a handler with a ``gr.Request`` parameter) run in its visitor's turn of ``slot``; a refused turn is a
+    ``gr.Error`` saying why. The wrapper keeps ``fn``'s signature, so Gradio still passes the request and progress.
+    """
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
+        with refusing(SlotBusy), slot.turn(visitor(request)[1]):
+            return fn(*args, **kwargs)
+    return run
 
 
 def whole(value, key: str) -> int:

@@ -6,7 +6,7 @@ import gradio as gr
 
 from ..engine import Studio
 from ..jobs.views import compactor_view
-from .common import COMPUTE, refusing
+from .common import COMPUTE, heavy, refusing
 
 
 def build(studio: Studio, job: gr.Dropdown) -> None:
@@ -20,10 +20,10 @@ def build(studio: Studio, job: gr.Dropdown) -> None:
     norms = gr.Plot(label="Compactor row norms")
     contrast = gr.Plot(label="CDCP vs global selection")
 
-    def on_compactors(job_id):
+    def on_compactors(job_id, request: gr.Request):
         if not job_id:
             raise gr.Error("select a job first")
         with refusing(ValueError):
             return compactor_view(studio.jobs, job_id)
 
-    show.click(on_compactors, job, [summary, norms, contrast], api_name="compactors", **COMPUTE)
+    show.click(heavy(studio.slot, on_compactors), job, [summary, norms, contrast], api_name="compactors", **COMPUTE)

@@ -6,7 +6,7 @@ import gradio as gr
 
 from ..cost import cost_view
 from ..engine import Studio
-from .common import COMPUTE, refusing
+from .common import COMPUTE, heavy, refusing
 from .model_bar import ModelBar, pair_of
 
 SMALL_BATCH_NOTE = ("Small batches leave the processor partly idle, so measured speed-ups are smaller than at batch "
@@ -34,4 +34,5 @@ def build(studio: Studio, bar: ModelBar) -> None:
             return cost_view(p, studio.limits, measure=measure_speed, batch_size=int(batch),
                              progress=lambda f, what: progress(f, desc=f"measuring throughput: {what}"))
 
-    show.click(on_cost, bar.settings + [measure, batch_size], [table, plot], api_name="cost", **COMPUTE)
+    show.click(heavy(studio.slot, on_cost), bar.settings + [measure, batch_size], [table, plot], api_name="cost",
+               **COMPUTE)

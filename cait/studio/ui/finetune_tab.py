@@ -14,7 +14,7 @@ from ..jobs.model import JobError
 from ..jobs.views import finetune_estimate, job_view, jobs_table
 from ..public import ArchiveError, on_space
 from . import segment_job
-from .common import COMPUTE, live_intervals, refusing, visitor, whole
+from .common import COMPUTE, heavy, live_intervals, refusing, visitor, whole
 from .model_bar import ModelBar
 
 BUNDLED_FINETUNE = {"bundled DeiT-Tiny (trained here on synthetic shapes, 224 px) → its CAIT twin": "bundled"}
@@ -117,7 +117,7 @@ class _Handlers:
         return (gr.update(choices=ids, value=ids[0] if ids else None), jobs_table(self.jobs, owner),
                 gr.update(choices=self.studio.catalogue.choices(owner)))
 
-    def on_estimate(self, ft_model, reduction, n_steps, batch_size, on_device):
+    def on_estimate(self, ft_model, reduction, n_steps, batch_size, on_device, request: gr.Request):
         with refusing(ValueError, JobError):
             args = self.jobs.validate(dict(model=self.models.get(ft_model, ft_model), steps=whole(n_steps, "steps"),
                                            batch_size=whole(batch_size, "batch_size"),
@@ -179,8 +179,8 @@ def build(studio: Studio, bar: ModelBar, poll_s: float) -> FinetuneTab:
     poll_outputs = [w.table, w.job_status, w.curves, bar.model, w.segment.backbone]
     w.start.click(h.on_start, [w.ft_model, w.data, w.archive, w.reduction, w.steps, w.batch, w.device],
                   [w.started, w.job, w.table], api_name="start_finetune", concurrency_limit=1, concurrency_id="jobs")
-    w.estimate.click(h.on_estimate, [w.ft_model, w.reduction, w.steps, w.batch, w.device], w.estimated,
-                     api_name="estimate_finetune", **COMPUTE)
+    w.estimate.click(heavy(studio.slot, h.on_estimate), [w.ft_model, w.reduction, w.steps, w.batch, w.device],
+                     w.estimated, api_name="estimate_finetune", **COMPUTE)
     w.cancel.click(h.on_cancel, w.job, w.cancelled, api_name="cancel_finetune", concurrency_limit=1,
                    concurrency_id="jobs")
     w.use.click(h.on_use, w.job, bar.model, api_name="use_job_model")

@@ -11,7 +11,7 @@ import gradio as gr
 from ..download import download_twin
 from ..engine import Studio
 from ..pairs import REDUCTION_RANGE, ModelPair
-from .common import COMPUTE, refusing, visitor
+from .common import COMPUTE, heavy, refusing, visitor
 
 DEFAULT_REDUCTION = 0.5
 
@@ -62,7 +62,7 @@ def build(studio: Studio) -> ModelBar:
         p = pair_of(studio, model, reduction, merge, request)
         return gr.update(value=str(download_twin(p, where)), visible=True)
 
-    download.click(on_download, bar.settings, twin_file, api_name="download_twin", **COMPUTE)
+    download.click(heavy(studio.slot, on_download), bar.settings, twin_file, api_name="download_twin", **COMPUTE)
     return bar
 
 
@@ -87,8 +87,8 @@ def wire(studio: Studio, bar: ModelBar, block: gr.Slider, demo: gr.Blocks) -> No
         return "*Settings changed: press **Build CAIT twin** to update the twin and this status.*"
 
     outputs = [bar.status, block, bar.reduction, bar.merge]
-    bar.build.click(on_build, bar.settings, outputs, api_name="build", **COMPUTE)
-    bar.model.change(on_build, bar.settings, outputs, api_visibility="private", **COMPUTE)
+    bar.build.click(heavy(studio.slot, on_build), bar.settings, outputs, api_name="build", **COMPUTE)
+    bar.model.change(heavy(studio.slot, on_build), bar.settings, outputs, api_visibility="private", **COMPUTE)
     bar.reduction.input(on_settings_changed, None, bar.status, api_visibility="private")
     bar.merge.input(on_settings_changed, None, bar.status, api_visibility="private")
-    demo.load(on_build, bar.settings, outputs, api_visibility="private", **COMPUTE)
+    demo.load(heavy(studio.slot, on_build), bar.settings, outputs, api_visibility="private", **COMPUTE)

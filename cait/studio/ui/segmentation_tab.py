@@ -9,7 +9,7 @@ from ...data.photos import ImageError
 from ..engine import Studio
 from ..samples import load_sample, sample_names
 from ..segmentation import BASELINES, LABELS, BundledSegmenters, JobSegmenters, segmentation_view, segmenter_cost
-from .common import COMPUTE, refusing, visitor
+from .common import COMPUTE, heavy, refusing, visitor
 
 NOT_BUNDLED = ("*No bundled segmenters in this checkout:* `python assets/train_segmenters.py` trains them (a few "
                "minutes each on a CPU) into `assets/segmenters/`; `python -m cait.dense` trains one on any backbone.")
@@ -52,7 +52,7 @@ class _Handlers:
     def on_focus(self, request: gr.Request):
         return gr.update(choices=self.job_segs.available(visitor(request)[0]))
 
-    def on_measure(self, batch_size, also, progress=gr.Progress()):
+    def on_measure(self, batch_size, also, request: gr.Request, progress=gr.Progress()):
         with refusing(ValueError):
             return segmenter_cost(self.segs, self.chosen(also or []), self.studio.limits, int(batch_size),
                                   progress=lambda f, what: progress(f, desc=f"measuring: {what}"))
@@ -88,7 +88,7 @@ def build(studio: Studio, segs: BundledSegmenters) -> None:
                           label="Batch size (throughput)")
         measure = gr.Button("Measure speed", interactive=bool(names))
     cost = gr.Dataframe(label="Segmenters: FLOPs, throughput and latency (this device, one run)", interactive=False)
-    show.click(h.on_segment, [sample, upload, extra, job], [truth, *panels, job_panel], api_name="segment",
-               **COMPUTE)
+    show.click(heavy(studio.slot, h.on_segment), [sample, upload, extra, job], [truth, *panels, job_panel],
+               api_name="segment", **COMPUTE)
     job.focus(h.on_focus, None, job, api_visibility="private")
-    measure.click(h.on_measure, [batch, extra], cost, api_name="segmenter_cost", **COMPUTE)
+    measure.click(heavy(studio.slot, h.on_measure), [batch, extra], cost, api_name="segmenter_cost", **COMPUTE)
