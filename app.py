@@ -16,7 +16,7 @@ import sys
 from cait.studio.engine import Studio
 from cait.studio.jobs.manager import JobManager
 from cait.studio.public import Limits
-from cait.studio.ui import build_app
+from cait.studio.ui import build_app, launch_options
 from cait.studio.ui.common import host_warning
 
 
@@ -38,8 +38,7 @@ def main() -> None:
     studio = Studio(device=a.device, pretrained=not a.offline, jobs=JobManager(limits=limits))
     app = build_app(studio)
     queue = dict(max_size=16, default_concurrency_limit=1) if limits.public else dict(default_concurrency_limit=1)
-    app.queue(**queue).launch(server_name=a.host, server_port=a.port,
-                              max_file_size=f"{limits.max_upload_bytes // 1_000_000}mb" if limits.public else None)
+    app.queue(**queue).launch(server_name=a.host, server_port=a.port, **launch_options(studio))
 
 
 if __name__ == "__main__":

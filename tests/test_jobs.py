@@ -7,15 +7,18 @@ import time
 import pytest
 
 import cait
-from cait.studio.jobs.manager import JobManager
+from cait.data.synthetic import SyntheticShapes
 from cait.finetune.records import TrainRecord, of_type
 from cait.studio.attention import attention_view
 from cait.studio.catalogue import ModelRef, job_label
-from cait.studio.jobs.model import Job, JobStatus
-from cait.studio.jobs.views import compactor_view, job_view, jobs_table
 from cait.studio.engine import Studio
+from cait.studio.jobs.disk import job_bytes
+from cait.studio.jobs.manager import JobManager
+from cait.studio.jobs.model import Job, JobStatus
+from cait.studio.jobs.store import tree_size
+from cait.studio.jobs.views import compactor_view, job_view, jobs_table
+from cait.studio.public import Limits
 from cait.studio.samples import Sample
-from cait.data.synthetic import SyntheticShapes
 
 FAST = dict(model=cait.TEST_MODEL, steps=30, batch_size=8, val_size=32, synthetic_size=200, eval_interval=10,
             log_interval=5, ckpt_interval=10, lr=1e-3)
@@ -62,6 +65,9 @@ def test_job_life_cycle_and_the_model_becomes_selectable(tmp_path, managers):
     text, fig = job_view(jm, job.id)
     assert "done" in text and len(fig.data) >= 3
     assert jobs_table(jm).iloc[0]["status"] == "done"
+    # What the public disk budget reserved for it covers what it wrote (its training states, teacher, compact model).
+    written = tree_size(done.dir(jm.root))
+    assert written <= job_bytes(done, Limits(public=True)) < 4 * written, (written, job_bytes(done, Limits()))
 
     studio = Studio(device="cpu", pretrained=False, jobs=jm)
     key = ModelRef.job(job.id).key

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,11 +35,13 @@ def public_app(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     limits = Limits(public=True, max_jobs_per_visitor=1, max_active_jobs=2, max_steps=500, max_batch_size=16)
     jobs = JobManager(root, poll_interval=0.5, limits=limits)
-    demo = app.build_app(Studio(device="cpu", pretrained=False, jobs=jobs, bundled=None), poll_s=1.0)
+    demo_studio = Studio(device="cpu", pretrained=False, jobs=jobs, bundled=None)
+    demo = app.build_app(demo_studio, poll_s=1.0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.queue(max_size=16).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.queue(max_size=16).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                                   **app.launch_options(demo_studio))
     try:
         yield f"http://127.0.0.1:{port}/", jobs
     finally:
@@ -323,10 +326,14 @@ def test_retention_deletes_old_finished_jobs_and_uploads_never_active_ones(tmp_p
     assert sorted(gone) == sorted([old.id, "upload:" + "e" * 16])
     assert [j.id for j in jm.list()] != [] and old.id not in {j.id for j in jm.list()}
     assert (tmp_path / "uploads" / ("d" * 16)).is_dir()        # in use by an active job
-    # Over the size budget (checked when a public manager starts, then every 10 minutes): oldest finished first,
-    # active never.
+    # Over the size budget, nothing young is deleted (a newcomer is refused instead, test_disk_budgets_...); the
+    # download cache goes after its hour.
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "cait-twin-0.zip").write_bytes(b"z")
+    os.utime(tmp_path / "downloads" / "cait-twin-0.zip", (now - 4000,) * 2)
     tight = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True, retention_s=1e9, max_runs_bytes=0))
-    assert [j.id for j in tight.list()] == [running.id] and tight.get(running.id).status == "queued"
+    assert sorted(j.id for j in tight.list()) == sorted([new.id, running.id])
+    assert tight.get(running.id).status == "queued" and not (tmp_path / "downloads" / "cait-twin-0.zip").exists()
 
 
 def test_local_mode_keeps_full_power_and_validates_at_submit(tmp_path):
@@ -533,3 +540,117 @@ def test_the_compute_slot_is_first_come_first_served_with_one_place_per_visitor(
     hold("me", 0)
     first.join()
     assert order == ["a", "me", "me"] and slot.holders() == []
+
+
+def test_disk_budgets_refuse_the_newcomer_and_delete_nobody_s_work(tmp_path, monkeypatch):
+    """Probe 1: the runs directory once grew 5.8 GB in 25 s and retention then deleted other visitors' finished
+    jobs. Now a request is refused before it writes when it would pass the total or the visitor's budget, and
+    retention deletes only what is past its age."""
+    from cait.studio.jobs.disk import DiskFull, job_bytes
+    monkeypatch.setattr(JobManager, "_start", lambda self, job: None)           # queued jobs stay queued
+    limits = Limits(public=True, max_jobs_per_visitor=5, max_active_jobs=50, max_runs_bytes=3_000_000_000,
+                    max_visitor_bytes=1_000_000_000, retention_s=3600)
+    jm = JobManager(tmp_path, poll_interval=0, limits=limits)
+    # Another visitor's finished job, with a 40 MB model: it must survive everything below.
+    theirs = Job(id="20260101-000000-" + "a" * 12, args={}, status="done", ended=time.time() - 60, visitor="them")
+    jm.store.save(theirs)
+    (theirs.dir(tmp_path) / "run").mkdir()
+    (theirs.dir(tmp_path) / "run" / "model.safetensors").write_bytes(b"\0" * 40_000_000)
+    tiny = job_bytes(Job(id="", args={"model": "deit_tiny_patch16_224"}), limits)
+    small = job_bytes(Job(id="", args={"model": "deit_small_patch16_224"}), limits)
+    assert 200e6 < tiny < 500e6 and 1e9 < small <= limits.max_job_bytes, (tiny, small)
+    # One visitor: two DeiT-Tiny jobs fit its 1 GB; a third is refused by its own budget, naming it.
+    for _ in range(2):
+        jm.submit(visitor="me", owner="s1", model="deit_tiny_patch16_224", steps=10, batch_size=8)
+    with pytest.raises(DiskFull, match="your jobs and uploads already hold .* of your 1,000 MB"):
+        jm.submit(visitor="me", owner="s1", model="deit_tiny_patch16_224", steps=10, batch_size=8)
+    # A DeiT-Small job reserves more than a visitor's budget: refused outright, before anything is written.
+    with pytest.raises(DiskFull, match="needs 1,"):
+        jm.submit(visitor="new", owner="s2", model="deit_small_patch16_224", steps=10, batch_size=8)
+    # The total: visitors fill it with reservations, then the next newcomer is refused, whoever it is.
+    accepted = 0
+    for i in range(20):
+        try:
+            jm.submit(visitor=f"v{i}", owner=f"o{i}", model="deit_tiny_patch16_224", steps=10, batch_size=8)
+            accepted += 1
+        except DiskFull as e:
+            assert "disk budget of 3,000 MB is taken" in str(e) and str(tmp_path) not in str(e)
+            break
+    use = jm.disk()
+    assert use.total + use.reserved <= limits.max_runs_bytes and accepted < 20
+    # An upload is refused before it is unpacked when its reservation does not fit.
+    zip_path = tmp_path / "set.zip"
+    with zipfile.ZipFile(zip_path, "w") as z:
+        z.writestr("train/a/0.png", _png())
+    before = sorted(os.listdir(tmp_path / "uploads"))
+    with pytest.raises(DiskFull, match="this upload and its job needs"):
+        jm.submit_archive(zip_path, visitor="late", owner="s9", model="deit_tiny_patch16_224", steps=10, batch_size=8)
+    assert sorted(os.listdir(tmp_path / "uploads")) == before
+    # Retention: nothing young is deleted however full the disk is; the other visitor's model is intact.
+    assert jm.cleanup() == []
+    assert (theirs.dir(tmp_path) / "run" / "model.safetensors").stat().st_size == 40_000_000
+
+
+def test_a_job_past_its_disk_share_is_stopped_with_its_state_kept(tmp_path, monkeypatch):
+    import cait.studio.jobs.manager as manager
+    monkeypatch.setattr(manager, "job_bytes", lambda job, limits: 2_000_000)    # far less than the tiny run writes
+    jm = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True, max_job_seconds=3600, max_steps=10 ** 6))
+    job = jm.submit(visitor="v", owner="o", **dict(LONG, ckpt_interval=2))
+    t0 = time.time()
+    while jm.get(job.id).status == "running" and time.time() - t0 < 120:
+        jm.refresh()
+        time.sleep(0.2)
+    job = jm.get(job.id)
+    assert job.status == "stopped", job.message
+    assert "the most a job may write on this public Space is 2 MB; its training state is kept" in job.message
+    assert str(tmp_path) not in job.message
+    from cait.studio.jobs import process
+    assert not process.alive(job.pid, job.dir(tmp_path), job.engine.module)
+
+
+def test_download_twin_checks_room_first_and_keeps_only_the_zip(tmp_path):
+    from cait.studio.download import download_twin, twin_bytes
+    from cait.studio.jobs.disk import DiskFull
+    studio = Studio(device="cpu", pretrained=False, bundled=None, segmenters=None)
+    pair = studio.pair(f"deit:{cait.TEST_MODEL}", 0.5, "")
+    asked = []
+
+    def full(n):
+        asked.append(n)
+        raise DiskFull("no room")
+
+    with pytest.raises(DiskFull):
+        download_twin(pair, tmp_path / "downloads", full)
+    assert asked == [twin_bytes(pair)] and not (tmp_path / "downloads").exists()
+    z = download_twin(pair, tmp_path / "downloads", lambda n: None)
+    assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == [z.name]
+    assert z.stat().st_size <= twin_bytes(pair)
+    with zipfile.ZipFile(z) as f:
+        assert sorted(f.namelist()) == ["cait-twin/config.json", "cait-twin/model.safetensors"]
+
+
+def test_gradio_uploads_are_held_to_a_visitor_s_hourly_share(public_app, monkeypatch):
+    """Probe 1: ``/gradio_api/upload`` once took any number of 49 MB files. Now each visitor has an hourly share,
+    refused before Gradio stores a byte, and a body that does not say its size is refused."""
+    import httpx
+    url, jobs = public_app
+    monkeypatch.setenv("CAIT_TRUSTED_PROXIES", "127.0.0.1/32")
+    cap = jobs.limits.max_visitor_upload_bytes_per_hour
+    blob = b"\0" * 10_000_000
+    codes = []
+    for _ in range(cap // len(blob) + 3):
+        r = httpx.post(url + "gradio_api/upload", files={"files": ("x.png", blob)},
+                       headers={"X-Forwarded-For": "198.51.100.7"}, timeout=60)
+        codes.append(r.status_code)
+        if r.status_code == 429:
+            assert "at most 300 MB an hour on this public Space" in r.text
+            break
+    assert codes[:-1] == [200] * (len(codes) - 1) and codes[-1] == 429, codes
+    # Another visitor is not affected.
+    r = httpx.post(url + "gradio_api/upload", files={"files": ("y.png", b"\0" * 1000)},
+                   headers={"X-Forwarded-For": "198.51.100.8"}, timeout=60)
+    assert r.status_code == 200
+    # Gradio's cache is a runs directory's gradio/ (this app's, unless an earlier app of this process set it), so
+    # the budgets count what it holds.
+    cache = Path(os.environ["GRADIO_TEMP_DIR"])
+    assert Path(r.json()[0]).is_relative_to(cache) and cache.name == "gradio" and (cache.parent / "jobs").is_dir()

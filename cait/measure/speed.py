@@ -50,7 +50,8 @@ def _time_batches(model: nn.Module, x: torch.Tensor, iters: int, amp_dtype: torc
 
 def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, device: str | torch.device | None = None,
                        warmup: int = 2, iters: int = 5, rounds: int = 3, img_size: int | None = None,
-                       amp_dtype: torch.dtype | None = None, progress=None) -> dict[str, dict]:
+                       amp_dtype: torch.dtype | None = None, progress=None, budget_s: float | None = None
+                       ) -> dict[str, dict]:
     """Measure several models in alternation on the same input.
 
     Args:
@@ -63,9 +64,11 @@ def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, devic
         img_size: input side in pixels; default: the first model's.
         amp_dtype: e.g. ``torch.bfloat16`` for autocast; None for the model's own dtype.
         progress: called as ``progress(fraction_done, message)`` after every warm-up and timed run (a UI bar).
+        budget_s: stop starting new rounds once this many seconds have passed since the first warm-up (at least one
+            round is always timed); None: all ``rounds``.
 
     Returns:
-        name → ``{"images_per_s", "latency_s" (median seconds per batch), "batch_size", "device"}``.
+        name → ``{"images_per_s", "latency_s" (median seconds per batch), "batch_size", "device", "timed_batches"}``.
     """
     dev = resolve_device(device if device is None else str(device))
     size = img_size or next(iter(models.values())).patch_embed.img_size[0]
@@ -78,12 +81,15 @@ def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, devic
         if progress:
             progress(done / total, what)
 
+    t0 = time.perf_counter()
     for name, m in models.items():
         m.to(dev).eval()
         _time_batches(m, x, warmup, amp_dtype)
         tick(f"warm-up: {name}")
     times: dict[str, list[float]] = {k: [] for k in models}
     for r in range(rounds):
+        if r and budget_s is not None and time.perf_counter() - t0 > budget_s:
+            break
         for name, m in models.items():
             times[name] += _time_batches(m, x, iters, amp_dtype)
             tick(f"round {r + 1}/{rounds}: {name}")
@@ -91,7 +97,7 @@ def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, devic
     for name, ts in times.items():
         med = statistics.median(ts)
         result[name] = {"images_per_s": batch_size / med, "latency_s": med, "batch_size": batch_size,
-                        "device": str(dev)}
+                        "device": str(dev), "timed_batches": len(ts)}
     return result
 
 
@@ -103,8 +109,8 @@ def measure_throughput(model: nn.Module, batch_size: int = 32, device: str | tor
 
 
 def throughput_and_latency(models: dict[str, nn.Module], batch_size: int, device: str | torch.device | None = None,
-                           iters: int = 3, rounds: int = 2, img_size: int | None = None, progress=None
-                           ) -> dict[str, dict]:
+                           iters: int = 3, rounds: int = 2, img_size: int | None = None, progress=None,
+                           budget_s: float | None = None) -> dict[str, dict]:
     """Images/s at ``batch_size`` and latency at batch 1 of each model, each measured in alternation on one input
     (:func:`compare_throughput`; batch 1 gets twice the timed passes, one image being quick and noisy).
 
@@ -113,16 +119,20 @@ def throughput_and_latency(models: dict[str, nn.Module], batch_size: int, device
         batch_size: images per batch of the throughput measurement.
         iters, rounds: timed batches per model per round, and rounds.
         progress: called as ``progress(fraction_done, message)`` over both measurements.
+        budget_s: seconds for both measurements (two thirds for the batch, one third for batch 1), past which no
+            new round starts (:func:`compare_throughput`); None: all rounds.
 
     Returns:
-        name → ``{"images_per_s", "latency_ms" (batch 1, median), "batch_size", "device"}``.
+        name → ``{"images_per_s", "latency_ms" (batch 1, median), "batch_size", "device", "timed_batches"}``.
     """
     def part(start: float):                                # the two measurements share the progress bar
         return None if progress is None else (lambda f, what: progress(start + f / 2, what))
 
+    share = (None, None) if budget_s is None else (2 * budget_s / 3, budget_s / 3)
     batch = compare_throughput(models, batch_size, device, warmup=1, iters=iters, rounds=rounds, img_size=img_size,
-                               progress=part(0.0))
+                               progress=part(0.0), budget_s=share[0])
     single = compare_throughput(models, 1, device, warmup=2, iters=2 * iters, rounds=rounds, img_size=img_size,
-                                progress=part(0.5))
+                                progress=part(0.5), budget_s=share[1])
     return {k: {"images_per_s": batch[k]["images_per_s"], "latency_ms": 1e3 * single[k]["latency_s"],
-                "batch_size": batch_size, "device": batch[k]["device"]} for k in models}
+                "batch_size": batch_size, "device": batch[k]["device"], "timed_batches": batch[k]["timed_batches"]}
+            for k in models}

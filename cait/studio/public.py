@@ -12,8 +12,10 @@ Defaults in public mode::
                 data: 'synthetic' or an uploaded .zip (≤ 50 MB unpacked, ≤ 20,000 images); server paths refused
                 steps ≤ 2,000, batch ≤ 64, image size ≤ 224 px
                 ≤ 2 active jobs per visitor (by address), ≤ 8 in total; a job is cancelled only by its session
-    cost        batch ≤ 32;  uploads ≤ 16 MP
-    retention   finished jobs and uploads deleted after 24 h, oldest first beyond 5 GB of runs directory
+    cost        batch ≤ 32, timed for ≤ 30 s;  uploads ≤ 16 MP
+    disk        5 GB in all, 2.5 GB per visitor, 2 GB per job, 300 MB of uploads per visitor per hour: a request
+                that does not fit is refused, nothing another visitor made is deleted for it
+    retention   finished jobs and uploads deleted 24 h after they end; downloads and caches after 1 h
 """
 from __future__ import annotations
 
@@ -99,13 +101,21 @@ class Limits:
         max_jobs_per_visitor: queued + running jobs of one visitor (by network address).
         max_active_jobs: queued + running jobs in total.
         max_cost_batch: batch size of a throughput measurement.
+        max_measure_seconds: how long a throughput measurement or a fine-tune time estimate may time (then it
+            reports what it measured); locally unbounded.
+        max_estimate_batch: images a fine-tune time estimate times one step on (scaled to the job's batch).
         max_upload_bytes, max_upload_files: an uploaded archive, unpacked.
         max_image_pixels: an uploaded image (decoding a larger one is refused from its header).
         max_train_image_pixels, max_upload_pixels: each image of an uploaded set, and all of them together (from
             their headers, before any is decoded: a training image is resized to at most 224 px anyway).
         retention_s: finished jobs and uploads older than this are deleted.
         max_job_seconds: a job's training time in public mode; then it stops cleanly, its training state kept.
-        max_runs_bytes: beyond this, the oldest finished jobs and uploads are deleted first.
+        max_runs_bytes: everything under the runs directory (jobs, uploads, downloads, caches, Gradio's upload
+            cache); a request that would pass it is refused (:mod:`cait.studio.jobs.disk`), nobody's work deleted.
+        max_visitor_bytes: one visitor's jobs and uploads, counted while they are written and until deleted.
+        max_job_bytes: what one job may write; a job past its share is stopped, its state kept.
+        max_visitor_upload_bytes_per_hour: files one visitor may send to Gradio's upload route in an hour.
+        cache_retention_s: twins made for download and Gradio's cached files are deleted after this (cheap to remake).
         local_max_*: the sanity bounds of local use; ``*_cap()`` gives the one that applies.
     """
 
@@ -117,6 +127,8 @@ class Limits:
     max_jobs_per_visitor: int = 2
     max_active_jobs: int = 8
     max_cost_batch: int = 32
+    max_measure_seconds: float = 30.0
+    max_estimate_batch: int = 8
     max_upload_bytes: int = 50_000_000
     max_upload_files: int = 20_000
     max_image_pixels: int = 16_000_000
@@ -125,6 +137,10 @@ class Limits:
     retention_s: float = 24 * 3600.0
     max_job_seconds: float = 2 * 3600.0
     max_runs_bytes: int = 5_000_000_000
+    max_visitor_bytes: int = 2_500_000_000
+    max_job_bytes: int = 2_000_000_000
+    max_visitor_upload_bytes_per_hour: int = 300_000_000
+    cache_retention_s: float = 3600.0
     local_max_steps: int = 10_000_000
     local_max_batch_size: int = 4096
     local_max_img_size: int = 1024
@@ -148,6 +164,14 @@ class Limits:
 
     def cost_batch_cap(self) -> int:
         return self.max_cost_batch if self.public else self.local_max_cost_batch
+
+    def measure_budget(self) -> float | None:
+        """Seconds a public measurement may time; None locally."""
+        return self.max_measure_seconds if self.public else None
+
+    def estimate_batch_cap(self) -> int | None:
+        """Images a public fine-tune estimate times; None locally (the job's own batch)."""
+        return self.max_estimate_batch if self.public else None
 
     def image_pixels_cap(self) -> int:
         return self.max_image_pixels if self.public else self.local_max_image_pixels

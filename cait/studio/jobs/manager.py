@@ -26,9 +26,10 @@ from ...finetune.records import FinalRecord, Record, StoppedRecord, TrainRecord,
 from ...finetune.rundir import state_files
 from ..public import Limits, extract_archive
 from . import process
+from .disk import DiskUse, check_room, disk_use, job_bytes
 from .model import JOB_KINDS, Job, JobError, JobStatus, default_runs_dir, new_job_id
 from .retention import cleanup
-from .store import JobStore
+from .store import JobStore, tree_size
 from .validate import validate_request, validate_segment_request
 
 
@@ -71,6 +72,7 @@ class JobManager:
         self.python = python
         self._procs: dict[str, subprocess.Popen] = {}
         self._last_cleanup = 0.0
+        self._pending: dict[str, int] = {}                          # visitor → bytes being unpacked
         self.refresh()                                              # adopt or fail jobs left by an earlier app
         if poll_interval > 0:
             threading.Thread(target=self._loop, args=(poll_interval,), daemon=True, name="cait-jobs").start()
@@ -135,6 +137,10 @@ class JobManager:
             self._check_quota(visitor)
             job = Job(id=new_job_id(), args=args, device=device, owner=owner, visitor=visitor, upload=upload,
                       kind=kind)
+            # An upload being submitted is already on disk (in the total): its unpacking reservation is not counted.
+            pending = {v: n for v, n in self._pending.items() if v != visitor or upload is None}
+            check_room(disk_use(self.store, self.limits, pending), self.limits, visitor, job_bytes(job, self.limits),
+                       "this job")
             self.store.save(job)
         self.refresh()
         return self.get(job.id)
@@ -149,10 +155,15 @@ class JobManager:
             JobError: an invalid option (named) or a quota reached; :class:`cait.studio.public.ArchiveError`: an
                 archive refused (unsafe, oversized, not the expected folders).
         """
-        self.validate({**args, "data": "synthetic"}, kind, owner)
+        checked = self.validate({**args, "data": "synthetic"}, kind, owner)
         _check_device(device)
+        reserve = self.limits.max_upload_bytes
+        key = visitor or ""
         with self.store.locked():
             self._check_quota(visitor)
+            need = reserve + job_bytes(Job(id="", args=checked, kind=kind), self.limits)
+            check_room(self.disk(), self.limits, visitor, need, "this upload and its job")
+            self._pending[key] = self._pending.get(key, 0) + reserve
         upload, dest = self.new_upload()
         try:
             data = extract_archive(archive, dest, self.limits)
@@ -160,6 +171,21 @@ class JobManager:
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
+        finally:
+            with self.store.locked():
+                self._pending[key] -= reserve
+                if not self._pending[key]:
+                    del self._pending[key]
+
+    def disk(self) -> DiskUse:
+        """What the runs directory holds and reserves now (:func:`cait.studio.jobs.disk.disk_use`)."""
+        return disk_use(self.store, self.limits, self._pending)
+
+    def check_room(self, need: int, what: str, visitor: str | None = None) -> None:
+        """Refuse (:class:`cait.studio.jobs.disk.DiskFull`) writing ``need`` bytes for ``what`` beyond the public
+        budgets; locally nothing is refused."""
+        with self.store.locked():
+            check_room(self.disk(), self.limits, visitor, need, what)
 
     def _check_quota(self, visitor: str | None) -> None:
         """In public mode: room in the queue, and in this visitor's share of it. Raises :class:`JobError`."""
@@ -182,6 +208,8 @@ class JobManager:
                 if job.status != JobStatus.RUNNING:
                     continue
                 proc = self._procs.get(job.id)
+                if self.limits.public and self._over_disk(job, proc):
+                    continue
                 if proc is not None:
                     code = proc.poll()
                     if code is not None:
@@ -197,6 +225,20 @@ class JobManager:
                     busy.add(job.device)
         if self.limits.public and time.time() - self._last_cleanup > 600:
             self.cleanup()
+
+    def _over_disk(self, job: Job, proc: subprocess.Popen | None) -> bool:
+        """Stop a running public job that has written more than its share (:func:`cait.studio.jobs.disk.job_bytes`),
+        its newest training state kept. Returns whether it was stopped."""
+        cap, size = job_bytes(job, self.limits), tree_size(job.dir(self.root))
+        if size <= cap:
+            return False
+        process.stop(job.pid, self._procs.pop(job.id, proc))
+        steps = [r.step for r in of_type(self.records(job.id), (TrainRecord, SegmentTrainRecord))]
+        job.status, job.ended, job.pid = JobStatus.STOPPED, time.time(), None
+        job.message = (f"stopped at step {steps[-1] if steps else 0}: it wrote {size / 1e6:,.0f} MB, the most a job "
+                       f"may write on this public Space is {cap / 1e6:,.0f} MB; its training state is kept")
+        self.store.save(job)
+        return True
 
     def _start(self, job: Job) -> None:
         proc = process.start(job, self.root, self.python)

@@ -1,5 +1,7 @@
-"""Retention in public mode: finished jobs and uploads older than ``retention_s`` go, then the oldest while the runs
-directory is over ``max_runs_bytes`` (:class:`cait.studio.public.Limits`). Active jobs and their uploads stay."""
+"""Retention in public mode: finished jobs and unused uploads go ``retention_s`` after they end, twins made for
+download and Gradio's cached files ``cache_retention_s`` after they were written (:class:`cait.studio.public.Limits`).
+Active jobs and their uploads stay; nothing is deleted early to make room (:mod:`cait.studio.jobs.disk` refuses the
+newcomer instead)."""
 from __future__ import annotations
 
 import shutil
@@ -7,7 +9,7 @@ import time
 
 from ..public import Limits
 from .model import UPLOAD_ID
-from .store import JobStore, tree_size
+from .store import JobStore
 
 
 def cleanup(store: JobStore, limits: Limits, now: float | None = None) -> list[str]:
@@ -19,19 +21,19 @@ def cleanup(store: JobStore, limits: Limits, now: float | None = None) -> list[s
         finished = [("job", j.id, j.ended or j.created) for j in jobs if not j.status.active]
         uploads = [("upload", p.name, p.stat().st_mtime) for p in (store.root / "uploads").iterdir()
                    if UPLOAD_ID.match(p.name) and p.name not in in_use]
-        victims = sorted(finished + uploads, key=lambda v: v[2])
-        downloads = store.root / "downloads"                 # the app's twin .zip files: cheap to remake
-        for f in (downloads.iterdir() if downloads.is_dir() else ()):
-            if now - f.stat().st_mtime > limits.retention_s:
-                shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
-        total = tree_size(store.root)
-        for kind, ident, when in victims:
-            if now - when <= limits.retention_s and total <= limits.max_runs_bytes:
+        for cache in CACHES:                                  # twin .zip files and Gradio's cache: cheap to remake
+            for f in ((store.root / cache).iterdir() if (store.root / cache).is_dir() else ()):
+                if now - f.stat().st_mtime > limits.cache_retention_s:
+                    shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+        for kind, ident, when in sorted(finished + uploads, key=lambda v: v[2]):
+            if now - when <= limits.retention_s:
                 continue
-            path = store.root / ("jobs" if kind == "job" else "uploads") / ident
-            size = tree_size(path)
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(store.root / ("jobs" if kind == "job" else "uploads") / ident, ignore_errors=True)
             store.forget(ident)
-            total -= size
             gone.append(ident if kind == "job" else f"upload:{ident}")
     return gone
+
+
+CACHES = ("downloads", "gradio")
+"""Folders of the runs directory that only cache what can be remade: twins zipped for download, and Gradio's upload
+cache (``GRADIO_TEMP_DIR`` points there in public mode)."""

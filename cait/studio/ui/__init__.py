@@ -10,16 +10,19 @@
     finetune_tab     background fine-tune jobs: estimate, start, live curves, cancel, compare
     segment_job      the Fine-tune tab's segmentation jobs (python -m cait.dense in the background)
     compactors_tab   a job's compactor norms and CDCP against global selection (Fig. 7, Tab. XI)
+    guard            public mode: Gradio's upload route held to the disk budgets
 """
 from __future__ import annotations
 
 import os
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from ..engine import Studio
 from ..jobs.manager import JobManager
 from . import attention_tab, channels_tab, compactors_tab, cost_tab, finetune_tab, model_bar, segmentation_tab
+from .guard import UploadGuard
 
 EXPLAINER = """
 **What am I looking at?** Two models side by side: an original **DeiT** and its **CAIT twin**, which needs about half
@@ -41,6 +44,18 @@ Details: the repository's README (sections *The app*, *Fine-tuning with CDCP*, *
 """
 
 
+def launch_options(studio: Studio) -> dict:
+    """Keyword arguments for ``Blocks.launch`` under the studio's limits: in public mode the upload size cap and
+    :class:`cait.studio.ui.guard.UploadGuard` in front of Gradio's upload route (``app.py`` and the tests use it)."""
+    limits = studio.limits
+    if not limits.public:
+        return {}
+    jobs = studio.jobs
+    room = None if jobs is None else (lambda n: jobs.check_room(n, "this upload"))
+    return dict(max_file_size=f"{limits.max_upload_bytes // 1_000_000}mb",
+                app_kwargs={"middleware": [Middleware(UploadGuard, limits=limits, room=room)]})
+
+
 def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
     """The Gradio Blocks UI over a :class:`cait.studio.engine.Studio` (one with a job manager is created if not
     given); job views refresh every ``poll_s`` seconds."""
@@ -50,6 +65,8 @@ def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:
         # uvicorn believes X-Forwarded-For from loopback by default, so any local caller could pick its address;
         # here nothing rewrites the peer, and cait.studio.public.client_address decides which proxy to believe.
         os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
+        if studio.jobs is not None:                # Gradio's upload cache inside the runs directory and its budget
+            os.environ.setdefault("GRADIO_TEMP_DIR", str(studio.jobs.root / "gradio"))
     # Public: Gradio's own upload cache is emptied of files over an hour old, every 10 minutes.
     with gr.Blocks(title="CAIT Studio", delete_cache=(600, 3600) if public else None) as demo:
         gr.Markdown("# CAIT Studio\nA DeiT next to its CAIT twin: asymmetric token merging (ATME) + consistent "

@@ -123,7 +123,8 @@ class _Handlers:
                                            batch_size=whole(batch_size, "batch_size"),
                                            flops_reduction=float(reduction)))
             return finetune_estimate(args["model"], args["steps"], args["batch_size"], args["flops_reduction"],
-                                     on_device)
+                                     on_device, cache=self.jobs.root / "cache" / "step_times.json",
+                                     measure_batch=self.jobs.limits.estimate_batch_cap())
 
     def on_start(self, ft_model, data_text, archive_file, reduction, n_steps, batch_size, on_device,
                  request: gr.Request):

@@ -10,6 +10,7 @@ import gradio as gr
 
 from ..download import download_twin
 from ..engine import Studio
+from ..jobs.model import JobError
 from ..pairs import REDUCTION_RANGE, ModelPair
 from .common import COMPUTE, heavy, refusing, visitor
 
@@ -60,7 +61,10 @@ def build(studio: Studio) -> ModelBar:
 
     def on_download(model, reduction, merge, request: gr.Request):
         p = pair_of(studio, model, reduction, merge, request)
-        return gr.update(value=str(download_twin(p, where)), visible=True)
+        # The zip, and Gradio's copy of it in its cache: both count toward the public disk budget.
+        room = None if jobs is None else (lambda n: jobs.check_room(2 * n, "this download"))
+        with refusing(JobError):
+            return gr.update(value=str(download_twin(p, where, room)), visible=True)
 
     download.click(heavy(studio.slot, on_download), bar.settings, twin_file, api_name="download_twin", **COMPUTE)
     return bar
