@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import app
@@ -654,3 +655,41 @@ def test_gradio_uploads_are_held_to_a_visitor_s_hourly_share(public_app, monkeyp
     # the budgets count what it holds.
     cache = Path(os.environ["GRADIO_TEMP_DIR"])
     assert Path(r.json()[0]).is_relative_to(cache) and cache.name == "gradio" and (cache.parent / "jobs").is_dir()
+
+
+def test_a_calibrated_twin_is_computed_once_per_server(tmp_path, monkeypatch):
+    """Probe 2: calibrating a trained DeiT's twin took 39 s (DeiT-T) to 145 s (DeiT-S) of the shared slot, again for
+    every visitor and after every eviction from memory. Now it is kept on disk by its settings."""
+    import cait.studio.pairs as pairs
+    from cait.models.deit import WeightsInfo
+    real_create, real_compress, calls = pairs.create_model, pairs.compress, []
+
+    def trained(name, pretrained=False):                  # pretend the Hub gave trained weights
+        model, _ = real_create(name, pretrained=False)
+        return model, WeightsInfo("timm-imagenet", "trained (test)")
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("calibration"))
+        return real_compress(*args, **kwargs)
+
+    monkeypatch.setattr(pairs, "create_model", trained)
+    monkeypatch.setattr(pairs, "compress", counting)
+    jobs = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True))
+    x = torch.randn(2, 3, 32, 32)
+    outs, statuses = [], []
+    for _ in range(2):                                    # two servers on one runs directory (or one, restarted)
+        studio = Studio(device="cpu", pretrained=True, jobs=jobs, bundled=None, segmenters=None, calibration_size=8)
+        pair = studio.pair(f"deit:{cait.TEST_MODEL}", 0.5, "")
+        with torch.no_grad():
+            outs.append(pair.compressed(x))
+        statuses.append(studio.status(pair))
+    assert calls == ["default"]                            # calibrated once, then read from disk
+    assert statuses[0] == statuses[1] and "calibrat" in statuses[0]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    kept = [p for p in (tmp_path / "twins").iterdir() if not p.name.startswith(".")]
+    assert len(kept) == 1 and (kept[0] / "model.safetensors").is_file()
+    # A damaged copy is made again rather than trusted.
+    (kept[0] / "model.safetensors").write_bytes(b"not safetensors")
+    Studio(device="cpu", pretrained=True, jobs=jobs, bundled=None, segmenters=None,
+           calibration_size=8).pair(f"deit:{cait.TEST_MODEL}", 0.5, "")
+    assert calls == ["default", "default"]

@@ -47,7 +47,8 @@ class Studio:
         self.bundled = bundled_pair() if bundled == "auto" else bundled
         self.catalogue = Catalogue(self.bundled, jobs, pretrained)
         self.pairs = PairCache(self.device, pretrained, calibration_size, cache_size, self.bundled, jobs,
-                               self.catalogue.hub_reason)
+                               self.catalogue.hub_reason, twins=jobs.root / "twins" if jobs is not None else None,
+                               room=(lambda n: jobs.check_room(n, "a calibrated twin")) if jobs is not None else None)
         self.segmenters = BundledSegmenters(device=self.device) if segmenters == "auto" else segmenters
         self.slot = ComputeSlot(per_visitor=self.limits.public)     # the app's heavy requests, one at a time
 

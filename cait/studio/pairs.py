@@ -2,15 +2,23 @@
 
 A DeiT's twin is made by :func:`cait.compress.compress`, calibrated without training when the DeiT has trained
 weights (else the instant weight-norm preview); the bundled pair and a finished job's pair are loaded from their
-checkpoints, whose settings their training fixed.
+checkpoints, whose settings their training fixed. A calibrated twin (DeiT-S: about two minutes on a 2-core CPU) is
+also kept on disk under ``RUNS/twins/<key>`` (:func:`twin_key`: model, weights, reduction, layout, calibration
+images), so each is computed once per server, across evictions from memory and restarts.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,7 +26,7 @@ import torch.nn as nn
 from ..baselines.tome import apply_tome, tome_schedule
 from ..compress.oneshot import compress
 from ..io.bundled import BundledPair
-from ..io.checkpoint import CheckpointError, load_checkpoint
+from ..io.checkpoint import CheckpointError, load_checkpoint, save_pretrained
 from ..measure.flops import flops_by_block
 from ..models.atme import get_layout, patch_grid
 from ..models.deit import WeightsInfo, create_model
@@ -83,6 +91,14 @@ def layout_field(text: str | None) -> Layout | None:
         raise ValueError(f"ATME layout: {e}") from None
 
 
+def twin_key(name: str, weights: WeightsInfo, flops_reduction: float, layout: Layout | None,
+               calibration_size: int) -> str:
+    """The name of a calibrated twin on disk: a hash of everything that decides it."""
+    text = json.dumps([name, weights.source, weights.detail, round(float(flops_reduction), 4),
+                       None if layout is None else str(layout), calibration_size])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 class PairCache:
     """Builds model pairs on demand and keeps the most recent ``cache_size`` (and as many originals).
 
@@ -94,14 +110,19 @@ class PairCache:
         bundled: the bundled pair (None: not in this checkout).
         jobs: the job manager whose finished jobs can be paired (None: none).
         hub_reason: why timm's ImageNet weights cannot be had, or None (said of the bundled pair's weights).
+        twins: where calibrated twins are kept on disk (None: memory only).
+        room: called with a twin's bytes before it is written to ``twins``; it raises to skip writing (the public
+            disk budget), the twin is still used.
     """
 
     def __init__(self, device: torch.device, pretrained: bool, calibration_size: int, cache_size: int,
                  bundled: BundledPair | None, jobs: JobManager | None,
-                 hub_reason: Callable[[], str | None] = lambda: None) -> None:
+                 hub_reason: Callable[[], str | None] = lambda: None, twins: Path | None = None,
+                 room: Callable[[int], None] | None = None) -> None:
         self.device, self.pretrained, self.calibration_size, self.cache_size = (device, pretrained, calibration_size,
                                                                                 cache_size)
         self.bundled, self.jobs, self.hub_reason = bundled, jobs, hub_reason
+        self.twins, self.room = twins, room
         self._originals: OrderedDict[str, tuple[nn.Module, WeightsInfo]] = OrderedDict()
         self._pairs: OrderedDict[tuple, ModelPair] = OrderedDict()
         self._lock = threading.Lock()
@@ -136,13 +157,50 @@ class PairCache:
                         raise ValueError(f"ATME layout: {e}") from None
                 # Trained weights: a calibrated twin (training-free, keeps accuracy). Random ones: the instant preview.
                 calibrate = info.trained and self.calibration_size > 0
-                twin = compress(original, float(flops_reduction), layout=layout,
-                                calibration="default" if calibrate else None,
-                                calibration_size=self.calibration_size).to(self.device)
+                twin = self._calibrated(ref.name, info, float(flops_reduction), layout) if calibrate else None
+                if twin is None:
+                    twin = compress(original, float(flops_reduction), layout=layout,
+                                    calibration="default" if calibrate else None,
+                                    calibration_size=self.calibration_size).to(self.device)
+                    if calibrate:
+                        self._keep(twin, twin_key(ref.name, info, flops_reduction, layout, self.calibration_size))
                 self._remember(key, ModelPair(ref, float(flops_reduction), get_layout(twin),
                                               original, twin, info, self.device))
             self._pairs.move_to_end(key)
             return self._pairs[key]
+
+    def _calibrated(self, name: str, info: WeightsInfo, flops_reduction: float, layout: Layout | None
+                    ) -> nn.Module | None:
+        """The calibrated twin kept on disk for these settings, or None (not kept, or unreadable: made again)."""
+        if self.twins is None:
+            return None
+        folder = self.twins / twin_key(name, info, flops_reduction, layout, self.calibration_size)
+        if not (folder / "config.json").is_file():
+            return None
+        try:
+            twin = load_checkpoint(folder, self.device)
+        except (CheckpointError, OSError, ValueError):
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        os.utime(folder)                                   # retention counts from the last use
+        return twin
+
+    def _keep(self, twin: nn.Module, key: str) -> None:
+        """Write a calibrated twin to ``twins/<key>`` (atomically: a temporary folder renamed), if there is room."""
+        if self.twins is None:
+            return
+        if self.room is not None:
+            try:
+                self.room(sum(t.numel() * t.element_size() for t in (*twin.parameters(), *twin.buffers())))
+            except Exception:
+                return                                     # no room on disk: used from memory only
+        self.twins.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.twins, prefix=".tmp-"))
+        try:
+            save_pretrained(twin, tmp)
+            os.replace(tmp, self.twins / key)
+        except OSError:                                    # another request kept the same twin first
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _original(self, name: str) -> tuple[nn.Module, WeightsInfo]:
         if name not in self._originals:

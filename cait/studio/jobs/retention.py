@@ -1,5 +1,6 @@
 """Retention in public mode: finished jobs and unused uploads go ``retention_s`` after they end, twins made for
-download and Gradio's cached files ``cache_retention_s`` after they were written (:class:`cait.studio.public.Limits`).
+download and Gradio's cached files ``cache_retention_s`` after they were written, calibrated twins
+``retention_s`` after their last use (:class:`cait.studio.public.Limits`).
 Active jobs and their uploads stay; nothing is deleted early to make room (:mod:`cait.studio.jobs.disk` refuses the
 newcomer instead)."""
 from __future__ import annotations
@@ -25,6 +26,10 @@ def cleanup(store: JobStore, limits: Limits, now: float | None = None) -> list[s
             for f in ((store.root / cache).iterdir() if (store.root / cache).is_dir() else ()):
                 if now - f.stat().st_mtime > limits.cache_retention_s:
                     shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+        twins = store.root / "twins"                            # calibrated twins: kept while in use
+        for f in (twins.iterdir() if twins.is_dir() else ()):
+            if now - f.stat().st_mtime > limits.retention_s:
+                shutil.rmtree(f, ignore_errors=True)
         for kind, ident, when in sorted(finished + uploads, key=lambda v: v[2]):
             if now - when <= limits.retention_s:
                 continue
