@@ -693,3 +693,54 @@ def test_a_calibrated_twin_is_computed_once_per_server(tmp_path, monkeypatch):
     Studio(device="cpu", pretrained=True, jobs=jobs, bundled=None, segmenters=None,
            calibration_size=8).pair(f"deit:{cait.TEST_MODEL}", 0.5, "")
     assert calls == ["default", "default"]
+
+
+def test_flood_replay_leaves_the_disk_within_budget(public_app, tmp_path, monkeypatch):
+    """Probe 1 replayed: a 50 kB zip holding a 49 MB zero-filled "image", sent again and again (``steps=0``, then
+    valid steps), once wrote 5.8 GB in 25 s. Now every submission is refused before or during unpacking, nothing is
+    left, and the runs directory grows only by Gradio's copies of the small zip. Probe 5's field checks too: steps
+    ``true``, a 1 MB layout string."""
+    from cait.studio.jobs.store import tree_size
+    url, jobs = public_app
+    monkeypatch.setenv("CAIT_TRUSTED_PROXIES", "127.0.0.1/32")
+    from gradio_client import Client
+    c = Client(url, verbose=False, headers={"X-Forwarded-For": "198.51.100.20"})
+    bomb = tmp_path / "zeros.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("train/a/0.png", b"\0" * 49_000_000)
+        z.writestr("val/a/0.png", _png())
+    assert bomb.stat().st_size < 100_000
+    uploads = sorted(os.listdir(jobs.root / "uploads"))
+    before, t0 = tree_size(jobs.root), time.time()
+    for i in range(10):
+        steps = 0 if i % 2 else 20
+        why = "Steps: 0 is not a whole number" if steps == 0 else "0.png: not an image we can read"
+        with pytest.raises(Exception, match=why):
+            start(c, archive=bomb, steps=steps)
+    grown, seconds = tree_size(jobs.root) - before, time.time() - t0
+    assert sorted(os.listdir(jobs.root / "uploads")) == uploads
+    assert grown < 2_000_000, grown                            # ten copies of the 50 kB zip in Gradio's cache at most
+    print(f"flood: 10 submissions in {seconds:.1f} s, runs directory +{grown / 1e3:.0f} kB")
+    # Steps as JSON true: refused by name, not read as 1.
+    with pytest.raises(Exception, match="Steps: True is not a whole number"):
+        start(c, steps=True)
+    # A 1 MB layout (it once came back as an 11.5 MB error): a short status naming the field, not the text back.
+    answer = c.predict("deit:deit_tiny_patch16_224", 0.5, "h1," * 350_000, api_name="/build")
+    assert answer[0].startswith("**Could not build the twin:** ATME layout: a merge layout is at most 200 characters")
+    assert len(json.dumps(answer, default=str)) < 2000
+
+
+def test_a_public_download_is_one_zip_inside_the_counted_cache(public_app, monkeypatch):
+    """Probe 1: ``/download_twin`` once wrote a folder, a zip and Gradio's copy of it (~940 MB for DeiT-B), outside
+    every budget. Now it writes the zip once, inside Gradio's cache in the runs directory, after checking room."""
+    url, jobs = public_app
+    monkeypatch.setenv("CAIT_TRUSTED_PROXIES", "127.0.0.1/32")
+    from gradio_client import Client
+    c = Client(url, verbose=False, headers={"X-Forwarded-For": "198.51.100.30"})
+    got = [c.predict("deit:deit_tiny_patch16_224", 0.55, "", api_name="/download_twin") for _ in range(2)]
+    cache = Path(os.environ["GRADIO_TEMP_DIR"])
+    zips = [p for p in cache.rglob("cait-twin-*.zip")]
+    assert len({p.name for p in zips}) == 1 and len(zips) == 1, zips
+    assert not (jobs.root / "downloads").exists()
+    path = got[0]["value"] if isinstance(got[0], dict) else got[0]
+    assert sorted(zipfile.ZipFile(path).namelist()) == ["cait-twin/config.json", "cait-twin/model.safetensors"]

@@ -57,12 +57,17 @@ def build(studio: Studio) -> ModelBar:
         download = gr.Button("Download the twin (safetensors + config.json)", size="sm")
         twin_file = gr.File(label="CAIT twin checkpoint (.zip)", elem_id="twin-file", visible=False)
     jobs = studio.jobs
-    where = (jobs.root if jobs is not None else Path(tempfile.gettempdir()) / "cait-studio") / "downloads"
+    if studio.limits.public and jobs is not None:
+        # Inside Gradio's cache (RUNS/gradio in public mode) Gradio serves the zip as is, without a second copy,
+        # and retires it with the rest of its cache.
+        where = Path(gr.utils.get_upload_folder()) / "cait-downloads"
+    else:
+        where = (jobs.root if jobs is not None else Path(tempfile.gettempdir()) / "cait-studio") / "downloads"
 
     def on_download(model, reduction, merge, request: gr.Request):
         p = pair_of(studio, model, reduction, merge, request)
-        # The zip, and Gradio's copy of it in its cache: both count toward the public disk budget.
-        room = None if jobs is None else (lambda n: jobs.check_room(2 * n, "this download"))
+        # Locally Gradio copies the zip into its cache; in public mode the one zip counts toward the disk budget.
+        room = None if jobs is None else (lambda n: jobs.check_room(n, "this download"))
         with refusing(JobError):
             return gr.update(value=str(download_twin(p, where, room)), visible=True)
 
