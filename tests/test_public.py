@@ -34,7 +34,8 @@ TINY_LABEL = next(k for k, v in FINETUNE_MODELS.items() if v == cait.TEST_MODEL)
 @pytest.fixture(scope="module")
 def public_app(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    limits = Limits(public=True, max_jobs_per_visitor=1, max_active_jobs=2, max_steps=500, max_batch_size=16)
+    limits = Limits(public=True, max_jobs_per_visitor=1, max_active_jobs=2, max_steps=500, max_batch_size=16,
+                    max_measure_seconds=5)
     jobs = JobManager(root, poll_interval=0.5, limits=limits)
     demo_studio = Studio(device="cpu", pretrained=False, jobs=jobs, bundled=None)
     demo = app.build_app(demo_studio, poll_s=1.0)
@@ -744,3 +745,28 @@ def test_a_public_download_is_one_zip_inside_the_counted_cache(public_app, monke
     assert not (jobs.root / "downloads").exists()
     path = got[0]["value"] if isinstance(got[0], dict) else got[0]
     assert sorted(zipfile.ZipFile(path).namelist()) == ["cait-twin/config.json", "cait-twin/model.safetensors"]
+
+
+def test_cost_and_estimates_are_time_boxed_and_cached(public_app, monkeypatch):
+    """Probe 2: an uncached ``/estimate_finetune`` (DeiT-S, batch 64) once took 96 s and ``/cost`` on DeiT-B at batch
+    32 109 s of the one compute slot. Now the cost timing stops starting rounds past the budget (5 s here, 30 s by
+    default) and says how many batches it timed; an estimate times at most 8 images and is cached on disk."""
+    url, jobs = public_app
+    monkeypatch.setenv("CAIT_TRUSTED_PROXIES", "127.0.0.1/32")
+    from gradio_client import Client
+    c = Client(url, verbose=False, headers={"X-Forwarded-For": "198.51.100.40"})
+    t0 = time.time()
+    table, _ = c.predict("deit:deit_small_patch16_224", 0.5, "", True, 32, api_name="/cost")
+    cost_s = time.time() - t0
+    rows = [dict(zip(table["headers"], r)) for r in table["data"]]
+    assert [r["timed batches"] for r in rows] == [1, 1, 1] and all(r["images/s"] > 0 for r in rows)
+    label = next(k for k, v in FINETUNE_MODELS.items() if v == "deit_small_patch16_224")
+    times = []
+    for _ in range(2):
+        t0 = time.time()
+        text = c.predict(label, 0.5, 500, 16, "cpu", api_name="/estimate_finetune")
+        times.append(time.time() - t0)
+        assert "per step of 16 images, scaled from a step of 8 images timed here" in text
+    cached = json.loads((jobs.root / "cache" / "step_times.json").read_text())
+    assert [json.loads(k)[1:3] for k in cached] == [[16, 8]] and times[1] < times[0], (cached, times)
+    print(f"cost DeiT-S batch 32: {cost_s:.1f} s; estimate: {times[0]:.1f} s, then cached {times[1]:.2f} s")
