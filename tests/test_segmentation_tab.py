@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_
 
 import cait
 from cait.baselines.token_pruning import apply_token_pruning
@@ -17,7 +18,6 @@ from cait.dense.segmenter import Segmenter
 from cait.studio.public import Limits
 from cait.studio.samples import SYNTHETIC_SAMPLES, load_sample
 from cait.studio.segmentation import LABELS, BundledSegmenters, segmentation_view, segmenter_cost
-from conftest import randomize_
 
 CLASSES = ["background"] + list(SYNTHETIC_CLASSES)          # a job trained on a folder has its own
 
@@ -75,5 +75,9 @@ def test_cost_is_measured_in_one_run_and_capped_in_public(segs):
     assert rows[LABELS["cait"]]["speed-up"] == pytest.approx(ratio, abs=slack)
     twin, original = rows[LABELS["cait"]], rows["original"]
     assert twin["backbone GFLOPs"] < original["backbone GFLOPs"] < original["segmenter GFLOPs"]
+    assert {r["timed batches"] for r in rows.values()} == {4}                   # locally: all rounds
     with pytest.raises(ValueError, match="Batch size: 64 is outside 1 to 32 on this public Space"):
         segmenter_cost(segs, ["original"], Limits(public=True), batch_size=64)
+    # Public: no round starts past the measuring budget (here none after the first).
+    boxed = segmenter_cost(segs, ["original", "cait"], Limits(public=True, max_measure_seconds=0), batch_size=2)
+    assert list(boxed["timed batches"]) == [1, 1]

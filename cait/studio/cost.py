@@ -56,8 +56,9 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
         # Batch 1 too, where token merging's matching costs more than its FLOPs (Dense transfer, item 7). On a public
         # Space the timing is boxed: short rounds, none started past the budget (what was timed is said).
         budget = limits.measure_budget()
-        speed = throughput_and_latency(models, int(batch_size), pair.device, iters=1 if budget else iters,
-                                       rounds=3 * iters if budget else 2, progress=progress, budget_s=budget)
+        boxed = budget is not None
+        speed = throughput_and_latency(models, int(batch_size), pair.device, iters=1 if boxed else iters,
+                                       rounds=3 * iters if boxed else 2, progress=progress, budget_s=budget)
         for k in rows:
             rows[k]["images_per_s"] = speed[k]["images_per_s"]
             rows[k]["latency_ms"] = speed[k]["latency_ms"]

@@ -6,7 +6,8 @@ oldest first. Everything lives under one runs directory (:mod:`cait.studio.jobs.
 restart, and a file lock lets two apps on one directory start each job once. A job whose process is gone without a
 final log line is ``failed``, with the tail of its output. Under :class:`cait.studio.public.Limits` with
 ``public=True`` (a Space), :meth:`JobManager.submit` takes no server path, caps steps, batch and image size, counts
-each visitor's active jobs, and only the session that started a job can cancel it; finished jobs and uploads are
+each visitor's active jobs, checks disk room before anything is written and stops a job past its share
+(:mod:`cait.studio.jobs.disk`), and only the session that started a job can cancel it; finished jobs and uploads are
 deleted after the retention time (:mod:`cait.studio.jobs.retention`).
 """
 from __future__ import annotations
