@@ -4,6 +4,14 @@ FLOPs and at ATME-only's FLOPs (the paper's Tab. XV), for DeiT-T/S/B.
     python benchmarks/speed.py --device cpu --batch-sizes 1,32 --precisions fp32 --out runs/speed_cpu
     python benchmarks/speed.py --device cuda --batch-sizes 1,32,64,128,256 --precisions fp32,bf16 --out runs/speed_gpu
     python benchmarks/speed.py --device cpu --runtime onnxruntime --out runs/speed_ort    # exported, ONNX Runtime
+    python benchmarks/speed.py --device cpu --precisions fp32,bf16,bf16-autocast,int8 --variants original,cait,tome
+
+Precisions (:mod:`cait.measure.precision`): ``fp32``; ``bf16`` (bf16 weights); ``bf16-autocast``; ``int8`` (dynamic
+quantisation of the Linears, CPU). In each precision the fp32 original is timed in the same alternation
+(``original_fp32``), so every row has its speed-up against the same-precision original *and* against fp32
+(``speedup_vs_fp32``), its achieved GFLOP/s (2 per multiply-add) and the device's peak in that precision, measured by
+a large matmul in the same run (``share_of_peak``). ``--accuracy N`` scores the bundled pair (and ToMe at the twin's
+FLOPs) on N held-out synthetic images in every precision: top-1 and agreement with its own fp32 predictions.
 
 For every model, batch size and precision the six variants are timed in alternation on the same input (warm-up,
 then several rounds; CUDA events on GPU, wall clock on CPU; medians); batch 1 gives the latency of one image. In
@@ -23,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cait  # noqa: E402
 from cait.baselines.tome import apply_tome, tome_flops, tome_schedule  # noqa: E402
+from cait.measure.precision import PRECISIONS, check_precision, in_precision, peak_gflops  # noqa: E402
 from cait.measure.speed import compare_throughput, resolve_device  # noqa: E402
 
 SETTINGS = {  # total FLOPs reduction of the paper's CAIT models (SPEC §5)
@@ -36,10 +45,10 @@ TARGETS = {  # (variant, model) → GPU bf16 batch-256 speed-up target; CPU targ
     ("cait", "deit_base_patch16_224"): 2.2,
     ("atme", "deit_small_patch16_224"): 1.75,
 }
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+VARIANTS = ("original", "atme", "cdcp", "cait", "tome", "tome_atme")
 
 
-def variants(name: str, round_to: int) -> dict[str, torch.nn.Module]:
+def variants(name: str, round_to: int, keep: tuple[str, ...] = VARIANTS) -> dict[str, torch.nn.Module]:
     """original, ATME-only (the layout CAIT plans for R), CDCP-only (R by channels alone), CAIT (both), ToMe
     (token merging, cait.baselines.tome) scheduled to CAIT's FLOPs, and ToMe scheduled to ATME-only's FLOPs
     (``tome_atme``: the paper's Tab. XV comparison, ATME 1.8× against ToMe 1.5× for DeiT-S on a GPU)."""
@@ -58,7 +67,53 @@ def variants(name: str, round_to: int) -> dict[str, torch.nn.Module]:
 
     out["tome"] = tome_at_flops_of(out["cait"])
     out["tome_atme"] = tome_at_flops_of(out["atme"])
-    return {k: m.eval() for k, m in out.items()}
+    return {k: m.eval() for k, m in out.items() if k in keep}
+
+
+def bundled_accuracy(precisions: list[str], n: int, device: torch.device) -> list[dict]:
+    """Held-out top-1 (%) of the bundled original, its twin and ToMe at the twin's FLOPs in every precision, and the
+    share of images (%) on which each precision predicts what the same model predicts in fp32 (SPEC §4: accuracy
+    beside every speed). Empty without the bundled pair."""
+    from cait.data.datasets import build_datasets
+    from cait.io.bundled import bundled_pair
+    pair = bundled_pair()
+    if pair is None or n <= 0:
+        return []
+    original, twin = pair.load(device)
+    reduction = 1 - cait.analytic_flops(twin) / cait.analytic_flops(original)
+    import copy
+    models = {"original": original, "cait": twin,
+              "tome": apply_tome(copy.deepcopy(original), tome_schedule(original, reduction)).eval()}
+    _, val, _ = build_datasets("synthetic", int(original.patch_embed.img_size[0]), val_size=n)
+    xs, ys = zip(*(val[i] for i in range(len(val))))
+    x, y = torch.stack(xs), torch.tensor(ys)
+
+    def predict(m: torch.nn.Module) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([m(x[i:i + 50].to(device)).argmax(-1).cpu() for i in range(0, len(x), 50)])
+
+    rows = []
+    for variant, m in models.items():
+        ref = predict(m)
+        for prec in precisions:
+            pred = ref if prec == "fp32" else predict(in_precision(m, prec, device))
+            rows.append({"model": "bundled deit_tiny (synthetic)", "variant": variant, "precision": prec,
+                         "images": len(y), "top1": round(100 * float((pred == y).float().mean()), 2),
+                         "agreement_with_fp32": round(100 * float((pred == ref).float().mean()), 2)})
+    return rows
+
+
+def compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """``torch.compile(model)`` if it runs (checked on one image), else the eager model: (model, compiled)."""
+    try:
+        c = torch.compile(model)
+        with torch.inference_mode():
+            c(torch.randn(1, 3, 224, 224) if not hasattr(model, "patch_embed") else
+              torch.randn(1, 3, *model.patch_embed.img_size))
+        return c, True
+    except Exception as e:  # inductor raises many types; a variant that cannot compile is timed eager, and says so
+        print(f"torch.compile failed ({type(e).__name__}); timing eager", file=sys.stderr)
+        return model, False
 
 
 def flops_of(model: torch.nn.Module) -> int:
@@ -123,7 +178,10 @@ def main() -> None:
     p.add_argument("--models", default=",".join(SETTINGS), help="comma-separated timm names")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated (1: latency of one image)")
-    p.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16 (autocast)")
+    p.add_argument("--precisions", default="fp32", help=f"comma-separated: {', '.join(PRECISIONS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
+    p.add_argument("--accuracy", type=int, default=0,
+                   help="score the bundled pair in every precision on this many held-out images (0: skip)")
     p.add_argument("--round-to", type=int, default=8, help="kept widths in multiples of this (1 = exact)")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant (measured, not assumed)")
     p.add_argument("--warmup", type=int, default=2)
@@ -134,41 +192,70 @@ def main() -> None:
     p.add_argument("--out", default="runs/speed")
     a = p.parse_args()
     dev = resolve_device(a.device)
+    precisions = [check_precision(q, dev) for q in a.precisions.split(",")]
+    keep = tuple(a.variants.split(","))
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    peaks = {q: round(peak_gflops(q, dev), 1) for q in precisions} if a.runtime == "torch" else {}
+    print("peak GFLOP/s (2 per multiply-add, large matmul): " + json.dumps(peaks), flush=True)
     rows = []
     for name in a.models.split(","):
-        models = variants(name, a.round_to)
+        models = variants(name, a.round_to, keep)
         flops = {k: flops_of(m) for k, m in models.items()}
-        if a.runtime == "onnxruntime":
-            run = onnx_runners(models, out_dir / "onnx" / name)
-        else:
-            run = {k: (torch.compile(m) if a.compile else m) for k, m in models.items()}
-        for prec in a.precisions.split(","):
-            for bs in map(int, a.batch_sizes.split(",")):
-                speed = (ort_throughput(run, models["original"], bs, a.warmup, a.iters, a.rounds)
-                         if a.runtime == "onnxruntime" else
-                         compare_throughput(run, bs, dev, a.warmup, a.iters, a.rounds, amp_dtype=PRECISIONS[prec]))
-                base = speed["original"]["images_per_s"]
-                for k in models:
-                    r = 1 - flops[k] / flops["original"]
-                    rows.append({"model": name, "variant": k, "device": dev.type, "precision": prec, "batch_size": bs,
-                                 "flops": flops[k], "flops_reduction": r, "images_per_s": speed[k]["images_per_s"],
-                                 "latency_ms": 1e3 * speed[k]["latency_s"], "speedup": speed[k]["images_per_s"] / base,
-                                 "ideal_speedup": 1 / (1 - r), "compiled": a.compile, "round_to": a.round_to,
-                                 "runtime": a.runtime})
-                if a.runtime == "torch" and prec == "fp32" and not a.compile:
-                    for row in rows[-len(models):]:
-                        row["attention_ms"] = attention_ms(models[row["variant"]], bs, dev)
-                print(f"{name} {prec} batch {bs}: " + ", ".join(
-                    f"{r['variant']} {r['speedup']:.2f}x" for r in rows[-len(models):]), flush=True)
+        for prec in precisions:
+            rows += time_precision(a, name, models, flops, prec, peaks.get(prec), dev, out_dir)
+    accuracy = bundled_accuracy(precisions, a.accuracy, dev) if a.runtime == "torch" else []
     meta = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-            "cpu", "threads": torch.get_num_threads()}
-    (out_dir / "speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    report(rows, out_dir)
+            "cpu", "threads": torch.get_num_threads(), "peak_gflops": peaks}
+    (out_dir / "speed.json").write_text(json.dumps({"meta": meta, "rows": rows, "accuracy": accuracy}, indent=2))
+    report(rows, out_dir, accuracy)
 
 
-def report(rows: list[dict], out_dir: Path) -> None:
+def time_precision(a, name: str, models: dict, flops: dict, prec: str, peak: float | None, dev: torch.device,
+                   out_dir: Path) -> list[dict]:
+    """Rows of one model in one precision at every batch size; in a precision other than fp32 the fp32 original is
+    timed in the same alternation, as the reference of ``speedup_vs_fp32``."""
+    if a.runtime == "onnxruntime":
+        if prec != "fp32":
+            raise SystemExit("--runtime onnxruntime times the fp32 exports only (python -m cait.export --format "
+                             "onnx-int8 writes an int8 one)")
+        run, compiled_ok = onnx_runners(models, out_dir / "onnx" / name), {}
+    else:
+        run = {k: in_precision(m, prec, dev) for k, m in models.items()}
+        if prec != "fp32":
+            run = {"original_fp32": models["original"], **run}
+        compiled_ok = {}
+        if a.compile:
+            for k in list(run):
+                run[k], compiled_ok[k] = compiled(run[k])
+    size = int(models["original"].patch_embed.img_size[0])
+    rows = []
+    for bs in map(int, a.batch_sizes.split(",")):
+        speed = (ort_throughput(run, models["original"], bs, a.warmup, a.iters, a.rounds)
+                 if a.runtime == "onnxruntime" else
+                 compare_throughput(run, bs, dev, a.warmup, a.iters, a.rounds, img_size=size))
+        base = speed["original"]["images_per_s"]
+        fp32_base = speed.get("original_fp32", speed["original"])["images_per_s"]
+        for k in models:
+            r = 1 - flops[k] / flops["original"]
+            ips = speed[k]["images_per_s"]
+            gflops = 2 * flops[k] * ips / 1e9
+            rows.append({"model": name, "variant": k, "device": dev.type, "precision": prec, "batch_size": bs,
+                         "flops": flops[k], "flops_reduction": r, "images_per_s": ips,
+                         "latency_ms": 1e3 * speed[k]["latency_s"], "speedup": ips / base,
+                         "speedup_vs_fp32": ips / fp32_base, "ideal_speedup": 1 / (1 - r),
+                         "gflops": gflops, "peak_gflops": peak, "share_of_peak": gflops / peak if peak else None,
+                         "compiled": compiled_ok.get(k, False), "round_to": a.round_to, "runtime": a.runtime})
+        if a.runtime == "torch" and prec == "fp32" and not a.compile:
+            for row in rows[-len(models):]:
+                row["attention_ms"] = attention_ms(models[row["variant"]], bs, dev)
+        print(f"{name} {prec} batch {bs}: " + ", ".join(
+            f"{r['variant']} {r['images_per_s']:.1f}/s ({r['speedup_vs_fp32']:.2f}x fp32 original)"
+            for r in rows[-len(models):]), flush=True)
+    return rows
+
+
+def report(rows: list[dict], out_dir: Path, accuracy: list[dict] = ()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -188,9 +275,13 @@ def report(rows: list[dict], out_dir: Path) -> None:
             ok = r.batch_size == 32 and r.precision == "fp32"
             status.append(("met" if r.of_ideal >= 0.9 else "NOT met") + " (>= 90% of ideal)" if ok else "")
     df["target"] = status
-    show = df[df.variant != "original"][["model", "variant", "device", "precision", "batch_size", "flops_reduction",
-                                         "images_per_s", "speedup", "ideal_speedup", "of_ideal", "target"]]
+    show = df[["model", "variant", "device", "precision", "batch_size", "flops_reduction", "images_per_s", "speedup",
+               "speedup_vs_fp32", "ideal_speedup", "of_ideal", "gflops", "peak_gflops", "share_of_peak", "target"]]
     print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if accuracy:
+        acc = pd.DataFrame(accuracy)
+        print(acc.to_string(index=False))
+        print(fastest_within(df, acc))
     fig, ax = plt.subplots(figsize=(6, 5))
     lim = max(df.ideal_speedup.max(), df.speedup.max()) * 1.1
     ax.plot([1, lim], [1, lim], "k--", lw=1, label="FLOPs-ideal 1/(1-r)")
@@ -203,6 +294,24 @@ def report(rows: list[dict], out_dir: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "speedup.png", dpi=120)
+
+
+
+def fastest_within(df, acc, model: str = "deit_small_patch16_224", points: float = 0.5, batch_size: int = 32) -> str:
+    """The issue's check: the fastest CAIT ``model`` precision at ``batch_size`` whose bundled twin keeps its top-1
+    within ``points`` of fp32, and its throughput against the fp32 original's."""
+    twin = acc[acc.variant == "cait"].set_index("precision")["top1"]
+    if "fp32" not in twin:
+        return "no fp32 accuracy to compare with"
+    ok = [q for q in twin.index if twin[q] >= twin["fp32"] - points]
+    rows = df[(df.model == model) & (df.variant == "cait") & (df.batch_size == batch_size) & df.precision.isin(ok)]
+    if rows.empty:
+        return f"no CAIT {model} row at batch {batch_size} in a precision within {points} pt"
+    best = rows.loc[rows.speedup_vs_fp32.idxmax()]
+    return (f"fastest CAIT {model} within {points} pt of fp32 top-1 (bundled twin): {best.precision}"
+            f"{' compiled' if best.compiled else ''}, {best.images_per_s:.1f} images/s at batch {batch_size} = "
+            f"{best.speedup_vs_fp32:.2f}x the fp32 original (target >= 4x: "
+            f"{'met' if best.speedup_vs_fp32 >= 4 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,16 @@ def test_channels_and_cost(client):
         assert rows[name]["speed-up"] == pytest.approx(ratio, abs=0.02)
         latency = rows["original"]["latency, batch 1 (ms)"] / rows[name]["latency, batch 1 (ms)"]
         assert rows[name]["latency speed-up"] == pytest.approx(latency, abs=0.02)      # batch 1, same run
+    # In another precision the fp32 original is timed first, in the same run, and every speed-up is against it.
+    table, _ = client.predict(TINY, 0.5, "", True, 2, "int8", api_name="/cost")
+    fp32_rows, rows = rows, {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
+    assert list(rows) == ["original (fp32)", "original (int8)", "CAIT twin (int8)", "ToMe (baseline) (int8)"]
+    assert [r["precision"] for r in rows.values()] == ["fp32", "int8", "int8", "int8"]
+    assert rows["CAIT twin (int8)"]["GFLOPs"] == fp32_rows["CAIT twin"]["GFLOPs"]      # FLOPs do not change
+    twin = rows["CAIT twin (int8)"]
+    assert twin["speed-up"] == pytest.approx(twin["images/s"] / rows["original (fp32)"]["images/s"], abs=0.02)
+    with pytest.raises(Exception, match="Precision: 'fp8' is not one of fp32, bf16, bf16-autocast, int8|not in"):
+        client.predict(TINY, 0.5, "", True, 2, "fp8", api_name="/cost")
 
 
 def test_a_trained_hub_deit_gets_a_calibrated_twin(monkeypatch, tiny):

@@ -33,6 +33,28 @@ def test_speed_benchmark_writes_json_chart_and_table(tmp_path):
     assert all(len(r["attention_ms"]) == depth for r in data["rows"])            # per-block attention time
 
 
+def test_speed_benchmark_in_every_precision_with_peak_and_accuracy(tmp_path):
+    out = run("benchmarks/speed.py", "--models", cait.TEST_MODEL, "--device", "cpu", "--batch-sizes", "2",
+              "--iters", "1", "--rounds", "1", "--warmup", "1", "--round-to", "4", "--precisions", "fp32,bf16,int8",
+              "--variants", "original,cait,tome", "--accuracy", "40", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "speed.json").read_text())
+    rows = data["rows"]
+    assert {(r["variant"], r["precision"]) for r in rows} == {(v, q) for v in ("original", "cait", "tome")
+                                                              for q in ("fp32", "bf16", "int8")}
+    for r in rows:
+        assert r["gflops"] == pytest.approx(2 * r["flops"] * r["images_per_s"] / 1e9)       # 2 per multiply-add
+        assert r["peak_gflops"] == data["meta"]["peak_gflops"][r["precision"]]
+        assert r["share_of_peak"] == pytest.approx(r["gflops"] / r["peak_gflops"])
+        if r["precision"] == "fp32":                # the fp32 original is its own reference
+            assert r["speedup_vs_fp32"] == pytest.approx(r["speedup"])
+    # The bundled pair in every precision: its own fp32 predictions agree with themselves, the rest are measured.
+    acc = {(r["variant"], r["precision"]): r for r in data["accuracy"]}
+    assert set(acc) == {(v, q) for v in ("original", "cait", "tome") for q in ("fp32", "bf16", "int8")}
+    assert all(acc[(v, "fp32")]["agreement_with_fp32"] == 100.0 and acc[(v, "fp32")]["images"] == 40
+               for v in ("original", "cait", "tome"))
+    assert "no CAIT deit_small_patch16_224 row at batch 32" in out        # the check needs DeiT-S at 32
+
+
 def test_finetune_step_and_levers_benchmarks_print_json():
     step = json.loads(run("benchmarks/finetune_step.py", "--model", cait.TEST_MODEL, "--batch-size", "4",
                           "--steps", "1"))

@@ -28,6 +28,7 @@ from ..compress.oneshot import compress
 from ..io.bundled import BundledPair
 from ..io.checkpoint import CheckpointError, load_checkpoint, save_pretrained
 from ..measure.flops import flops_by_block
+from ..measure.precision import in_precision
 from ..models.atme import get_layout, patch_grid
 from ..models.deit import WeightsInfo, create_model
 from ..models.layout import Layout, token_grids
@@ -52,6 +53,7 @@ class ModelPair:
     device: torch.device
     _flops: dict = field(default_factory=dict)
     _tome: nn.Module | None = None
+    _precisions: dict = field(default_factory=dict)
 
     def flops(self) -> dict[str, dict[str, int]]:
         """fvcore FLOPs per part for both models, computed once."""
@@ -67,6 +69,21 @@ class ModelPair:
             model = copy.deepcopy(self.original)
             self._tome = apply_tome(model, tome_schedule(model, max(0.0, reduction))).eval()
         return self._tome
+
+    def in_precision(self, which: str, precision: str) -> nn.Module:
+        """``"original"``, ``"CAIT twin"`` or ``"ToMe (baseline)"`` running in ``precision``
+        (:func:`cait.measure.precision.in_precision`), made once per precision.
+
+        Raises:
+            cait.measure.precision.PrecisionError: an unknown precision, or one this device cannot run.
+        """
+        model = {"original": self.original, "CAIT twin": self.compressed, "ToMe (baseline)": self.tome()}[which]
+        if precision == "fp32":
+            return model
+        key = (which, precision)
+        if key not in self._precisions:
+            self._precisions[key] = in_precision(model, precision, self.device)
+        return self._precisions[key]
 
     @property
     def settings_apply(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ...measure.precision import PRECISIONS
 from ..cost import cost_view
 from ..engine import Studio
 from .common import COMPUTE, heavy, refusing
@@ -18,21 +19,27 @@ def build(studio: Studio, bar: ModelBar) -> None:
     gr.Markdown("FLOPs are fvcore's, one multiply-add = one FLOP, attention matmuls included; *ideal speed-up* is the "
                 "FLOPs ratio. Throughput is measured on the device above: the original, its CAIT twin and ToMe at the "
                 "twin's FLOPs, alternately, on the same input, at the batch size below and at batch 1 (*latency*: "
-                "one image at a time, where ToMe's matching costs more than its FLOPs say). " + SMALL_BATCH_NOTE)
+                "one image at a time, where ToMe's matching costs more than its FLOPs say). In a precision other "
+                "than fp32 the fp32 original is timed too, first, so each speed-up is against it. " + SMALL_BATCH_NOTE)
     with gr.Row():
         measure = gr.Checkbox(value=True, label="Measure throughput")
+        precision = gr.Dropdown(list(PRECISIONS), value="fp32", label="Precision", elem_id="precision",
+                                info="bf16: bf16 weights; bf16-autocast; int8: dynamic int8 Linears (CPU)")
         batch_size = gr.Slider(1, studio.limits.max_cost_batch if studio.limits.public else 256, value=32, step=1,
                                label="Batch size")
         show = gr.Button("Compute cost", variant="primary")
     table = gr.Dataframe(label="Cost")
     plot = gr.Plot(label="FLOPs per block")
 
-    def on_cost(model, reduction, merge, measure_speed, batch, request: gr.Request, progress=gr.Progress()):
+    def on_cost(model, reduction, merge, measure_speed, batch, precision_name, request: gr.Request,
+                progress=gr.Progress()):
         p = pair_of(studio, model, reduction, merge, request)
         progress(0, desc="FLOPs and parameters")
         with refusing(ValueError):
             return cost_view(p, studio.limits, measure=measure_speed, batch_size=int(batch),
-                             progress=lambda f, what: progress(f, desc=f"measuring throughput: {what}"))
+                             progress=lambda f, what: progress(f, desc=f"measuring throughput: {what}"),
+                             precision=precision_name)
 
-    show.click(heavy(studio.slot, on_cost), bar.settings + [measure, batch_size], [table, plot], api_name="cost",
+    show.click(heavy(studio.slot, on_cost), bar.settings + [measure, batch_size, precision], [table, plot],
+               api_name="cost",
                **COMPUTE)
