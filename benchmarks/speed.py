@@ -180,6 +180,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated (1: latency of one image)")
     p.add_argument("--precisions", default="fp32", help=f"comma-separated: {', '.join(PRECISIONS)}")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
+    p.add_argument("--peak-size", type=int, default=4096, help="side of the square matmul that measures the peak")
     p.add_argument("--accuracy", type=int, default=0,
                    help="score the bundled pair in every precision on this many held-out images (0: skip)")
     p.add_argument("--round-to", type=int, default=8, help="kept widths in multiples of this (1 = exact)")
@@ -196,7 +197,7 @@ def main() -> None:
     keep = tuple(a.variants.split(","))
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    peaks = {q: round(peak_gflops(q, dev), 1) for q in precisions} if a.runtime == "torch" else {}
+    peaks = {q: round(peak_gflops(q, dev, n=a.peak_size), 1) for q in precisions} if a.runtime == "torch" else {}
     print("peak GFLOP/s (2 per multiply-add, large matmul): " + json.dumps(peaks), flush=True)
     rows = []
     for name in a.models.split(","):

@@ -36,7 +36,8 @@ def test_speed_benchmark_writes_json_chart_and_table(tmp_path):
 def test_speed_benchmark_in_every_precision_with_peak_and_accuracy(tmp_path):
     out = run("benchmarks/speed.py", "--models", cait.TEST_MODEL, "--device", "cpu", "--batch-sizes", "2",
               "--iters", "1", "--rounds", "1", "--warmup", "1", "--round-to", "4", "--precisions", "fp32,bf16,int8",
-              "--variants", "original,cait,tome", "--accuracy", "40", "--out", str(tmp_path))
+              "--variants", "original,cait,tome", "--accuracy", "40", "--peak-size", "512",
+              "--out", str(tmp_path))
     data = json.loads((tmp_path / "speed.json").read_text())
     rows = data["rows"]
     assert {(r["variant"], r["precision"]) for r in rows} == {(v, q) for v in ("original", "cait", "tome")

@@ -86,7 +86,7 @@ def in_precision(model: nn.Module, precision: str, device: str | torch.device = 
     return _Cast(inner, torch.bfloat16, autocast).eval()
 
 
-def peak_gflops(precision: str, device: str | torch.device = "cpu", n: int = 2048, repeats: int = 3) -> float:
+def peak_gflops(precision: str, device: str | torch.device = "cpu", n: int = 4096, repeats: int = 5) -> float:
     """GFLOP/s (2 per multiply-add) of an ``n × n`` by ``n × n`` product in ``precision`` on ``device``: the
     device's practical limit for that precision (int8: a dynamically quantised ``nn.Linear`` on ``n`` rows, the
     path :func:`in_precision` uses), the best of ``repeats`` after a warm-up.
