@@ -29,6 +29,18 @@ def test_bench_cli_prints_one_json_object(capsys):
     assert out["speedup"] == pytest.approx(out["compressed"]["images_per_s"] / out["original"]["images_per_s"])
 
 
+def test_bench_in_another_precision_keeps_the_fp32_original_as_reference():
+    from cait.cli.bench import run
+    out = run(cait.TEST_MODEL, 0.5, batch_size=2, device="cpu", warmup=1, iters=1, rounds=1, precision="int8")
+    assert out["precision"] == "int8" and out["original_fp32"]["batch_size"] == 2
+    assert out["speedup_vs_fp32"] == pytest.approx(out["compressed"]["images_per_s"]
+                                                   / out["original_fp32"]["images_per_s"])
+    assert out["compressed"]["flops"] <= 0.5 * out["original"]["flops"]      # FLOPs of the models, not the runners
+    r = subprocess.run([sys.executable, "-m", "cait.bench", "--model", cait.TEST_MODEL, "--precision", "fp8"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'fp8'" in r.stderr
+
+
 def test_bench_cli_bad_input_is_a_clear_error():
     r = subprocess.run([sys.executable, "-m", "cait.bench", "--model", cait.TEST_MODEL, "--flops-reduction", "0.3",
                         "--merge", "h0,v1,h2", "--json"], capture_output=True, text=True)

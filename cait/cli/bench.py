@@ -3,9 +3,12 @@
 ::
 
     python -m cait.bench --model deit_small_patch16_224 --flops-reduction 0.55 --batch-size 32 --json
+    python -m cait.bench --precision bf16 --json        # both in bf16, plus the fp32 original as the reference
 
 prints one JSON object: ``original`` and ``compressed`` each with ``flops`` (multiply-adds per image, fvcore),
-``params``, ``images_per_s`` and ``latency_s`` (seconds per batch), then ``speedup`` and ``flops_ratio``.
+``params``, ``images_per_s`` and ``latency_s`` (seconds per batch), then ``speedup`` and ``flops_ratio``. With
+``--precision`` other than fp32 (:mod:`cait.measure.precision`) both run in it, and ``original_fp32`` is timed in
+the same alternation; ``speedup_vs_fp32`` is the twin against it.
 Weights are random unless ``--pretrained``: speed does not depend on them.
 """
 from __future__ import annotations
@@ -18,20 +21,32 @@ import torch
 
 from ..compress.oneshot import compress
 from ..measure.flops import count_flops, count_params
-from ..measure.speed import compare_throughput
+from ..measure.precision import PRECISIONS, PrecisionError, check_precision, in_precision
+from ..measure.speed import compare_throughput, resolve_device
 from ..models.deit import create_model
 
 
 def run(model_name: str, flops_reduction: float, merge: str | None = None, batch_size: int = 32,
         device: str | None = None, pretrained: bool = False, warmup: int = 2, iters: int = 5, rounds: int = 3,
-        round_to: int = 1) -> dict:
-    """Build a DeiT and its CAIT twin, count FLOPs and params, and measure both. Returns the JSON-ready dict."""
+        round_to: int = 1, precision: str = "fp32") -> dict:
+    """Build a DeiT and its CAIT twin, count FLOPs and params, and measure both in ``precision``. Returns the
+    JSON-ready dict.
+
+    Raises:
+        ValueError: a bad reduction or layout; :class:`cait.measure.precision.PrecisionError` (a ValueError) for a
+            precision the device cannot run.
+    """
+    dev = resolve_device(device)
+    check_precision(precision, dev)
     original, info = create_model(model_name, pretrained=pretrained)
     compressed = compress(original, flops_reduction, layout=merge, round_to=round_to)
-    speed = compare_throughput({"original": original, "compressed": compressed}, batch_size, device, warmup, iters,
-                               rounds)
+    runs = {"original": in_precision(original, precision, dev), "compressed": in_precision(compressed, precision, dev)}
+    if precision != "fp32":
+        runs = {"original_fp32": original, **runs}
+    size = int(original.patch_embed.img_size[0])
+    speed = compare_throughput(runs, batch_size, device, warmup, iters, rounds, img_size=size)
     out: dict = {"model": model_name, "flops_reduction": flops_reduction, "merge": compressed.cait_meta.merge,
-                 "round_to": round_to,
+                 "round_to": round_to, "precision": precision,
                  "weights": info.source, "device": speed["original"]["device"], "batch_size": batch_size,
                  "torch": torch.__version__, "threads": torch.get_num_threads()}
     for name, m in (("original", original), ("compressed", compressed)):
@@ -39,6 +54,9 @@ def run(model_name: str, flops_reduction: float, merge: str | None = None, batch
     out["speedup"] = out["compressed"]["images_per_s"] / out["original"]["images_per_s"]
     out["flops_ratio"] = out["original"]["flops"] / out["compressed"]["flops"]
     out["speedup_vs_flops_ideal"] = out["speedup"] / out["flops_ratio"]
+    fp32 = speed.get("original_fp32", speed["original"])
+    out["original_fp32"] = fp32
+    out["speedup_vs_fp32"] = out["compressed"]["images_per_s"] / fp32["images_per_s"]
     return out
 
 
@@ -57,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=5, help="timed batches per model per round")
     p.add_argument("--rounds", type=int, default=3, help="alternation rounds")
     p.add_argument("--round-to", type=int, default=1, help="kept widths in multiples of this (e.g. 8)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="what both models compute in")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a = p.parse_args(argv)
     try:
         out = run(a.model, a.flops_reduction, a.merge, a.batch_size, a.device, a.pretrained, a.warmup, a.iters,
-                  a.rounds, a.round_to)
-    except ValueError as e:
+                  a.rounds, a.round_to, a.precision)
+    except (ValueError, PrecisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.json:
@@ -73,5 +92,6 @@ def main(argv: list[str] | None = None) -> int:
             r = out[k]
             print(f"  {k:<10} {r['flops'] / 1e9:7.3f} GFLOPs  {r['params'] / 1e6:6.2f} M params  "
                   f"{r['images_per_s']:9.1f} images/s")
-        print(f"  speed-up {out['speedup']:.2f}x for a FLOPs ratio of {out['flops_ratio']:.2f}x")
+        print(f"  speed-up {out['speedup']:.2f}x for a FLOPs ratio of {out['flops_ratio']:.2f}x"
+              + (f"; {out['speedup_vs_fp32']:.2f}x the fp32 original" if a.precision != "fp32" else ""))
     return 0
