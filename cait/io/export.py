@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -67,11 +68,14 @@ def _quantize_onnx(path: Path) -> None:
         raise ExportError("ONNX Runtime is not installed: pip install onnxruntime (or the 'export' extra)") from None
     fp32 = path.with_name(path.stem + ".fp32.onnx")
     path.replace(fp32)
+    root, level = logging.getLogger(), logging.getLogger().level
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            root.setLevel(logging.ERROR)                        # its advice to pre-process goes to the root logger
             quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
     finally:
+        root.setLevel(level)
         fp32.unlink(missing_ok=True)
         for extra in path.parent.glob(fp32.name + "*"):         # external-data side files, if any
             extra.unlink(missing_ok=True)
