@@ -177,3 +177,48 @@ def test_a_time_limit_stops_cleanly_with_its_state_and_the_run_resumes(tmp_path)
     assert (tmp_path / "run" / "train_state-0000001.json").is_file() and not (tmp_path / "run" / "compact").exists()
     final = finetune(_cfg(tmp_path, resume=True, eval_interval=100))   # no limit this time: it finishes
     assert final.flops_reduction >= 0.5
+
+
+def test_soft_distillation_is_the_tempered_kl():
+    from cait.finetune.engine import soft_distillation
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    assert float(soft_distillation(t, t, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    p_t = torch.softmax(t / 2, -1)
+    manual = (p_t * (p_t.log() - torch.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    assert float(soft_distillation(s, t, 2.0)) == pytest.approx(float(manual), rel=1e-5)
+
+
+def test_label_free_runs_never_read_the_training_labels(tmp_path, monkeypatch):
+    """--labels none: the student learns from the teacher alone. With the training labels scrambled the run is the
+    same to the last bit; a random teacher, which could teach nothing, is refused."""
+    import cait.finetune.build as build
+    teacher = cait.save_pretrained(cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0],
+                                   tmp_path / "teacher")
+    losses = {}
+    real = build.build_datasets
+    runs = (("true", False, "none"), ("scrambled", True, "none"), ("labelled", False, "data"),
+            ("labelled-scrambled", True, "data"))
+    for name, scramble, labels in runs:
+        def datasets(*args, scramble=scramble, **kwargs):
+            train, val, classes = real(*args, **kwargs)
+
+            class Wrong(torch.utils.data.Dataset):
+                def __len__(self):
+                    return len(train)
+
+                def __getitem__(self, i):
+                    return train[i][0], (train[i][1] + 3) % 8
+            return (Wrong() if scramble else train), val, classes
+        monkeypatch.setattr(build, "build_datasets", datasets)
+        summary = finetune(_cfg(tmp_path / name, model=str(teacher), labels=labels, temperature=2.0, steps=10,
+                                eval_interval=100, log_interval=2))
+        log = [json.loads(line) for line in (tmp_path / name / "run" / "log.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in log if r.get("type") == "train"]
+        assert summary.flops_reduction >= 0.5
+    assert losses["true"] == losses["scrambled"] and len(losses["true"]) == 5
+    assert losses["labelled"] != losses["labelled-scrambled"]               # where labels are read, they matter
+    with pytest.raises(FinetuneError, match="--labels none learns from the teacher alone"):
+        finetune(_cfg(tmp_path / "random", labels="none", steps=2))
+    with pytest.raises(FinetuneError, match="--labels must be 'data' or 'none'"):
+        finetune(_cfg(tmp_path / "bad", labels="some", steps=2))

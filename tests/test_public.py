@@ -348,6 +348,10 @@ def test_local_mode_keeps_full_power_and_validates_at_submit(tmp_path):
         jm.submit(**dict(LONG, model="resnet50"))
     with pytest.raises(JobError, match="FLOPs reduction: 1.5 is outside 0 to 0.95"):
         jm.submit(**dict(LONG, flops_reduction=1.5))
+    with pytest.raises(JobError, match="Labels: 'some' is not 'data' or 'none'"):
+        jm.submit(**dict(LONG, labels="some"))
+    with pytest.raises(JobError, match=r"Temperature: 0 is outside \(0, 20\]"):
+        jm.submit(**dict(LONG, labels="none", temperature=0))
     assert host_warning("0.0.0.0", 7860, Limits(public=False)).startswith("warning: listening on 0.0.0.0")
     assert host_warning("127.0.0.1", 7860, Limits(public=False)) is None
     assert host_warning("0.0.0.0", 7860, Limits(public=True)) is None

@@ -53,6 +53,20 @@ class StepBatchSampler(Sampler[list[int]]):
         return max(0, self.steps - self.start)
 
 
+class Unlabelled(Dataset):
+    """A dataset's images without their labels: item ``i`` is ``(image, 0)`` whatever the label was, for label-free
+    distillation (the 0 only keeps the batch shape Mixup/CutMix expect; nothing reads it)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.dataset[i][0], 0
+
+
 def build_datasets(data: str, img_size: int, seed: int = 0, synthetic_size: int = 20_000, val_size: int = 512,
                    mean=None, std=None) -> tuple[Dataset, Dataset, list[str]]:
     """``(train, val, class_names)`` for ``"synthetic"`` or an ImageFolder root with ``train/`` and ``val/``.

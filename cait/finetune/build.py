@@ -25,7 +25,7 @@ from ..compress.importance import compactor_scores
 from ..compress.plan import BudgetSplit, split_budget
 from ..compress.prune import is_pruned
 from ..compress.select import ChannelMask, select_channels
-from ..data.datasets import StepBatchSampler, build_datasets
+from ..data.datasets import StepBatchSampler, Unlabelled, build_datasets
 from ..io.checkpoint import CheckpointError, load_checkpoint, read_config, save_pretrained
 from ..measure.accuracy import evaluate
 from ..models.atme import apply_atme, get_layout
@@ -169,6 +169,12 @@ def _check(cfg: FinetuneConfig, world: int) -> None:
                             f"({world} processes; Mixup/CutMix pair images)")
     if cfg.token_labels < 0:
         raise FinetuneError(f"--token-labels must be >= 0, got {cfg.token_labels}")
+    if cfg.labels not in ("data", "none"):
+        raise FinetuneError(f"--labels must be 'data' or 'none', got {str(cfg.labels)[:20]!r}")
+    if cfg.labels == "none" and cfg.token_labels > 0:
+        raise FinetuneError("--token-labels reads the data's labels; it cannot run with --labels none")
+    if not cfg.temperature > 0:
+        raise FinetuneError(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.token_labels > 0 and (cfg.data != "synthetic" or cfg.mixup > 0 or cfg.cutmix > 0):
         raise FinetuneError("--token-labels needs object masks (--data synthetic) and no Mixup/CutMix "
                             "(--mixup 0 --cutmix 0)")
@@ -180,6 +186,8 @@ def _data(cfg: FinetuneConfig) -> RunData:
                                                  cfg.synthetic_size, cfg.val_size)
     if cfg.token_labels > 0:
         train_set.masks = True                            # batches carry the object masks
+    if cfg.labels == "none":
+        train_set = Unlabelled(train_set)                 # label-free: the labels never leave the dataset
     return RunData(train_set, val_set, classes)
 
 
@@ -206,6 +214,9 @@ def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device) -> Netwo
     # SPEC §3: α = 0.1 for DeiT-Tiny, 0.25 for Small/Base, read from the teacher's architecture (not its path).
     default_alpha = 0.1 if architecture(teacher) == "deit_tiny_patch16_224" else 0.25
     alpha = (cfg.distill_alpha if cfg.distill_alpha is not None else default_alpha) if teaches else 0.0
+    if cfg.labels == "none" and not teaches:
+        raise FinetuneError("--labels none learns from the teacher alone, and this teacher has no trained weights "
+                            "for these classes (use --pretrained or a checkpoint directory)")
     return Networks(teacher.to(device).eval().requires_grad_(False), teaches, source, split, spec, cdcp, student,
                     trainee, alpha)
 

@@ -45,6 +45,10 @@ class FinetuneConfig:
     mixup: float = option(0.8, "Mixup alpha (0 disables)")
     cutmix: float = option(1.0, "CutMix alpha (0 disables)")
     distill_alpha: float | None = option(None, "weight of hard distillation (default: 0.1 for Tiny, 0.25 otherwise)")
+    labels: str = option("data", "where the targets come from: 'data' (the dataset's labels, with hard distillation) "
+                         "or 'none' (label-free: the teacher's soft outputs alone, KL at --temperature; the loader "
+                         "yields 0 in place of every training label, so none is ever read)")
+    temperature: float = option(1.0, "softmax temperature of label-free distillation (--labels none)")
     token_labels: float = option(0.0, "weight of token labelling: each patch token also predicts its patch's label "
                                  "(object class by covered share, else background) through a training-only head "
                                  "(LV-ViT; cait.finetune.token_labels); needs --data synthetic and no Mixup/CutMix")
@@ -69,7 +73,8 @@ class FinetuneConfig:
     # Fields that define a run: a resume must match them.
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
                 "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr",
-                "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "token_labels", "lasso",
+                "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "labels", "temperature",
+                "token_labels", "lasso",
                 "mask_interval", "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to", "val_size", "synthetic_size",
                 "seed")
 

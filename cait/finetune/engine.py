@@ -4,7 +4,8 @@ One process or many (``torchrun --nproc_per_node=N -m cait.finetune ...``: DDP, 
 
 The run (built by :func:`cait.finetune.build.build_run`): the student (ATME layout from the budget split, identity
 compactors) made from an uncompressed teacher; AdamW (compactors in their own group: β₁ 0.99, no weight decay),
-cosine LR, Mixup/CutMix with soft-target cross-entropy, and hard distillation from the teacher. Each step below:
+cosine LR, Mixup/CutMix with soft-target cross-entropy, and hard distillation from the teacher; or, label-free
+(``--labels none``), the teacher's softened outputs alone (:func:`soft_distillation`). Each step below:
 rebuild S every ``mask_interval`` steps after the warm-up from the compactor row norms with both consistencies while
 the FLOPs target ramps, then hold; after the backward rewrite the compactor gradients by Eq. 2, and take the masked
 rows' group-lasso step in proximal form after the optimizer step (:mod:`cait.finetune.lasso`). At the end zero S's
@@ -129,8 +130,13 @@ def _step(run: Run, step: int, batch: list[torch.Tensor]) -> float:
         logits = run.model(x)
         if cfg.token_labels > 0:                           # (logits, token logits) from TokenLabelled
             logits, tokens = logits
-        loss = optim.criterion(logits, y)
-        if nets.alpha > 0:
+        if cfg.labels == "none":                           # label-free: the teacher's soft outputs are the targets
+            with torch.no_grad():
+                teacher_logits = nets.teacher(x)
+            loss = soft_distillation(logits, teacher_logits, cfg.temperature)
+        else:
+            loss = optim.criterion(logits, y)
+        if nets.alpha > 0 and cfg.labels != "none":
             with torch.no_grad():
                 hard = nets.teacher(x).argmax(-1)
             loss = (1 - nets.alpha) * loss + nets.alpha * F.cross_entropy(logits, hard)
@@ -150,6 +156,14 @@ def _step(run: Run, step: int, batch: list[torch.Tensor]) -> float:
         shrink_masked_rows_(nets.student, run.mask, optim.shrink)   # the masked rows' lasso step, same on every rank
     optim.sched.step_update(step + 1)
     return loss_value
+
+
+def soft_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher ‖ student) of the softened outputs, times T² (Hinton et al., 2015), averaged over the batch:
+    the label-free loss of ``--labels none``. ``student``, ``teacher``: logits ``(B, classes)``."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                    reduction="batchmean") * t * t
 
 
 def _export(run: Run) -> FinalRecord:

@@ -52,6 +52,11 @@ def validate_request(args: dict, limits: Limits, uploads: Path) -> dict:
     r = args.get("flops_reduction", FinetuneConfig.flops_reduction)
     if not isinstance(r, (int, float)) or not 0.0 <= r <= 0.95:
         raise _bad("flops_reduction", f"{r!r} is outside 0 to 0.95")
+    if args.get("labels", "data") not in ("data", "none"):
+        raise _bad("labels", f"{repr(args['labels'])[:40]} is not 'data' or 'none'")
+    t = args.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 20:
+        raise _bad("temperature", f"{repr(t)[:40]} is outside (0, 20]")
     size = args.get("img_size")
     if size is not None and (not isinstance(size, int) or not 16 <= size <= limits.img_size_cap()):
         raise _bad("img_size", f"{size!r} is outside 16 to {limits.img_size_cap()}")
