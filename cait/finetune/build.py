@@ -24,8 +24,10 @@ from timm.scheduler import CosineLRScheduler
 from ..compress.importance import compactor_scores
 from ..compress.plan import BudgetSplit, split_budget
 from ..compress.prune import is_pruned
+from ..compress.refit import refit_
 from ..compress.select import ChannelMask, select_channels
-from ..data.datasets import StepBatchSampler, Unlabelled, build_datasets
+from ..data.calibration import calibration_images
+from ..data.datasets import DataError, StepBatchSampler, Unlabelled, build_datasets
 from ..io.checkpoint import CheckpointError, load_checkpoint, read_config, save_pretrained
 from ..measure.accuracy import evaluate
 from ..models.atme import apply_atme, get_layout
@@ -200,6 +202,8 @@ def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device) -> Netwo
     except ValueError as e:
         raise FinetuneError(str(e)) from None
     student = apply_atme(copy.deepcopy(teacher), split.layout)
+    if cfg.calibrate > 0 and split.layout:
+        _calibrate(student, teacher, cfg)
     # No channel budget (R = 0, e.g. training a teacher, or a layout that alone meets R): no CDCP at all. Identity
     # compactors would only cost time (2x per step on CPU for DeiT-Tiny, benchmarks/finetune_step.py).
     spec = describe(student)                              # the same with compactors: they fold away
@@ -219,6 +223,17 @@ def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device) -> Netwo
                             "for these classes (use --pretrained or a checkpoint directory)")
     return Networks(teacher.to(device).eval().requires_grad_(False), teaches, source, split, spec, cdcp, student,
                     trainee, alpha)
+
+
+def _calibrate(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig) -> None:
+    """Start from the calibrated twin's merges: refit the ATME student's fusions, ``proj`` and ``fc2`` so its tokens
+    match the teacher's pooled ones on ``cfg.calibrate`` unlabelled images (:func:`cait.compress.refit.refit_`), the
+    same draw on every rank."""
+    try:
+        images = calibration_images("default", cfg.calibrate, teacher, cfg.seed)
+    except DataError as e:
+        raise FinetuneError(f"--calibrate: {e}") from None
+    refit_(student, teacher, images)
 
 
 def _optimisation(cfg: FinetuneConfig, nets: Networks, num_classes: int) -> Optimisation:

@@ -49,6 +49,9 @@ class FinetuneConfig:
                          "or 'none' (label-free: the teacher's soft outputs alone, KL at --temperature; the loader "
                          "yields 0 in place of every training label, so none is ever read)")
     temperature: float = option(1.0, "softmax temperature of label-free distillation (--labels none)")
+    calibrate: int = option(0, "before training, refit the student's merge fusions, proj and fc2 to the teacher's "
+                            "tokens on this many unlabelled images (bundled photos and synthetic shapes; the "
+                            "calibrated twin's start, cait.compress.refit); 0: merges start as average pooling")
     token_labels: float = option(0.0, "weight of token labelling: each patch token also predicts its patch's label "
                                  "(object class by covered share, else background) through a training-only head "
                                  "(LV-ViT; cait.finetune.token_labels); needs --data synthetic and no Mixup/CutMix")
@@ -73,7 +76,7 @@ class FinetuneConfig:
     # Fields that define a run: a resume must match them.
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
                 "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr",
-                "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "labels", "temperature",
+                "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "labels", "temperature", "calibrate",
                 "token_labels", "lasso",
                 "mask_interval", "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to", "val_size", "synthetic_size",
                 "seed")
