@@ -107,3 +107,8 @@ def flops_by_block(model: nn.Module, img_size: int | None = None) -> dict[str, i
 def count_params(model: nn.Module) -> int:
     """Number of parameters (compactors included if the model still has them)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as stored (their dtypes): what its checkpoint holds."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))

@@ -11,14 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..io.checkpoint import save_pretrained
+from ..measure.flops import tensor_bytes
 from ..models.meta import meta_of
 from .pairs import ModelPair
 
 
 def twin_bytes(pair: ModelPair) -> int:
     """Bytes the twin's ``.zip`` takes at most: its parameters and buffers as stored, plus 1 MB of config."""
-    tensors = [*pair.compressed.parameters(), *pair.compressed.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors) + 1_000_000
+    return tensor_bytes(pair.compressed) + 1_000_000
 
 
 def download_twin(pair: ModelPair, where: str | os.PathLike, room: Callable[[int], None] | None = None) -> Path:

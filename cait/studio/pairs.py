@@ -27,7 +27,7 @@ from ..baselines.tome import apply_tome, tome_schedule
 from ..compress.oneshot import compress
 from ..io.bundled import BundledPair
 from ..io.checkpoint import CheckpointError, load_checkpoint, save_pretrained
-from ..measure.flops import flops_by_block
+from ..measure.flops import flops_by_block, tensor_bytes
 from ..measure.precision import in_precision
 from ..models.atme import get_layout, patch_grid
 from ..models.deit import WeightsInfo, create_model
@@ -208,7 +208,7 @@ class PairCache:
             return
         if self.room is not None:
             try:
-                self.room(sum(t.numel() * t.element_size() for t in (*twin.parameters(), *twin.buffers())))
+                self.room(tensor_bytes(twin))
             except Exception:
                 return                                     # no room on disk: used from memory only
         self.twins.mkdir(parents=True, exist_ok=True)

@@ -82,11 +82,12 @@ def disk_use(store: JobStore, limits: Limits, pending: dict[str, int] | None = N
     """Measure the runs directory now; ``pending`` adds uploads being unpacked (visitor → bytes reserved)."""
     use = DiskUse(total=tree_size(store.root), reserved=0)
     for job in store.list():
-        size = tree_size(job.dir(store.root)) + (tree_size(store.root / "uploads" / job.upload) if job.upload else 0)
+        written = tree_size(job.dir(store.root))
+        size = written + (tree_size(store.root / "uploads" / job.upload) if job.upload else 0)
         if job.visitor:
             use.by_visitor[job.visitor] = use.by_visitor.get(job.visitor, 0) + size
         if job.status.active:
-            left = max(0, job_bytes(job, limits) - tree_size(job.dir(store.root)))
+            left = max(0, job_bytes(job, limits) - written)
             use.reserved += left
             if job.visitor:
                 use.reserved_by_visitor[job.visitor] = use.reserved_by_visitor.get(job.visitor, 0) + left

@@ -234,12 +234,16 @@ class JobManager:
         if size <= cap:
             return False
         process.stop(job.pid, self._procs.pop(job.id, proc))
-        steps = [r.step for r in of_type(self.records(job.id), (TrainRecord, SegmentTrainRecord))]
         job.status, job.ended, job.pid = JobStatus.STOPPED, time.time(), None
-        job.message = (f"stopped at step {steps[-1] if steps else 0}: it wrote {size / 1e6:,.0f} MB, the most a job "
+        job.message = (f"stopped at step {self._last_step(job.id)}: it wrote {size / 1e6:,.0f} MB, the most a job "
                        f"may write on this public Space is {cap / 1e6:,.0f} MB; its training state is kept")
         self.store.save(job)
         return True
+
+    def _last_step(self, job_id: str) -> int:
+        """The step of the job's newest training log record (0 before the first)."""
+        steps = [r.step for r in of_type(self.records(job_id), (TrainRecord, SegmentTrainRecord))]
+        return steps[-1] if steps else 0
 
     def _start(self, job: Job) -> None:
         proc = process.start(job, self.root, self.python)
@@ -296,7 +300,6 @@ class JobManager:
                 process.stop(job.pid, self._procs.pop(job_id, None))
             run = job.dir(self.root) / "run"
             states = state_files(run)
-            steps = [r.step for r in of_type(self.records(job_id), (TrainRecord, SegmentTrainRecord))]
             if not states:
                 kept = "nothing was kept (no training state had been written yet)"
             elif self.limits.public:
@@ -305,7 +308,7 @@ class JobManager:
                 kept = (f"kept: training state of step {states[-1][0]} in {run} "
                         f"(continue with: python -m {job.engine.module} --output {run} --resume ...)")
             job.status, job.ended, job.pid = JobStatus.CANCELLED, time.time(), None
-            job.message = f"cancelled at step {steps[-1] if steps else 0}; {kept}"
+            job.message = f"cancelled at step {self._last_step(job_id)}; {kept}"
             self.store.save(job)
             return job.message
 

@@ -22,15 +22,12 @@ def cleanup(store: JobStore, limits: Limits, now: float | None = None) -> list[s
         finished = [("job", j.id, j.ended or j.created) for j in jobs if not j.status.active]
         uploads = [("upload", p.name, p.stat().st_mtime) for p in (store.root / "uploads").iterdir()
                    if UPLOAD_ID.match(p.name) and p.name not in in_use]
-        for cache in CACHES:                                  # twin .zip files and Gradio's cache: cheap to remake
+        # Caches of what can be remade, each entry aged from its last write (a calibrated twin: its last use).
+        for cache, age in [*((c, limits.cache_retention_s) for c in CACHES), ("twins", limits.retention_s)]:
             for f in ((store.root / cache).iterdir() if (store.root / cache).is_dir() else ()):
-                if now - f.stat().st_mtime > limits.cache_retention_s:
+                if now - f.stat().st_mtime > age:
                     shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
-        twins = store.root / "twins"                            # calibrated twins: kept while in use
-        for f in (twins.iterdir() if twins.is_dir() else ()):
-            if now - f.stat().st_mtime > limits.retention_s:
-                shutil.rmtree(f, ignore_errors=True)
-        for kind, ident, when in sorted(finished + uploads, key=lambda v: v[2]):
+        for kind, ident, when in finished + uploads:
             if now - when <= limits.retention_s:
                 continue
             shutil.rmtree(store.root / ("jobs" if kind == "job" else "uploads") / ident, ignore_errors=True)
