@@ -1,4 +1,5 @@
 """The CDCP fine-tuning engine: short runs end to end, resume, torchrun, bad input, distillation."""
+import copy
 import json
 import os
 import subprocess
@@ -240,3 +241,73 @@ def test_calibrate_starts_the_student_from_the_calibrated_twin_s_merges(tmp_path
                       if name.endswith(".fuse")]
     assert fusions[0] and len(fusions[0]) == len(fusions[16])
     assert all(not torch.equal(a, b) for a, b in zip(fusions[0], fusions[16]))
+
+
+def test_teacher_tokens_pool_onto_the_students_merged_grid():
+    """The token-distillation target: the CLS as is, each merged token the mean of the patches it stands for."""
+    from cait.finetune.token_distill import pool_teacher_tokens, token_distill_loss
+    teacher = cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0]
+    H, W = cait.models.atme.patch_grid(teacher)
+    feats = torch.randn(2, 1 + H * W, teacher.embed_dim)
+    assert torch.equal(pool_teacher_tokens(feats, teacher, teacher), feats)   # no merges: the target is the teacher
+    student = cait.apply_atme(copy.deepcopy(teacher), "h1,v2")          # H then V: 2×2 patches per token
+    target = pool_teacher_tokens(feats, teacher, student)
+    assert target.shape == (2, 1 + (H // 2) * (W // 2), teacher.embed_dim)
+    assert torch.equal(target[:, 0], feats[:, 0])
+    grid = feats[:, 1:].reshape(2, H, W, -1)
+    torch.testing.assert_close(target[:, 1], grid[:, :2, :2].mean(dim=(1, 2)))
+    assert float(token_distill_loss(target, target)) == 0.0
+    s = torch.randn_like(target)
+    assert float(token_distill_loss(3 * s, 3 * target)) == pytest.approx(float(token_distill_loss(s, target)))
+    with pytest.raises(ValueError, match="patch grid"):
+        pool_teacher_tokens(feats[:, :-1], teacher, student)
+
+
+def test_token_distillation_and_cpu_bf16_change_the_label_free_loss(tmp_path):
+    """--token-distill adds the token term to the first step's loss (same seed, same batch); --cpu-bf16 runs the
+    step under bfloat16 autocast on the CPU: close to float32, not equal. Both refused where they cannot apply."""
+    teacher = cait.save_pretrained(cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0],
+                                   tmp_path / "teacher")
+    first = {}
+    runs = (("logits", {}), ("tokens", {"token_distill": 1.0}), ("bf16", {"token_distill": 1.0, "cpu_bf16": True}))
+    for name, kw in runs:
+        finetune(_cfg(tmp_path / name, model=str(teacher), labels="none", steps=2, eval_interval=100,
+                      log_interval=1, **kw))
+        log = [json.loads(line) for line in (tmp_path / name / "run" / "log.jsonl").read_text().splitlines()]
+        first[name] = next(r["loss"] for r in log if r.get("type") == "train")
+    assert first["tokens"] > first["logits"] + 1e-3
+    assert first["bf16"] != first["tokens"] and first["bf16"] == pytest.approx(first["tokens"], rel=0.1)
+    with pytest.raises(FinetuneError, match="--token-distill"):
+        finetune(_cfg(tmp_path / "labelled", model=str(teacher), token_distill=1.0, steps=2))
+
+
+def test_report_to_mirrors_the_log_into_trackio_and_tensorboard(tmp_path):
+    """--report-to: the tracker holds the same numbers as log.jsonl, at the same steps; an unknown tracker is
+    refused before anything is written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trackio.sqlite_storage import SQLiteStorage
+
+    from cait.finetune.report import TRACKIO_PROJECT
+    teacher = cait.save_pretrained(cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0],
+                                   tmp_path / "teacher")
+    for tracker in ("trackio", "tensorboard"):
+        out = tmp_path / f"report-{tracker}"
+        finetune(_cfg(out, model=str(teacher), steps=4, log_interval=2, eval_interval=2, report_to=tracker))
+        log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
+        losses = {r["step"]: r["loss"] for r in log if r["type"] == "train"}
+        top1 = next(r["top1_student"] for r in log if r["type"] == "final")
+        assert sorted(losses) == [2, 4]
+        if tracker == "trackio":
+            rows = SQLiteStorage.get_logs(TRACKIO_PROJECT, "run")
+            got = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+            assert any(r.get("final/top1_student") == pytest.approx(top1) for r in rows)
+            assert SQLiteStorage.get_run_config(TRACKIO_PROJECT, "run")["steps"] == 4
+        else:
+            acc = EventAccumulator(str(out / "run" / "tensorboard"))
+            acc.Reload()
+            got = {e.step: e.value for e in acc.Scalars("train/loss")}
+            assert acc.Scalars("final/top1_student")[0].value == pytest.approx(top1)
+        assert got == pytest.approx(losses)
+    with pytest.raises(FinetuneError, match="--report-to must be one of"):
+        finetune(_cfg(tmp_path / "bad", model=str(teacher), steps=2, report_to="wandb"))
+    assert not (tmp_path / "bad" / "run").exists()

@@ -16,6 +16,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 from .datasets import DataError
+from .hub import is_hub, load_splits
 from .photos import SAMPLE_PHOTOS, ImageError, load_image, sample_photo
 from .synthetic import SyntheticShapes
 
@@ -60,7 +61,8 @@ def calibration_images(source, n: int, model: torch.nn.Module, seed: int = 0) ->
         source: ``"default"``, ``"photos"`` or ``"synthetic"`` (:data:`CALIBRATION_SOURCES`); a tensor
             ``(N, 3, S, S)`` already normalised; a ``DataLoader`` (or any iterable) of such batches or of
             ``(images, ...)`` tuples; or a directory searched recursively for image files (an ImageFolder tree, or a
-            flat folder), of which ``n`` are drawn at random (seeded) and centre-cropped.
+            flat folder), of which ``n`` are drawn at random (seeded) and centre-cropped; or a Hugging Face dataset
+            ``hf:NAME[:CONFIG][@SPLIT]`` (:mod:`cait.data.hub`), ``n`` rows of its training split likewise.
         n: how many images (>= 1).
         model: the timm model they are for: input size, mean, std and crop from its ``pretrained_cfg``.
         seed: for the draw, the crops and the synthetic stream.
@@ -80,6 +82,8 @@ def calibration_images(source, n: int, model: torch.nn.Module, seed: int = 0) ->
     if isinstance(source, (str, Path)):
         if str(source) in CALIBRATION_SOURCES:
             return _from_named(str(source), n, pre, seed)
+        if is_hub(source):
+            return _from_hub(str(source), n, pre, seed)
         return _from_directory(Path(source), n, pre, seed)
     return _from_batches(source, n, pre)
 
@@ -134,6 +138,17 @@ def _from_directory(root: Path, n: int, pre: _Preprocess, seed: int) -> torch.Te
         if len(out) == n:
             return torch.stack(out)
     raise DataError(f"{root}: {len(out)} readable images found, {n} calibration images asked for")
+
+
+def _from_hub(spec: str, n: int, pre: _Preprocess, seed: int) -> torch.Tensor:
+    """``n`` rows drawn at random (seeded) from a Hub dataset's training split, centre-cropped."""
+    train, _, image, _, _ = load_splits(spec, 0)
+    if len(train) < n:
+        raise DataError(f"{spec}: {len(train)} images, {n} calibration images asked for")
+    rows = random.Random(seed).sample(range(len(train)), n)
+    t = create_transform(pre.size, is_training=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation,
+                         mean=pre.mean, std=pre.std)
+    return torch.stack([t(train[i][image].convert("RGB")) for i in rows])
 
 
 def _from_batches(source: Iterable, n: int, pre: _Preprocess) -> torch.Tensor:

@@ -6,6 +6,7 @@ resumed run sees exactly the batches the uninterrupted run would, and DDP ranks 
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +15,10 @@ from timm.data import create_transform
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
+from .errors import DataError
+from .hub import HubImages, is_hub, load_splits
+from .photos import SAMPLE_PHOTOS, sample_photo
 from .synthetic import CLASSES, SyntheticShapes
-
-
-class DataError(ValueError):
-    """A data source that cannot be used; the message says which path and why."""
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -67,20 +67,57 @@ class Unlabelled(Dataset):
         return self.dataset[i][0], 0
 
 
+class PhotoCrops(Dataset):
+    """Random crops and flips of the bundled photos (:data:`cait.data.photos.SAMPLE_PHOTOS`), unlabelled: item ``i``
+    is ``(image (3, S, S), 0)``, a pure function of ``(seed, split, i)`` (timm's training transform under a fixed
+    seed), so resumed runs see the same images. For label-free distillation on images the app always has."""
+
+    def __init__(self, length: int, img_size: int, seed: int = 0, split: str = "train", mean=None, std=None) -> None:
+        kw = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+        self.length, self.seed, self.split = length, seed, split
+        self.transform = create_transform(img_size, is_training=True, scale=(0.1, 1.0), color_jitter=0.2, **kw)
+        self.photos = [sample_photo(p) for p in SAMPLE_PHOTOS]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple:
+        state = random.getstate()
+        with torch.random.fork_rng():
+            seed = (self.seed * 1_000_003 + (self.split == "val") * 500_009 + int(i)) % 2**31
+            torch.manual_seed(seed)
+            random.seed(seed)
+            x = self.transform(self.photos[int(i) % len(self.photos)])
+        random.setstate(state)
+        return x, 0
+
+
 def build_datasets(data: str, img_size: int, seed: int = 0, synthetic_size: int = 20_000, val_size: int = 512,
                    mean=None, std=None) -> tuple[Dataset, Dataset, list[str]]:
-    """``(train, val, class_names)`` for ``"synthetic"`` or an ImageFolder root with ``train/`` and ``val/``.
+    """``(train, val, class_names)`` for ``"synthetic"``, ``"photos"`` (:class:`PhotoCrops`, no labels), an
+    ImageFolder root with ``train/`` and ``val/``, or a Hugging Face dataset ``hf:NAME[:CONFIG][@SPLIT]``
+    (:mod:`cait.data.hub`).
 
-    ImageFolder trees use timm's transforms: training augmentation (random resized crop, flip, colour jitter) for
-    ``train/``, resize + centre crop for ``val/``.
+    ImageFolder trees and Hub datasets use timm's transforms: training augmentation (random resized crop, flip,
+    colour jitter) for the training split, resize + centre crop for the held-out one. The photos and a Hub dataset
+    without a ``ClassLabel`` column have no class names (``[]``): only label-free runs can use them.
 
     Raises:
-        DataError: missing root, missing or empty ``train/``/``val/``, or the two splits have different classes.
+        DataError: missing root, missing or empty ``train/``/``val/``, the two splits have different classes, or a
+            Hub dataset that cannot be loaded (:func:`cait.data.hub.load_splits`).
     """
     kw = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     if data == "synthetic":
         return (SyntheticShapes(synthetic_size, img_size, seed, "train", **kw),
                 SyntheticShapes(val_size, img_size, seed, "val", **kw), list(CLASSES))
+    if data == "photos":                                    # unlabelled: label-free runs only
+        return (PhotoCrops(synthetic_size, img_size, seed, "train", **kw),
+                PhotoCrops(val_size, img_size, seed, "val", **kw), [])
+    if is_hub(data):
+        train, held, image, label, _ = load_splits(data, val_size)
+        sets = [HubImages(d, image, label, create_transform(img_size, is_training=t, **kw))
+                for d, t in ((train, True), (held, False))]
+        return sets[0], sets[1], sets[0].classes
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"{root}: no such data directory (expected {root}/train and {root}/val, or 'synthetic')")

@@ -28,7 +28,8 @@ from ..data.datasets import StepBatchSampler
 from ..data.segmentation import build_segmentation_sets
 from ..finetune.config import FinetuneError, option
 from ..finetune.distributed import out_of_time, seed_step, setup_distributed
-from ..finetune.records import StoppedRecord, to_json
+from ..finetune.records import StoppedRecord
+from ..finetune.report import RunLog, check_report_to
 from ..finetune.rundir import LOG_NAME, prepare_output, resume_state, save_state
 from ..measure.segmentation import evaluate_segmentation
 from ..models.deit import resize_input
@@ -68,6 +69,8 @@ class SegmentConfig:
     device: str | None = option(None, "cpu or cuda (default: cuda when available)")
     output: str = option("runs/segment", "run directory")
     resume: bool = option(False, "continue the run in --output from its newest training state")
+    report_to: str = option("none", "also log every record to 'trackio' (local store, no Hub needed) or "
+                            "'tensorboard' (<output>/tensorboard); 'none': log.jsonl only")
     stop_at: int | None = option(None, "stop after this step as if killed (for tests and time-boxed runs)")
     time_limit_s: float | None = option(None, "stop cleanly after this many seconds of training in this process: the "
                                         "training state is written and a 'stopped' record says why")
@@ -136,6 +139,7 @@ def _optimizer(cfg: SegmentConfig, seg: Segmenter) -> torch.optim.Optimizer:
 
 
 def _check(cfg: SegmentConfig, world: int) -> Path:
+    check_report_to(cfg.report_to)
     if cfg.steps < 1 or cfg.batch_size < world or cfg.batch_size % world:
         raise FinetuneError(f"--steps must be >= 1 and --batch-size a multiple of the {world} processes")
     if cfg.segmentation_channels % 32:
@@ -166,8 +170,7 @@ class _Run:
 
     def emit(self, record) -> None:
         if self.log:
-            self.log.write(to_json(record) + "\n")
-            self.log.flush()
+            self.log.write(record)
 
     def evaluate(self, step: int) -> SegmentEvalRecord:
         s = evaluate_segmentation(self.seg, self.val_set, len(self.classes), self.device)
@@ -197,7 +200,7 @@ def _build(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> _
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=StepBatchSampler(
         len(train_set), cfg.batch_size // world, cfg.steps, start, rank, world, cfg.seed))
     run = _Run(cfg, rank, world, device, out, seg, wrapped, opt, sched, loader, val_set, classes, start, what,
-               (out / LOG_NAME).open("a") if rank == 0 else None)
+               RunLog(out / LOG_NAME, cfg.report_to) if rank == 0 else None)
     if rank == 0 and not cfg.resume:
         backbone_flops, total_flops = segmenter_flops(seg, size)
         run.emit(SegmentStartRecord(config=cfg.to_dict(), backbone=what, classes=classes, img_size=size,
@@ -242,6 +245,8 @@ def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> Seg
         if late or (cfg.stop_at is not None and done >= cfg.stop_at):
             run.save(done)
             run.emit(StoppedRecord(step=done, reason="time_limit" if late else "stop_at"))     # rank 0 logs
+            if run.log:
+                run.log.close()
             if bar:
                 bar.close()
             return SegmentResult(done, None, run.out)

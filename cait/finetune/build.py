@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import timm
 import torch
@@ -24,12 +24,11 @@ from timm.scheduler import CosineLRScheduler
 from ..compress.importance import compactor_scores
 from ..compress.plan import BudgetSplit, split_budget
 from ..compress.prune import is_pruned
-from ..compress.refit import refit_
+from ..compress.oneshot import compress
 from ..compress.select import ChannelMask, select_channels
-from ..data.calibration import calibration_images
 from ..data.datasets import DataError, StepBatchSampler, Unlabelled, build_datasets
 from ..io.checkpoint import CheckpointError, load_checkpoint, read_config, save_pretrained
-from ..measure.accuracy import evaluate
+from ..measure.accuracy import Agreement, agreement, evaluate
 from ..models.atme import apply_atme, get_layout
 from ..models.compactors import add_compactors, iter_compactors
 from ..models.deit import architecture, create_model, resize_input, update_cfg
@@ -37,8 +36,10 @@ from ..models.meta import ModelMeta
 from ..models.spec import ModelSpec, describe
 from .config import FinetuneConfig, FinetuneError
 from .lasso import FlopsSchedule
-from .records import Record, StartRecord, to_json
+from .records import Record, StartRecord
+from .report import RunLog, check_report_to
 from .rundir import LOG_NAME, prepare_output, resume_state, save_state
+from .token_distill import WithTokens
 from .token_labels import TokenLabelled
 
 
@@ -49,6 +50,7 @@ class RunData:
     train_set: Any
     val_set: Any
     classes: list[str]
+    labelled: bool = True          # False: the held-out images have no labels (top-1 is not measured)
 
 
 @dataclass
@@ -62,7 +64,7 @@ class Networks:
     spec: ModelSpec                # the merged student's widths before pruning
     cdcp: bool                     # False: no channel budget, no compactors
     student: nn.Module
-    trainee: nn.Module             # the student, inside TokenLabelled with token labelling (its head is the student's)
+    trainee: nn.Module             # the student, inside TokenLabelled (token labels) or WithTokens (token distillation)
     alpha: float                   # weight of hard distillation
 
 
@@ -93,7 +95,7 @@ class Run:
     optim: Optimisation
     model: nn.Module
     loader: Any
-    log: IO | None
+    log: RunLog | None             # rank 0's log.jsonl (and tracker mirror)
     start: int = 0
     mask: ChannelMask | None = None
     entered: int = 0
@@ -103,8 +105,7 @@ class Run:
     def emit(self, record: Record) -> None:
         """Append one record to ``log.jsonl`` (rank 0 only)."""
         if self.log:
-            self.log.write(to_json(record) + "\n")
-            self.log.flush()
+            self.log.write(record)
 
     def save(self, step: int) -> None:
         """Write a resumable training state (rank 0 only)."""
@@ -112,13 +113,21 @@ class Run:
             save_state(self.out, step, self.nets.student, self.optim.opt, self.mask,
                        {"config": self.cfg.to_dict(), "history": self.history})
 
-    def top1(self, model: nn.Module) -> float:
-        """Held-out top-1 (%) of ``model``, shared over the ranks."""
+    def top1(self, model: nn.Module) -> float | None:
+        """Held-out top-1 (%) of ``model``, shared over the ranks; None when the held-out images have no labels."""
+        if not self.data.labelled:
+            return None
         return evaluate(model, self.data.val_set, self.device, rank=self.rank, world=self.world)
+
+    def agreement(self, model: nn.Module) -> Agreement | None:
+        """Label-free runs: ``model``'s held-out agreement with the teacher and KL (None with labels)."""
+        if self.cfg.labels != "none":
+            return None
+        return agreement(model, self.nets.teacher, self.data.val_set, self.device, rank=self.rank, world=self.world)
 
     def evaluate_teacher_once(self) -> None:
         """The frozen teacher's top-1, measured once; a random teacher's never."""
-        if self.top1_teacher is None and self.nets.teaches:
+        if self.top1_teacher is None and self.nets.teaches and self.data.labelled:
             self.top1_teacher = self.top1(self.nets.teacher)
 
 
@@ -133,7 +142,7 @@ def build_run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) 
     _check(cfg, world)
     out = prepare_output(cfg.output, cfg.resume) if rank == 0 else Path(cfg.output)
     data = _data(cfg)
-    nets = _networks(cfg, data, device)
+    nets = _networks(cfg, data, device, out, rank)
     optim = _optimisation(cfg, nets, len(data.classes))
     start, mask, history = 0, None, {}
     if cfg.resume:                                         # every rank: each holds its own optimizer state
@@ -151,7 +160,7 @@ def build_run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) 
     loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda")
     run = Run(cfg, rank, world, device, out, data, nets, optim, trainee, loader,
-              log=(out / LOG_NAME).open("a") if rank == 0 else None, start=start, mask=mask, history=history)
+              log=RunLog(out / LOG_NAME, cfg.report_to) if rank == 0 else None, start=start, mask=mask, history=history)
     if rank == 0 and not cfg.resume:
         teacher = nets.teacher
         teacher.cait_meta = ModelMeta(kind="teacher", base_model=architecture(teacher), source=nets.source,
@@ -175,6 +184,9 @@ def _check(cfg: FinetuneConfig, world: int) -> None:
         raise FinetuneError(f"--labels must be 'data' or 'none', got {str(cfg.labels)[:20]!r}")
     if cfg.labels == "none" and cfg.token_labels > 0:
         raise FinetuneError("--token-labels reads the data's labels; it cannot run with --labels none")
+    check_report_to(cfg.report_to)
+    if cfg.token_distill < 0 or (cfg.token_distill > 0 and cfg.labels != "none"):
+        raise FinetuneError(f"--token-distill (got {cfg.token_distill}) must be >= 0, and > 0 only with --labels none")
     if not cfg.temperature > 0:
         raise FinetuneError(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.token_labels > 0 and (cfg.data != "synthetic" or cfg.mixup > 0 or cfg.cutmix > 0):
@@ -186,14 +198,19 @@ def _data(cfg: FinetuneConfig) -> RunData:
     """Training and held-out images (first: the teacher's head must match their classes)."""
     train_set, val_set, classes = build_datasets(cfg.data, cfg.img_size or _default_img_size(cfg), cfg.seed,
                                                  cfg.synthetic_size, cfg.val_size)
+    labelled = True
+    if not classes:                                       # photos, an unlabelled Hub dataset: the teacher's classes
+        if cfg.labels != "none":
+            raise FinetuneError(f"{cfg.data}: these images have no labels; learn from the teacher with --labels none")
+        classes, labelled = _teacher_classes(cfg), False
     if cfg.token_labels > 0:
         train_set.masks = True                            # batches carry the object masks
     if cfg.labels == "none":
         train_set = Unlabelled(train_set)                 # label-free: the labels never leave the dataset
-    return RunData(train_set, val_set, classes)
+    return RunData(train_set, val_set, classes, labelled)
 
 
-def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device) -> Networks:
+def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device, out: Path, rank: int = 0) -> Networks:
     """The teacher, the budget split, and the student: ATME layout, plus compactors when CDCP has a budget."""
     torch.manual_seed(cfg.seed)                           # the same student initialisation on every rank
     teacher, teaches, source = _teacher(cfg, len(data.classes))
@@ -201,15 +218,17 @@ def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device) -> Netwo
         split = split_budget(teacher, cfg.flops_reduction, cfg.merge, cfg.atme_share)
     except ValueError as e:
         raise FinetuneError(str(e)) from None
-    student = apply_atme(copy.deepcopy(teacher), split.layout)
-    if cfg.calibrate > 0 and split.layout:
-        _calibrate(student, teacher, cfg)
+    if cfg.calibrate > 0:
+        student = _calibrated_twin(teacher, cfg, split, out, rank)
+    else:
+        student = apply_atme(copy.deepcopy(teacher), split.layout)
     # No channel budget (R = 0, e.g. training a teacher, or a layout that alone meets R): no CDCP at all. Identity
     # compactors would only cost time (2x per step on CPU for DeiT-Tiny, benchmarks/finetune_step.py).
     spec = describe(student)                              # the same with compactors: they fold away
     cdcp = split.target_flops < spec.flops()
     student = (add_compactors(student) if cdcp else student).to(device)
-    trainee = TokenLabelled(student, len(data.classes)) if cfg.token_labels > 0 else student
+    trainee = (TokenLabelled(student, len(data.classes)) if cfg.token_labels > 0
+               else WithTokens(student) if cfg.token_distill > 0 else student)
     try:                                                  # fail now, not after hours, if the target is out of reach
         if cdcp:
             select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to)
@@ -225,15 +244,28 @@ def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device) -> Netwo
                     trainee, alpha)
 
 
-def _calibrate(student: nn.Module, teacher: nn.Module, cfg: FinetuneConfig) -> None:
-    """Start from the calibrated twin's merges: refit the ATME student's fusions, ``proj`` and ``fc2`` so its tokens
-    match the teacher's pooled ones on ``cfg.calibrate`` unlabelled images (:func:`cait.compress.refit.refit_`), the
-    same draw on every rank."""
+def _calibrated_twin(teacher: nn.Module, cfg: FinetuneConfig, split: BudgetSplit, out: Path, rank: int
+                     ) -> nn.Module:
+    """The student as the app's calibrated twin (:func:`cait.compress.compress`): the planned ATME layout, channels
+    chosen by Fisher scores on the teacher's own predictions, and each block's fusion, ``proj`` and ``fc2`` refit to
+    the teacher's tokens, on ``cfg.calibrate`` unlabelled images of ``cfg.calibration_data``; it already meets the
+    FLOPs target, so the run distills it without compactors. Kept in ``out/calibrated``, from which a resume reads
+    it back (the same widths, without calibrating again); every DDP rank makes the same twin (a seeded draw)."""
+    kept = out / "calibrated"
+    if cfg.resume and (kept / "config.json").is_file():
+        try:
+            return load_checkpoint(kept)
+        except CheckpointError as e:
+            raise FinetuneError(f"{kept}: the run's calibrated start cannot be read ({e})") from None
     try:
-        images = calibration_images("default", cfg.calibrate, teacher, cfg.seed)
-    except DataError as e:
+        twin = compress(teacher, split.total_reduction, layout=split.layout, min_channels=cfg.min_channels,
+                        round_to=cfg.round_to, calibration=cfg.calibration_data, calibration_size=cfg.calibrate,
+                        seed=cfg.seed)
+    except (DataError, ValueError) as e:
         raise FinetuneError(f"--calibrate: {e}") from None
-    refit_(student, teacher, images)
+    if rank == 0:
+        save_pretrained(twin, kept)
+    return twin
 
 
 def _optimisation(cfg: FinetuneConfig, nets: Networks, num_classes: int) -> Optimisation:
@@ -318,6 +350,18 @@ def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
         {"params": compactors, "weight_decay": 0.0, "betas": (cfg.compactor_beta1, 0.999),    # SPEC §2
          "lr": cfg.lr if cfg.compactor_lr is None else cfg.compactor_lr},
     ]
+
+
+def _teacher_classes(cfg: FinetuneConfig) -> list[str]:
+    """The class names (or indices as text) the teacher's head predicts, for data that has no labels."""
+    if Path(cfg.model).is_dir():
+        try:
+            config = read_config(cfg.model)
+        except CheckpointError as e:
+            raise FinetuneError(str(e)) from None
+        names = (config.get("meta") or {}).get("classes")
+        return list(names) if names else [str(i) for i in range(int(config["num_classes"]))]
+    return [str(i) for i in range(1000)]                  # timm's DeiTs: the ImageNet-1k head
 
 
 def _default_img_size(cfg: FinetuneConfig) -> int:

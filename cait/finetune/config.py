@@ -49,9 +49,16 @@ class FinetuneConfig:
                          "or 'none' (label-free: the teacher's soft outputs alone, KL at --temperature; the loader "
                          "yields 0 in place of every training label, so none is ever read)")
     temperature: float = option(1.0, "softmax temperature of label-free distillation (--labels none)")
-    calibrate: int = option(0, "before training, refit the student's merge fusions, proj and fc2 to the teacher's "
-                            "tokens on this many unlabelled images (bundled photos and synthetic shapes; the "
-                            "calibrated twin's start, cait.compress.refit); 0: merges start as average pooling")
+    token_distill: float = option(0.0, "weight of token distillation with --labels none: the student's final tokens "
+                                  "also match the teacher's pooled onto its merged grid (relative MSE, "
+                                  "cait.finetune.token_distill); 0: logits only")
+    calibrate: int = option(0, "start from the calibrated twin (cait.compress.compress): ATME, channels chosen by "
+                            "Fisher scores on the teacher's predictions and each block refit to the teacher's tokens "
+                            "on this many unlabelled images (--calibration-data); it already meets the FLOPs target, "
+                            "so no compactors are trained. 0: merges start as average pooling, CDCP prunes")
+    calibration_data: str = option("default", "the images --calibrate draws: 'default' (bundled photos and "
+                                   "synthetic shapes), 'photos', 'synthetic', a folder of images, or "
+                                   "hf:NAME[:CONFIG][@SPLIT]")
     token_labels: float = option(0.0, "weight of token labelling: each patch token also predicts its patch's label "
                                  "(object class by covered share, else background) through a training-only head "
                                  "(LV-ViT; cait.finetune.token_labels); needs --data synthetic and no Mixup/CutMix")
@@ -69,6 +76,10 @@ class FinetuneConfig:
     workers: int = option(0, "data-loader worker processes per rank")
     seed: int = option(0, "seed of data order, augmentation and selection ties")
     amp: bool = option(True, "bfloat16 autocast on CUDA")
+    cpu_bf16: bool = option(False, "bfloat16 autocast on the CPU as well (AMX / AVX-512-BF16 units; master weights "
+                            "and the optimizer stay float32)")
+    report_to: str = option("none", "also log every record to 'trackio' (local store, no Hub needed) or "
+                            "'tensorboard' (<output>/tensorboard); 'none': log.jsonl only")
     stop_at: int | None = option(None, "stop after this step as if killed (for tests and time-boxed runs)")
     time_limit_s: float | None = option(None, "stop cleanly after this many seconds of training in this process: the "
                                         "training state is written and a 'stopped' record says why")
@@ -76,10 +87,9 @@ class FinetuneConfig:
     # Fields that define a run: a resume must match them.
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
                 "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr",
-                "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "labels", "temperature", "calibrate",
-                "token_labels", "lasso",
-                "mask_interval", "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to", "val_size", "synthetic_size",
-                "seed")
+                "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "labels", "temperature",
+                "token_distill", "calibrate", "calibration_data", "token_labels", "lasso", "mask_interval",
+                "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to", "val_size", "synthetic_size", "seed")
 
     def to_dict(self) -> dict:
         """All fields, JSON-ready."""

@@ -40,6 +40,7 @@ from .distributed import broadcast, out_of_time, seed_step, setup_distributed
 from .lasso import (apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_, shrink_masked_rows_,
                     zero_masked_rows_)
 from .records import EvalRecord, FinalRecord, StoppedRecord, TrainRecord
+from .token_distill import pool_teacher_tokens, token_distill_loss
 from .token_labels import drop_token_head, token_label_loss, token_targets
 
 
@@ -84,10 +85,11 @@ def _train(run: Run) -> FinalRecord | StoppedRecord:
                 images_per_s=seen / (now - t_last)))
             t_last, seen = now, 0
         if done % cfg.eval_interval == 0 and done < cfg.steps:
-            top1 = run.top1(run.nets.student)
+            top1, agree = run.top1(run.nets.student), run.agreement(run.nets.student)
             run.evaluate_teacher_once()
             run.history[str(done)] = top1
-            run.emit(EvalRecord(step=done, top1_student=top1, top1_teacher=run.top1_teacher))
+            run.emit(EvalRecord(step=done, top1_student=top1, top1_teacher=run.top1_teacher,
+                                agreement=agree and agree.agreement, kl=agree and agree.kl))
         if done % cfg.ckpt_interval == 0 and done < cfg.steps:
             run.save(done)
         if bar:
@@ -99,6 +101,8 @@ def _train(run: Run) -> FinalRecord | StoppedRecord:
             stopped = StoppedRecord(step=done, mask=None if run.mask is None else run.mask.to_dict(),
                                     reason="time_limit" if late else "stop_at")
             run.emit(stopped)
+            if run.log:
+                run.log.close()
             if bar:
                 bar.close()
             return stopped
@@ -126,23 +130,7 @@ def _step(run: Run, step: int, batch: list[torch.Tensor]) -> float:
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if optim.mixup:
         x, y = optim.mixup(x, y)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-        logits = run.model(x)
-        if cfg.token_labels > 0:                           # (logits, token logits) from TokenLabelled
-            logits, tokens = logits
-        if cfg.labels == "none":                           # label-free: the teacher's soft outputs are the targets
-            with torch.no_grad():
-                teacher_logits = nets.teacher(x)
-            loss = soft_distillation(logits, teacher_logits, cfg.temperature)
-        else:
-            loss = optim.criterion(logits, y)
-        if nets.alpha > 0 and cfg.labels != "none":
-            with torch.no_grad():
-                hard = nets.teacher(x).argmax(-1)
-            loss = (1 - nets.alpha) * loss + nets.alpha * F.cross_entropy(logits, hard)
-        if cfg.token_labels > 0:
-            targets = token_targets(batch[2].to(device), y, len(run.data.classes), nets.student)
-            loss = loss + cfg.token_labels * token_label_loss(tokens, targets)
+    loss = _loss(run, x, y, batch)
     loss_value = float(loss.detach())
     if not math.isfinite(loss_value):
         raise FinetuneError(f"loss became {loss_value} at step {step}; stopped without saving this state "
@@ -158,10 +146,40 @@ def _step(run: Run, step: int, batch: list[torch.Tensor]) -> float:
     return loss_value
 
 
+def _loss(run: Run, x: torch.Tensor, y: torch.Tensor, batch: list[torch.Tensor]) -> torch.Tensor:
+    """The step's loss on ``x`` (B, 3, S, S): labels (+ hard distillation) or, label-free, the teacher's soft
+    outputs (+ its pooled tokens with ``--token-distill``); token labelling on top when asked."""
+    cfg, nets = run.cfg, run.nets
+    bf16 = cfg.amp if run.device.type == "cuda" else cfg.cpu_bf16
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = run.model(x)
+        extra = out[1] if isinstance(out, tuple) else None  # token logits (TokenLabelled) or features (WithTokens)
+        logits = out[0] if isinstance(out, tuple) else out
+        if cfg.labels == "none":                           # label-free: the teacher's outputs are the targets
+            with torch.no_grad():
+                t_feats = nets.teacher.forward_features(x)  # (B, 1 + H·W, C)
+                t_logits = nets.teacher.forward_head(t_feats)
+            loss = soft_distillation(logits, t_logits, cfg.temperature)
+            if cfg.token_distill > 0:
+                target = pool_teacher_tokens(t_feats, nets.teacher, nets.student)
+                loss = loss + cfg.token_distill * token_distill_loss(extra, target)
+            return loss
+        loss = run.optim.criterion(logits, y)
+        if nets.alpha > 0:
+            with torch.no_grad():
+                hard = nets.teacher(x).argmax(-1)
+            loss = (1 - nets.alpha) * loss + nets.alpha * F.cross_entropy(logits, hard)
+        if cfg.token_labels > 0:
+            targets = token_targets(batch[2].to(run.device), y, len(run.data.classes), nets.student)
+            loss = loss + cfg.token_labels * token_label_loss(extra, targets)
+    return loss
+
+
 def soft_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher ‖ student) of the softened outputs, times T² (Hinton et al., 2015), averaged over the batch:
     the label-free loss of ``--labels none``. ``student``, ``teacher``: logits ``(B, classes)``."""
     t = temperature
+    student, teacher = student.float(), teacher.float()             # bfloat16 logits can make the KL negative
     return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
                     reduction="batchmean") * t * t
 
@@ -185,12 +203,15 @@ def _export(run: Run) -> FinalRecord:
     top1_masked = run.top1(student)
     run.evaluate_teacher_once()
     # Nothing to remove: fold only (or nothing to fold), so the result stays an uncompressed (or ATME) DeiT.
-    compact = (fold_compactors(student) if mask.size() == 0 else prune(student, mask)).eval()
+    compact = (student if not nets.cdcp else fold_compactors(student) if mask.size() == 0
+               else prune(student, mask)).eval()
     flops = describe(compact).flops()
+    agree = run.agreement(compact)
     final = FinalRecord(step=cfg.steps, merge=str(split.layout), base_flops=split.base_flops, flops=flops,
                         flops_reduction=1 - flops / split.base_flops, top1_teacher=run.top1_teacher,
                         top1_masked=top1_masked, top1_student=run.top1(compact), max_removed_row_norm=removed,
-                        s_size=mask.size(), mask=mask.to_dict())
+                        s_size=mask.size(), mask=mask.to_dict(), agreement=agree and agree.agreement,
+                        kl=agree and agree.kl)
     if run.rank == 0:
         compact.cait_meta = ModelMeta(
             kind="finetuned", base_model=architecture(compact), flops_reduction=cfg.flops_reduction,

@@ -58,12 +58,16 @@ class TrainRecord:
 
 @dataclass
 class EvalRecord:
-    """Every ``eval_interval`` steps: held-out top-1 of the student (with S still masked) and of the teacher."""
+    """Every ``eval_interval`` steps: held-out top-1 of the student (with S still masked) and of the teacher
+    (None: the held-out images have no labels); label-free runs add the student's agreement with the teacher (%)
+    and the KL divergence (nats), :class:`cait.measure.accuracy.Agreement`."""
 
     TYPE: ClassVar[str] = "eval"
     step: int
-    top1_student: float
+    top1_student: float | None
     top1_teacher: float | None
+    agreement: float | None = None
+    kl: float | None = None
 
 
 @dataclass

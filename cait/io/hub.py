@@ -111,8 +111,7 @@ def model_card(model: nn.Module, repo_id: str, numbers: dict | None = None) -> s
     widths = ", ".join(f"{b.qk_dim}/{b.v_dim}/{b.ffn_dim}" for b in blocks)
     if meta.finetune is not None:
         f = meta.finetune
-        how = (f"Fine-tuned with CDCP (`python -m cait.finetune`): held-out top-1 {f.top1_student}%"
-               + (f", teacher {f.top1_teacher}%" if f.top1_teacher is not None else "") + ".")
+        how = f"Fine-tuned with CDCP (`python -m cait.finetune`): held-out {f.score_text()}."
     elif meta.calibration:
         c = meta.calibration
         how = (f"Calibrated without training (`python -m cait.compress`): Fisher channel scores and a least-squares "

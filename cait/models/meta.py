@@ -36,18 +36,33 @@ def from_fields(cls, d: dict):
 @dataclass
 class FinetuneSummary:
     """The final record of a fine-tune run (``log.jsonl``'s ``"final"`` line, without the mask). FLOPs are
-    multiply-adds for one image; top-1 in % on the run's held-out split (``top1_teacher`` None: not trained)."""
+    multiply-adds for one image; top-1 in % on the run's held-out split (``top1_teacher`` None: not trained;
+    ``top1_student`` None: the held-out images have no labels); label-free runs add the held-out ``agreement`` with
+    the teacher (% of images with its top-1 class) and ``kl`` (mean KL(teacher ‖ student), nats)."""
 
     step: int
     merge: str
     base_flops: int
     flops: int
     flops_reduction: float
-    top1_student: float
+    top1_student: float | None
     top1_masked: float | None = None
     top1_teacher: float | None = None
     max_removed_row_norm: float | None = None
     s_size: int | None = None
+    agreement: float | None = None
+    kl: float | None = None
+
+    def score_text(self) -> str:
+        """The held-out scores in words: ``"top-1 65.3% (teacher 90.9%), agreement 68.0%, KL 0.61 nats"``."""
+        parts = []
+        if self.top1_student is not None:
+            parts.append(f"top-1 {self.top1_student:.1f}%"
+                         + ("" if self.top1_teacher is None else f" (teacher {self.top1_teacher:.1f}%)"))
+        if self.agreement is not None:
+            parts.append(f"agreement with the teacher {self.agreement:.1f}%"
+                         + ("" if self.kl is None else f", KL {self.kl:.3f} nats"))
+        return ", ".join(parts) or "no held-out score"
 
 
 @dataclass
@@ -55,12 +70,17 @@ class CalibrationSummary:
     """How a calibrated twin was made (:func:`cait.compress.compress` with ``calibration=``): ``images`` unlabelled
     images from ``source`` (a name such as ``"default"``, or the type of a tensor or loader), ``seconds`` of CPU or
     GPU time in all, and each block's token-weighted output MSE against the original after the refit (older files
-    may lack some; they read as empty)."""
+    may lack some; they read as empty). Where the app measured it: ``agreement`` (%) of ``agreement_images`` other
+    unlabelled images from the same source on which the twin's top-1 class is the original's, and ``kl`` the mean
+    KL(original ‖ twin) in nats (:func:`cait.measure.accuracy.agreement`)."""
 
     images: int = 0
     source: str = ""
     seconds: float = 0.0
     block_mse: list[float] = field(default_factory=list)
+    agreement: float | None = None
+    kl: float | None = None
+    agreement_images: int = 0
 
 
 @dataclass
