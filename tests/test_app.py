@@ -3,6 +3,7 @@ import json
 import socket
 
 import pytest
+import torch
 from PIL import Image
 
 import app
@@ -106,6 +107,15 @@ def test_a_trained_hub_deit_gets_a_calibrated_twin(monkeypatch, tiny):
     assert "Calibrated, training-free" in studio.status(pair) and "8 unlabelled images" in studio.status(pair)
     assert pair.compressed.cait_meta.merge                          # the planned layout merges ...
     assert "Merges without training cost accuracy" in studio.status(pair)   # ... and the status says what it costs
+    # Its agreement with the original, measured on 64 other unlabelled images, and the way to recover without labels.
+    from cait.data.calibration import calibration_images
+    from cait.measure.accuracy import agreement
+    c = pair.compressed.cait_meta.calibration
+    again = agreement(pair.compressed, pair.original,
+                      [(x, 0) for x in calibration_images("default", 64, pair.original, seed=1)], torch.device("cpu"))
+    assert c.agreement_images == 64 and c.agreement == pytest.approx(again.agreement, abs=0.01)
+    assert f"predicts the original's class for {c.agreement:.1f}% of them" in studio.status(pair)
+    assert "To recover accuracy without labels" in studio.status(pair)
     cdcp_only = studio.pair("deit:deit_tiny_patch16_224", 0.4, "none")
     assert not cdcp_only.compressed.cait_meta.merge
     assert "Merges without training" not in studio.status(cdcp_only)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cait.io.bundled import bundled_pair
+from cait.studio.ui.finetune_tab import BUNDLED_FINETUNE
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed "
@@ -219,8 +220,21 @@ def test_click_through_attention_finetune_and_compare(app_url):
         expect(page.get_by_text("Error", exact=True)).to_have_count(0)
         page.screenshot(path=str(ARTIFACTS / "8c-job-segmenter.png"), full_page=True)
 
-        # A long job, cancelled: the app says what was kept.
+        # Label-free: the bundled original teaches its calibrated twin on the bundled photos (no labels exist).
         page.get_by_role("tab", name="Fine-tune").click()
+        if bundled:
+            _pick(page, "ft-model", next(iter(BUNDLED_FINETUNE)))
+            _pick(page, "ft-targets", "the original's predictions (no labels needed)")
+            page.locator("#ft-data textarea").fill("photos")
+            page.locator("#ft-steps input").fill("4")
+            page.get_by_role("button", name="Start fine-tune").click()
+            expect(page.locator("#job-status")).to_contain_text(re.compile(r"— done on cpu"), timeout=300_000)
+            expect(page.locator("#job-status")).to_contain_text("agreement with the teacher")
+            page.screenshot(path=str(ARTIFACTS / "8d-label-free-job.png"), full_page=True)
+            _pick(page, "ft-targets", "the data's labels")
+            page.locator("#ft-data textarea").fill("synthetic")
+
+        # A long job, cancelled: the app says what was kept.
         _pick(page, "ft-model", tiny)                      # the reload brought back the default model
         page.locator("#ft-steps input").fill("1000")
         page.get_by_role("button", name="Start fine-tune").click()

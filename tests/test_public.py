@@ -58,9 +58,9 @@ def client(url):
     return Client(url, verbose=False)
 
 
-def start(c, data="synthetic", archive=None, steps=20, batch=8, model=TINY_LABEL):
+def start(c, data="synthetic", archive=None, steps=20, batch=8, model=TINY_LABEL, targets="the data's labels"):
     from gradio_client import handle_file
-    return c.predict(model, data, handle_file(str(archive)) if archive else None, 0.5, steps, batch, "cpu",
+    return c.predict(model, targets, data, handle_file(str(archive)) if archive else None, 0.5, steps, batch, "cpu",
                      api_name="/start_finetune")
 
 
@@ -348,10 +348,28 @@ def test_local_mode_keeps_full_power_and_validates_at_submit(tmp_path):
         jm.submit(**dict(LONG, model="resnet50"))
     with pytest.raises(JobError, match="FLOPs reduction: 1.5 is outside 0 to 0.95"):
         jm.submit(**dict(LONG, flops_reduction=1.5))
-    with pytest.raises(JobError, match="Labels: 'some' is not 'data' or 'none'"):
+    with pytest.raises(JobError, match="Targets: 'some' is not 'data' or 'none'"):
         jm.submit(**dict(LONG, labels="some"))
     with pytest.raises(JobError, match=r"Temperature: 0 is outside \(0, 20\]"):
         jm.submit(**dict(LONG, labels="none", temperature=0))
+    with pytest.raises(JobError, match="Targets: the original's predictions teach only with trained weights"):
+        jm.submit(**dict(LONG, labels="none"))                  # the tiny test DeiT, random weights
+    with pytest.raises(JobError, match="Token distillation: applies only when the targets are the original's"):
+        jm.submit(**dict(LONG, token_distill=1.0))
+    with pytest.raises(JobError, match="Calibration images: -1 is not a whole number from 0 to 100000"):
+        jm.submit(**dict(LONG, labels="none", calibrate=-1))
+    with pytest.raises(JobError, match="Calibration data: '/etc' is not one of default, photos, synthetic"):
+        jm.submit(**dict(LONG, labels="none", calibrate=8, calibration_data="/etc"))
+    with pytest.raises(JobError, match="bf16 on the CPU: must be true or false"):
+        jm.submit(**dict(LONG, cpu_bf16="yes"))
+    with pytest.raises(JobError, match="Report to: 'wandb' is not one of none, trackio, tensorboard"):
+        jm.submit(**dict(LONG, report_to="wandb"))
+    public = JobManager(tmp_path / "public", poll_interval=0, limits=Limits(public=True))
+    with pytest.raises(JobError, match="Report to: 'trackio' is not 'none' on this public Space"):
+        public.submit(**dict(LONG, steps=100, report_to="trackio"))
+    with pytest.raises(JobError, match="Calibration images: 5000 is not a whole number from 0 to 2000 on this public"):
+        public.submit(**dict(LONG, steps=100, labels="none", calibrate=5000))
+    assert not list((tmp_path / "public").glob("jobs/*/job.json"))          # nothing refused was written
     assert host_warning("0.0.0.0", 7860, Limits(public=False)).startswith("warning: listening on 0.0.0.0")
     assert host_warning("127.0.0.1", 7860, Limits(public=False)) is None
     assert host_warning("0.0.0.0", 7860, Limits(public=True)) is None

@@ -51,9 +51,10 @@ def _twin_status(pair) -> list[str]:
             f"**Device:** `{pair.device}` · **Model:** `{pair.ref.key}` ({pair.weights.detail})",
             f"**CAIT twin, fine-tuned with CDCP:** ATME `{f.merge or 'none'}`, "
             f"{f.base_flops / 1e9:.4f} → {f.flops / 1e9:.4f} GFLOPs "
-            f"({100 * f.flops_reduction:.1f}% fewer); held-out top-1 {f.top1_student:.1f}% "
-            + ("(its teacher was not trained). " if f.top1_teacher is None else f"(teacher {f.top1_teacher:.1f}%). ")
-            + (ABOVE_TEACHER if f.top1_teacher is not None and f.top1_student > f.top1_teacher + 1 else "")
+            f"({100 * f.flops_reduction:.1f}% fewer); held-out {f.score_text()}"
+            + (" (its teacher was not trained). " if f.top1_teacher is None else ". ")
+            + (ABOVE_TEACHER if None not in (f.top1_teacher, f.top1_student) and f.top1_student > f.top1_teacher + 1
+               else "")
             + "The reduction and layout controls do not apply to it.",
         ]
     f = pair.flops()
@@ -67,10 +68,16 @@ def _twin_status(pair) -> list[str]:
                f"output Linears refit by least squares on {c.images} unlabelled images ({c.source}: bundled "
                f"photos with random crops and synthetic shapes; {c.seconds:.0f} s), without the CDCP "
                "fine-tuning that gives CAIT its full accuracy.")
+        if c.agreement is not None:
+            how += (f" **Measured here:** on {c.agreement_images} other unlabelled images of that source the twin "
+                    f"predicts the original's class for {c.agreement:.1f}% of them (KL {c.kl:.3f} nats).")
         if meta.merge:
             how += (" Merges without training cost accuracy: on the bundled DeiT-Tiny (90.9%) at 50% FLOPs the "
                     "planned layout kept 50% of the original's predictions (48.7% top-1) and layout `none` (CDCP "
                     "only) 94% (89.1%) (README, *Training-free calibrated compression*).")
+        how += (" **To recover accuracy without labels**, run a fine-tune job with *Targets: the original's "
+                "predictions* (Fine-tune tab): the twin learns from the original's outputs and tokens on images the "
+                "app always has.")
     else:
         how = ("*Untrained preview:* channels chosen by weight-row norms, without the CDCP fine-tuning that gives "
                "CAIT its accuracy.")

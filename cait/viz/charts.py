@@ -79,14 +79,20 @@ def cost_table(rows: dict[str, dict]) -> pd.DataFrame:
 
 
 def training_figure(records: list[Record]) -> go.Figure:
-    """Live view of a fine-tune from its ``log.jsonl`` records: loss, top-1, FLOPs target and |S| against step."""
+    """Live view of a fine-tune from its ``log.jsonl`` records: loss, top-1 (and, label-free, the agreement with the
+    teacher), FLOPs target and |S| against step."""
     train, evals = of_type(records, TrainRecord), of_type(records, EvalRecord)
-    fig = make_subplots(rows=2, cols=2, subplot_titles=("loss", "top-1 (%)", "FLOPs target (G)", "|S| (units)"),
-                        vertical_spacing=0.18)
+    label_free = any(r.agreement is not None for r in evals)
+    fig = make_subplots(rows=2, cols=2, subplot_titles=("loss", "top-1 / agreement (%)" if label_free else "top-1 (%)",
+                                                        "FLOPs target (G)", "|S| (units)"), vertical_spacing=0.18)
     steps = [r.step for r in train]
     fig.add_scatter(x=steps, y=[r.loss for r in train], name="loss", row=1, col=1)
-    fig.add_scatter(x=[r.step for r in evals], y=[r.top1_student for r in evals], name="student",
-                    mode="lines+markers", row=1, col=2)
+    if any(r.top1_student is not None for r in evals):
+        fig.add_scatter(x=[r.step for r in evals], y=[r.top1_student for r in evals], name="student",
+                        mode="lines+markers", row=1, col=2)
+    if label_free:
+        fig.add_scatter(x=[r.step for r in evals], y=[r.agreement for r in evals], name="agreement with teacher",
+                        mode="lines+markers", row=1, col=2)
     if evals and evals[0].top1_teacher is not None:
         fig.add_scatter(x=[r.step for r in evals], y=[r.top1_teacher for r in evals], name="teacher",
                         mode="lines", line=dict(dash="dash"), row=1, col=2)

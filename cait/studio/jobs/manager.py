@@ -262,9 +262,7 @@ class JobManager:
             if job.kind == "segment":
                 job.message = f"done: held-out mIoU {f.miou:.1f}% after {f.step} steps"
             else:
-                teacher = "" if f.top1_teacher is None else f" (teacher {f.top1_teacher:.1f}%)"
-                job.message = (f"done: {100 * f.flops_reduction:.1f}% fewer FLOPs, top-1 {f.top1_student:.1f}%"
-                               + teacher)
+                job.message = f"done: {100 * f.flops_reduction:.1f}% fewer FLOPs, {f.score_text()}"
         elif timed_out:
             job.status = JobStatus.STOPPED
             job.message = (f"stopped at step {timed_out[-1].step}: its time budget of "

@@ -32,8 +32,9 @@ UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
 FIELD_NAMES = {"model": "Model", "data": "Data", "flops_reduction": "FLOPs reduction", "steps": "Steps",
                "batch_size": "Batch size", "img_size": "Image size", "backbone": "Backbone", "baseline": "Baseline",
                "backbone_lr": "Backbone LR (end to end)", "lr": "Decoder LR", "merge": "Layout",
-               "train_size": "Training images", "val_size": "Held-out images", "labels": "Labels",
-               "temperature": "Temperature"}
+               "train_size": "Training images", "val_size": "Held-out images", "labels": "Targets",
+               "temperature": "Temperature", "token_distill": "Token distillation", "calibrate": "Calibration images",
+               "calibration_data": "Calibration data", "cpu_bf16": "bf16 on the CPU", "report_to": "Report to"}
 """The Fine-tune tab's label for each option, so an error names the field the visitor sees."""
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...data.calibration import CALIBRATION_SOURCES
 from ...data.datasets import DataError
 from ...data.segmentation import check_folder
 from ...dense.train import SegmentConfig
 from ...finetune.config import FinetuneConfig
+from ...finetune.report import REPORT_TO
 from ...io.bundled import ASSETS_DIR, ORIGINAL_DIR
 from ...models.deit import PATCH_SIZES
 from ...models.layout import MAX_LAYOUT_CHARS
@@ -60,9 +62,34 @@ def validate_request(args: dict, limits: Limits, uploads: Path) -> dict:
     size = args.get("img_size")
     if size is not None and (not isinstance(size, int) or not 16 <= size <= limits.img_size_cap()):
         raise _bad("img_size", f"{size!r} is outside 16 to {limits.img_size_cap()}")
+    _label_free(args, limits)
     args["model"] = _model(str(args.get("model", FinetuneConfig.model)).strip(), limits)
+    if args.get("labels") == "none" and not Path(args["model"]).is_dir() and args.get("pretrained") is not True:
+        raise _bad("labels", "the original's predictions teach only with trained weights: choose the bundled model, "
+                             "or a DeiT with its pretrained weights")
     args["data"] = _data(str(args.get("data", "synthetic")).strip() or "synthetic", limits, uploads)
     return args
+
+
+def _label_free(args: dict, limits: Limits) -> None:
+    """The label-free options: token distillation's weight, calibration images and their source, bf16 on the CPU,
+    and (not on a public Space, where nothing is written outside the runs directory) a tracker."""
+    w = args.get("token_distill", 0.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 100:
+        raise _bad("token_distill", f"{repr(w)[:40]} is outside 0 to 100")
+    if w > 0 and args.get("labels", "data") != "none":
+        raise _bad("token_distill", "applies only when the targets are the original's predictions (labels: none)")
+    _whole(args, "calibrate", 0, PUBLIC_MAX_IMAGES if limits.public else 100_000, FinetuneConfig, limits.public)
+    source = args.get("calibration_data", "default")
+    if source not in CALIBRATION_SOURCES:
+        raise _bad("calibration_data", f"{str(source)[:40]!r} is not one of {', '.join(CALIBRATION_SOURCES)}")
+    for key in ("cpu_bf16", "pretrained"):
+        if not isinstance(args.get(key, False), bool):
+            raise _bad(key, "must be true or false")
+    report = args.get("report_to", "none")
+    if report not in REPORT_TO or (limits.public and report != "none"):
+        raise _bad("report_to", f"{str(report)[:20]!r} is not " + ("'none' on this public Space" if limits.public
+                                                                     else f"one of {', '.join(REPORT_TO)}"))
 
 
 def _whole(args: dict, key: str, lo: int, hi: int, cls=SegmentConfig, public: bool = False) -> int:
@@ -158,7 +185,7 @@ def _model(model: str, limits: Limits) -> str:
 
 
 def _data(data: str, limits: Limits, uploads: Path, segmentation: bool = False) -> str:
-    if data == "synthetic":
+    if data == "synthetic" or (data == "photos" and not segmentation):
         return data
     path = Path(data).resolve()
     if limits.public and not path.is_relative_to(uploads.resolve()):
