@@ -70,6 +70,7 @@ def test_a_fine_tuned_twin_is_segmented_by_a_job_and_its_segmenter_is_shown(tmp_
     (dict(backbone="/nowhere"), "Backbone: '/nowhere' is neither"),
     (dict(output="/tmp/elsewhere"), "unknown segmentation options: output"),
     (dict(data="/nowhere"), "Data: .*no such data directory"),
+    (dict(report_to="wandb"), "Report to: 'wandb' is not one of none, trackio, tensorboard"),
 ])
 def test_every_bad_field_is_refused_by_name_and_nothing_is_written(tmp_path, args, field):
     jm = JobManager(tmp_path, poll_interval=0)

@@ -86,6 +86,11 @@ def _label_free(args: dict, limits: Limits) -> None:
     for key in ("cpu_bf16", "pretrained"):
         if not isinstance(args.get(key, False), bool):
             raise _bad(key, "must be true or false")
+    _report_to(args, limits)
+
+
+def _report_to(args: dict, limits: Limits) -> None:
+    """A tracker, locally; none on a public Space (nothing is written outside the runs directory there)."""
     report = args.get("report_to", "none")
     if report not in REPORT_TO or (limits.public and report != "none"):
         raise _bad("report_to", f"{str(report)[:20]!r} is not " + ("'none' on this public Space" if limits.public
@@ -146,6 +151,7 @@ def validate_segment_request(args: dict, limits: Limits, uploads: Path, job_mode
     if size is not None and (not isinstance(size, int) or isinstance(size, bool)
                              or not 16 <= size <= limits.img_size_cap()):
         raise _bad("img_size", f"{repr(size)[:40]} is outside 16 to {limits.img_size_cap()}")
+    _report_to(args, limits)
     baseline = args.get("baseline", SegmentConfig.baseline)
     if baseline not in BASELINES:
         raise _bad("baseline", f"{str(baseline)[:40]!r} is not one of {', '.join(BASELINES)}")
