@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-to", type=int, default=1, help="kept widths in multiples of this")
     p.add_argument("--calibration", default="default",
                    help="'none' (weight-norm preview), " + ", ".join(f"'{k}'" for k in CALIBRATION_SOURCES)
-                        + ", or a directory of images")
+                        + ", a directory of images, or a Hugging Face dataset hf:NAME[:CONFIG][@SPLIT]")
     p.add_argument("--calibration-size", type=int, default=256, help="calibration images")
     p.add_argument("--batch-size", type=int, default=32, help="images per calibration pass")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
