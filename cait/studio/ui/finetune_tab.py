@@ -149,7 +149,7 @@ class _Handlers:
             args = dict(model=self.models.get(ft_model, ft_model), data=(data_text or "").strip() or "synthetic",
                         flops_reduction=float(reduction), steps=n_steps, batch_size=batch_size,
                         **live_intervals(n_steps, evaluations=5))
-            if TARGETS[targets] == "none":      # bf16 autocast on the CPU: 1.7x faster steps here (README)
+            if TARGETS[targets] == "none":      # bf16 autocast on the CPU: 1.5x faster steps here (README)
                 args.update(LABEL_FREE, cpu_bf16=on_device == "cpu")
                 if not Path(args["model"]).is_dir() and args["model"] != "bundled":
                     args["pretrained"] = True   # a timm DeiT teaches with its ImageNet weights (the Hub or its cache)
