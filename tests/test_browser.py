@@ -228,8 +228,10 @@ def test_click_through_attention_finetune_and_compare(app_url):
             page.locator("#ft-data textarea").fill("photos")
             page.locator("#ft-steps input").fill("4")
             page.get_by_role("button", name="Start fine-tune").click()
-            expect(page.locator("#job-status")).to_contain_text(re.compile(r"— done on cpu"), timeout=300_000)
-            expect(page.locator("#job-status")).to_contain_text("agreement with the teacher")
+            # The selected job is the new one (not the segmentation job before it) and it finished.
+            expect(page.locator("#job-status")).to_contain_text(re.compile(r"Fine-tune job \S+ — done on cpu"),
+                                                               timeout=300_000)
+            expect(page.locator("#job-status")).to_contain_text("agreement with the teacher", timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "8d-label-free-job.png"), full_page=True)
             _pick(page, "ft-targets", "the data's labels")
             page.locator("#ft-data textarea").fill("synthetic")
