@@ -17,7 +17,7 @@ from timm.data import create_transform, resolve_data_config
 
 from .datasets import DataError
 from .hub import is_hub, load_splits
-from .photos import SAMPLE_PHOTOS, ImageError, load_image, sample_photo
+from .photos import SAMPLE_PHOTOS, ImageError, load_image, sample_photo, seeded_augmentation
 from .synthetic import SyntheticShapes
 
 CALIBRATION_SOURCES = {
@@ -103,12 +103,8 @@ def _from_named(name: str, n: int, pre: _Preprocess, seed: int) -> torch.Tensor:
         augment = create_transform(pre.size, is_training=True, scale=(0.25, 1.0), color_jitter=0.0,
                                    interpolation="bicubic", mean=pre.mean, std=pre.std)
         photos = [sample_photo(p) for p in SAMPLE_PHOTOS]
-        rng_state = random.getstate()
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            random.seed(seed)
+        with seeded_augmentation(seed):
             parts.append(torch.stack([augment(photos[i % len(photos)]) for i in range(n - n_synth)]))
-        random.setstate(rng_state)
     if n_synth:
         ds = SyntheticShapes(n_synth, pre.size, seed, "train", mean=pre.mean, std=pre.std)
         parts.append(torch.stack([ds[i][0] for i in range(n_synth)]))

@@ -6,7 +6,6 @@ resumed run sees exactly the batches the uninterrupted run would, and DDP ranks 
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torchvision.datasets import ImageFolder
 
 from .errors import DataError
 from .hub import HubImages, is_hub, load_splits
-from .photos import SAMPLE_PHOTOS, sample_photo
+from .photos import SAMPLE_PHOTOS, sample_photo, seeded_augmentation
 from .synthetic import CLASSES, SyntheticShapes
 
 
@@ -82,13 +81,9 @@ class PhotoCrops(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> tuple:
-        state = random.getstate()
-        with torch.random.fork_rng():
-            seed = (self.seed * 1_000_003 + (self.split == "val") * 500_009 + int(i)) % 2**31
-            torch.manual_seed(seed)
-            random.seed(seed)
+        seed = (self.seed * 1_000_003 + (self.split == "val") * 500_009 + int(i)) % 2**31
+        with seeded_augmentation(seed):
             x = self.transform(self.photos[int(i) % len(self.photos)])
-        random.setstate(state)
         return x, 0
 
 

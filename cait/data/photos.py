@@ -6,8 +6,10 @@ matplotlib's ``grace_hopper.jpg`` sample (public domain).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,20 @@ SAMPLE_PHOTOS: dict[str, str] = {
     "rocket (scikit-image)": "skimage:rocket",
     "Grace Hopper (matplotlib)": "matplotlib:grace_hopper.jpg",
 }
+
+
+@contextlib.contextmanager
+def seeded_augmentation(seed: int):
+    """Run timm's random transforms under ``seed`` (torch's and Python's generators), then restore both, so an
+    augmented image is a pure function of ``seed`` and the caller's random streams are untouched."""
+    state = random.getstate()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 @functools.lru_cache(maxsize=None)
