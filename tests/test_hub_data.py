@@ -3,7 +3,9 @@ calibrating offline, unlabelled data taking the teacher's classes, and a clear e
 import json
 
 import datasets
+import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -11,7 +13,9 @@ import cait
 from cait.data.calibration import calibration_images
 from cait.data.datasets import DataError, build_datasets
 from cait.data.hub import HubSpec
+from cait.data.segmentation import build_segmentation_sets
 from cait.data.synthetic import CLASSES, render
+from cait.dense.train import SegmentConfig, segment
 from cait.finetune.config import FinetuneConfig, FinetuneError
 from cait.finetune.engine import finetune
 from cait.measure.accuracy import agreement
@@ -98,3 +102,41 @@ def test_agreement_is_100_percent_and_zero_kl_only_for_the_same_predictions(tiny
         kl = torch.nn.functional.kl_div(b(x).log_softmax(-1), a(x).log_softmax(-1), log_target=True,
                                         reduction="batchmean")
     assert other.agreement == pytest.approx(expected) and other.kl == pytest.approx(float(kl), rel=1e-4)
+
+
+def _save_segmentation(root, n_train=16, n_val=8, size=32, bad=None):
+    """Synthetic shapes with their class maps (``image`` + ``annotation`` Image columns, as ``scene_parse_150``)."""
+    splits, every = {}, []
+    for split, n in (("train", n_train), ("validation", n_val)):
+        rows = [render(0, "train" if split == "train" else "val", i, size) for i in range(n)]
+        masks = [(m.astype(np.uint8) * (label + 1)) for _, label, m in rows]
+        every += masks
+        if bad == "size" and split == "validation":
+            masks[3] = masks[3][: size // 2]
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(img) for img, _, _ in rows], "annotation": [Image.fromarray(m) for m in masks]},
+            features=datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()}))
+    datasets.DatasetDict(splits).save_to_disk(str(root))
+    return f"hf:{root}", masks, every
+
+
+def test_a_saved_segmentation_dataset_trains_a_probe_offline_and_bad_masks_are_named(tmp_path):
+    spec, val_masks, every = _save_segmentation(tmp_path / "seg")
+    train, val, classes = build_segmentation_sets(spec, 32, val_size=6)
+    assert (len(train), len(val)) == (16, 6) and len(classes) == 1 + max(int(m.max()) for m in every) > 2
+    x, y = val[2]
+    assert x.shape == (3, 32, 32) and torch.equal(y, torch.from_numpy(val_masks[2].astype(np.int64)))
+    model = timm.create_model(cait.TEST_MODEL, num_classes=8)
+    backbone = str(cait.save_pretrained(model, tmp_path / "bb"))
+    result = segment(SegmentConfig(backbone=backbone, data=spec, steps=4, batch_size=4, val_size=6, eval_interval=4,
+                                   log_interval=2, output=str(tmp_path / "run"), device="cpu"))
+    assert result.score.step == 4 and len(result.score.per_class_iou) == len(classes)
+    bad, _, _ = _save_segmentation(tmp_path / "bad", bad="size")
+    with pytest.raises(DataError, match=r"held-out row 3: 32×16, its image is 32×32"):
+        build_segmentation_sets(bad, 32, val_size=8)
+    with pytest.raises(DataError, match="second Image column"):
+        build_segmentation_sets(_save(tmp_path / "cls"), 32)
+    # A training mask beyond the checked rows with a class the checked ones lack stops the run by its row.
+    train.classes = classes[:2]
+    with pytest.raises(DataError, match=r"row \d+: class index \d+ is out of range"):
+        [train[i] for i in range(len(train))]

@@ -49,7 +49,8 @@ class SegmentConfig:
     flops_reduction: float = option(0.5, "FLOPs reduction of the tome, token_pruning and cdcp baselines")
     merge: str | None = option(None, "the atme baseline's layout, e.g. h5,v10")
     calibration_size: int = option(256, "synthetic images the atme and cdcp baselines are calibrated on")
-    data: str = option("synthetic", "'synthetic' or a folder of train|val/images + masks (cait.data.segmentation)")
+    data: str = option("synthetic", "'synthetic', a folder of train|val/images + masks, or hf:NAME[:CONFIG][@SPLIT] "
+                      "(an image and a mask column; cait.data.segmentation)")
     img_size: int | None = option(None, "input side in pixels (default: the backbone's)")
     steps: int = option(300, "optimizer steps")
     batch_size: int = option(16, "global batch size")
