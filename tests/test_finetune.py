@@ -243,6 +243,34 @@ def test_calibrate_starts_the_student_from_the_calibrated_twin_s_merges(tmp_path
     assert all(not torch.equal(a, b) for a, b in zip(fusions[0], fusions[16]))
 
 
+def test_a_resume_reads_its_calibrated_start_back_and_refuses_a_corrupt_one(tmp_path, monkeypatch):
+    """--calibrate keeps its twin in OUTPUT/calibrated; a resume trains those weights (not a fresh calibration), and a
+    damaged copy stops the resume by name, leaving the training state as it was."""
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    teacher = cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0]
+    path = cait.save_pretrained(teacher, tmp_path / "teacher")
+    kw = dict(model=str(path), labels="none", calibrate=8, steps=4, ckpt_interval=2, eval_interval=4,
+              flops_reduction=0.5)
+    full = finetune(_cfg(tmp_path / "a", **kw))
+    assert finetune(_cfg(tmp_path / "b", stop_at=2, **kw)).reason == "stop_at"
+    kept = tmp_path / "b" / "run" / "calibrated"
+    weights = next(kept.glob("*.safetensors"))
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    states = {p.name: p.read_bytes() for p in (tmp_path / "b" / "run").glob("train_state-*")}
+    with pytest.raises(FinetuneError, match="calibrated start cannot be read"):
+        finetune(_cfg(tmp_path / "b", resume=True, **kw))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b" / "run").glob("train_state-*")} == states
+    weights.write_bytes(intact)
+    import cait.finetune.build as build
+    monkeypatch.setattr(build, "compress", lambda *a, **k: pytest.fail("a resume calibrated again"))
+    resumed = finetune(_cfg(tmp_path / "b", resume=True, **kw))
+    assert resumed.agreement == full.agreement and resumed.kl == pytest.approx(full.kl, rel=1e-5)
+    a, b = (load_file(next((tmp_path / d / "run" / "compact").glob("*.safetensors"))) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_teacher_tokens_pool_onto_the_students_merged_grid():
     """The token-distillation target: the CLS as is, each merged token the mean of the patches it stands for."""
     from cait.finetune.token_distill import pool_teacher_tokens, token_distill_loss
