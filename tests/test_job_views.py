@@ -52,3 +52,26 @@ def test_a_queued_job_says_it_waits_and_one_without_state_has_no_compactors(tmp_
 
 def test_durations_read_as_clocks_with_days():
     assert (_fmt_s(None), _fmt_s(59), _fmt_s(3723), _fmt_s(90000)) == ("–", "00:00:59", "01:02:03", "1 d 01:00:00")
+
+
+def test_a_label_free_estimate_times_its_own_step_and_adds_the_calibration(tmp_path, monkeypatch):
+    """A label-free job is timed as it runs (calibrated twin, soft targets, bf16 on the CPU) and cached under its own
+    key; its total adds two passes over the calibration images."""
+    import json
+
+    import cait
+    import cait.studio.jobs.views as views
+    cache = tmp_path / "times.json"
+    labelled = views.finetune_estimate(cait.TEST_MODEL, 10, 4, 0.5, "cpu", val_size=8, evals=1, cache=cache)
+    free = views.finetune_estimate(cait.TEST_MODEL, 10, 4, 0.5, "cpu", val_size=8, evals=1, cache=cache,
+                                   calibrate=64)
+    assert "a step with CDCP's compactors" in labelled and "calibrating the twin on 64 images" not in labelled
+    assert "a label-free step in bf16 from the calibrated twin" in free and "calibrating the twin on 64 images" in free
+    keys = [json.loads(k) for k in json.loads(cache.read_text())]
+    assert sorted(len(k) for k in keys) == [5, 6] and ["label-free"] in [k[5:] for k in keys]
+    # The total is steps × step + evaluations + 2 × 64 images of calibration, from the cached step time.
+    monkeypatch.setattr(views, "_step_seconds", lambda *a: pytest.fail("a cached setting was timed again"))
+    cache.write_text(json.dumps({json.dumps(k): 0.8 for k in keys}))
+    free = views.finetune_estimate(cait.TEST_MODEL, 10, 4, 0.5, "cpu", val_size=8, evals=1, cache=cache,
+                                   calibrate=64)
+    assert f"about {_fmt_s(10 * 0.8 + 0.2 / 3 * 8 + 2 * 0.2 * 64)}" in free

@@ -85,7 +85,7 @@ def test_caps_and_no_server_paths(public_app):
         start(c, batch=4096)
     # A server path that exists and one that does not get the same answer: nothing to learn about the filesystem.
     answers = set()
-    for path in ("/etc", "/etc/nowhere", "/tmp"):
+    for path in ("/etc", "/etc/nowhere", "/tmp", "hf:ILSVRC/imagenet-1k"):
         with pytest.raises(Exception) as e:
             start(c, data=path)
         answers.add(str(e.value).split("Error:")[-1].strip())
@@ -342,6 +342,9 @@ def test_local_mode_keeps_full_power_and_validates_at_submit(tmp_path):
     jm = JobManager(tmp_path, poll_interval=0, limits=Limits(public=False))
     with pytest.raises(JobError, match=r"Data: .*/nowhere: expected an ImageFolder root with train/ and val/"):
         jm.submit(data=str(tmp_path / "nowhere"), **dict(LONG, steps=10))
+    assert jm.validate(dict(LONG, data="hf:frgfm/imagenette:320px"))["data"] == "hf:frgfm/imagenette:320px"
+    with pytest.raises(JobError, match="Data: 'hf:a/b@': expected hf:NAME"):
+        jm.submit(**dict(LONG, data="hf:a/b@"))
     with pytest.raises(JobError, match="Batch size: 7 is odd"):
         jm.submit(**dict(LONG, batch_size=7))
     with pytest.raises(JobError, match="Model: 'resnet50' is neither a DeiT name"):
@@ -786,7 +789,7 @@ def test_cost_and_estimates_are_time_boxed_and_cached(public_app, monkeypatch):
     times = []
     for _ in range(2):
         t0 = time.time()
-        text = c.predict(label, 0.5, 500, 16, "cpu", api_name="/estimate_finetune")
+        text = c.predict(label, 0.5, 500, 16, "cpu", "the data's labels", api_name="/estimate_finetune")
         times.append(time.time() - t0)
         assert "per step of 16 images, scaled from a step of 8 images timed here" in text
     cached = json.loads((jobs.root / "cache" / "step_times.json").read_text())

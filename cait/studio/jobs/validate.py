@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ...data.calibration import CALIBRATION_SOURCES
 from ...data.datasets import DataError
+from ...data.hub import HubSpec, is_hub
 from ...data.segmentation import check_folder
 from ...dense.train import SegmentConfig
 from ...finetune.config import FinetuneConfig
@@ -193,8 +194,13 @@ def _model(model: str, limits: Limits) -> str:
 def _data(data: str, limits: Limits, uploads: Path, segmentation: bool = False) -> str:
     if data == "synthetic" or (data == "photos" and not segmentation):
         return data
+    if is_hub(data) and not limits.public:             # read by the job itself (cait.data.hub), named if it fails
+        try:
+            return str(HubSpec.parse(data))
+        except DataError as e:
+            raise _bad("data", str(e)) from None
     path = Path(data).resolve()
-    if limits.public and not path.is_relative_to(uploads.resolve()):
+    if limits.public and (is_hub(data) or not path.is_relative_to(uploads.resolve())):
         raise _bad("data", "on this public Space, data is 'synthetic' or an uploaded .zip archive; server paths are "
                            "not accepted")
     if segmentation:

@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 
+from ...compress.oneshot import compress
 from ...compress.plan import split_budget
 from ...compress.select import global_selection
 from ...data.synthetic import SyntheticShapes
@@ -90,24 +91,37 @@ def job_view(jobs: JobManager, job_id: str, viewer: str | None = None) -> tuple[
 
 
 @functools.lru_cache(maxsize=16)
-def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: str) -> float:
-    """Seconds of one training step as the engine runs it (student with ATME and compactors, teacher forward for
-    distillation, synthetic batch rendered), measured once per setting: one warm-up step, then one timed."""
+def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: str, label_free: bool = False
+                  ) -> float:
+    """Seconds of one training step as the engine runs it (teacher forward for its targets, synthetic batch
+    rendered), measured once per setting: one warm-up step, then one timed. Labelled: the student with ATME and
+    compactors, hard distillation. Label-free: the calibrated twin's structure (the planned layout and pruned widths,
+    :func:`cait.compress.compress` without calibration: the same FLOPs), soft targets, bf16 autocast on the CPU."""
     teacher = (load_checkpoint(model) if Path(model).is_dir() else create_model(model, pretrained=False)[0]).eval()
     split = split_budget(teacher, flops_reduction)
-    student = apply_atme(copy.deepcopy(teacher), split.layout)
-    if split.target_flops < describe(student).flops():
-        add_compactors(student)
+    if label_free:
+        student = compress(teacher, flops_reduction, layout=split.layout)
+    else:
+        student = apply_atme(copy.deepcopy(teacher), split.layout)
+        if split.target_flops < describe(student).flops():
+            add_compactors(student)
     teacher, student = teacher.to(device), student.to(device).train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
     ds = SyntheticShapes(batch_size, int(teacher.patch_embed.img_size[0]))
+    bf16 = label_free and torch.device(device).type == "cpu"
     seconds = 0.0
     for i in range(2):
         t0 = time.perf_counter()
         x = torch.stack([ds[j][0] for j in range(batch_size)]).to(device)
-        with torch.no_grad():
-            hard = teacher(x).argmax(-1)
-        loss = F.cross_entropy(student(x), hard)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                target = teacher(x)
+            out = student(x)
+        if label_free:
+            loss = F.kl_div(out.float().log_softmax(-1), target.float().log_softmax(-1), log_target=True,
+                            reduction="batchmean")
+        else:
+            loss = F.cross_entropy(out, target.argmax(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -116,20 +130,20 @@ def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: s
 
 
 def step_seconds(model: str, batch_size: int, flops_reduction: float, device: str, cache: Path | None = None,
-                 measure_batch: int | None = None) -> tuple[float, int]:
+                 measure_batch: int | None = None, label_free: bool = False) -> tuple[float, int]:
     """Seconds of one training step of ``batch_size`` images, and the batch actually timed.
 
     With ``measure_batch`` (public mode) at most that many images are timed and the time is scaled linearly to
     ``batch_size``: on the 2-core CI CPU, DeiT-S at 50% took 20.0 s for a step of 64 images, and 2.41 s for 8 (19.3 s
     scaled), so the scaled figure is close but can be a little low. With ``cache`` (a JSON file) each setting is
-    timed once per server, across restarts.
+    timed once per server, across restarts. ``label_free``: the step of a label-free job (:func:`_step_seconds`).
     """
     timed = batch_size if measure_batch is None else max(2, min(batch_size, measure_batch) // 2 * 2)
-    key = json.dumps([model, batch_size, timed, flops_reduction, device])
+    key = json.dumps([model, batch_size, timed, flops_reduction, device] + (["label-free"] if label_free else []))
     known = _read_cache(cache)
     if key in known:
         return float(known[key]), timed
-    seconds = _step_seconds(model, timed, flops_reduction, device) * batch_size / timed
+    seconds = _step_seconds(model, timed, flops_reduction, device, label_free) * batch_size / timed
     if cache is not None:
         known = _read_cache(cache) | {key: seconds}             # another request may have added one meanwhile
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -147,23 +161,34 @@ def _read_cache(cache: Path | None) -> dict:
 
 def finetune_estimate(model: str, steps: int, batch_size: int, flops_reduction: float, device: str,
                       val_size: int = 512, evals: int = 5, cache: Path | None = None,
-                      measure_batch: int | None = None) -> str:
+                      measure_batch: int | None = None, calibrate: int = 0) -> str:
     """Markdown: how long a fine-tune would take on this device, from a training step measured here
-    (:func:`step_seconds`: cached per model, batch, reduction and device; on a public Space timed on at most
+    (:func:`step_seconds`: cached per model, batch, reduction, device and kind; on a public Space timed on at most
     ``measure_batch`` images, so an estimate takes seconds, not minutes).
+
+    Args:
+        calibrate: 0 for a labelled job (CDCP's compactors, hard distillation); N for a label-free one that starts
+            from the twin calibrated on N images (``--calibrate N``, bf16 autocast on the CPU): its step is timed as
+            that job runs it, and the calibration counted as two passes over N images (Fisher scores, refit).
 
     Raises:
         ValueError: for settings the engine would refuse (the message names the field).
     """
     if not isinstance(steps, int) or steps < 1 or not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError("Steps and Batch size must be whole numbers (at least 1 and 2)")
-    per_step, timed = step_seconds(model, batch_size, round(float(flops_reduction), 2), device, cache, measure_batch)
-    eval_s = per_step / batch_size / 3 * val_size * evals          # a forward is about a third of a training step
-    total = steps * per_step + eval_s
+    per_step, timed = step_seconds(model, batch_size, round(float(flops_reduction), 2), device, cache, measure_batch,
+                                   label_free=calibrate > 0)
+    per_image = per_step / batch_size
+    eval_s = per_image / 3 * val_size * evals                      # a forward is about a third of a training step
+    calibrate_s = 2 * per_image * calibrate
+    total = steps * per_step + eval_s + calibrate_s
     how = "measured on this server" if timed == batch_size else f"scaled from a step of {timed} images timed here"
+    kind = (f"a label-free step{' in bf16' if device == 'cpu' else ''} from the calibrated twin" if calibrate
+            else "a step with CDCP's compactors")
+    extra = f", and calibrating the twin on {calibrate} images first" if calibrate else ""
     return (f"**Estimated time on this `{device}`:** about {_fmt_s(total)} ({per_step:.2f} s per step of {batch_size} "
-            f"images, {how}; plus {evals} evaluations of {val_size} images). Other jobs or visitors on "
-            "this machine slow it down.")
+            f"images, {kind}, {how}; plus {evals} evaluations of {val_size} images{extra}). Other jobs or visitors "
+            "on this machine slow it down.")
 
 
 def compactor_view(jobs: JobManager, job_id: str) -> tuple[str, go.Figure, go.Figure]:

@@ -130,14 +130,19 @@ class _Handlers:
         return (gr.update(choices=ids, value=ids[0] if ids else None), jobs_table(self.jobs, owner),
                 gr.update(choices=self.studio.catalogue.choices(owner)))
 
-    def on_estimate(self, ft_model, reduction, n_steps, batch_size, on_device, request: gr.Request):
+    def on_estimate(self, ft_model, reduction, n_steps, batch_size, on_device, targets, request: gr.Request):
         with refusing(ValueError, JobError):
+            if targets not in TARGETS:
+                raise ValueError(f"Targets: choose one of {', '.join(TARGETS)}")
+            label_free = TARGETS[targets] == "none"
             args = self.jobs.validate(dict(model=self.models.get(ft_model, ft_model), steps=whole(n_steps, "steps"),
                                            batch_size=whole(batch_size, "batch_size"),
                                            flops_reduction=float(reduction)))
             return finetune_estimate(args["model"], args["steps"], args["batch_size"], args["flops_reduction"],
                                      on_device, cache=self.jobs.root / "cache" / "step_times.json",
-                                     measure_batch=self.jobs.limits.estimate_batch_cap())
+                                     measure_batch=self.jobs.limits.estimate_batch_cap(),
+                                     val_size=LABEL_FREE["val_size"] if label_free else 512,
+                                     calibrate=LABEL_FREE["calibrate"] if label_free else 0)
 
     def on_start(self, ft_model, targets, data_text, archive_file, reduction, n_steps, batch_size, on_device,
                  request: gr.Request):
@@ -199,7 +204,8 @@ def build(studio: Studio, bar: ModelBar, poll_s: float) -> FinetuneTab:
     poll_outputs = [w.table, w.job_status, w.curves, bar.model, w.segment.backbone]
     w.start.click(h.on_start, [w.ft_model, w.targets, w.data, w.archive, w.reduction, w.steps, w.batch, w.device],
                   [w.started, w.job, w.table], api_name="start_finetune", concurrency_limit=1, concurrency_id="jobs")
-    w.estimate.click(heavy(studio.slot, h.on_estimate), [w.ft_model, w.reduction, w.steps, w.batch, w.device],
+    w.estimate.click(heavy(studio.slot, h.on_estimate), [w.ft_model, w.reduction, w.steps, w.batch, w.device,
+                                                         w.targets],
                      w.estimated, api_name="estimate_finetune", **COMPUTE)
     w.cancel.click(h.on_cancel, w.job, w.cancelled, api_name="cancel_finetune", concurrency_limit=1,
                    concurrency_id="jobs")
