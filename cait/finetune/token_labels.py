@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.atme import get_layout, patch_grid, pool_to_block
+from .token_distill import WithTokens
 
 
 def token_targets(masks: torch.Tensor, labels: torch.Tensor, num_classes: int, model: nn.Module) -> torch.Tensor:
@@ -46,7 +47,7 @@ def token_targets(masks: torch.Tensor, labels: torch.Tensor, num_classes: int, m
     return target
 
 
-class TokenLabelled(nn.Module):
+class TokenLabelled(WithTokens):
     """A DeiT with a training-only token head: ``forward(x)`` → ``(logits (B, K), token_logits (B, h·w, K + 1))``.
 
     The head lives on the model as ``model.token_head`` (so training states save and resume it); remove it with
@@ -55,15 +56,14 @@ class TokenLabelled(nn.Module):
     """
 
     def __init__(self, model: nn.Module, num_classes: int) -> None:
-        super().__init__()
         p = next(model.parameters())
         model.token_head = nn.Linear(model.embed_dim, num_classes + 1).to(p.device, p.dtype)
-        self.model = model
+        super().__init__(model)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.model.forward_features(x)                                  # (B, 1 + h·w, C)
+        logits, feats = super().forward(x)                                      # (B, K), (B, 1 + h·w, C)
         npre = getattr(self.model, "num_prefix_tokens", 1)
-        return self.model.forward_head(feats), self.model.token_head(feats[:, npre:])
+        return logits, self.model.token_head(feats[:, npre:])
 
 
 def token_label_loss(token_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
