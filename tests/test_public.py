@@ -153,6 +153,9 @@ def test_uploaded_archives_are_checked_member_by_member(public_app, tmp_path):
         z.writestr("a/0.png", _png())
     with pytest.raises(ArchiveError, match="expected train/ and val/ folders"):
         extract_archive(flat, tmp_path / "z", Limits(public=True))
+    # A label-free job takes images in any folders: the root of the upload is its data.
+    assert extract_archive(flat, tmp_path / "u", Limits(public=True), unlabelled=True) == tmp_path / "u"
+    assert (tmp_path / "u" / "a" / "0.png").is_file()
 
 
 def _broken_archives(tmp_path):
@@ -343,6 +346,12 @@ def test_local_mode_keeps_full_power_and_validates_at_submit(tmp_path):
     with pytest.raises(JobError, match=r"Data: .*/nowhere: expected an ImageFolder root with train/ and val/"):
         jm.submit(data=str(tmp_path / "nowhere"), **dict(LONG, steps=10))
     assert jm.validate(dict(LONG, data="hf:frgfm/imagenette:320px"))["data"] == "hf:frgfm/imagenette:320px"
+    (tmp_path / "flat").mkdir()                      # a folder of images without classes: label-free jobs only
+    free = dict(LONG, labels="none", model="bundled", data=str(tmp_path / "flat"))
+    assert jm.validate(free)["data"] == str(tmp_path / "flat")
+    with pytest.raises(JobError, match=r"Data: .*flat: expected an ImageFolder root with train/ and val/ \(one folder "
+                                       r"per class\), or 'synthetic'"):
+        jm.validate(dict(free, labels="data", token_distill=0.0))
     with pytest.raises(JobError, match="Data: 'hf:a/b@': expected hf:NAME"):
         jm.submit(**dict(LONG, data="hf:a/b@"))
     with pytest.raises(JobError, match="Batch size: 7 is odd"):

@@ -6,7 +6,6 @@ DataLoader. Every reader returns ``(n, 3, S, S)`` float images normalised the wa
 """
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from timm.data import create_transform, resolve_data_config
 
 from .datasets import DataError
 from .hub import is_hub, load_splits
-from .photos import SAMPLE_PHOTOS, ImageError, load_image, sample_photo, seeded_augmentation
+from .photos import SAMPLE_PHOTOS, ImageError, list_images, load_image, sample_photo, seeded_augmentation
 from .synthetic import SyntheticShapes
 
 CALIBRATION_SOURCES = {
@@ -26,8 +25,6 @@ CALIBRATION_SOURCES = {
     "synthetic": "synthetic shapes (cait.data.synthetic, split 'train')",
 }
 """Named calibration sources; anything else is a tensor, a DataLoader or a directory of images."""
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-_MAX_LISTED = 200_000
 
 
 @dataclass(frozen=True)
@@ -116,12 +113,7 @@ def _from_directory(root: Path, n: int, pre: _Preprocess, seed: int) -> torch.Te
     if not root.is_dir():
         raise DataError(f"{root}: no such directory (calibration data is 'default', 'photos', 'synthetic', a "
                         "directory of images, a tensor or a DataLoader)")
-    files = []
-    for dirpath, dirnames, names in os.walk(root):
-        dirnames.sort()
-        files += [Path(dirpath) / f for f in sorted(names) if f.lower().endswith(_IMAGE_SUFFIXES)]
-        if len(files) >= _MAX_LISTED:
-            break
+    files = list_images(root)
     random.Random(seed).shuffle(files)
     t = create_transform(pre.size, is_training=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation,
                          mean=pre.mean, std=pre.std)

@@ -1,4 +1,5 @@
-"""Training and evaluation data: the synthetic set or an ``ImageFolder`` tree, with step-indexed batches.
+"""Training and evaluation data: the synthetic set, the bundled photos, an ``ImageFolder`` tree, a folder of images
+without classes, or a Hub dataset, with step-indexed batches.
 
 Batches are a pure function of ``(seed, step, rank)``: global sample position ``p = step·G + rank·B + i``
 (G = global batch, B = per-process batch) maps to epoch ``p // n`` and a seeded permutation of that epoch. So a
@@ -6,6 +7,7 @@ resumed run sees exactly the batches the uninterrupted run would, and DDP ranks 
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,15 @@ from torchvision.datasets import ImageFolder
 
 from .errors import DataError
 from .hub import HubImages, is_hub, load_splits
-from .photos import SAMPLE_PHOTOS, sample_photo, seeded_augmentation
+from .photos import (
+    IMAGE_SUFFIXES,
+    SAMPLE_PHOTOS,
+    ImageError,
+    list_images,
+    load_image,
+    sample_photo,
+    seeded_augmentation,
+)
 from .synthetic import CLASSES, SyntheticShapes
 
 
@@ -87,19 +97,64 @@ class PhotoCrops(Dataset):
         return x, 0
 
 
+class ImageFiles(Dataset):
+    """Image files of one's own, unlabelled: item ``i`` is ``(transform(files[i]), 0)``. Training crops and flips are
+    a pure function of ``(seed, i)`` (as :class:`PhotoCrops`), so a resumed run sees the same images; a file that
+    cannot be read is replaced by the next readable one (a broken file among thousands must not end a long run).
+
+    Raises:
+        DataError: from ``ds[i]``, when neither that file nor the next 9 can be read (naming the first).
+    """
+
+    def __init__(self, files: list[Path], transform, seed: int = 0, augment: bool = False) -> None:
+        self.files, self.transform, self.seed, self.augment = files, transform, seed, augment
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple:
+        for j in range(int(i), int(i) + 10):
+            try:
+                image = load_image(self.files[j % len(self.files)])
+            except ImageError:
+                continue
+            if not self.augment:
+                return self.transform(image), 0
+            with seeded_augmentation((self.seed * 1_000_003 + int(i)) % 2**31):
+                return self.transform(image), 0
+        raise DataError(f"{self.files[int(i)].name}: unreadable, and so are the 9 image files after it")
+
+
+def _image_files(root: Path, img_size: int, seed: int, val_size: int, kw: dict) -> tuple[Dataset, Dataset, list]:
+    """A folder of images without ``train/`` and ``val/`` (any layout below it; sub-folders are not classes): a
+    seeded ``min(val_size, n // 5)`` of its ``n`` images held out, the rest for training, no classes (label-free
+    runs only)."""
+    files = list_images(root)
+    if len(files) < 5:
+        raise DataError(f"{root}: {len(files)} image files ({', '.join(IMAGE_SUFFIXES)}); at least 5 are needed, one "
+                        "in five held out (or give train/ and val/ folders of classes)")
+    random.Random(seed).shuffle(files)
+    held = min(val_size, len(files) // 5)
+    return (ImageFiles(files[held:], create_transform(img_size, is_training=True, **kw), seed, augment=True),
+            ImageFiles(files[:held], create_transform(img_size, is_training=False, **kw)), [])
+
+
 def build_datasets(data: str, img_size: int, seed: int = 0, synthetic_size: int = 20_000, val_size: int = 512,
                    mean=None, std=None) -> tuple[Dataset, Dataset, list[str]]:
     """``(train, val, class_names)`` for ``"synthetic"``, ``"photos"`` (:class:`PhotoCrops`, no labels), an
-    ImageFolder root with ``train/`` and ``val/``, or a Hugging Face dataset ``hf:NAME[:CONFIG][@SPLIT]``
+    ImageFolder root with ``train/`` and ``val/``, a folder of images with neither (:class:`ImageFiles`, no labels;
+    ``val_size`` of them held out, at most one in five), or a Hugging Face dataset ``hf:NAME[:CONFIG][@SPLIT]``
     (:mod:`cait.data.hub`).
 
-    ImageFolder trees and Hub datasets use timm's transforms: training augmentation (random resized crop, flip,
-    colour jitter) for the training split, resize + centre crop for the held-out one. The photos and a Hub dataset
-    without a ``ClassLabel`` column have no class names (``[]``): only label-free runs can use them.
+    Folders and Hub datasets use timm's transforms: training augmentation (random resized crop, flip, colour
+    jitter) for the training split, resize + centre crop for the held-out one. The photos, a folder without
+    ``train/`` and ``val/`` and a Hub dataset without a ``ClassLabel`` column have no class names (``[]``): only
+    label-free runs can use them.
 
     Raises:
-        DataError: missing root, missing or empty ``train/``/``val/``, the two splits have different classes, or a
-            Hub dataset that cannot be loaded (:func:`cait.data.hub.load_splits`).
+        DataError: missing root, missing or empty ``train/``/``val/`` (a folder with one of them), the two splits
+            have different classes, a folder of fewer than 5 images, or a Hub dataset that
+            cannot be loaded (:func:`cait.data.hub.load_splits`).
     """
     kw = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     if data == "synthetic":
@@ -116,6 +171,8 @@ def build_datasets(data: str, img_size: int, seed: int = 0, synthetic_size: int 
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"{root}: no such data directory (expected {root}/train and {root}/val, or 'synthetic')")
+    if not (root / "train").is_dir() and not (root / "val").is_dir():
+        return _image_files(root, img_size, seed, val_size, kw)
     sets = {}
     for split in ("train", "val"):
         d = root / split

@@ -26,8 +26,26 @@ DISPLAY_SIDE = 1024
 """Larger images are downscaled to this longest side (pixels) on load; the model sees 224 px anyway."""
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+"""File names read as images from a directory of one's own (case-insensitive)."""
+MAX_LISTED = 200_000
+"""At most this many image files are listed from one directory tree."""
+
+
 class ImageError(ValueError):
     """An input that is not a usable image; the message says why."""
+
+
+def list_images(root: Path, limit: int = MAX_LISTED) -> list[Path]:
+    """Image files (:data:`IMAGE_SUFFIXES`) in ``root`` and below, in a fixed order (directories and names sorted),
+    at most about ``limit`` of them."""
+    files: list[Path] = []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames.sort()
+        files += [Path(dirpath) / f for f in sorted(names) if f.lower().endswith(IMAGE_SUFFIXES)]
+        if len(files) >= limit:
+            break
+    return files
 
 
 SAMPLE_PHOTOS: dict[str, str] = {

@@ -290,9 +290,11 @@ def _unpack(name: str, zf: zipfile.ZipFile, images: list[zipfile.ZipInfo], dest:
             raise ArchiveError(f"{name}: member {m.filename[:80]!r}: {why}") from None
 
 
-def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits: Limits) -> Path:
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits: Limits, unlabelled: bool = False
+                    ) -> Path:
     """Unpack an uploaded ``.zip`` of an ImageFolder tree (``train/<class>/*`` and ``val/<class>/*``) or a segmentation
-    set (``train|val/images/*`` + ``masks/*.png``, an optional ``classes.json``) into ``dest``.
+    set (``train|val/images/*`` + ``masks/*.png``, an optional ``classes.json``) into ``dest``; with ``unlabelled``
+    (a label-free job), images in any folders will do (:class:`cait.data.datasets.ImageFiles`).
 
     Only image files (and ``classes.json``) are written; every member is checked first: no absolute path, no ``..``,
     no link, names of ordinary characters (each part at most :data:`MAX_NAME_CHARS`, at most :data:`MAX_DEPTH` deep),
@@ -302,21 +304,21 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits:
     refusal ``dest`` is removed: nothing of a refused archive stays on disk.
 
     Returns:
-        The root holding ``train/`` and ``val/``.
+        The root holding ``train/`` and ``val/``, else (``unlabelled``) ``dest``.
 
     Raises:
-        ArchiveError: not a zip, an unsafe, corrupt or oversized member, or no ``train/``/``val/`` of images; the
-            message names the archive and the member, never a server path.
+        ArchiveError: not a zip, an unsafe, corrupt or oversized member, no images, or (unless ``unlabelled``) no
+            ``train/``/``val/`` of images; the message names the archive and the member, never a server path.
     """
     archive, dest = Path(archive), Path(dest)
     try:
-        return _extract(archive, dest, limits)
+        return _extract(archive, dest, limits, unlabelled)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
 
 
-def _extract(archive: Path, dest: Path, limits: Limits) -> Path:
+def _extract(archive: Path, dest: Path, limits: Limits, unlabelled: bool = False) -> Path:
     name = archive.name[:80]
     try:
         zf = zipfile.ZipFile(archive)
@@ -340,5 +342,7 @@ def _extract(archive: Path, dest: Path, limits: Limits) -> Path:
     for root in (dest, *[p for p in dest.iterdir() if p.is_dir()]):
         if (root / "train").is_dir() and (root / "val").is_dir():
             return root
+    if unlabelled and any(m.filename.lower().endswith(IMAGE_SUFFIXES) for m in images):
+        return dest
     raise ArchiveError(f"{name}: expected train/ and val/ folders (train/<class>/ images, or train/images/ and "
                        "train/masks/ for segmentation)")

@@ -167,7 +167,8 @@ class JobManager:
             self._pending[key] = self._pending.get(key, 0) + reserve
         upload, dest = self.new_upload()
         try:
-            data = extract_archive(archive, dest, self.limits)
+            data = extract_archive(archive, dest, self.limits,
+                                   unlabelled=kind == "finetune" and checked.get("labels") == "none")
             return self.submit(device, owner, visitor, upload, kind, **{**args, "data": str(data)})
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)

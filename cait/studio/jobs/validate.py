@@ -68,7 +68,8 @@ def validate_request(args: dict, limits: Limits, uploads: Path) -> dict:
     if args.get("labels") == "none" and not Path(args["model"]).is_dir() and args.get("pretrained") is not True:
         raise _bad("labels", "the original's predictions teach only with trained weights: choose the bundled model, "
                              "or a DeiT with its pretrained weights")
-    args["data"] = _data(str(args.get("data", "synthetic")).strip() or "synthetic", limits, uploads)
+    args["data"] = _data(str(args.get("data", "synthetic")).strip() or "synthetic", limits, uploads,
+                         label_free=args.get("labels") == "none")
     return args
 
 
@@ -191,7 +192,7 @@ def _model(model: str, limits: Limits) -> str:
     return model
 
 
-def _data(data: str, limits: Limits, uploads: Path, segmentation: bool = False) -> str:
+def _data(data: str, limits: Limits, uploads: Path, segmentation: bool = False, label_free: bool = False) -> str:
     if data == "synthetic" or (data == "photos" and not segmentation):
         return data
     if is_hub(data) and not limits.public:             # read by the job itself (cait.data.hub), named if it fails
@@ -212,7 +213,8 @@ def _data(data: str, limits: Limits, uploads: Path, segmentation: bool = False) 
                 shown = shown.replace(f"{path}: ", "the uploaded set: ").replace(str(path), "upload")
             raise _bad("data", shown[:1000]) from None
         return data
-    if not (path / "train").is_dir() or not (path / "val").is_dir():
-        raise _bad("data", f"{data}: expected an ImageFolder root with train/ and val/ (one folder per class) or "
-                           "'synthetic'")
+    flat = label_free and path.is_dir() and not (path / "train").exists() and not (path / "val").exists()
+    if not flat and (not (path / "train").is_dir() or not (path / "val").is_dir()):
+        raise _bad("data", f"{data}: expected an ImageFolder root with train/ and val/ (one folder per class), "
+                           + ("a folder of images, " if label_free else "") + "or 'synthetic'")
     return data

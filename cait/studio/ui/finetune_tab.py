@@ -87,9 +87,9 @@ def _layout(studio: Studio, models: dict[str, str], devices: list[str], job_ids:
                               info="without labels the twin learns from the original's outputs and tokens")
         data = gr.Textbox("synthetic", label="Data", elem_id="ft-data",
                           info="'synthetic' (or empty), 'photos' (bundled photos, random crops; no labels), or "
-                               "upload a .zip of train/CLASS/ and val/CLASS/ images" if public else
-                               "'synthetic' (or empty), 'photos' (no labels), an ImageFolder path on the server, or "
-                               "hf:NAME[:CONFIG][@SPLIT]")
+                               "upload a .zip of train/CLASS/ and val/CLASS/ images (no labels: any folders)" if public
+                          else "'synthetic' (or empty), 'photos' (no labels), an ImageFolder path on the server (no "
+                               "labels: any folder of images), or hf:NAME[:CONFIG][@SPLIT]")
         archive = gr.File(label="…or an ImageFolder .zip (train/ and val/)", file_types=[".zip"], type="filepath",
                           height=100)
         reduction = gr.Slider(0.0, 0.8, value=0.5, step=0.01, label="Total FLOPs reduction")
