@@ -62,7 +62,7 @@ class SegmentConfig:
     pyramid_channels: int = option(64, "FPN pyramid channels")
     segmentation_channels: int = option(32, "FPN segmentation channels (a multiple of 32: GroupNorm)")
     train_size: int = option(2000, "synthetic training images (one epoch)")
-    val_size: int = option(500, "synthetic held-out images")
+    val_size: int = option(500, "held-out images (synthetic, or the first rows of a Hub dataset's held-out split)")
     eval_interval: int = option(100, "evaluate every this many steps (and at the end)")
     log_interval: int = option(10, "log every this many steps")
     ckpt_interval: int = option(100, "write a training state every this many steps")
