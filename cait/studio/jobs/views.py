@@ -187,7 +187,7 @@ def finetune_estimate(model: str, steps: int, batch_size: int, flops_reduction: 
             else "a step with CDCP's compactors")
     extra = f", and calibrating the twin on {calibrate} images first" if calibrate else ""
     return (f"**Estimated time on this `{device}`:** about {_fmt_s(total)} ({per_step:.2f} s per step of {batch_size} "
-            f"images, {kind}, {how}; plus {evals} evaluations of {val_size} images{extra}). Other jobs or visitors "
+            f"images, {how}: {kind}; plus {evals} evaluations of {val_size} images{extra}). Other jobs or visitors "
             "on this machine slow it down.")
 
 
