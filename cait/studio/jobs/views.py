@@ -22,6 +22,7 @@ from ...compress.oneshot import compress
 from ...compress.plan import split_budget
 from ...compress.select import global_selection
 from ...data.synthetic import SyntheticShapes
+from ...finetune.engine import soft_distillation
 from ...finetune.rundir import RunDirError, compactor_snapshot
 from ...io.bundled import ORIGINAL_DIR
 from ...io.checkpoint import atomic_write, load_checkpoint
@@ -117,11 +118,7 @@ def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: s
             with torch.no_grad():
                 target = teacher(x)
             out = student(x)
-        if label_free:
-            loss = F.kl_div(out.float().log_softmax(-1), target.float().log_softmax(-1), log_target=True,
-                            reduction="batchmean")
-        else:
-            loss = F.cross_entropy(out, target.argmax(-1))
+        loss = soft_distillation(out, target) if label_free else F.cross_entropy(out, target.argmax(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
