@@ -22,6 +22,7 @@ from .photos import (
     IMAGE_SUFFIXES,
     SAMPLE_PHOTOS,
     ImageError,
+    item_seed,
     list_images,
     load_image,
     sample_photo,
@@ -91,8 +92,7 @@ class PhotoCrops(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> tuple:
-        seed = (self.seed * 1_000_003 + (self.split == "val") * 500_009 + int(i)) % 2**31
-        with seeded_augmentation(seed):
+        with seeded_augmentation(item_seed(self.seed, i, held_out=self.split == "val")):
             x = self.transform(self.photos[int(i) % len(self.photos)])
         return x, 0
 
@@ -120,7 +120,7 @@ class ImageFiles(Dataset):
                 continue
             if not self.augment:
                 return self.transform(image), 0
-            with seeded_augmentation((self.seed * 1_000_003 + int(i)) % 2**31):
+            with seeded_augmentation(item_seed(self.seed, i)):
                 return self.transform(image), 0
         raise DataError(f"{self.files[int(i)].name}: unreadable, and so are the 9 image files after it")
 

@@ -57,6 +57,12 @@ SAMPLE_PHOTOS: dict[str, str] = {
 }
 
 
+def item_seed(seed: int, index: int, held_out: bool = False) -> int:
+    """The augmentation seed of item ``index`` of a dataset seeded ``seed`` (its held-out split apart), for
+    :func:`seeded_augmentation`: a pure function of the three, in ``[0, 2**31)``."""
+    return (seed * 1_000_003 + held_out * 500_009 + int(index)) % 2**31
+
+
 @contextlib.contextmanager
 def seeded_augmentation(seed: int):
     """Run timm's random transforms under ``seed`` (torch's and Python's generators), then restore both, so an
