@@ -291,13 +291,41 @@ def test_teacher_tokens_pool_onto_the_students_merged_grid():
         pool_teacher_tokens(feats[:, :-1], teacher, student)
 
 
+def test_every_block_tokens_are_pooled_onto_each_blocks_grid():
+    """--token-distill-blocks all: one token set per block (timm's forward, hooks removed after), each compared with
+    the teacher's pooled onto that block's grid; blocks before the first merge match the teacher exactly, and one
+    entry is the final-features loss alone."""
+    from cait.finetune.token_distill import forward_tokens, pool_teacher_tokens, token_distill_loss, tokens_loss
+    teacher = cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0].eval()
+    L = len(teacher.blocks)
+    student = cait.apply_atme(copy.deepcopy(teacher), f"h1,v{L - 1}").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        t, s = forward_tokens(teacher, x, every_block=True), forward_tokens(student, x, every_block=True)
+        assert len(t) == len(s) == L and all(not b._forward_hooks for b in student.blocks)
+        torch.testing.assert_close(s[-1], student.forward_features(x))
+        H, W = cait.models.atme.patch_grid(teacher)
+        assert [u.shape[1] for u in s] == [1 + H * W] + [1 + H * W // 2] * (L - 2) + [1 + H * W // 4]
+        torch.testing.assert_close(s[0], t[0])                             # block 0 is before every merge
+        assert float(tokens_loss(t, t, teacher, teacher)) == 0.0
+        per_block = [float(token_distill_loss(s[i], pool_teacher_tokens(t[i], teacher, student, i if i < L - 1
+                                                                        else None))) for i in range(L)]
+        assert per_block[0] < 1e-10 and min(per_block[1:]) > 1e-6          # merged blocks differ from the teacher
+        assert float(tokens_loss(s, t, teacher, student)) == pytest.approx(sum(per_block) / L, rel=1e-5)
+        assert float(tokens_loss(s[-1:], t[-1:], teacher, student)) == pytest.approx(per_block[-1], rel=1e-6)
+        with pytest.raises(ValueError, match="token sets"):
+            tokens_loss(s, t[-1:], teacher, student)
+
+
 def test_token_distillation_and_cpu_bf16_change_the_label_free_loss(tmp_path):
-    """--token-distill adds the token term to the first step's loss (same seed, same batch); --cpu-bf16 runs the
-    step under bfloat16 autocast on the CPU: close to float32, not equal. Both refused where they cannot apply."""
+    """--token-distill adds the token term to the first step's loss (same seed, same batch), and
+    --token-distill-blocks all its every-block form; --cpu-bf16 runs the step under bfloat16 autocast on the CPU:
+    close to float32, not equal. All refused where they cannot apply."""
     teacher = cait.save_pretrained(cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0],
                                    tmp_path / "teacher")
     first = {}
-    runs = (("logits", {}), ("tokens", {"token_distill": 1.0}), ("bf16", {"token_distill": 1.0, "cpu_bf16": True}))
+    runs = (("logits", {}), ("tokens", {"token_distill": 1.0}), ("bf16", {"token_distill": 1.0, "cpu_bf16": True}),
+            ("blocks", {"token_distill": 1.0, "token_distill_blocks": "all"}))
     for name, kw in runs:
         finetune(_cfg(tmp_path / name, model=str(teacher), labels="none", steps=2, eval_interval=100,
                       log_interval=1, **kw))
@@ -305,8 +333,13 @@ def test_token_distillation_and_cpu_bf16_change_the_label_free_loss(tmp_path):
         first[name] = next(r["loss"] for r in log if r.get("type") == "train")
     assert first["tokens"] > first["logits"] + 1e-3
     assert first["bf16"] != first["tokens"] and first["bf16"] == pytest.approx(first["tokens"], rel=0.1)
+    assert abs(first["blocks"] - first["tokens"]) > 1e-4                # every block's term, not the last one alone
     with pytest.raises(FinetuneError, match="--token-distill"):
         finetune(_cfg(tmp_path / "labelled", model=str(teacher), token_distill=1.0, steps=2))
+    with pytest.raises(FinetuneError, match="--token-distill-blocks"):
+        finetune(_cfg(tmp_path / "bad", model=str(teacher), labels="none", token_distill=1.0,
+                      token_distill_blocks="every", steps=2))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_report_to_mirrors_the_log_into_trackio_and_tensorboard(tmp_path):

@@ -187,6 +187,9 @@ def _check(cfg: FinetuneConfig, world: int) -> None:
     check_report_to(cfg.report_to)
     if cfg.token_distill < 0 or (cfg.token_distill > 0 and cfg.labels != "none"):
         raise FinetuneError(f"--token-distill (got {cfg.token_distill}) must be >= 0, and > 0 only with --labels none")
+    if cfg.token_distill_blocks not in ("last", "all"):
+        raise FinetuneError(f"--token-distill-blocks must be 'last' or 'all', "
+                            f"got {str(cfg.token_distill_blocks)[:20]!r}")
     if not cfg.temperature > 0:
         raise FinetuneError(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.token_labels > 0 and (cfg.data != "synthetic" or cfg.mixup > 0 or cfg.cutmix > 0):
@@ -228,7 +231,7 @@ def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device, out: Pat
     cdcp = split.target_flops < spec.flops()
     student = (add_compactors(student) if cdcp else student).to(device)
     trainee = (TokenLabelled(student, len(data.classes)) if cfg.token_labels > 0
-               else WithTokens(student) if cfg.token_distill > 0 else student)
+               else WithTokens(student, cfg.token_distill_blocks == "all") if cfg.token_distill > 0 else student)
     try:                                                  # fail now, not after hours, if the target is out of reach
         if cdcp:
             select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to)

@@ -52,6 +52,9 @@ class FinetuneConfig:
     token_distill: float = option(0.0, "weight of token distillation with --labels none: the student's final tokens "
                                   "also match the teacher's pooled onto its merged grid (relative MSE, "
                                   "cait.finetune.token_distill); 0: logits only")
+    token_distill_blocks: str = option("last", "which tokens --token-distill matches: 'last' (the final-norm "
+                                       "features) or 'all' (every block's output too, each pooled onto that "
+                                       "block's grid, the relative errors averaged)")
     calibrate: int = option(0, "start from the calibrated twin (cait.compress.compress): ATME, channels chosen by "
                             "Fisher scores on the teacher's predictions and each block refit to the teacher's tokens "
                             "on this many unlabelled images (--calibration-data); it already meets the FLOPs target, "
@@ -88,8 +91,9 @@ class FinetuneConfig:
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
                 "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr",
                 "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "labels", "temperature",
-                "token_distill", "calibrate", "calibration_data", "token_labels", "lasso", "mask_interval",
-                "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to", "val_size", "synthetic_size", "seed")
+                "token_distill", "token_distill_blocks", "calibrate", "calibration_data", "token_labels", "lasso",
+                "mask_interval", "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to", "val_size", "synthetic_size",
+                "seed")
 
     def to_dict(self) -> dict:
         """All fields, JSON-ready."""

@@ -40,7 +40,7 @@ from .distributed import broadcast, out_of_time, seed_step, setup_distributed
 from .lasso import (apply_gradient_rule, max_masked_row_norm, reset_optimizer_rows_, shrink_masked_rows_,
                     zero_masked_rows_)
 from .records import EvalRecord, FinalRecord, StoppedRecord, TrainRecord
-from .token_distill import pool_teacher_tokens, token_distill_loss
+from .token_distill import forward_tokens, tokens_loss
 from .token_labels import drop_token_head, token_label_loss, token_targets
 
 
@@ -153,16 +153,15 @@ def _loss(run: Run, x: torch.Tensor, y: torch.Tensor, batch: list[torch.Tensor])
     bf16 = cfg.amp if run.device.type == "cuda" else cfg.cpu_bf16
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = run.model(x)
-        extra = out[1] if isinstance(out, tuple) else None  # token logits (TokenLabelled) or features (WithTokens)
+        extra = out[1] if isinstance(out, tuple) else None  # token logits (TokenLabelled) or tokens (WithTokens)
         logits = out[0] if isinstance(out, tuple) else out
         if cfg.labels == "none":                           # label-free: the teacher's outputs are the targets
-            with torch.no_grad():
-                t_feats = nets.teacher.forward_features(x)  # (B, 1 + H·W, C)
-                t_logits = nets.teacher.forward_head(t_feats)
+            with torch.no_grad():                          # [..., (B, 1 + H·W, C) final features]
+                t_tokens = forward_tokens(nets.teacher, x, cfg.token_distill_blocks == "all")
+                t_logits = nets.teacher.forward_head(t_tokens[-1])
             loss = soft_distillation(logits, t_logits, cfg.temperature)
             if cfg.token_distill > 0:
-                target = pool_teacher_tokens(t_feats, nets.teacher, nets.student)
-                loss = loss + cfg.token_distill * token_distill_loss(extra, target)
+                loss = loss + cfg.token_distill * tokens_loss(extra, t_tokens, nets.teacher, nets.student)
             return loss
         loss = run.optim.criterion(logits, y)
         if nets.alpha > 0:

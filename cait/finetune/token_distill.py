@@ -12,6 +12,11 @@ error of the final-norm features, CLS token included::
 Worked example, DeiT-Tiny with ``h4,v9`` (14×14 patches, last block on 7×7): the teacher's ``(B, 197, 192)``
 features become ``(B, 1 + 49, 192)``, each of the 49 the mean of its 2×2 patches; the student's ``(B, 50, 192)``
 are compared with them.
+
+With ``--token-distill-blocks all`` every block's output is a target too (block b's pooled onto the grid block b
+outputs: ``(B, 197, 192)`` for blocks 0–3, ``(B, 1 + 98, 192)`` for 4–8, ``(B, 50, 192)`` after), and the loss is the
+mean of the relative errors of blocks 0…L−2 and of the final-norm features: the refit's per-block targets, kept
+through training (a choice of ours, in the spirit of layer-wise distillation; not in the paper).
 """
 from __future__ import annotations
 
@@ -21,26 +26,56 @@ import torch.nn as nn
 from ..models.atme import get_layout, patch_grid, pool_to_block
 
 
+def forward_tokens(model: nn.Module, x: torch.Tensor, every_block: bool = False) -> list[torch.Tensor]:
+    """``model.forward_features(x)`` (timm's own forward, hooks read the blocks): ``[features]``, the final-norm
+    ``(B, 1 + h·w, C)``; with ``every_block``, ``[block 0 output, …, block L−2 output, features]``."""
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in model.blocks[:-1]] if every_block else []
+    try:
+        feats = model.forward_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs + [feats]
+
+
 class WithTokens(nn.Module):
-    """A DeiT that returns its tokens too: ``forward(x)`` → ``(logits (B, K), features (B, 1 + h·w, C))``, the
-    features after the final norm. Wrap this module, not the model, in DDP."""
+    """A DeiT that returns its tokens too: ``forward(x)`` → ``(logits (B, K), tokens)``, ``tokens`` the list of
+    :func:`forward_tokens` (its last entry the features after the final norm, ``(B, 1 + h·w, C)``). Wrap this
+    module, not the model, in DDP."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, every_block: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.every_block = model, every_block
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.model.forward_features(x)                                  # (B, 1 + h·w, C)
-        return self.model.forward_head(feats), feats
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tokens = forward_tokens(self.model, x, self.every_block)
+        return self.model.forward_head(tokens[-1]), tokens
 
 
-def pool_teacher_tokens(feats: torch.Tensor, teacher: nn.Module, student: nn.Module) -> torch.Tensor:
-    """The teacher's final features pooled onto the grid the student's last block outputs.
+def tokens_loss(student_tokens: list[torch.Tensor], teacher_tokens: list[torch.Tensor], teacher: nn.Module,
+                student: nn.Module) -> torch.Tensor:
+    """Mean :func:`token_distill_loss` over matching :func:`forward_tokens` lists, the teacher's entry i pooled
+    onto the grid of the student's block i (the last entry: its last block). One entry each: the final features'
+    loss alone. Raises ``ValueError`` if the lists differ in length (or as :func:`pool_teacher_tokens`)."""
+    if len(student_tokens) != len(teacher_tokens):
+        raise ValueError(f"{len(student_tokens)} student token sets against {len(teacher_tokens)} of the teacher")
+    last = len(student.blocks) - 1
+    blocks = [i for i in range(len(teacher_tokens) - 1)] + [last]
+    losses = [token_distill_loss(s, pool_teacher_tokens(t, teacher, student, b))
+              for s, t, b in zip(student_tokens, teacher_tokens, blocks)]
+    return torch.stack(losses).mean()
+
+
+def pool_teacher_tokens(feats: torch.Tensor, teacher: nn.Module, student: nn.Module, block: int | None = None
+                        ) -> torch.Tensor:
+    """The teacher's tokens pooled onto the grid the student's block ``block`` outputs (default: its last block).
 
     Args:
-        feats: ``(B, 1 + H·W, C)`` teacher features (one prefix token, the CLS).
+        feats: ``(B, 1 + H·W, C)`` teacher tokens (one prefix token, the CLS).
         teacher: the unmerged DeiT they came from.
         student: the ATME DeiT made from it.
+        block: index of the student's block whose output grid is the target's.
 
     Returns:
         ``(B, 1 + h·w, C)``: the CLS token as is, the patch tokens averaged by the student's merges.
@@ -53,7 +88,8 @@ def pool_teacher_tokens(feats: torch.Tensor, teacher: nn.Module, student: nn.Mod
     if N != 1 + H * W or patch_grid(student) != (H, W):
         raise ValueError(f"token distillation needs the teacher's {H}x{W} patch grid and a student made from it; "
                          f"got {N} tokens")
-    patches = pool_to_block(feats[:, 1:].reshape(B, H, W, C), get_layout(student), len(student.blocks) - 1)
+    block = len(student.blocks) - 1 if block is None else block
+    patches = pool_to_block(feats[:, 1:].reshape(B, H, W, C), get_layout(student), block)
     return torch.cat([feats[:, :1], patches.reshape(B, -1, C)], dim=1)
 
 

@@ -61,7 +61,8 @@ class TokenLabelled(WithTokens):
         super().__init__(model)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, feats = super().forward(x)                                      # (B, K), (B, 1 + h·w, C)
+        logits, tokens = super().forward(x)
+        feats = tokens[-1]                                                      # (B, 1 + h·w, C)
         npre = getattr(self.model, "num_prefix_tokens", 1)
         return logits, self.model.token_head(feats[:, npre:])
 
