@@ -33,7 +33,8 @@ FIELD_NAMES = {"model": "Model", "data": "Data", "flops_reduction": "FLOPs reduc
                "batch_size": "Batch size", "img_size": "Image size", "backbone": "Backbone", "baseline": "Baseline",
                "backbone_lr": "Backbone LR (end to end)", "lr": "Decoder LR", "merge": "Layout",
                "train_size": "Training images", "val_size": "Held-out images", "labels": "Targets",
-               "temperature": "Temperature", "token_distill": "Token distillation", "calibrate": "Calibration images",
+               "temperature": "Temperature", "token_distill": "Token distillation",
+               "token_distill_blocks": "Token distillation blocks", "calibrate": "Calibration images",
                "calibration_data": "Calibration data", "cpu_bf16": "bf16 on the CPU", "report_to": "Report to"}
 """The Fine-tune tab's label for each option, so an error names the field the visitor sees."""
 
