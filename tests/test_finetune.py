@@ -243,6 +243,34 @@ def test_calibrate_starts_the_student_from_the_calibrated_twin_s_merges(tmp_path
     assert all(not torch.equal(a, b) for a, b in zip(fusions[0], fusions[16]))
 
 
+def test_calibrate_start_merges_keeps_every_channel_for_cdcp_to_prune(tmp_path):
+    """--calibrate-start merges: the layout refit alone (cait.compress.calibrate_merges: the teacher's widths, merges
+    no longer average pooling), so CDCP's compactors train and the run still ends at the FLOPs target; a start that
+    is neither 'twin' nor 'merges' is refused before anything is written."""
+    import cait.finetune.build as build
+    from cait.compress.plan import atme_reduction, layout_spec
+    from cait.compress.prune import is_pruned
+    torch.manual_seed(0)
+    teacher = cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0]
+    path = cait.save_pretrained(teacher, tmp_path / "teacher")
+    kw = dict(model=str(path), labels="none", calibrate=16, flops_reduction=0.6, merge="h1,v3")
+    run = build.build_run(_cfg(tmp_path / "m", calibrate_start="merges", steps=1, **kw), 0, 1, torch.device("cpu"))
+    assert run.nets.cdcp and not is_pruned(run.nets.student)
+    assert cait.describe(run.nets.student).flops() == layout_spec(teacher, "h1,v3").flops()
+    plain = cait.apply_atme(copy.deepcopy(teacher), "h1,v3")
+    fuse = [m.weight for n, m in run.nets.student.named_modules() if n.endswith(".fuse")]
+    assert fuse and all(not torch.equal(a, m.weight) for a, (n, m) in
+                        zip(fuse, [(n, m) for n, m in plain.named_modules() if n.endswith(".fuse")]))
+    summary = finetune(_cfg(tmp_path / "r", calibrate_start="merges", steps=20, **kw))
+    assert summary.flops_reduction >= 0.6 and summary.max_removed_row_norm == 0.0
+    kept = cait.load_pretrained(tmp_path / "r" / "run" / "calibrated")
+    assert kept.cait_meta.kind == "calibrated" and kept.cait_meta.calibration.images == 16
+    assert kept.cait_meta.achieved_reduction == pytest.approx(atme_reduction(teacher, "h1,v3"), abs=1e-6)
+    with pytest.raises(FinetuneError, match="--calibrate-start must be 'twin' or 'merges'"):
+        finetune(_cfg(tmp_path / "bad", calibrate_start="channels", steps=2, **kw))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_resume_reads_its_calibrated_start_back_and_refuses_a_corrupt_one(tmp_path, monkeypatch):
     """--calibrate keeps its twin in OUTPUT/calibrated; a resume trains those weights (not a fresh calibration), and a
     damaged copy stops the resume by name, leaving the training state as it was."""

@@ -7,10 +7,11 @@ Torch-Pruning's split: importance (how much a unit matters), algorithm (which un
     select      the masked set S with head- and attention-level consistency                 (Alg. 1–3)
     prune       fold compactors and remove S → the compact model                            (§III-C)
     refit       training-free least-squares refit of each block's output Linears            (Kwon et al. 2022)
-    oneshot     compress(model, R[, calibration=...]): all of the above without training
+    oneshot     compress(model, R[, calibration=...]): all of the above without training;
+                calibrate_merges(model, layout, images): ATME refit alone, a start for CDCP fine-tuning
 
 ``python -m cait.compress`` runs :mod:`cait.cli.compress`.
 """
-from .oneshot import compress
+from .oneshot import calibrate_merges, compress
 
-__all__ = ["compress"]
+__all__ = ["calibrate_merges", "compress"]

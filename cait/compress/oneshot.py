@@ -23,11 +23,11 @@ import torch.nn as nn
 from ..data.calibration import calibration_images
 from ..models.atme import apply_atme
 from ..models.deit import architecture
-from ..models.layout import LayoutLike
+from ..models.layout import Layout, LayoutLike
 from ..models.meta import CalibrationSummary, ModelMeta, meta_of
 from ..models.spec import describe
 from .importance import fisher_scores, per_flop, tensor_batches, weight_scores
-from .plan import BudgetSplit, split_budget
+from .plan import BudgetSplit, atme_reduction, split_budget
 from .prune import prune
 from .refit import refit_
 from .select import select_channels
@@ -85,6 +85,41 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
             images=len(images), source=calibration if isinstance(calibration, str) else type(calibration).__name__,
             seconds=round(time.perf_counter() - t0, 1), block_mse=[round(b["mse_after"], 6) for b in fit["blocks"]])
     out.cait_meta = _meta(model, spec.with_widths(mask.widths()).flops(), split, round_to, summary)
+    return out
+
+
+def calibrate_merges(model: nn.Module, layout: LayoutLike, calibration, calibration_size: int = 256,
+                     batch_size: int = 32, seed: int = 0, progress=None) -> nn.Module:
+    """ATME alone, calibrated: ``layout`` applied to a copy of ``model`` and each block's merge fusion, ``proj`` and
+    ``fc2`` refit to the original's tokens (:func:`cait.compress.refit.refit_`) on unlabelled images; every channel
+    kept. The start of a fine-tune whose CDCP prunes during training (``python -m cait.finetune --calibrate N
+    --calibrate-start merges``), where :func:`compress` would prune before it.
+
+    Args:
+        model: an uncompressed timm DeiT; it is not modified.
+        layout: the ATME layout (``"h4,v9"`` or ``{4: "h", 9: "v"}``).
+        calibration, calibration_size, batch_size, seed, progress: as for :func:`compress`.
+
+    Returns:
+        The ATME DeiT (merged, unpruned), its FLOPs those of the layout (:func:`cait.compress.plan.atme_reduction`).
+
+    Raises:
+        ValueError: if the layout does not fit the model.
+        cait.data.datasets.DataError: for calibration data that cannot be used.
+    """
+    out = apply_atme(copy.deepcopy(model).eval(), layout)
+    t0 = time.perf_counter()
+    images = calibration_images(calibration, calibration_size, model, seed)
+    fit = refit_(out, model, images, batch_size, progress=progress)
+    reduction = round(atme_reduction(model, layout), 6)
+    summary = CalibrationSummary(
+        images=len(images), source=calibration if isinstance(calibration, str) else type(calibration).__name__,
+        seconds=round(time.perf_counter() - t0, 1), block_mse=[round(b["mse_after"], 6) for b in fit["blocks"]])
+    out.cait_meta = ModelMeta(kind="calibrated", base_model=architecture(model), flops_reduction=reduction,
+                              merge=str(Layout.parse(layout)), atme_reduction=reduction, achieved_reduction=reduction,
+                              classes=meta_of(model).classes, calibration=summary,
+                              note=f"ATME refit on {len(images)} unlabelled images, every channel kept: a start for "
+                                   f"CDCP fine-tuning")
     return out
 
 

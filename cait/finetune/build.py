@@ -24,7 +24,7 @@ from timm.scheduler import CosineLRScheduler
 from ..compress.importance import compactor_scores
 from ..compress.plan import BudgetSplit, split_budget
 from ..compress.prune import is_pruned
-from ..compress.oneshot import compress
+from ..compress.oneshot import calibrate_merges, compress
 from ..compress.select import ChannelMask, select_channels
 from ..data.datasets import DataError, StepBatchSampler, Unlabelled, build_datasets
 from ..io.checkpoint import CheckpointError, load_checkpoint, read_config, save_pretrained
@@ -187,6 +187,8 @@ def _check(cfg: FinetuneConfig, world: int) -> None:
     check_report_to(cfg.report_to)
     if cfg.token_distill < 0 or (cfg.token_distill > 0 and cfg.labels != "none"):
         raise FinetuneError(f"--token-distill (got {cfg.token_distill}) must be >= 0, and > 0 only with --labels none")
+    if cfg.calibrate_start not in ("twin", "merges"):
+        raise FinetuneError(f"--calibrate-start must be 'twin' or 'merges', got {str(cfg.calibrate_start)[:20]!r}")
     if cfg.token_distill_blocks not in ("last", "all"):
         raise FinetuneError(f"--token-distill-blocks must be 'last' or 'all', "
                             f"got {str(cfg.token_distill_blocks)[:20]!r}")
@@ -252,8 +254,10 @@ def _calibrated_twin(teacher: nn.Module, cfg: FinetuneConfig, split: BudgetSplit
     """The student as the app's calibrated twin (:func:`cait.compress.compress`): the planned ATME layout, channels
     chosen by Fisher scores on the teacher's own predictions, and each block's fusion, ``proj`` and ``fc2`` refit to
     the teacher's tokens, on ``cfg.calibrate`` unlabelled images of ``cfg.calibration_data``; it already meets the
-    FLOPs target, so the run distills it without compactors. Kept in ``out/calibrated``, from which a resume reads
-    it back (the same widths, without calibrating again); every DDP rank makes the same twin (a seeded draw)."""
+    FLOPs target, so the run distills it without compactors. With ``--calibrate-start merges``, the layout refit
+    alone (:func:`cait.compress.calibrate_merges`), every channel kept for CDCP to prune. Kept in
+    ``out/calibrated``, from which a resume reads it back (the same widths, without calibrating again); every DDP
+    rank makes the same twin (a seeded draw)."""
     kept = out / "calibrated"
     if cfg.resume and (kept / "config.json").is_file():
         try:
@@ -261,9 +265,12 @@ def _calibrated_twin(teacher: nn.Module, cfg: FinetuneConfig, split: BudgetSplit
         except CheckpointError as e:
             raise FinetuneError(f"{kept}: the run's calibrated start cannot be read ({e})") from None
     try:
-        twin = compress(teacher, split.total_reduction, layout=split.layout, min_channels=cfg.min_channels,
-                        round_to=cfg.round_to, calibration=cfg.calibration_data, calibration_size=cfg.calibrate,
-                        seed=cfg.seed)
+        if cfg.calibrate_start == "merges":
+            twin = calibrate_merges(teacher, split.layout, cfg.calibration_data, cfg.calibrate, seed=cfg.seed)
+        else:
+            twin = compress(teacher, split.total_reduction, layout=split.layout, min_channels=cfg.min_channels,
+                            round_to=cfg.round_to, calibration=cfg.calibration_data, calibration_size=cfg.calibrate,
+                            seed=cfg.seed)
     except (DataError, ValueError) as e:
         raise FinetuneError(f"--calibrate: {e}") from None
     if rank == 0:

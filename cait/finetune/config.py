@@ -59,6 +59,9 @@ class FinetuneConfig:
                             "Fisher scores on the teacher's predictions and each block refit to the teacher's tokens "
                             "on this many unlabelled images (--calibration-data); it already meets the FLOPs target, "
                             "so no compactors are trained. 0: merges start as average pooling, CDCP prunes")
+    calibrate_start: str = option("twin", "what --calibrate starts from: 'twin' (the calibrated twin above) or "
+                                  "'merges' (the ATME layout with each block refit on those images, every channel "
+                                  "kept: CDCP's compactors then prune to the FLOPs target during training)")
     calibration_data: str = option("default", "the images --calibrate draws: 'default' (bundled photos and "
                                    "synthetic shapes), 'photos', 'synthetic', a folder of images, or "
                                    "hf:NAME[:CONFIG][@SPLIT]")
@@ -91,9 +94,9 @@ class FinetuneConfig:
     IDENTITY = ("model", "pretrained", "data", "flops_reduction", "merge", "atme_share", "steps", "batch_size",
                 "img_size", "lr", "min_lr", "lr_warmup", "weight_decay", "compactor_beta1", "compactor_lr",
                 "mask_shrink", "label_smoothing", "mixup", "cutmix", "distill_alpha", "labels", "temperature",
-                "token_distill", "token_distill_blocks", "calibrate", "calibration_data", "token_labels", "lasso",
-                "mask_interval", "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to", "val_size", "synthetic_size",
-                "seed")
+                "token_distill", "token_distill_blocks", "calibrate", "calibrate_start", "calibration_data",
+                "token_labels", "lasso", "mask_interval", "cdcp_warmup", "cdcp_ramp", "min_channels", "round_to",
+                "val_size", "synthetic_size", "seed")
 
     def to_dict(self) -> dict:
         """All fields, JSON-ready."""
