@@ -61,7 +61,7 @@ def tokens_loss(student_tokens: list[torch.Tensor], teacher_tokens: list[torch.T
     if len(student_tokens) != len(teacher_tokens):
         raise ValueError(f"{len(student_tokens)} student token sets against {len(teacher_tokens)} of the teacher")
     last = len(student.blocks) - 1
-    blocks = [i for i in range(len(teacher_tokens) - 1)] + [last]
+    blocks = list(range(len(teacher_tokens) - 1)) + [last]
     losses = [token_distill_loss(s, pool_teacher_tokens(t, teacher, student, b))
               for s, t, b in zip(student_tokens, teacher_tokens, blocks)]
     return torch.stack(losses).mean()
