@@ -80,10 +80,7 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
     prune(out, mask)
     summary = None
     if images is not None:
-        fit = refit_(out, model, images, batch_size, progress=progress)
-        summary = CalibrationSummary(
-            images=len(images), source=calibration if isinstance(calibration, str) else type(calibration).__name__,
-            seconds=round(time.perf_counter() - t0, 1), block_mse=[round(b["mse_after"], 6) for b in fit["blocks"]])
+        summary = _summary(calibration, images, refit_(out, model, images, batch_size, progress=progress), t0)
     out.cait_meta = _meta(model, spec.with_widths(mask.widths()).flops(), split, round_to, summary)
     return out
 
@@ -110,17 +107,22 @@ def calibrate_merges(model: nn.Module, layout: LayoutLike, calibration, calibrat
     out = apply_atme(copy.deepcopy(model).eval(), layout)
     t0 = time.perf_counter()
     images = calibration_images(calibration, calibration_size, model, seed)
-    fit = refit_(out, model, images, batch_size, progress=progress)
+    summary = _summary(calibration, images, refit_(out, model, images, batch_size, progress=progress), t0)
     reduction = round(atme_reduction(model, layout), 6)
-    summary = CalibrationSummary(
-        images=len(images), source=calibration if isinstance(calibration, str) else type(calibration).__name__,
-        seconds=round(time.perf_counter() - t0, 1), block_mse=[round(b["mse_after"], 6) for b in fit["blocks"]])
     out.cait_meta = ModelMeta(kind="calibrated", base_model=architecture(model), flops_reduction=reduction,
                               merge=str(Layout.parse(layout)), atme_reduction=reduction, achieved_reduction=reduction,
                               classes=meta_of(model).classes, calibration=summary,
                               note=f"ATME refit on {len(images)} unlabelled images, every channel kept: a start for "
                                    f"CDCP fine-tuning")
     return out
+
+
+def _summary(calibration, images: torch.Tensor, fit: dict, t0: float) -> CalibrationSummary:
+    """What a calibration used and reached: the images, their source, the seconds since ``t0`` and each block's
+    refit error (``fit``: :func:`cait.compress.refit.refit_`'s report)."""
+    return CalibrationSummary(
+        images=len(images), source=calibration if isinstance(calibration, str) else type(calibration).__name__,
+        seconds=round(time.perf_counter() - t0, 1), block_mse=[round(b["mse_after"], 6) for b in fit["blocks"]])
 
 
 def _meta(model: nn.Module, flops: int, split: BudgetSplit, round_to: int,
