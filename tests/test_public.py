@@ -355,6 +355,9 @@ def test_local_mode_keeps_full_power_and_validates_at_submit(tmp_path):
     with pytest.raises(JobError, match=r"Token distillation blocks: \['all'\] is not 'last' or 'all'"):
         jm.validate(dict(free, token_distill_blocks=["all"]))
     assert jm.validate(dict(free, token_distill_blocks="all"))["token_distill_blocks"] == "all"
+    with pytest.raises(JobError, match=r"Calibrated start: 'channels' is not 'twin' or 'merges'"):
+        jm.validate(dict(free, calibrate_start="channels"))
+    assert jm.validate(dict(free, calibrate_start="merges"))["calibrate_start"] == "merges"
     with pytest.raises(JobError, match="Data: 'hf:a/b@': expected hf:NAME"):
         jm.submit(**dict(LONG, data="hf:a/b@"))
     with pytest.raises(JobError, match="Batch size: 7 is odd"):

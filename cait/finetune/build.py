@@ -34,7 +34,7 @@ from ..models.compactors import add_compactors, iter_compactors
 from ..models.deit import architecture, create_model, resize_input, update_cfg
 from ..models.meta import ModelMeta
 from ..models.spec import ModelSpec, describe
-from .config import FinetuneConfig, FinetuneError
+from .config import CALIBRATE_STARTS, TOKEN_DISTILL_BLOCKS, FinetuneConfig, FinetuneError
 from .lasso import FlopsSchedule
 from .records import Record, StartRecord
 from .report import RunLog, check_report_to
@@ -187,9 +187,9 @@ def _check(cfg: FinetuneConfig, world: int) -> None:
     check_report_to(cfg.report_to)
     if cfg.token_distill < 0 or (cfg.token_distill > 0 and cfg.labels != "none"):
         raise FinetuneError(f"--token-distill (got {cfg.token_distill}) must be >= 0, and > 0 only with --labels none")
-    if cfg.calibrate_start not in ("twin", "merges"):
+    if cfg.calibrate_start not in CALIBRATE_STARTS:
         raise FinetuneError(f"--calibrate-start must be 'twin' or 'merges', got {str(cfg.calibrate_start)[:20]!r}")
-    if cfg.token_distill_blocks not in ("last", "all"):
+    if cfg.token_distill_blocks not in TOKEN_DISTILL_BLOCKS:
         raise FinetuneError(f"--token-distill-blocks must be 'last' or 'all', "
                             f"got {str(cfg.token_distill_blocks)[:20]!r}")
     if not cfg.temperature > 0:

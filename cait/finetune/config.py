@@ -15,6 +15,12 @@ def option(default, help: str, **kw):
 
 
 
+TOKEN_DISTILL_BLOCKS = ("last", "all")
+"""The values of ``--token-distill-blocks``."""
+CALIBRATE_STARTS = ("twin", "merges")
+"""The values of ``--calibrate-start``."""
+
+
 @dataclass
 class FinetuneConfig:
     """Every option of a run; the command line has one flag per field (``--flops-reduction`` for flops_reduction)."""

@@ -35,6 +35,7 @@ FIELD_NAMES = {"model": "Model", "data": "Data", "flops_reduction": "FLOPs reduc
                "train_size": "Training images", "val_size": "Held-out images", "labels": "Targets",
                "temperature": "Temperature", "token_distill": "Token distillation",
                "token_distill_blocks": "Token distillation blocks", "calibrate": "Calibration images",
+               "calibrate_start": "Calibrated start",
                "calibration_data": "Calibration data", "cpu_bf16": "bf16 on the CPU", "report_to": "Report to"}
 """The Fine-tune tab's label for each option, so an error names the field the visitor sees."""
 

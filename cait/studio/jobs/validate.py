@@ -9,7 +9,7 @@ from ...data.datasets import DataError
 from ...data.hub import HubSpec, is_hub
 from ...data.segmentation import check_folder
 from ...dense.train import SegmentConfig
-from ...finetune.config import FinetuneConfig
+from ...finetune.config import CALIBRATE_STARTS, TOKEN_DISTILL_BLOCKS, FinetuneConfig
 from ...finetune.report import REPORT_TO
 from ...io.bundled import ASSETS_DIR, ORIGINAL_DIR
 from ...models.deit import PATCH_SIZES
@@ -74,16 +74,18 @@ def validate_request(args: dict, limits: Limits, uploads: Path) -> dict:
 
 
 def _label_free(args: dict, limits: Limits) -> None:
-    """The label-free options: token distillation's weight and blocks, calibration images and their source, bf16 on
-    the CPU, and (not on a public Space, where nothing is written outside the runs directory) a tracker."""
+    """The label-free options: token distillation's weight and blocks, calibration images, their source and the
+    start they calibrate, bf16 on the CPU, and (not on a public Space, where nothing is written outside the runs
+    directory) a tracker."""
     w = args.get("token_distill", 0.0)
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 100:
         raise _bad("token_distill", f"{repr(w)[:40]} is outside 0 to 100")
     if w > 0 and args.get("labels", "data") != "none":
         raise _bad("token_distill", "applies only when the targets are the original's predictions (labels: none)")
-    blocks = args.get("token_distill_blocks", "last")
-    if blocks not in ("last", "all"):
-        raise _bad("token_distill_blocks", f"{repr(blocks)[:20]} is not 'last' or 'all'")
+    for key, allowed in (("token_distill_blocks", TOKEN_DISTILL_BLOCKS), ("calibrate_start", CALIBRATE_STARTS)):
+        value = args.get(key, allowed[0])
+        if value not in allowed:
+            raise _bad(key, f"{repr(value)[:20]} is not {' or '.join(repr(a) for a in allowed)}")
     _whole(args, "calibrate", 0, PUBLIC_MAX_IMAGES if limits.public else 100_000, FinetuneConfig, limits.public)
     source = args.get("calibration_data", "default")
     if source not in CALIBRATION_SOURCES:
