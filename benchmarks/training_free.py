@@ -6,20 +6,23 @@
 For a model trained on the synthetic shapes (the bundled original, or a checkpoint of ``cait.finetune``), builds:
 
 * ``cait_calibrated[<layout>]``: ``cait.compress(..., calibration=...)`` for each layout asked for (``planned``: the
-  budget split's ATME layout; ``none``: CDCP only; or an explicit one such as ``h8,v10``);
+  paper's budget split; ``measured``: the measured planner's choice, its search in ``planner``; ``none``: CDCP only;
+  or an explicit one such as ``h8,v10``);
 * ``cait_preview``: the weight-norm preview (planned layout);
 * ``tome``: ToMe (cait.baselines.tome) scheduled to the calibrated twin's FLOPs;
 * ``cait_finetuned``: the bundled CAIT twin, when the model is the bundled original;
 
 and measures each on the same held-out images (top-1 %, agreement with the original's predictions %, top-1 per class
 and the three most frequent confusions as ``"true->predicted": images``) and on the CPU in one alternating run
-(images/s at the batch size). Prints one JSON object, with the calibration cost in seconds.
+(images/s at the batch size; the speed-up is the median over ``--rounds`` rounds, each timing every model once, with
+its range). Prints one JSON object, with the calibration cost in seconds.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cait  # noqa: E402
 from cait.baselines.tome import apply_tome, tome_flops, tome_schedule  # noqa: E402
+from cait.measure.frontier import search_layouts  # noqa: E402
 from cait.measure.speed import compare_throughput  # noqa: E402
 from cait.io.bundled import bundled_pair  # noqa: E402
 from cait.data.synthetic import CLASSES, SyntheticShapes  # noqa: E402
@@ -52,8 +56,11 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="bundled", help="'bundled' or a checkpoint directory of an uncompressed model")
     p.add_argument("--flops-reduction", type=float, default=0.5)
-    p.add_argument("--layouts", default="planned,none", help="comma-separated: planned, none, or explicit layouts "
-                                                             "(';' between the items of one layout is not needed)")
+    p.add_argument("--layouts", nargs="+", default=["planned", "none"],
+                   help="one argument per layout: planned (the paper's budget split), measured (the measured "
+                        "planner's choice, cait.measure.frontier), none (CDCP only) or an explicit layout such as "
+                        "h5,v10")
+    p.add_argument("--max-merges", type=int, default=2, help="merges per layout the measured planner tries")
     p.add_argument("--calibration", default="synthetic",
                    help="calibration source (see cait.data.calibration.calibration_images)")
     p.add_argument("--calibration-size", type=int, default=256)
@@ -74,12 +81,17 @@ def main(argv: list[str] | None = None) -> dict:
     r = a.flops_reduction
     models: dict[str, torch.nn.Module] = {"original": original}
     seconds = {}
-    for lay in a.layouts.split(","):
-        layout = None if lay == "planned" else ("" if lay == "none" else lay.replace(";", ","))
+    search = None
+    for lay in a.layouts:
         t0 = time.perf_counter()
-        models[f"cait_calibrated[{lay}]"] = cait.compress(original, r, layout=layout, round_to=a.round_to,
-                                                          calibration=a.calibration,
-                                                          calibration_size=a.calibration_size)
+        if lay == "measured":
+            search = search_layouts(original, r, calibration=a.calibration, calibration_size=a.calibration_size,
+                                    max_merges=a.max_merges, round_to=8 if a.round_to == 1 else a.round_to)
+            models[f"cait_calibrated[{lay}]"] = search.twin
+        else:
+            models[f"cait_calibrated[{lay}]"] = cait.compress(original, r, layout=None if lay == "planned" else lay,
+                                                              round_to=a.round_to, calibration=a.calibration,
+                                                              calibration_size=a.calibration_size)
         seconds[lay] = round(time.perf_counter() - t0, 1)
     models["cait_preview"] = cait.compress(original, r, round_to=a.round_to)
     first = next(k for k in models if k.startswith("cait_calibrated"))
@@ -96,11 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for k, m in models.items():
             preds[k] = torch.cat([m.eval()(x[i:i + 100]).argmax(-1) for i in range(0, a.val_size, 100)])
-    speed = compare_throughput(models, batch_size=a.batch_size, device="cpu", warmup=1, iters=3, rounds=a.rounds)
+    per_round = [compare_throughput(models, batch_size=a.batch_size, device="cpu", warmup=1 if i == 0 else 0,
+                                    iters=3, rounds=1) for i in range(a.rounds)]
+    speed = {k: {"images_per_s": sorted(r[k]["images_per_s"] for r in per_round)[len(per_round) // 2],
+                 "speedups": sorted(r[k]["images_per_s"] / r["original"]["images_per_s"] for r in per_round)}
+             for k in models}
     base_flops = cait.analytic_flops(original)
     out = {"model": a.model, "flops_reduction": r, "val_size": a.val_size, "batch_size": a.batch_size,
            "calibration": {"source": a.calibration, "images": a.calibration_size, "seconds": seconds},
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "variants": {}}
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor() or
+           platform.machine(), "planner": search.to_dict() if search else None, "variants": {}}
     for k, m in models.items():
         flops = tome_flops(m) if k == "tome" else cait.analytic_flops(m)
         out["variants"][k] = {
@@ -109,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
             "top1": round(100 * float((preds[k] == y).float().mean()), 2),
             "agreement": round(100 * float((preds[k] == preds["original"]).float().mean()), 2),
             "images_per_s": round(speed[k]["images_per_s"], 2),
-            "speedup": round(speed[k]["images_per_s"] / speed["original"]["images_per_s"], 3),
+            "speedup": round(speed[k]["speedups"][len(per_round) // 2], 3),
+            "speedup_range": [round(speed[k]["speedups"][0], 3), round(speed[k]["speedups"][-1], 3)],
             **per_class(preds[k], y)}
     print(json.dumps(out, indent=2))
     return out

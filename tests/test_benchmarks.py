@@ -69,9 +69,14 @@ def test_training_free_benchmark_compares_calibrated_cait_with_tome(tmp_path):
     original = cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0]
     cait.save_pretrained(original, tmp_path / "original")
     out = json.loads(run("benchmarks/training_free.py", "--model", str(tmp_path / "original"), "--val-size", "20",
-                         "--calibration-size", "16", "--batch-size", "2", "--rounds", "1", "--layouts", "planned,none"))
+                         "--calibration-size", "16", "--batch-size", "2", "--rounds", "1", "--layouts", "planned", "none", "h3,v4", "measured",
+                         "--max-merges", "1"))
     v = out["variants"]
-    assert set(v) == {"original", "cait_calibrated[planned]", "cait_calibrated[none]", "cait_preview", "tome"}
+    assert set(v) == {"original", "cait_calibrated[planned]", "cait_calibrated[none]", "cait_calibrated[h3,v4]",
+                      "cait_calibrated[measured]", "cait_preview", "tome"}
+    assert v["cait_calibrated[h3,v4]"]["merge"] == "h3,v4"                # a two-merge layout is one argument
+    assert v["cait_calibrated[measured]"]["merge"] == out["planner"]["choice"]["layout"]
+    assert v["tome"]["speedup_range"][0] <= v["tome"]["speedup"] <= v["tome"]["speedup_range"][1]
     assert v["original"]["agreement"] == 100.0 and v["cait_calibrated[none]"]["merge"] == ""
     assert abs(v["tome"]["flops_reduction"] - v["cait_calibrated[planned]"]["flops_reduction"]) < 0.01
     assert list(v["original"]["top1_per_class"]) == list(CLASSES)

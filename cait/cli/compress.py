@@ -5,7 +5,11 @@
     python -m cait.compress --model deit_small_patch16_224 --flops-reduction 0.55 --calibration default \\
         --calibration-size 256 --output runs/deit_s_cait_calibrated
 
-prints one JSON object (model, weights, output, merge, flops, base_flops, params, seconds, calibration); the output
+    python -m cait.compress --model deit_tiny_patch16_224 --flops-reduction 0.5 --plan measured \\
+        --output runs/deit_t_cait_measured
+
+prints one JSON object (model, weights, output, merge, flops, base_flops, params, seconds, calibration, planner:
+the measured planner's candidates, frontier, choice and costs with ``--plan measured``); the output
 loads with :func:`cait.load_pretrained` and in the app. Bad input exits 2 with one ``error:`` line.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..data.datasets import DataError
 from ..io.checkpoint import CheckpointError, save_pretrained
 from ..io.hub import load_pretrained
 from ..measure.flops import count_flops, count_params
+from ..measure.frontier import search_layouts
 from ..models.deit import create_model
 
 
@@ -36,8 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="timm DeiT name (timm weights when the Hub is reachable) or a "
                                                   "checkpoint directory of an uncompressed model")
     p.add_argument("--flops-reduction", type=float, required=True, help="total FLOPs reduction R in [0, 1)")
-    p.add_argument("--merge", default=None, help="explicit ATME layout, e.g. h4,v7 (default: planned)")
-    p.add_argument("--round-to", type=int, default=1, help="kept widths in multiples of this")
+    p.add_argument("--merge", default=None, help="explicit ATME layout, e.g. h4,v7, or 'none' (CDCP only); "
+                                                 "default: planned by --plan")
+    p.add_argument("--plan", default="paper", choices=["paper", "measured"],
+                   help="how the layout is chosen when --merge is not given: 'paper' (ATME planned for 80%% of R, "
+                        "paper IV-C1) or 'measured' (cait.measure.frontier.search_layouts: the split that keeps the "
+                        "most agreement at >= 90%% of ToMe's measured speed; prints the candidates it measured)")
+    p.add_argument("--max-merges", type=int, default=2, help="with --plan measured: merges per layout, 0..4")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="kept widths in multiples of this (default: 1 for --plan paper, 8 for measured)")
     p.add_argument("--calibration", default="default",
                    help="'none' (weight-norm preview), " + ", ".join(f"'{k}'" for k in CALIBRATION_SOURCES)
                         + ", a directory of images, or a Hugging Face dataset hf:NAME[:CONFIG][@SPLIT]")
@@ -60,10 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         if sys.stderr.isatty():
             bar = tqdm(desc="cait.compress", bar_format="{desc} [{elapsed}]")
         t0 = time.perf_counter()
-        out = compress(model, a.flops_reduction, a.merge, round_to=a.round_to,
-                       calibration=None if a.calibration == "none" else a.calibration,
-                       calibration_size=a.calibration_size, batch_size=a.batch_size,
-                       progress=(bar.set_description if bar else None))
+        search = None
+        if a.plan == "measured" and a.merge is None:
+            if a.calibration == "none":
+                raise ValueError("--plan measured scores calibrated twins; give --calibration a source, not 'none'")
+            search = search_layouts(model, a.flops_reduction, calibration=a.calibration,
+                                    calibration_size=a.calibration_size, max_merges=a.max_merges,
+                                    round_to=8 if a.round_to is None else a.round_to, device=a.device,
+                                    batch_size=a.batch_size, progress=(bar.set_description if bar else None))
+            out = search.twin
+        else:
+            out = compress(model, a.flops_reduction, a.merge, round_to=a.round_to or 1,
+                           calibration=None if a.calibration == "none" else a.calibration,
+                           calibration_size=a.calibration_size, batch_size=a.batch_size,
+                           progress=(bar.set_description if bar else None))
         if bar:
             bar.close()
         seconds = time.perf_counter() - t0
@@ -78,5 +100,6 @@ def main(argv: list[str] | None = None) -> int:
                       "flops": count_flops(out), "base_flops": count_flops(model), "params": count_params(out),
                       "seconds": round(seconds, 1),
                       "calibration": (dataclasses.asdict(out.cait_meta.calibration)
-                                      if out.cait_meta.calibration else None)}))
+                                      if out.cait_meta.calibration else None),
+                      "planner": search.to_dict() if search else out.cait_meta.planner}))
     return 0

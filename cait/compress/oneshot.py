@@ -67,22 +67,80 @@ def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None
     split = split_budget(model, flops_reduction, layout, atme_share)
     out = apply_atme(copy.deepcopy(model).eval(), split.layout)
     t0 = time.perf_counter()
-    images = None if calibration is None else calibration_images(calibration, calibration_size, model, seed)
     spec = describe(out)                                   # the merged model's shape, read once
-    if images is None:
-        scores = weight_scores(out)
-    else:
-        device = next(model.parameters()).device
-        with torch.no_grad():                              # the original's own predictions are the labels
-            labels = torch.cat([model(x.to(device)).argmax(-1).cpu() for x in tensor_batches(images, batch_size)])
-        scores = per_flop(fisher_scores(out, images, labels, batch_size, progress), spec)
-    mask = select_channels(scores, spec, split.target_flops, min_channels, round_to)
-    prune(out, mask)
-    summary = None
-    if images is not None:
-        summary = _summary(calibration, images, refit_(out, model, images, batch_size, progress=progress), t0)
-    out.cait_meta = _meta(model, spec.with_widths(mask.widths()).flops(), split, round_to, summary)
+    if calibration is None:
+        mask = select_channels(weight_scores(out), spec, split.target_flops, min_channels, round_to)
+        prune(out, mask)
+        out.cait_meta = _meta(model, spec.with_widths(mask.widths()).flops(), split, round_to, None)
+        out.cait_meta.planner = _planner(layout, atme_share)
+        return out
+    images = calibration_images(calibration, calibration_size, model, seed)
+    fit, held_out = split_held_out(images)
+    device = next(model.parameters()).device
+    with torch.no_grad():                                  # the original's own predictions are the labels
+        labels = torch.cat([model(x.to(device)).argmax(-1).cpu() for x in tensor_batches(fit, batch_size)])
+    candidates = {"fisher": per_flop(fisher_scores(out, fit, labels, batch_size, progress), spec),
+                  "weight": weight_scores(out)}
+    masks = {k: select_channels(v, spec, split.target_flops, min_channels, round_to) for k, v in candidates.items()}
+    channels, out = _better_channels(out, masks, model, held_out, batch_size)
+    report = refit_(out, model, fit, batch_size, progress=progress, held_out=held_out)
+    summary = _summary(calibration, images, report, t0, channels=channels)
+    out.cait_meta = _meta(model, spec.with_widths(masks[channels].widths()).flops(), split, round_to, summary)
+    out.cait_meta.planner = _planner(layout, atme_share)
     return out
+
+
+def _planner(layout: LayoutLike, atme_share: float) -> dict:
+    """How the layout was chosen: the paper's rule (ATME planned for ``atme_share`` of R) or given explicitly."""
+    return {"planner": "paper", "atme_share": atme_share} if layout is None else {"planner": "explicit"}
+
+
+HELD_OUT_SHARE = 0.25
+"""Share of the calibration images kept out of the fit to judge it (channel scores, each block's refit); at least
+8 images on each side, else nothing is held out and every refit is kept."""
+
+
+def split_held_out(images: torch.Tensor, share: float = HELD_OUT_SHARE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(fit, held_out)``: the last ``share`` of ``images`` ``(n, 3, S, S)`` held out (None when either side would
+    have fewer than 8 images).
+
+    >>> fit, held = split_held_out(torch.zeros(256, 3, 8, 8))
+    >>> len(fit), len(held)
+    (192, 64)
+    >>> split_held_out(torch.zeros(12, 3, 8, 8))[1] is None
+    True
+    """
+    k = int(round(share * len(images)))
+    if k < 8 or len(images) - k < 8:
+        return images, None
+    return images[:-k], images[-k:]
+
+
+@torch.no_grad()
+def held_out_kl(twin: nn.Module, original: nn.Module, images: torch.Tensor, batch_size: int = 32) -> float:
+    """Mean KL(original ‖ twin) of the output distributions over ``images`` ``(n, 3, S, S)``, in nats per image."""
+    total = 0.0
+    for x in tensor_batches(images, batch_size):
+        t = original(x.to(next(original.parameters()).device)).float().log_softmax(-1).cpu()
+        s = twin(x.to(next(twin.parameters()).device)).float().log_softmax(-1).cpu()
+        total += float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum"))
+    return total / max(len(images), 1)
+
+
+def _better_channels(merged: nn.Module, masks: dict, original: nn.Module, held_out: torch.Tensor | None,
+                     batch_size: int) -> tuple[str, nn.Module]:
+    """Prune ``merged`` with each candidate mask and keep the one whose twin is closest to the original on the
+    held-out images (Fisher when nothing is held out): so a calibrated twin starts no worse than the preview."""
+    if held_out is None:
+        prune(merged, masks["fisher"])
+        return "fisher", merged
+    best = None
+    for name, mask in masks.items():
+        twin = prune(copy.deepcopy(merged), mask)
+        kl = held_out_kl(twin, original, held_out, batch_size)
+        if best is None or kl < best[0]:
+            best = (kl, name, twin)
+    return best[1], best[2]
 
 
 def calibrate_merges(model: nn.Module, layout: LayoutLike, calibration, calibration_size: int = 256,
@@ -107,7 +165,9 @@ def calibrate_merges(model: nn.Module, layout: LayoutLike, calibration, calibrat
     out = apply_atme(copy.deepcopy(model).eval(), layout)
     t0 = time.perf_counter()
     images = calibration_images(calibration, calibration_size, model, seed)
-    summary = _summary(calibration, images, refit_(out, model, images, batch_size, progress=progress), t0)
+    fit, held_out = split_held_out(images)
+    summary = _summary(calibration, images, refit_(out, model, fit, batch_size, progress=progress,
+                                                   held_out=held_out), t0)
     reduction = round(atme_reduction(model, layout), 6)
     out.cait_meta = ModelMeta(kind="calibrated", base_model=architecture(model), flops_reduction=reduction,
                               merge=str(Layout.parse(layout)), atme_reduction=reduction, achieved_reduction=reduction,
@@ -117,12 +177,16 @@ def calibrate_merges(model: nn.Module, layout: LayoutLike, calibration, calibrat
     return out
 
 
-def _summary(calibration, images: torch.Tensor, fit: dict, t0: float) -> CalibrationSummary:
-    """What a calibration used and reached: the images, their source, the seconds since ``t0`` and each block's
-    refit error (``fit``: :func:`cait.compress.refit.refit_`'s report)."""
+def _summary(calibration, images: torch.Tensor, fit: dict, t0: float, channels: str = "") -> CalibrationSummary:
+    """What a calibration used and reached: the images, their source, the seconds since ``t0``, each block's
+    refit error, which refits were kept and the held-out KL (``fit``: :func:`cait.compress.refit.refit_`'s report),
+    and which channel scores won (``channels``)."""
+    kl = [fit.get("kl_start"), fit.get("kl_end")]
     return CalibrationSummary(
         images=len(images), source=calibration if isinstance(calibration, str) else type(calibration).__name__,
-        seconds=round(time.perf_counter() - t0, 1), block_mse=[round(b["mse_after"], 6) for b in fit["blocks"]])
+        seconds=round(time.perf_counter() - t0, 1), block_mse=[round(b["mse_after"], 6) for b in fit["blocks"]],
+        channels=channels, refit_blocks=[b["block"] for b in fit["blocks"] if b.get("kept", True)],
+        held_out_kl=[round(k, 5) for k in kl] if None not in kl else [])
 
 
 def _meta(model: nn.Module, flops: int, split: BudgetSplit, round_to: int,

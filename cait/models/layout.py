@@ -53,7 +53,7 @@ class Layout(Mapping[int, str]):
 
     @classmethod
     def parse(cls, layout: "LayoutLike") -> "Layout":
-        """``"h4,v8"``, ``{4: "h", 8: "v"}``, a ``Layout``, ``""`` or ``None`` → a ``Layout``.
+        """``"h4,v8"``, ``{4: "h", 8: "v"}``, a ``Layout``, ``""``, ``"none"`` or ``None`` → a ``Layout``.
 
         Raises:
             ValueError: for text over :data:`MAX_LAYOUT_CHARS`, items that are not ``h<int>`` / ``v<int>`` or name a
@@ -71,6 +71,8 @@ class Layout(Mapping[int, str]):
                              f"got {type(layout).__name__} {str(layout)[:80]!r}")
         if len(layout) > MAX_LAYOUT_CHARS:
             raise ValueError(f"a merge layout is at most {MAX_LAYOUT_CHARS} characters, got {len(layout)}")
+        if layout.strip().lower() == "none":             # CDCP only, written out
+            return cls()
         out: dict[int, str] = {}
         problems = []
         for item in filter(None, (s.strip() for s in layout.split(","))):

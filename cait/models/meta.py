@@ -72,12 +72,17 @@ class CalibrationSummary:
     GPU time in all, and each block's token-weighted output MSE against the original after the refit (older files
     may lack some; they read as empty). Where the app measured it: ``agreement`` (%) of ``agreement_images`` other
     unlabelled images from the same source on which the twin's top-1 class is the original's, and ``kl`` the mean
-    KL(original ‖ twin) in nats (:func:`cait.measure.accuracy.agreement`)."""
+    KL(original ‖ twin) in nats (:func:`cait.measure.accuracy.agreement`). ``channels``: which channel scores won
+    on the held-out calibration images (``"fisher"`` or ``"weight"``); ``refit_blocks``: the blocks whose refit was
+    kept; ``held_out_kl``: the held-out KL (nats) before and after the refit."""
 
     images: int = 0
     source: str = ""
     seconds: float = 0.0
     block_mse: list[float] = field(default_factory=list)
+    channels: str = ""
+    refit_blocks: list[int] = field(default_factory=list)
+    held_out_kl: list[float] = field(default_factory=list)
     agreement: float | None = None
     kl: float | None = None
     agreement_images: int = 0
@@ -100,6 +105,9 @@ class ModelMeta:
         finetune: the run's summary, for a fine-tuned twin.
         config: the run's :class:`cait.finetune.config.FinetuneConfig` as a dict.
         tome: ToMe's per-block schedule, for the baseline.
+        planner: how the layout was chosen: ``{"planner": "paper", "atme_share": 0.8}``, ``{"planner": "explicit"}``
+            or the measured planner's record (:func:`cait.measure.frontier.search_layouts`: objective, agreement,
+            KL, candidates, seconds, rule).
         extra: keys this version does not know (kept and written back).
     """
 
@@ -117,6 +125,7 @@ class ModelMeta:
     finetune: FinetuneSummary | None = None
     config: dict | None = None
     tome: list[int] | None = None
+    planner: dict | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
