@@ -149,3 +149,28 @@ def test_the_twin_downloads_as_a_loadable_checkpoint(client, tmp_path):
         z.extractall(tmp_path)
     twin = cait.load_pretrained(tmp_path / "cait-twin")
     assert 1 - cait.count_flops(twin) / 1_253_683_200 >= 0.5
+
+
+def test_auto_layout_runs_the_measured_planner_and_says_what_it_chose(monkeypatch, tiny):
+    """'auto' in the layout field: the measured planner's calibrated choice, its record in the status line; refused
+    in public mode (minutes of compute) and for random weights (agreement would mean nothing), naming the field."""
+    import cait.studio.pairs as studio_mod
+    from cait.models.deit import WeightsInfo
+    from cait.studio.public import Limits
+    monkeypatch.setattr(studio_mod, "create_model",
+                        lambda name, pretrained: (tiny(), WeightsInfo("timm-imagenet", "timm ImageNet weights (fake)")))
+    studio = Studio(device="cpu", bundled=None, calibration_size=8)
+    pair = studio.pair("deit:deit_tiny_patch16_224", 0.5, "auto")
+    planner = pair.compressed.cait_meta.planner
+    assert planner["planner"] == "measured" and planner["layout"] == pair.compressed.cait_meta.merge
+    status = studio.status(pair)
+    assert "Layout measured, not ruled" in status and f"of {planner['candidates']} layouts" in status
+    assert ("CDCP only (no merges)" in status) == (planner["layout"] == "")
+    assert "Layout by the paper's rule" in studio.status(studio.pair("deit:deit_tiny_patch16_224", 0.5, ""))
+    public = Studio(device="cpu", bundled=None, calibration_size=8, limits=Limits.for_environment(public=True))
+    with pytest.raises(ValueError, match="ATME layout: auto .* is off on this public app"):
+        public.pair("deit:deit_tiny_patch16_224", 0.5, "auto")
+    monkeypatch.setattr(studio_mod, "create_model",
+                        lambda name, pretrained: (tiny(), WeightsInfo("random", "random weights")))
+    with pytest.raises(ValueError, match="ATME layout: auto .* means nothing for random weights"):
+        Studio(device="cpu", bundled=None, calibration_size=8).pair("deit:deit_small_patch16_224", 0.5, "auto")

@@ -48,7 +48,8 @@ class Studio:
         self.catalogue = Catalogue(self.bundled, jobs, pretrained)
         self.pairs = PairCache(self.device, pretrained, calibration_size, cache_size, self.bundled, jobs,
                                self.catalogue.hub_reason, twins=jobs.root / "twins" if jobs is not None else None,
-                               room=(lambda n: jobs.check_room(n, "a calibrated twin")) if jobs is not None else None)
+                               room=(lambda n: jobs.check_room(n, "a calibrated twin")) if jobs is not None else None,
+                               measured=not self.limits.public)
         self.segmenters = BundledSegmenters(device=self.device) if segmenters == "auto" else segmenters
         self.slot = ComputeSlot(per_visitor=self.limits.public)     # the app's heavy requests, one at a time
 
@@ -58,7 +59,8 @@ class Studio:
         Args:
             key: ``"deit:<timm name>"``, ``"bundled"`` or ``"job:<id>"``.
             flops_reduction: total FLOPs reduction.
-            merge: the ATME layout field: empty for the planned layout, ``"none"`` for CDCP only, or e.g. ``h4,v7``.
+            merge: the ATME layout field: empty for the paper's plan, ``"none"`` for CDCP only, ``"auto"`` for the
+                measured planner (local mode), or e.g. ``h4,v7``.
             viewer: the caller's session key; in public mode a job trained on another visitor's upload is refused.
 
         Raises:

@@ -30,6 +30,7 @@ from ..io.bundled import BundledPair
 from ..io.checkpoint import CheckpointError, load_checkpoint, save_pretrained
 from ..measure.accuracy import agreement
 from ..measure.flops import flops_by_block, tensor_bytes
+from ..measure.frontier import search_layouts
 from ..measure.precision import in_precision
 from ..models.atme import get_layout, patch_grid
 from ..models.deit import WeightsInfo, create_model
@@ -93,8 +94,13 @@ class ModelPair:
         return not meta_of(self.compressed).fixed_by_training
 
 
-def layout_field(text: str | None) -> Layout | None:
-    """The ATME layout field: empty → None (planned), ``"none"`` → no merges (CDCP only), else the parsed layout.
+MEASURED = "auto"
+"""The layout field's word for the measured planner (:func:`cait.measure.frontier.search_layouts`)."""
+
+
+def layout_field(text: str | None) -> Layout | str | None:
+    """The ATME layout field: empty → None (the paper's plan), ``"none"`` → no merges (CDCP only), ``"auto"`` →
+    :data:`MEASURED` (the measured planner), else the parsed layout.
 
     Raises:
         ValueError: ``"ATME layout: ..."`` listing every problem of the text.
@@ -104,6 +110,8 @@ def layout_field(text: str | None) -> Layout | None:
         return None
     if text.lower() == "none":
         return Layout()
+    if text.lower() == MEASURED:
+        return MEASURED
     try:
         return Layout.parse(text)
     except ValueError as e:
@@ -146,14 +154,17 @@ class PairCache:
         twins: where calibrated twins are kept on disk (None: memory only).
         room: called with a twin's bytes before it is written to ``twins``; it raises to skip writing (the public
             disk budget), the twin is still used.
+        measured: whether the layout field may ask for the measured planner (minutes of compute: off in public
+            mode).
     """
 
     def __init__(self, device: torch.device, pretrained: bool, calibration_size: int, cache_size: int,
                  bundled: BundledPair | None, jobs: JobManager | None,
                  hub_reason: Callable[[], str | None] = lambda: None, twins: Path | None = None,
-                 room: Callable[[int], None] | None = None) -> None:
+                 room: Callable[[int], None] | None = None, measured: bool = True) -> None:
         self.device, self.pretrained, self.calibration_size, self.cache_size = (device, pretrained, calibration_size,
                                                                                 cache_size)
+        self.measured = measured
         self.bundled, self.jobs, self.hub_reason = bundled, jobs, hub_reason
         self.twins, self.room = twins, room
         self._originals: OrderedDict[str, tuple[nn.Module, WeightsInfo]] = OrderedDict()
@@ -166,7 +177,8 @@ class PairCache:
         Args:
             ref: the model.
             flops_reduction: total FLOPs reduction, within :data:`REDUCTION_RANGE`.
-            layout: the twin's ATME layout; None for the planned one (:func:`layout_field` reads the UI's text).
+            layout: the twin's ATME layout; None for the paper's plan, :data:`MEASURED` for the measured planner
+                (:func:`layout_field` reads the UI's text).
 
         Raises:
             ValueError: a reduction out of range, a layout that does not fit the model, an unreachable FLOPs
@@ -183,7 +195,9 @@ class PairCache:
         with self._lock:
             if key not in self._pairs:
                 original, info = self._original(ref.name)
-                if layout is not None:                 # the layout must fit this model: name the field if not
+                if layout == MEASURED:
+                    self._check_measured(info)
+                elif layout is not None:               # the layout must fit this model: name the field if not
                     try:
                         token_grids(patch_grid(original), len(original.blocks), layout)
                     except ValueError as e:
@@ -192,9 +206,7 @@ class PairCache:
                 calibrate = info.trained and self.calibration_size > 0
                 twin = self._calibrated(ref.name, info, float(flops_reduction), layout) if calibrate else None
                 if twin is None:
-                    twin = compress(original, float(flops_reduction), layout=layout,
-                                    calibration="default" if calibrate else None,
-                                    calibration_size=self.calibration_size).to(self.device)
+                    twin = self._build(original, float(flops_reduction), layout, calibrate)
                     if calibrate:
                         measure_agreement_(twin, original, self.device)
                         self._keep(twin, twin_key(ref.name, info, flops_reduction, layout, self.calibration_size))
@@ -203,7 +215,27 @@ class PairCache:
             self._pairs.move_to_end(key)
             return self._pairs[key]
 
-    def _calibrated(self, name: str, info: WeightsInfo, flops_reduction: float, layout: Layout | None
+    def _build(self, original: nn.Module, flops_reduction: float, layout: Layout | str | None, calibrate: bool
+               ) -> nn.Module:
+        """A new twin: the measured planner's choice (one merge at most, two speed rounds: minutes on a CPU for
+        DeiT-Tiny), the calibrated twin of a trained model, or the preview of a random one."""
+        if layout == MEASURED:
+            return search_layouts(original, flops_reduction, calibration="default",
+                                  calibration_size=self.calibration_size, max_merges=1, rounds=2,
+                                  device=str(self.device)).twin.to(self.device)
+        return compress(original, flops_reduction, layout=layout, calibration="default" if calibrate else None,
+                        calibration_size=self.calibration_size).to(self.device)
+
+    def _check_measured(self, info: WeightsInfo) -> None:
+        """Refuse the measured planner where it cannot run or means nothing, naming the field."""
+        if not self.measured:
+            raise ValueError("ATME layout: auto (the measured planner) takes minutes of compute and is off on this "
+                             "public app; run python -m cait.compress --plan measured where you can")
+        if not info.trained or self.calibration_size <= 0:
+            raise ValueError("ATME layout: auto (the measured planner) scores a twin by how often it agrees with the "
+                             "original, which means nothing for random weights; load trained weights first")
+
+    def _calibrated(self, name: str, info: WeightsInfo, flops_reduction: float, layout: Layout | str | None
                     ) -> nn.Module | None:
         """The calibrated twin kept on disk for these settings, or None (not kept, or unreadable: made again)."""
         if self.twins is None:

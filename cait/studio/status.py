@@ -81,13 +81,30 @@ def _twin_status(pair) -> list[str]:
     else:
         how = ("*Untrained preview:* channels chosen by weight-row norms, without the CDCP fine-tuning that gives "
                "CAIT its accuracy.")
+    structure = (f"**CAIT twin:** ATME layout `{meta.merge}` ({100 * (meta.atme_reduction or 0):.1f}% of FLOPs) + "
+                 "CDCP channel pruning" if meta.merge else "**CAIT twin, CDCP only (no merges):** channel pruning")
     return [
         f"**Device:** `{pair.device}` · **Model:** {DEIT_MODELS.get(pair.ref.name, pair.ref.key)} (`{pair.ref.name}`)",
         weights,
-        f"**CAIT twin:** ATME layout `{meta.merge or 'none'}` ({100 * (meta.atme_reduction or 0):.1f}% of FLOPs) "
-        f"+ CDCP channel pruning → {fo / 1e9:.3f} → {fc / 1e9:.3f} GFLOPs "
-        f"({100 * (1 - fc / fo):.1f}% fewer). " + how,
+        f"{structure} → {fo / 1e9:.3f} → {fc / 1e9:.3f} GFLOPs ({100 * (1 - fc / fo):.1f}% fewer). "
+        + planner_text(meta.planner) + how,
     ]
+
+
+def planner_text(planner: dict | None) -> str:
+    """One or two sentences: which planner chose the layout, and for the measured one what it measured."""
+    planner = planner or {}
+    if planner.get("planner") == "measured":
+        chosen = f"`{planner.get('layout')}`" if planner.get("layout") else "CDCP only"
+        text = (f"*Layout measured, not ruled:* of {planner.get('candidates', '?')} layouts the planner chose "
+                f"{chosen}, {planner.get('rule', '')} ({planner.get('seconds', 0):.0f} s). ")
+        if not planner.get("layout"):
+            text += "CDCP only: merges cost accuracy before training on this model. "
+        return text
+    if planner.get("planner") == "paper":
+        return (f"*Layout by the paper's rule:* ATME planned for {100 * planner.get('atme_share', 0.8):.0f}% of the "
+                "reduction (write `auto` in the layout field to measure the split instead). ")
+    return ""
 
 
 def _bundled_localisation(bundled: BundledPair) -> str:

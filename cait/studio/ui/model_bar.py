@@ -48,8 +48,9 @@ def build(studio: Studio) -> ModelBar:
         # A number, not a slider: a value out of range is refused by name instead of clamped silently.
         reduction = gr.Number(DEFAULT_REDUCTION, label="Total FLOPs reduction", step=0.05, elem_id="reduction",
                               info=f"{REDUCTION_RANGE[0]} to {REDUCTION_RANGE[1]}")
-        merge = gr.Textbox(label="ATME layout (optional)", placeholder="e.g. h4,v7 (blocks from 0), or none",
-                           elem_id="merge", info="planned when empty; none: no merges (CDCP only)")
+        merge = gr.Textbox(label="ATME layout (optional)", placeholder="e.g. h4,v7 (blocks from 0), none or auto",
+                           elem_id="merge", info="empty: the paper's plan; none: CDCP only; auto: measured planner "
+                                                 "(minutes; local mode)")
         build_button = gr.Button("Build CAIT twin", variant="primary")
     status = gr.Markdown(studio.startup_note(), elem_id="status")
     bar = ModelBar(model, reduction, merge, build_button, status)
