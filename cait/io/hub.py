@@ -129,6 +129,12 @@ def model_card(model: nn.Module, repo_id: str, numbers: dict | None = None) -> s
                 f"| parameters | {numbers['base_params'] / 1e6:.2f} M | {numbers['params'] / 1e6:.2f} M |\n"
                 f"| CPU throughput, batch {numbers['batch_size']} (measured when pushed) | 1.00× | "
                 f"{numbers['cpu_speedup']:.2f}× |\n")
+    planner = meta.planner or {}
+    if planner.get("planner") == "measured":
+        how += (f" Layout chosen by the measured planner (`--plan measured`): {planner.get('rule', '')}; "
+                f"{planner.get('candidates', '?')} layouts scored.")
+    elif planner.get("planner") == "paper":
+        how += f" Layout by the paper's rule (ATME planned for {100 * planner.get('atme_share', 0.8):.0f}% of R)."
     classes = meta.classes
     named = f" ({', '.join(classes)})" if classes and len(classes) <= 20 else ""
     return f"""---

@@ -164,7 +164,8 @@ def search_layouts(model: nn.Module, flops_reduction: float, calibration="defaul
                    max_merges: int = 2, beam: int = 1, bucket: float = 0.1, finalists: int = 3, round_to: int = 8,
                    min_channels: int = 1, proxy_images: int = 32, score_images: int = 128,
                    min_speedup: float | None = None, tome_share: float = 0.9, device: str | None = "cpu",
-                   batch_size: int = 32, rounds: int = 3, seed: int = 0, progress: Progress = None) -> LayoutSearch:
+                   batch_size: int = 32, rounds: int = 3, seed: int = 0, include: tuple = (),
+                   progress: Progress = None) -> LayoutSearch:
     """Search the ATME/CDCP splits of ``flops_reduction`` and return the frontier and a calibrated choice (module
     docstring for the five steps).
 
@@ -186,6 +187,8 @@ def search_layouts(model: nn.Module, flops_reduction: float, calibration="defaul
         device: where speed is timed (``"cpu"``, ``"cuda"``; None: CUDA when available).
         batch_size, rounds: of the speed measurement (images per batch, alternation rounds).
         seed: of the calibration draw.
+        include: layouts (e.g. the paper's plan) scored, timed and calibrated whatever the search finds, so they
+            can be compared on the same images and in the same run; they compete for the choice like the others.
         progress: called with short status strings.
 
     Returns:
@@ -203,15 +206,21 @@ def search_layouts(model: nn.Module, flops_reduction: float, calibration="defaul
     s = _Search(model.eval(), flops_reduction, round_to, min_channels, batch_size, progress or (lambda m: None))
     s.draw(calibration, calibration_size, proxy_images, score_images, seed)
     s.grow(max_merges, beam, bucket)
+    extra = [str(Layout.parse(lay)) for lay in include]
+    for lay in extra:
+        s.evaluate(Layout.parse(lay))
     timed = _per_bucket(list(s.scored.values()), bucket, 1)
+    timed += [s.scored[lay] for lay in extra if s.scored[lay] not in timed]
     tome_speedup = s.time(timed, device, rounds)
     floor = tome_share * tome_speedup if min_speedup is None else min_speedup
     fast = sorted((c for c in timed if c.speedup >= floor), key=lambda c: c.proxy_kl)[:finalists]
-    twins = s.calibrate(fast or [max(timed, key=lambda c: c.speedup)])
+    twins = s.calibrate(list({c.layout: c for c in (fast or [max(timed, key=lambda c: c.speedup)])
+                              + [s.scored[lay] for lay in extra]}.values()))
+    fast = [c for c in timed if c.agreement is not None and c.speedup >= floor]      # finalists and fast extras
     if fast:
         choice = max(fast, key=lambda c: (c.agreement, -c.kl))
         rule = (f"the highest agreement ({choice.agreement:.1f}% on {len(s.score)} held-out images) of the "
-                f"{len(fast)} candidates at least {floor:.2f}x as fast as the original with the lowest proxy KL")
+                f"{len(fast)} calibrated candidates at least {floor:.2f}x as fast as the original")
     else:
         choice = max(timed, key=lambda c: c.speedup)
         rule = f"no candidate reached {floor:.2f}x; the fastest was taken"
