@@ -7,7 +7,7 @@ The pipeline, one package per stage, imports pointing down this list only (``tes
     models     DeiT creation; ATME and compactor patches of timm; Layout, ModelSpec, ModelMeta
     compress   plan → importance → select S → prune and fold → refit; one-shot compress()
     baselines  ToMe and EViT-style token pruning, measured beside CAIT in the same run
-    measure    FLOPs (SPEC §4), throughput, CLS attention, top-1
+    measure    FLOPs (SPEC §4), throughput, CLS attention, top-1; the measured ATME/CDCP frontier
     io         safetensors + JSON checkpoints, the Hugging Face Hub, exports, the bundled pair
     finetune   CDCP fine-tuning: Eq. 2, typed log records, run directory, the engine
     dense      dense transfer: any backbone's blocks on the patch grid, a Semantic FPN segmenter
@@ -23,12 +23,14 @@ from .compress.oneshot import compress
 from .compress.plan import BudgetSplit, atme_reduction, plan_atme, split_budget
 from .compress.prune import fold_compactors, prune
 from .compress.select import ChannelMask, select_channels
+from .io.bundled import BundledPair, bundled_pair
 from .io.checkpoint import CheckpointError, save_pretrained
 from .io.export import export_model
 from .io.hub import load_pretrained, push_to_hub
 from .layers.pruned_attention import PrunedAttention
 from .measure.attention import ClsAttention, attention_in_mask, attention_probs, cls_attention, localisation_score
 from .measure.flops import analytic_flops, count_flops, count_params, flops_by_block
+from .measure.frontier import Candidate, LayoutSearch, search_layouts
 from .measure.speed import compare_throughput, measure_throughput, resolve_device
 from .models.atme import apply_atme, get_layout, upsample_to_patch_grid
 from .models.compactors import add_compactors, has_compactors, iter_compactors
@@ -42,8 +44,9 @@ __all__ = [
     "ClsAttention", "attention_in_mask", "attention_probs", "cls_attention", "localisation_score",
     "apply_tome", "tome_flops", "tome_schedule",
     "compare_throughput", "measure_throughput", "resolve_device",
+    "Candidate", "LayoutSearch", "search_layouts",
     "export_model", "push_to_hub",
-    "CheckpointError", "load_pretrained", "save_pretrained",
+    "BundledPair", "bundled_pair", "CheckpointError", "load_pretrained", "save_pretrained",
     "add_compactors", "has_compactors", "iter_compactors",
     "compress",
     "analytic_flops", "count_flops", "count_params", "describe", "flops_by_block",

@@ -22,9 +22,13 @@ import torch.nn as nn
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-"""The repository checkout this package runs from."""
-ASSETS_DIR = Path(os.environ.get("CAIT_ASSETS_DIR", REPO_ROOT / "assets"))
-"""Where the bundled checkpoints live (``$CAIT_ASSETS_DIR`` overrides; default: the repository's ``assets/``)."""
+"""The repository checkout this package runs from (for an installed wheel: its site-packages)."""
+PACKAGED_ASSETS = Path(__file__).resolve().parents[1] / "_assets"
+"""Where an installed wheel keeps the bundled checkpoints (``pyproject.toml`` maps ``assets/`` to ``cait._assets``)."""
+ASSETS_DIR = Path(os.environ.get("CAIT_ASSETS_DIR") or
+                  (REPO_ROOT / "assets" if (REPO_ROOT / "assets").is_dir() else PACKAGED_ASSETS))
+"""Where the bundled checkpoints live: ``$CAIT_ASSETS_DIR`` if set, else the checkout's ``assets/``, else the
+installed package's copy."""
 
 ROOT_SCRIPT = REPO_ROOT / "assets" / "train_offline_weights.py"
 """The script that reproduces the bundled pair from scratch."""
