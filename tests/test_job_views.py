@@ -66,7 +66,9 @@ def test_a_label_free_estimate_times_its_own_step_and_adds_the_calibration(tmp_p
     free = views.finetune_estimate(cait.TEST_MODEL, 10, 4, 0.5, "cpu", val_size=8, evals=1, cache=cache,
                                    calibrate=64)
     assert "a step with CDCP's compactors" in labelled and "calibrating the twin on 64 images" not in labelled
-    assert "a label-free step in bf16 from the calibrated twin" in free and "calibrating the twin on 64 images" in free
+    from cait.measure.precision import cpu_has_bf16_units
+    step = "a label-free step in bf16" if cpu_has_bf16_units() else "a label-free step"   # as the job would run here
+    assert f"{step} from the calibrated twin" in free and "calibrating the twin on 64 images" in free
     keys = [json.loads(k) for k in json.loads(cache.read_text())]
     assert sorted(len(k) for k in keys) == [5, 6] and ["label-free"] in [k[5:] for k in keys]
     # The total is steps × step + evaluations + 2 × 64 images of calibration, from the cached step time.

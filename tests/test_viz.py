@@ -74,3 +74,26 @@ def test_compactor_figure_marks_exactly_the_masked_channels(tiny):
     fig = compactor_figure(scores, mask)
     overlay_ffn = fig.data[-1].z                                             # (blocks, D): 1 in S, NaN elsewhere
     assert np.nansum(overlay_ffn) == 5 and np.nansum(overlay_ffn[2][:5]) == 5
+
+
+def test_a_shared_colour_scale_shows_a_flatter_map_as_flatter():
+    """Min-max stretches any map to full colour, so a near-uniform map looks as focused as a peaked one; on the
+    shared scale (the Attention tab's default) the flat one stays in the low colours."""
+    import numpy as np
+    from PIL import Image
+    from cait.viz.overlay import overlay, shared_range
+    img = Image.new("RGB", (224, 224), "gray")
+    peaked = torch.ones(14, 14)
+    peaked[7, 7] = 50.0
+    flat = torch.ones(14, 14)
+    flat[7, 7] = 1.5
+    spread = lambda im: float(np.asarray(im, dtype=np.float32).std())            # noqa: E731  colour variation
+    own = overlay(img, flat), overlay(img, peaked)
+    assert abs(spread(own[0]) - spread(own[1])) < 0.5 * spread(own[1])             # min-max: both look focused
+    vr = shared_range(flat, peaked)
+    assert vr[1] == pytest.approx(50 / (195 + 50)) and vr[0] == pytest.approx(1 / (195 + 50))
+    shared = overlay(img, flat, vrange=vr), overlay(img, peaked, vrange=vr)
+    assert spread(shared[0]) < 0.3 * spread(shared[1])
+    # The colour bar states the shared ends: the same labels beside both maps.
+    a, b = overlay(img, flat, scale=True, vrange=vr), overlay(img, peaked, scale=True, vrange=vr)
+    assert np.array_equal(np.asarray(a)[:, 230:], np.asarray(b)[:, 230:])

@@ -20,9 +20,22 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+def cpu_has_bf16_units() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX tiles, read from ``/proc/cpuinfo``), where
+    bf16 autocast speeds a training step up (1.5x for the label-free step on such a CPU, README). On other CPUs
+    (AVX2 only, say) torch emulates bf16 and the same step ran 12x *slower* (0.73 against 9.3 images/s, DeiT-Tiny
+    label-free step, 2-core AMD EPYC). False where the flags cannot be read."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
 
 PRECISIONS = ("fp32", "bf16", "bf16-autocast", "int8")
 

@@ -10,7 +10,7 @@ from PIL import Image
 from ..data.photos import model_view, preprocess
 from ..data.synthetic import SyntheticShapes
 from ..measure.attention import attention_in_mask, cls_attention
-from ..viz.overlay import display_view, overlay, top_k
+from ..viz.overlay import display_view, overlay, shared_range, top_k
 from .pairs import ModelPair
 from .samples import Sample
 from .status import classes_note, model_labels
@@ -32,10 +32,19 @@ class AttentionView:
     object_area: float | None = None                  # the object's share of the image (uniform attention's score)
     true_label: str | None = None                     # known for synthetic samples
     classes_note: str = ""                            # what the model's classes are
+    shared_range: tuple[float, float] | None = None   # the one colour scale of both head-mean maps, or None
+
+    def scale_text(self) -> str:
+        """Which colour scale the head-mean maps are on."""
+        if self.shared_range is None:
+            return "**Colour scale:** each map on its own range (min to max), so their colours do not compare."
+        lo, hi = self.shared_range
+        return (f"**Colour scale:** shared by both maps, {100 * lo:.1f}% to {100 * hi:.1f}% of the CLS token's "
+                "attention per patch: a flatter map looks flatter.")
 
     def localisation_text(self) -> str:
         """Markdown for the UI: the model's classes, the true label if known, and the attention localisation."""
-        lines = [self.classes_note] if self.classes_note else []
+        lines = [self.scale_text()] + ([self.classes_note] if self.classes_note else [])
         if self.true_label is not None:
             lines.append(f"**True label:** {self.true_label}.")
         if self.localisation is None:
@@ -49,8 +58,11 @@ class AttentionView:
 
 
 @torch.no_grad()
-def attention_view(pair: ModelPair, sample: Sample, block: int = -1) -> AttentionView:
+def attention_view(pair: ModelPair, sample: Sample, block: int = -1, shared_scale: bool = True) -> AttentionView:
     """CLS attention of both models in one block (default: the last), head-mean and per head, with top-5.
+
+    ``shared_scale``: both head-mean maps on one colour scale (default), else each on its own (min-max); the
+    per-head maps are each on their own.
 
     Raises:
         ValueError: if ``block`` is out of range for the models.
@@ -64,14 +76,18 @@ def attention_view(pair: ModelPair, sample: Sample, block: int = -1) -> Attentio
         x, view = preprocess(pair.original, [sample.image]), model_view(pair.original, sample.image)
     x, mask = x.to(pair.device), None if sample.mask is None else sample.mask[None]
     labels = model_labels(pair.original)
+    att = {"original": cls_attention(pair.original, x, block), "compressed": cls_attention(pair.compressed, x, block)}
+    # One colour scale for both head-mean maps (per-patch shares: a merged token's share is spread over its
+    # patches), so a flatter map looks flatter; or each map stretched to its own range.
+    vrange = shared_range(*(a.mean()[0] for a in att.values())) if shared_scale else None
     res = {}
-    for which, model in (("original", pair.original), ("compressed", pair.compressed)):
-        a = cls_attention(model, x, block)
+    for which, a in att.items():
         heads = [(overlay(view, a.patch_maps[0, h]), f"head {h}") for h in range(a.patch_maps.shape[1])]
         inside = None if mask is None else float(attention_in_mask(a, mask.to(a.patch_maps.device))[0])
-        res[which] = (overlay(view, a.mean()[0], scale=True), heads, top_k(a.logits[0], labels), a.grid, inside)
+        res[which] = (overlay(view, a.mean()[0], scale=True, vrange=vrange), heads, top_k(a.logits[0], labels),
+                      a.grid, inside)
     o, c = res["original"], res["compressed"]
     return AttentionView(display_view(view), o[0], c[0], o[1], c[1], o[2], c[2], (o[3], c[3]),
                          None if mask is None else (o[4], c[4]),
                          None if mask is None else float(mask.float().mean()), sample.label,
-                         classes_note(pair.original))
+                         classes_note(pair.original), vrange)

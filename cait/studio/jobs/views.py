@@ -26,6 +26,7 @@ from ...finetune.engine import soft_distillation
 from ...finetune.rundir import RunDirError, compactor_snapshot
 from ...io.bundled import ORIGINAL_DIR
 from ...io.checkpoint import atomic_write, load_checkpoint
+from ...measure.precision import cpu_has_bf16_units
 from ...models.atme import apply_atme
 from ...models.compactors import add_compactors
 from ...models.deit import create_model
@@ -109,7 +110,7 @@ def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: s
     teacher, student = teacher.to(device), student.to(device).train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
     ds = SyntheticShapes(batch_size, int(teacher.patch_embed.img_size[0]))
-    bf16 = label_free and torch.device(device).type == "cpu"
+    bf16 = label_free and torch.device(device).type == "cpu" and cpu_has_bf16_units()   # as the job will run
     seconds = 0.0
     for i in range(2):
         t0 = time.perf_counter()
@@ -180,7 +181,8 @@ def finetune_estimate(model: str, steps: int, batch_size: int, flops_reduction: 
     calibrate_s = 2 * per_image * calibrate
     total = steps * per_step + eval_s + calibrate_s
     how = "measured on this server" if timed == batch_size else f"scaled from a step of {timed} images timed here"
-    kind = (f"a label-free step{' in bf16' if device == 'cpu' else ''} from the calibrated twin" if calibrate
+    bf16_text = " in bf16" if device == "cpu" and cpu_has_bf16_units() else ""
+    kind = (f"a label-free step{bf16_text} from the calibrated twin" if calibrate
             else "a step with CDCP's compactors")
     extra = f", and calibrating the twin on {calibrate} images first" if calibrate else ""
     return (f"**Estimated time on this `{device}`:** about {_fmt_s(total)} ({per_step:.2f} s per step of {batch_size} "

@@ -21,6 +21,7 @@ def build(studio: Studio, bar: ModelBar) -> gr.Slider:
         upload = gr.File(label="…or your own image (overrides the photo)", file_types=["image"], type="filepath",
                          height=140)
         block = gr.Slider(0, 11, value=11, step=1, label="Block (from 0; CLS attention of this block)")
+        scale = gr.Radio(["shared", "each its own"], value="shared", label="Colour scale of the two head-mean maps")
     show = gr.Button("Show CLS attention", variant="primary")
     with gr.Row(equal_height=True):
         view = gr.Image(label="Input (what the models see)", type="pil", height=300)
@@ -34,15 +35,15 @@ def build(studio: Studio, bar: ModelBar) -> gr.Slider:
         comp_top5 = gr.Label(num_top_classes=5, label="CAIT twin: top-5")
     localisation = gr.Markdown()
 
-    def on_attention(model, reduction, merge, name, file, block_index, request: gr.Request):
+    def on_attention(model, reduction, merge, name, file, block_index, scale_choice, request: gr.Request):
         p = pair_of(studio, model, reduction, merge, request)
         with refusing(ValueError, ImageError):
             s = load_sample(name, file, int(p.original.patch_embed.img_size[0]), studio.limits.image_pixels_cap())
-            v = attention_view(p, s, int(block_index))
+            v = attention_view(p, s, int(block_index), shared_scale=scale_choice != "each its own")
         return (v.image, v.original_mean, v.compressed_mean, v.original_heads, v.compressed_heads, v.original_top5,
                 v.compressed_top5, v.localisation_text())
 
-    show.click(heavy(studio.slot, on_attention), bar.settings + [sample, upload, block],
+    show.click(heavy(studio.slot, on_attention), bar.settings + [sample, upload, block, scale],
                [view, orig_mean, comp_mean, orig_heads, comp_heads, orig_top5, comp_top5, localisation],
                api_name="attention", **COMPUTE)
     return block
