@@ -86,6 +86,9 @@ def test_layout_must_fit_the_model():
         token_grids((14, 14), 12, "h12,v20")
     with pytest.raises(ValueError, match="already 1"):
         token_grids((2, 2), 4, "h0,h1")
+    # Two problems, both named at once (not the first alone).
+    with pytest.raises(ValueError, match=r"names block 9, .*; cannot merge at block 1: the width of the 2×1 grid"):
+        token_grids((2, 2), 4, "h0,h1,v9")
 
 
 def test_apply_atme_token_counts_and_layout(tiny):

@@ -72,20 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if sys.stderr.isatty():
             bar = tqdm(desc="cait.compress", bar_format="{desc} [{elapsed}]")
         t0 = time.perf_counter()
-        search = None
-        if a.plan == "measured" and a.merge is None:
-            if a.calibration == "none":
-                raise ValueError("--plan measured scores calibrated twins; give --calibration a source, not 'none'")
-            search = search_layouts(model, a.flops_reduction, calibration=a.calibration,
-                                    calibration_size=a.calibration_size, max_merges=a.max_merges,
-                                    round_to=8 if a.round_to is None else a.round_to, device=a.device,
-                                    batch_size=a.batch_size, progress=(bar.set_description if bar else None))
-            out = search.twin
-        else:
-            out = compress(model, a.flops_reduction, a.merge, round_to=a.round_to or 1,
-                           calibration=None if a.calibration == "none" else a.calibration,
-                           calibration_size=a.calibration_size, batch_size=a.batch_size,
-                           progress=(bar.set_description if bar else None))
+        out, search = _compress(model, a, bar.set_description if bar else None)
         if bar:
             bar.close()
         seconds = time.perf_counter() - t0
@@ -103,3 +90,19 @@ def main(argv: list[str] | None = None) -> int:
                                       if out.cait_meta.calibration else None),
                       "planner": search.to_dict() if search else out.cait_meta.planner}))
     return 0
+
+
+def _compress(model, a: argparse.Namespace, progress) -> tuple[torch.nn.Module, object]:
+    """The twin the arguments ask for, and the measured planner's search (None with ``--plan paper`` or
+    ``--merge``)."""
+    if a.plan == "measured" and a.merge is None:
+        if a.calibration == "none":
+            raise ValueError("--plan measured scores calibrated twins; give --calibration a source, not 'none'")
+        search = search_layouts(model, a.flops_reduction, calibration=a.calibration,
+                                calibration_size=a.calibration_size, max_merges=a.max_merges,
+                                round_to=8 if a.round_to is None else a.round_to, device=a.device,
+                                batch_size=a.batch_size, progress=progress)
+        return search.twin, search
+    return compress(model, a.flops_reduction, a.merge, round_to=a.round_to or 1,
+                    calibration=None if a.calibration == "none" else a.calibration,
+                    calibration_size=a.calibration_size, batch_size=a.batch_size, progress=progress), None

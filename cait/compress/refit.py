@@ -44,12 +44,10 @@ def refit_(compact: nn.Module, original: nn.Module, images: torch.Tensor, batch_
         ridge: λ, relative to the mean of the Gram matrix's diagonal.
         cls_weight: the CLS token's weight, as a share of all patch tokens of its image (1 = as much as all of them).
         progress: called with a short message after each block.
-        held_out: ``(m, 3, S, S)`` other images (not fitted) that judge each block's refit: it is kept only if it
-            lowers the mean KL(original ‖ compact) of the output logits on them, else that block's Linears are put
-            back as they were. The token MSE that the fit minimises is a proxy (it overfits the CLS rows, and the
-            residual stream's few large channels dominate it): on DeiT-Tiny ``h4,v9`` it falls in every block while
-            the output KL rises from 0.91 to 1.08 nats. With ``held_out`` the refit can only lower the held-out KL
-            (method page, training-free calibration). None: every block's refit is kept.
+        held_out: ``(m, 3, S, S)`` other images that judge each block's refit: kept only if it lowers the mean
+            KL(original ‖ compact) of the outputs on them, else the block's Linears are put back. The fitted token
+            MSE is a proxy that can mislead (bundled DeiT-Tiny ``h4,v9``: it falls in every block while the output
+            KL rises from 0.91 to 1.08 nats). None: every block's refit is kept.
 
     Returns:
         ``{"blocks": [{"block", "refit", "kept", "mse_before", "mse_after", "kl"}, ...], "kl_start", "kl_end"}``:
@@ -85,15 +83,8 @@ def refit_(compact: nn.Module, original: nn.Module, images: torch.Tensor, batch_
         refit += ["proj", "fc2"]
         kept = True
         if judge is not None:                   # keep the refit only if the held-out output KL falls
-            kl_refit = judge.kl(l)
-            kept = kl_refit < kl
-            if kept:
-                kl = kl_refit
-            else:
-                for name, lin in _linears(bc).items():
-                    _set_linear(lin, *saved[name])
-                xc = unfit
-            judge.advance(bc)
+            kept, kl = judge.decide(l, bc, kl, saved)
+            xc = xc if kept else unfit
         report.append({"block": l, "refit": refit, "kept": kept, "mse_before": before,
                        "mse_after": fit.mse(xc, out_o), "kl": kl})
         if progress:
@@ -132,6 +123,17 @@ class _Judge:
             out = m.forward_head(m.norm(x)).float().log_softmax(-1).cpu()
             total += float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="sum"))
         return total / self.n
+
+    def decide(self, l: int, block: nn.Module, kl: float, saved: dict) -> tuple[bool, float]:
+        """Keep block ``l``'s refit if the held-out KL falls below ``kl``, else put its Linears back (``saved``:
+        name → (weight, bias)); move the stream through the block as decided. Returns (kept, the KL now)."""
+        kl_refit = self.kl(l)
+        kept = kl_refit < kl
+        if not kept:
+            for name, lin in _linears(block).items():
+                _set_linear(lin, *saved[name])
+        self.advance(block)
+        return kept, kl_refit if kept else kl
 
     def advance(self, block: nn.Module) -> None:
         """Move the stream through ``block`` as it was decided."""

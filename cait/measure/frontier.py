@@ -172,9 +172,8 @@ def search_layouts(model: nn.Module, flops_reduction: float, calibration="defaul
     Args:
         model: an uncompressed DeiT; not modified.
         flops_reduction: R in [0, 1); every candidate reaches it (ATME's share, CDCP the rest).
-        calibration, calibration_size: unlabelled images to fit on (anything
-            :func:`cait.data.calibration.calibration_images` takes); ``proxy_images`` and ``score_images`` more are
-            drawn from the same source (a tensor or loader must hold all three).
+        calibration, calibration_size: unlabelled images to fit on (as :func:`cait.compress.compress`);
+            ``proxy_images`` and ``score_images`` more come from the same source (a tensor must hold all three).
         max_merges: 0 to 4 merges per layout.
         beam: layouts kept per bucket of ATME share at each level of the search.
         bucket: width of a bucket of ATME share (0.1 = ten points of the original's FLOPs).
@@ -186,10 +185,9 @@ def search_layouts(model: nn.Module, flops_reduction: float, calibration="defaul
         min_speedup: the speed-up the choice must reach; default ``tome_share`` × ToMe's at the same FLOPs.
         device: where speed is timed (``"cpu"``, ``"cuda"``; None: CUDA when available).
         batch_size, rounds: of the speed measurement (images per batch, alternation rounds).
-        seed: of the calibration draw.
-        include: layouts (e.g. the paper's plan) scored, timed and calibrated whatever the search finds, so they
-            can be compared on the same images and in the same run; they compete for the choice like the others.
-        progress: called with short status strings.
+        seed: of the calibration draw; progress: called with short status strings.
+        include: layouts (e.g. the paper's plan) also scored, timed and calibrated, in the same run; they compete
+            for the choice like the others.
 
     Returns:
         A :class:`LayoutSearch`; ``.twin`` is the chosen calibrated twin, its ``cait_meta.planner`` the record of
@@ -206,24 +204,14 @@ def search_layouts(model: nn.Module, flops_reduction: float, calibration="defaul
     s = _Search(model.eval(), flops_reduction, round_to, min_channels, batch_size, progress or (lambda m: None))
     s.draw(calibration, calibration_size, proxy_images, score_images, seed)
     s.grow(max_merges, beam, bucket)
-    extra = [str(Layout.parse(lay)) for lay in include]
-    for lay in extra:
-        s.evaluate(Layout.parse(lay))
+    extra = s.include(include)
     timed = _per_bucket(list(s.scored.values()), bucket, 1)
-    timed += [s.scored[lay] for lay in extra if s.scored[lay] not in timed]
+    timed += [c for c in extra if c not in timed]
     tome_speedup = s.time(timed, device, rounds)
     floor = tome_share * tome_speedup if min_speedup is None else min_speedup
     fast = sorted((c for c in timed if c.speedup >= floor), key=lambda c: c.proxy_kl)[:finalists]
-    twins = s.calibrate(list({c.layout: c for c in (fast or [max(timed, key=lambda c: c.speedup)])
-                              + [s.scored[lay] for lay in extra]}.values()))
-    fast = [c for c in timed if c.agreement is not None and c.speedup >= floor]      # finalists and fast extras
-    if fast:
-        choice = max(fast, key=lambda c: (c.agreement, -c.kl))
-        rule = (f"the highest agreement ({choice.agreement:.1f}% on {len(s.score)} held-out images) of the "
-                f"{len(fast)} calibrated candidates at least {floor:.2f}x as fast as the original")
-    else:
-        choice = max(timed, key=lambda c: c.speedup)
-        rule = f"no candidate reached {floor:.2f}x; the fastest was taken"
+    twins = s.calibrate(list({c.layout: c for c in (fast or [max(timed, key=lambda c: c.speedup)]) + extra}.values()))
+    choice, rule = _choose(timed, floor, len(s.score))
     if min_speedup is None:
         rule += f" ({tome_share:.0%} of ToMe's {tome_speedup:.2f}x at the same FLOPs, same run)"
     s.seconds["total"] = round(time.perf_counter() - t_start, 1)
@@ -232,6 +220,17 @@ def search_layouts(model: nn.Module, flops_reduction: float, calibration="defaul
                          batch_size, len(s.score), twins[choice.layout])
     _record(found)
     return found
+
+
+def _choose(timed: list[Candidate], floor: float, n_score: int) -> tuple[Candidate, str]:
+    """The calibrated candidate with the highest agreement (then the lowest KL) at least ``floor`` times as fast as
+    the original, or the fastest when none is; and the sentence that says why."""
+    fast = [c for c in timed if c.agreement is not None and c.speedup >= floor]      # finalists and fast extras
+    if not fast:
+        return max(timed, key=lambda c: c.speedup), f"no candidate reached {floor:.2f}x; the fastest was taken"
+    choice = max(fast, key=lambda c: (c.agreement, -c.kl))
+    return choice, (f"the highest agreement ({choice.agreement:.1f}% on {n_score} held-out images) of the "
+                    f"{len(fast)} calibrated candidates at least {floor:.2f}x as fast as the original")
 
 
 def _record(found: LayoutSearch) -> None:
@@ -300,6 +299,12 @@ class _Search:
             if not level:
                 break
         self.seconds["proxy"] = round(time.perf_counter() - t0, 1)
+
+    def include(self, layouts) -> list[Candidate]:
+        """Score the layouts asked for by name (``include=``) and return their candidates."""
+        for lay in layouts:
+            self.evaluate(Layout.parse(lay))
+        return [self.scored[str(Layout.parse(lay))] for lay in layouts]
 
     def time(self, timed: list[Candidate], device, rounds: int) -> float:
         """Time ``timed`` (their proxy twins: speed depends on shape only), the original and ToMe in alternation;

@@ -141,20 +141,24 @@ def token_grids(grid: tuple[int, int], depth: int, layout: LayoutLike) -> list[t
     """The patch grid ``(H, W)`` that each block's attention sees (after that block's merge, if any).
 
     Raises:
-        ValueError: if the layout names a block ``>= depth`` or merges a side that is already 1.
+        ValueError: if the layout names a block ``>= depth`` or merges a side that is already 1 (every such
+            problem in one message).
     """
     layout = Layout.parse(layout)
-    bad = [i for i in layout if i >= depth]
+    problems, bad = [], [i for i in layout if i >= depth]
     if bad:
-        raise ValueError(f"merge layout names block{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}, but the "
-                         f"model has {depth} blocks (0..{depth - 1})")
+        problems.append(f"merge layout names block{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}, but "
+                        f"the model has {depth} blocks (0..{depth - 1})")
     grids, g = [], tuple(grid)
     for i in range(depth):
         if i in layout:
             side = g[1] if layout[i] == "h" else g[0]
             if side < 2:
-                raise ValueError(f"cannot merge at block {i}: the {'width' if layout[i] == 'h' else 'height'} "
-                                 f"of the {g[0]}×{g[1]} grid is already 1")
-            g = merged_grid(g, layout[i])
+                problems.append(f"cannot merge at block {i}: the {'width' if layout[i] == 'h' else 'height'} "
+                                f"of the {g[0]}×{g[1]} grid is already 1")
+            else:
+                g = merged_grid(g, layout[i])
         grids.append(g)
+    if problems:                                     # every problem at once, as Layout.parse does
+        raise ValueError("; ".join(problems))
     return grids
