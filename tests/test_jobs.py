@@ -119,3 +119,27 @@ def test_jobs_survive_a_restart_and_dead_processes_are_noticed(tmp_path, manager
 def test_submit_refuses_unknown_options(tmp_path):
     with pytest.raises(ValueError, match="unknown fine-tune options: colour"):
         JobManager(tmp_path, poll_interval=0).submit(colour="red")
+
+
+def test_a_label_free_job_without_trained_teacher_weights_is_refused_at_start(tmp_path, monkeypatch):
+    """The tiny test DeiT has no published weights, and DeiT-Tiny's are neither cached nor reachable offline: Start
+    says so in the app's words, and nothing is queued (it used to fail 6 s into the job with a command-line hint)."""
+    import gradio as gr
+
+    import cait.models.deit as deit
+    from cait.studio.engine import Studio
+    from cait.studio.jobs.manager import JobManager
+    from cait.studio.ui.finetune_tab import FINETUNE_MODELS, TARGETS, _Handlers
+    jobs = JobManager(tmp_path / "runs")
+    studio = Studio(device="cpu", pretrained=False, bundled=None, jobs=jobs, segmenters=None)
+    handlers = _Handlers(studio, FINETUNE_MODELS)
+    label_free = next(k for k, v in TARGETS.items() if v == "none")
+    tiny_test = next(k for k, v in FINETUNE_MODELS.items() if v == cait.TEST_MODEL)
+    with pytest.raises(gr.Error, match="teach only with trained weights, and deit_test_patch4_32 has no published"):
+        handlers.on_start(tiny_test, label_free, "synthetic", None, 0.5, 4, 8, "cpu", None)
+    monkeypatch.setattr(deit, "cached_weights", lambda name: None)
+    monkeypatch.setattr(studio.catalogue, "hub_reason", lambda: "huggingface.co unreachable")
+    deit_t = next(k for k, v in FINETUNE_MODELS.items() if v == "deit_tiny_patch16_224")
+    with pytest.raises(gr.Error, match="not in the local cache and the Hub is out of reach"):
+        handlers.on_start(deit_t, label_free, "synthetic", None, 0.5, 4, 8, "cpu", None)
+    assert jobs.list() == []

@@ -135,6 +135,21 @@ def cached_weights(name: str) -> str | None:
     return None
 
 
+def missing_weights_reason(name: str, hub_reason: str | None) -> str | None:
+    """Why ``create_model(name, pretrained=True)`` would give random weights (None: trained weights are within reach,
+    from the Hub or the local cache). ``hub_reason``: :func:`hub_unreachable_reason`'s answer, or None.
+
+    >>> missing_weights_reason(TEST_MODEL, None)
+    'deit_test_patch4_32 has no published weights'
+    """
+    hub_id = getattr(get_pretrained_cfg(name), "hf_hub_id", None) if name in DEIT_MODELS else None
+    if not hub_id:
+        return f"{name} has no published weights"
+    if hub_reason is None or cached_weights(name):
+        return None
+    return f"{name}'s weights are not in the local cache and the Hub is out of reach ({hub_reason})"
+
+
 def create_model(name: str, pretrained: bool = True, **kwargs) -> tuple[nn.Module, WeightsInfo]:
     """Create a timm DeiT, with ImageNet weights when the Hub is reachable.
 

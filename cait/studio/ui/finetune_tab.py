@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from ...measure.precision import cpu_has_bf16_units
-from ...models.deit import TEST_MODEL
+from ...models.deit import TEST_MODEL, missing_weights_reason
 from ..catalogue import ModelRef
 from ..engine import Studio
 from ..jobs.manager import JobManager
@@ -159,6 +159,10 @@ class _Handlers:
                 args.update(LABEL_FREE, cpu_bf16=on_device == "cpu" and cpu_has_bf16_units())
                 if not Path(args["model"]).is_dir() and args["model"] != "bundled":
                     args["pretrained"] = True   # a timm DeiT teaches with its ImageNet weights (the Hub or its cache)
+                    why = missing_weights_reason(args["model"], self.studio.catalogue.hub_reason())
+                    if why:                     # refused here, not 6 s into the job with a command-line hint
+                        raise ValueError(f"Targets: the original's predictions teach only with trained weights, and "
+                                         f"{why}; choose the bundled DeiT-Tiny or a finished job's model")
             if archive_file:                    # every field checked, then unpacked; a refusal leaves nothing
                 new = self.jobs.submit_archive(archive_file, device=on_device, owner=owner, visitor=address, **args)
             else:
