@@ -1,8 +1,8 @@
 """Measured planning: choose the ATME/CDCP split of a FLOPs budget by what the twin keeps and how fast it runs.
 
-The paper's planner (:mod:`cait.compress.plan`, ``plan="paper"``) gives ATME a fixed share of the budget and places
+The paper's planner (:mod:`cait.compress.plan`, ``--plan paper``) gives ATME a fixed share of the budget and places
 the merges by FLOPs alone. Measured on the bundled DeiT-Tiny at 50% fewer FLOPs without training, that rule loses
-(method page, "The budget split"): the planned ``h4,v9`` keeps 51% top-1 where CDCP alone keeps 89%, and the first
+(README, *Choosing the split by measurement*): the planned ``h4,v9`` keeps 51% top-1 where CDCP alone keeps 89%, and the first
 merge's block decides most of it. :func:`search_layouts` measures instead, on the model and the device at hand:
 
 1. **Candidates**: every layout of 0 to ``max_merges`` merges (any blocks, HTM or VTM) whose ATME share fits in the
