@@ -117,14 +117,19 @@ def split_held_out(images: torch.Tensor, share: float = HELD_OUT_SHARE) -> tuple
 
 
 @torch.no_grad()
-def held_out_kl(twin: nn.Module, original: nn.Module, images: torch.Tensor, batch_size: int = 32) -> float:
-    """Mean KL(original ‖ twin) of the output distributions over ``images`` ``(n, 3, S, S)``, in nats per image."""
-    total = 0.0
-    for x in tensor_batches(images, batch_size):
-        t = original(x.to(next(original.parameters()).device)).float().log_softmax(-1).cpu()
-        s = twin(x.to(next(twin.parameters()).device)).float().log_softmax(-1).cpu()
-        total += float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum"))
-    return total / max(len(images), 1)
+def log_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """The model's log-probabilities ``(n, classes)`` (float32, on the CPU) for ``images`` ``(n, 3, S, S)``."""
+    dev = next(model.parameters()).device
+    return torch.cat([model(x.to(dev)).float().log_softmax(-1).cpu() for x in tensor_batches(images, batch_size)])
+
+
+def held_out_kl(twin: nn.Module, original: nn.Module, images: torch.Tensor, batch_size: int = 32,
+                ref: torch.Tensor | None = None) -> float:
+    """Mean KL(original ‖ twin) of the output distributions over ``images`` ``(n, 3, S, S)``, in nats per image;
+    ``ref``: the original's :func:`log_probs` on them, when already computed."""
+    ref = log_probs(original, images, batch_size) if ref is None else ref
+    out = log_probs(twin, images, batch_size)
+    return float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="sum")) / max(len(images), 1)
 
 
 def _better_channels(merged: nn.Module, masks: dict, original: nn.Module, held_out: torch.Tensor | None,
@@ -134,10 +139,10 @@ def _better_channels(merged: nn.Module, masks: dict, original: nn.Module, held_o
     if held_out is None:
         prune(merged, masks["fisher"])
         return "fisher", merged
-    best = None
+    best, ref = None, log_probs(original, held_out, batch_size)          # the original's outputs, once
     for name, mask in masks.items():
         twin = prune(copy.deepcopy(merged), mask)
-        kl = held_out_kl(twin, original, held_out, batch_size)
+        kl = held_out_kl(twin, original, held_out, batch_size, ref)
         if best is None or kl < best[0]:
             best = (kl, name, twin)
     return best[1], best[2]

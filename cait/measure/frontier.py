@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from ..baselines.tome import apply_tome, tome_schedule
 from ..compress.importance import fisher_scores, per_flop, tensor_batches
-from ..compress.oneshot import compress
+from ..compress.oneshot import compress, log_probs
 from ..compress.plan import atme_reduction, split_budget
 from ..compress.prune import prune
 from ..compress.select import select_channels
@@ -261,9 +261,9 @@ class _Search:
         """One draw of unlabelled images, split into fit / proxy / scoring; the Fisher scores on the fit part."""
         images = calibration_images(calibration, n_fit + n_proxy + n_score, self.model, seed)
         self.fit, self.proxy, self.score = images[:n_fit], images[n_fit:n_fit + n_proxy], images[n_fit + n_proxy:]
-        self.ref_proxy = _logp(self.model, self.proxy, self.batch_size)
-        self.ref_score = _logp(self.model, self.score, self.batch_size)
-        labels = _logp(self.model, self.fit, self.batch_size).argmax(-1)      # the original's own predictions
+        self.ref_proxy = log_probs(self.model, self.proxy, self.batch_size)
+        self.ref_score = log_probs(self.model, self.score, self.batch_size)
+        labels = log_probs(self.model, self.fit, self.batch_size).argmax(-1)      # the original's own predictions
         t0 = time.perf_counter()
         self.say("Fisher scores on the original (shared by every candidate)")
         self.fisher = fisher_scores(self.model, self.fit, labels, self.batch_size)
@@ -353,14 +353,8 @@ def _speedups(models: dict, batch_size: int, device, rounds: int) -> dict[str, t
     return out
 
 
-@torch.no_grad()
-def _logp(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    dev = next(model.parameters()).device
-    return torch.cat([model(x.to(dev)).float().log_softmax(-1).cpu() for x in tensor_batches(images, batch_size)])
-
-
 def _agreement(twin: nn.Module, ref: torch.Tensor, images: torch.Tensor, batch_size: int) -> Agreement:
     """Agreement (%) and mean KL(original ‖ twin) in nats against the original's log-probabilities ``ref``."""
-    out = _logp(twin.eval(), images, batch_size)
+    out = log_probs(twin.eval(), images, batch_size)
     kl = float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="sum")) / len(images)
     return Agreement(100.0 * float((out.argmax(-1) == ref.argmax(-1)).float().mean()), kl, len(images))
