@@ -126,13 +126,18 @@ def main(argv=None) -> dict:
                          "pixel_accuracy": score and score.pixel_accuracy,
                          "backbone_flops": backbone_flops, "segmenter_flops": total,
                          "images_per_s": speed[b]["images_per_s"], "batch_size": a.batch_size_speed,
-                         "latency_ms_batch1": speed[b]["latency_ms"]})
+                         "latency_ms_batch1": speed[b]["latency_ms"], "rounds": speed[b]["rounds"],
+                         "images_per_s_range": [speed[b]["images_per_s_spread"].low,
+                                                speed[b]["images_per_s_spread"].high]})
         ref = next(r for r in rows if r["img_size"] == size and r["backbone"] == "original") \
             if "original" in here else None
         for r in rows:
             if ref and r["img_size"] == size:
                 r["speedup"] = r["images_per_s"] / ref["images_per_s"]
                 r["latency_speedup"] = ref["latency_ms_batch1"] / r["latency_ms_batch1"]
+                if next(iter(here)) == "original":            # round by round against the original: the spread
+                    up, lat = speed[r["backbone"]]["speedup"], speed[r["backbone"]]["latency_speedup"]
+                    r["speedup_range"], r["latency_speedup_range"] = [up.low, up.high], [lat.low, lat.high]
                 r["miou_vs_original"] = None if r["miou"] is None else r["miou"] - ref["miou"]
     out = {"model": a.model, "steps": a.steps, "batch_size": a.batch_size, "val_size": a.val_size,
            "frozen": a.backbone_lr is None, "device": a.device, "torch": torch.__version__,

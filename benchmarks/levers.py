@@ -46,7 +46,10 @@ def main() -> None:
     print(json.dumps({"model": a.model, "batch_size": a.batch_size, "device": speed["original"]["device"],
                       "flops": {k: cait.analytic_flops(m) for k, m in models.items() if "compiled" not in k},
                       "images_per_s": {k: round(v["images_per_s"], 2) for k, v in speed.items()},
-                      "speedup": {k: round(v["images_per_s"] / base, 3) for k, v in speed.items()}}, indent=2))
+                      "speedup": {k: round(v["images_per_s"] / base, 3) for k, v in speed.items()},
+                      "speedup_range": {k: [round(s.low, 3), round(s.high, 3)] for k, s in
+                                        ((k, cait.measure.speed.speedup_spread(speed, k)) for k in speed)},
+                      "rounds": a.rounds}, indent=2))
 
 
 if __name__ == "__main__":

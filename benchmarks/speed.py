@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cait  # noqa: E402
 from cait.baselines.tome import apply_tome, tome_flops, tome_schedule  # noqa: E402
 from cait.measure.precision import PRECISIONS, check_precision, in_precision, peak_gflops  # noqa: E402
-from cait.measure.speed import compare_throughput, resolve_device  # noqa: E402
+from cait.measure.speed import compare_throughput, resolve_device, speedup_spread  # noqa: E402
 
 SETTINGS = {  # total FLOPs reduction of the paper's CAIT models (SPEC §5)
     "deit_tiny_patch16_224": 0.50,
@@ -144,7 +144,9 @@ def ort_throughput(sessions: dict, original: torch.nn.Module, batch_size: int, w
                 t0 = time.perf_counter()
                 s.run(None, feeds[k])
                 times[k].append(time.perf_counter() - t0)
-    return {k: {"images_per_s": batch_size / statistics.median(v), "latency_s": statistics.median(v)}
+    return {k: {"images_per_s": batch_size / statistics.median(v), "latency_s": statistics.median(v),
+                "round_images_per_s": [batch_size / statistics.median(v[r * iters:(r + 1) * iters])
+                                       for r in range(rounds)]}
             for k, v in times.items()}
 
 
@@ -235,16 +237,17 @@ def time_precision(a, name: str, models: dict, flops: dict, prec: str, peak: flo
         speed = (ort_throughput(run, models["original"], bs, a.warmup, a.iters, a.rounds)
                  if a.runtime == "onnxruntime" else
                  compare_throughput(run, bs, dev, a.warmup, a.iters, a.rounds, img_size=size))
-        base = speed["original"]["images_per_s"]
-        fp32_base = speed.get("original_fp32", speed["original"])["images_per_s"]
+        fp32_ref = "original_fp32" if "original_fp32" in speed else "original"
         for k in models:
             r = 1 - flops[k] / flops["original"]
             ips = speed[k]["images_per_s"]
             gflops = 2 * flops[k] * ips / 1e9
+            up = speedup_spread(speed, k)                     # round by round: median, lowest and highest round
             rows.append({"model": name, "variant": k, "device": dev.type, "precision": prec, "batch_size": bs,
                          "flops": flops[k], "flops_reduction": r, "images_per_s": ips,
-                         "latency_ms": 1e3 * speed[k]["latency_s"], "speedup": ips / base,
-                         "speedup_vs_fp32": ips / fp32_base, "ideal_speedup": 1 / (1 - r),
+                         "latency_ms": 1e3 * speed[k]["latency_s"], "speedup": up.median,
+                         "speedup_range": [up.low, up.high], "rounds": up.n,
+                         "speedup_vs_fp32": speedup_spread(speed, k, fp32_ref).median, "ideal_speedup": 1 / (1 - r),
                          "gflops": gflops, "peak_gflops": peak, "share_of_peak": gflops / peak if peak else None,
                          "compiled": compiled_ok.get(k, False), "round_to": a.round_to, "runtime": a.runtime})
         if a.runtime == "torch" and prec == "fp32" and not a.compile:
@@ -276,8 +279,11 @@ def report(rows: list[dict], out_dir: Path, accuracy: list[dict] = ()) -> None:
             ok = r.batch_size == 32 and r.precision == "fp32"
             status.append(("met" if r.of_ideal >= 0.9 else "NOT met") + " (>= 90% of ideal)" if ok else "")
     df["target"] = status
+    df["speedup_min"] = [lo for lo, _ in df["speedup_range"]]
+    df["speedup_max"] = [hi for _, hi in df["speedup_range"]]
     show = df[["model", "variant", "device", "precision", "batch_size", "flops_reduction", "images_per_s", "speedup",
-               "speedup_vs_fp32", "ideal_speedup", "of_ideal", "gflops", "peak_gflops", "share_of_peak", "target"]]
+               "speedup_min", "speedup_max", "speedup_vs_fp32", "ideal_speedup", "of_ideal", "gflops", "peak_gflops",
+               "share_of_peak", "target"]]
     print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if accuracy:
         acc = pd.DataFrame(accuracy)
@@ -288,9 +294,10 @@ def report(rows: list[dict], out_dir: Path, accuracy: list[dict] = ()) -> None:
     ax.plot([1, lim], [1, lim], "k--", lw=1, label="FLOPs-ideal 1/(1-r)")
     ax.plot([1, lim], [1, 0.9 * lim + 0.1], ":", color="grey", lw=1, label="90% of ideal")
     for (variant, prec), g in df[df.variant != "original"].groupby(["variant", "precision"]):
-        ax.scatter(g.ideal_speedup, g.speedup, label=f"{variant} {prec}")
+        ax.errorbar(g.ideal_speedup, g.speedup, yerr=[g.speedup - g.speedup_min, g.speedup_max - g.speedup],
+                    fmt="o", capsize=3, label=f"{variant} {prec}")
     ax.set_xlabel("FLOPs-ideal speed-up 1/(1-r)")
-    ax.set_ylabel("measured speed-up")
+    ax.set_ylabel("measured speed-up (median, bars: lowest-highest round)")
     ax.set_title(f"CAIT speed-ups ({df.device.iloc[0]})")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cait  # noqa: E402
 from cait.baselines.tome import apply_tome, tome_flops, tome_schedule  # noqa: E402
 from cait.measure.frontier import search_layouts  # noqa: E402
-from cait.measure.speed import compare_throughput  # noqa: E402
+from cait.measure.speed import compare_throughput, speedup_spread, spread  # noqa: E402
 from cait.io.bundled import bundled_pair  # noqa: E402
 from cait.data.synthetic import CLASSES, SyntheticShapes  # noqa: E402
 
@@ -108,11 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for k, m in models.items():
             preds[k] = torch.cat([m.eval()(x[i:i + 100]).argmax(-1) for i in range(0, a.val_size, 100)])
-    per_round = [compare_throughput(models, batch_size=a.batch_size, device="cpu", warmup=1 if i == 0 else 0,
-                                    iters=3, rounds=1) for i in range(a.rounds)]
-    speed = {k: {"images_per_s": sorted(r[k]["images_per_s"] for r in per_round)[len(per_round) // 2],
-                 "speedups": sorted(r[k]["images_per_s"] / r["original"]["images_per_s"] for r in per_round)}
-             for k in models}
+    timed = compare_throughput(models, batch_size=a.batch_size, device="cpu", warmup=1, iters=3, rounds=a.rounds)
+    speed = {k: {"images_per_s": spread(timed[k]["round_images_per_s"]).median,
+                 "speedup": speedup_spread(timed, k)} for k in models}
     base_flops = cait.analytic_flops(original)
     out = {"model": a.model, "flops_reduction": r, "val_size": a.val_size, "batch_size": a.batch_size,
            "calibration": {"source": a.calibration, "images": a.calibration_size, "seconds": seconds},
@@ -126,8 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
             "top1": round(100 * float((preds[k] == y).float().mean()), 2),
             "agreement": round(100 * float((preds[k] == preds["original"]).float().mean()), 2),
             "images_per_s": round(speed[k]["images_per_s"], 2),
-            "speedup": round(speed[k]["speedups"][len(per_round) // 2], 3),
-            "speedup_range": [round(speed[k]["speedups"][0], 3), round(speed[k]["speedups"][-1], 3)],
+            "speedup": round(speed[k]["speedup"].median, 3),
+            "speedup_range": [round(speed[k]["speedup"].low, 3), round(speed[k]["speedup"].high, 3)],
             **per_class(preds[k], y)}
     print(json.dumps(out, indent=2))
     return out

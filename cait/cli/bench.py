@@ -6,7 +6,8 @@
     python -m cait.bench --precision bf16 --json        # both in bf16, plus the fp32 original as the reference
 
 prints one JSON object: ``original`` and ``compressed`` each with ``flops`` (multiply-adds per image, fvcore),
-``params``, ``images_per_s`` and ``latency_s`` (seconds per batch), then ``speedup`` and ``flops_ratio``. With
+``params``, ``images_per_s`` and ``latency_s`` (seconds per batch), then ``speedup`` (the median of the per-round
+ratios), ``speedup_range`` (its lowest and highest round), ``rounds`` and ``flops_ratio``. With
 ``--precision`` other than fp32 (:mod:`cait.measure.precision`) both run in it, and ``original_fp32`` is timed in
 the same alternation; ``speedup_vs_fp32`` is the twin against it.
 Weights are random unless ``--pretrained``: speed does not depend on them.
@@ -22,7 +23,7 @@ import torch
 from ..compress.oneshot import compress
 from ..measure.flops import count_flops, count_params
 from ..measure.precision import PRECISIONS, PrecisionError, check_precision, in_precision
-from ..measure.speed import compare_throughput, resolve_device
+from ..measure.speed import compare_throughput, resolve_device, speedup_spread
 from ..models.deit import create_model
 
 
@@ -51,12 +52,14 @@ def run(model_name: str, flops_reduction: float, merge: str | None = None, batch
                  "torch": torch.__version__, "threads": torch.get_num_threads()}
     for name, m in (("original", original), ("compressed", compressed)):
         out[name] = {"flops": count_flops(m), "params": count_params(m), **speed[name]}
-    out["speedup"] = out["compressed"]["images_per_s"] / out["original"]["images_per_s"]
+    up = speedup_spread(speed, "compressed")                      # round by round: median and range over rounds
+    out["speedup"], out["speedup_range"], out["rounds"] = up.median, [up.low, up.high], up.n
     out["flops_ratio"] = out["original"]["flops"] / out["compressed"]["flops"]
     out["speedup_vs_flops_ideal"] = out["speedup"] / out["flops_ratio"]
     fp32 = speed.get("original_fp32", speed["original"])
     out["original_fp32"] = fp32
-    out["speedup_vs_fp32"] = out["compressed"]["images_per_s"] / fp32["images_per_s"]
+    out["speedup_vs_fp32"] = speedup_spread(speed, "compressed", "original_fp32" if precision != "fp32" else
+                                            "original").median
     return out
 
 
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             r = out[k]
             print(f"  {k:<10} {r['flops'] / 1e9:7.3f} GFLOPs  {r['params'] / 1e6:6.2f} M params  "
                   f"{r['images_per_s']:9.1f} images/s")
-        print(f"  speed-up {out['speedup']:.2f}x for a FLOPs ratio of {out['flops_ratio']:.2f}x"
+        print(f"  speed-up {out['speedup']:.2f}x ({out['speedup_range'][0]:.2f}-{out['speedup_range'][1]:.2f} over "
+              f"{out['rounds']} rounds) for a FLOPs ratio of {out['flops_ratio']:.2f}x"
               + (f"; {out['speedup_vs_fp32']:.2f}x the fp32 original" if a.precision != "fp32" else ""))
     return 0

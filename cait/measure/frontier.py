@@ -58,7 +58,7 @@ from ..models.layout import Layout
 from ..models.spec import describe
 from .accuracy import Agreement
 from .flops import analytic_flops
-from .speed import compare_throughput, resolve_device
+from .speed import compare_throughput, resolve_device, speedup_spread
 
 Progress = Callable[[str], None] | None
 
@@ -343,13 +343,12 @@ def _per_bucket(cands: list[Candidate], width: float, k: int) -> list[Candidate]
 
 
 def _speedups(models: dict, batch_size: int, device, rounds: int) -> dict[str, tuple[float, float, float]]:
-    """name → (median, min, max) speed-up over the original, from per-round timings in one alternating run."""
-    per_round = [compare_throughput(models, batch_size=batch_size, device=device, warmup=1 if r == 0 else 0,
-                                    iters=2, rounds=1) for r in range(rounds)]
+    """name → (median, min, max) speed-up over the original, round by round in one alternating run."""
+    speed = compare_throughput(models, batch_size=batch_size, device=device, warmup=1, iters=2, rounds=rounds)
     out = {}
     for name in models:
-        ratios = sorted(r[name]["images_per_s"] / r["original"]["images_per_s"] for r in per_round)
-        out[name] = (round(ratios[len(ratios) // 2], 3), round(ratios[0], 3), round(ratios[-1], 3))
+        s = speedup_spread(speed, name)
+        out[name] = (round(s.median, 3), round(s.low, 3), round(s.high, 3))
     return out
 
 

@@ -7,8 +7,10 @@ with its twin is ``python -m cait.bench`` (:mod:`cait.cli.bench`).
 """
 from __future__ import annotations
 
+import re
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -68,7 +70,9 @@ def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, devic
             round is always timed); None: all ``rounds``.
 
     Returns:
-        name → ``{"images_per_s", "latency_s" (median seconds per batch), "batch_size", "device", "timed_batches"}``.
+        name → ``{"images_per_s", "latency_s" (median seconds per batch), "batch_size", "device", "timed_batches",
+        "round_images_per_s"}``, the last one images/s of each round (its median batch), from which
+        :func:`speedup_spread` gives a speed-up with its spread.
     """
     dev = resolve_device(device if device is None else str(device))
     size = img_size or next(iter(models.values())).patch_embed.img_size[0]
@@ -86,19 +90,98 @@ def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, devic
         m.to(dev).eval()
         _time_batches(m, x, warmup, amp_dtype)
         tick(f"warm-up: {name}")
-    times: dict[str, list[float]] = {k: [] for k in models}
+    times: dict[str, list[list[float]]] = {k: [] for k in models}            # name → per round, seconds per batch
     for r in range(rounds):
         if r and budget_s is not None and time.perf_counter() - t0 > budget_s:
             break
         for name, m in models.items():
-            times[name] += _time_batches(m, x, iters, amp_dtype)
+            times[name].append(_time_batches(m, x, iters, amp_dtype))
             tick(f"round {r + 1}/{rounds}: {name}")
     result = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
+    for name, per_round in times.items():
+        med = statistics.median(t for ts in per_round for t in ts)
         result[name] = {"images_per_s": batch_size / med, "latency_s": med, "batch_size": batch_size,
-                        "device": str(dev), "timed_batches": len(ts)}
+                        "device": str(dev), "timed_batches": sum(map(len, per_round)),
+                        "round_images_per_s": [batch_size / statistics.median(ts) for ts in per_round]}
     return result
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A measured figure with its spread: the median over ``n`` rounds and the lowest and highest round.
+
+    >>> str(Spread(1.72, 1.67, 1.91, 3))
+    '1.72 (1.67–1.91)'
+    >>> str(Spread(2.0, 2.0, 2.0, 1))
+    '2.00 (1 round)'
+    """
+    median: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def format(self, digits: int = 2) -> str:
+        """``"median (low–high)"`` with ``digits`` decimals, or ``"median (1 round)"`` when nothing spreads."""
+        if self.n < 2:
+            return f"{self.median:.{digits}f} (1 round)"
+        return f"{self.median:.{digits}f} ({self.low:.{digits}f}–{self.high:.{digits}f})"
+
+    def to_dict(self) -> dict:
+        return {"median": self.median, "min": self.low, "max": self.high, "rounds": self.n}
+
+    @classmethod
+    def parse(cls, text: str) -> "Spread":
+        """Read back what :meth:`format` wrote (e.g. a cell of the app's tables); ``n`` is 1 or, when a range is
+        shown, 2 (at least).
+
+        Raises:
+            ValueError: for text that is not ``"median (low–high)"`` or ``"median (1 round)"``.
+
+        >>> Spread.parse("1.72 (1.67–1.91)")
+        Spread(median=1.72, low=1.67, high=1.91, n=2)
+        """
+        m = re.fullmatch(r"\s*([-\d.]+) \((?:([-\d.]+)–([-\d.]+)|1 round)\)\s*", str(text))
+        if m is None:
+            raise ValueError(f"not a measured figure with its spread: {text!r}")
+        med = float(m.group(1))
+        if m.group(2) is None:
+            return cls(med, med, med, 1)
+        return cls(med, float(m.group(2)), float(m.group(3)), 2)
+
+
+def spread(values: list[float]) -> Spread:
+    """Median, min and max of per-round values (e.g. images/s of each round).
+
+    Raises:
+        ValueError: for no values.
+    """
+    if not values:
+        raise ValueError("spread: no rounds were timed")
+    return Spread(statistics.median(values), min(values), max(values), len(values))
+
+
+def speedup_spread(speed: dict[str, dict], name: str, ref: str = "original", inverse: bool = False) -> Spread:
+    """Speed-up of ``name`` over ``ref`` from one :func:`compare_throughput` result: the ratio of their images/s in
+    each round (both timed in the same alternation), then its median and range over the rounds.
+
+    Args:
+        speed: a :func:`compare_throughput` result holding both names.
+        name, ref: the model and the reference.
+        inverse: ``ref/name`` instead (e.g. a latency ratio from per-round latencies).
+
+    Raises:
+        KeyError: if either name was not timed.
+
+    >>> speed = {"original": {"round_images_per_s": [10.0, 11.0, 9.0]},
+    ...          "twin": {"round_images_per_s": [20.0, 20.0, 19.8]}}
+    >>> str(speedup_spread(speed, "twin"))
+    '2.00 (1.82–2.20)'
+    """
+    ratios = [b / a for a, b in zip(speed[ref]["round_images_per_s"], speed[name]["round_images_per_s"])]
+    return spread([1 / r for r in ratios] if inverse else ratios)
 
 
 def measure_throughput(model: nn.Module, batch_size: int = 32, device: str | torch.device | None = None,
@@ -123,7 +206,9 @@ def throughput_and_latency(models: dict[str, nn.Module], batch_size: int, device
             new round starts (:func:`compare_throughput`); None: all rounds.
 
     Returns:
-        name → ``{"images_per_s", "latency_ms" (batch 1, median), "batch_size", "device", "timed_batches"}``.
+        name → ``{"images_per_s", "latency_ms" (batch 1, median), "batch_size", "device", "timed_batches",
+        "rounds", "images_per_s_spread", "latency_ms_spread", "speedup", "latency_speedup"}``: the last four are
+        :class:`Spread` over the rounds, the speed-ups against the first model (ratios taken round by round).
     """
     def part(start: float):                                # the two measurements share the progress bar
         return None if progress is None else (lambda f, what: progress(start + f / 2, what))
@@ -133,6 +218,11 @@ def throughput_and_latency(models: dict[str, nn.Module], batch_size: int, device
                                progress=part(0.0), budget_s=share[0])
     single = compare_throughput(models, 1, device, warmup=2, iters=2 * iters, rounds=rounds, img_size=img_size,
                                 progress=part(0.5), budget_s=share[1])
+    ref = next(iter(models))
     return {k: {"images_per_s": batch[k]["images_per_s"], "latency_ms": 1e3 * single[k]["latency_s"],
-                "batch_size": batch_size, "device": batch[k]["device"], "timed_batches": batch[k]["timed_batches"]}
+                "batch_size": batch_size, "device": batch[k]["device"], "timed_batches": batch[k]["timed_batches"],
+                "rounds": len(batch[k]["round_images_per_s"]),
+                "images_per_s_spread": spread(batch[k]["round_images_per_s"]),
+                "latency_ms_spread": spread([1e3 / v for v in single[k]["round_images_per_s"]]),
+                "speedup": speedup_spread(batch, k, ref), "latency_speedup": speedup_spread(single, k, ref)}
             for k in models}
