@@ -8,6 +8,7 @@ from PIL import Image
 
 import app
 from cait.data.photos import SAMPLE_PHOTOS
+from cait.measure.speed import Spread
 from cait.studio.attention import attention_view
 from cait.studio.engine import Studio
 from cait.studio.samples import load_sample
@@ -70,27 +71,38 @@ def test_channels_and_cost(client):
     assert set(bars) == {"q/k kept (%)", "v kept (%)", "FFN kept (%)"}
     assert all(len(y) == 12 and all(0 < v <= 100 for v in y) for y in bars.values())
     assert min(min(y) for y in bars.values()) < 100                                  # something was pruned
-    table, _ = client.predict(TINY, 0.5, "", True, 2, api_name="/cost")
+    table, blocks, speed = client.predict(TINY, 0.5, "", True, 2, api_name="/cost")
     rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
     assert rows["original"]["GFLOPs"] == 1.254 and rows["CAIT twin"]["FLOPs reduction (%)"] >= 50.0
     assert rows["CAIT twin"]["ideal speed-up"] >= 2.0
-    # The ToMe baseline at the twin's FLOPs, measured in the same run: each speed-up is its own images/s over the
-    # original's (rounded as shown).
+    # The ToMe baseline at the twin's FLOPs, measured in the same run, also in the FLOPs-per-block chart.
     tome = rows["ToMe (baseline)"]
     assert abs(tome["FLOPs reduction (%)"] - rows["CAIT twin"]["FLOPs reduction (%)"]) <= 0.5
+    bars = {t["name"]: sum(t["y"]) for t in json.loads(blocks["plot"])["data"]}
+    assert bars["ToMe (baseline)"] == pytest.approx(tome["GFLOPs"], abs=0.002)
+    # Every timed figure is a median with its range over the rounds; a speed-up is taken round by round, so the
+    # ratio of the median images/s lies within its range (each round's ratio bounds it from both sides).
+    assert rows["original"]["speed-up"] == "1.00 (1.00–1.00)" and rows["original"]["rounds"] >= 2
     for name in ("CAIT twin", "ToMe (baseline)"):
-        ratio = rows[name]["images/s"] / rows["original"]["images/s"]
-        assert rows[name]["speed-up"] == pytest.approx(ratio, abs=0.02)
-        latency = rows["original"]["latency, batch 1 (ms)"] / rows[name]["latency, batch 1 (ms)"]
-        assert rows[name]["latency speed-up"] == pytest.approx(latency, abs=0.02)      # batch 1, same run
+        ips, ref = Spread.parse(rows[name]["images/s"]), Spread.parse(rows["original"]["images/s"])
+        up = Spread.parse(rows[name]["speed-up"])
+        assert ips.low <= ips.median <= ips.high and up.low <= up.median <= up.high
+        assert up.low - 0.01 <= ips.median / ref.median <= up.high + 0.01
+        lat = Spread.parse(rows[name]["latency, batch 1 (ms)"])
+        lat_ref = Spread.parse(rows["original"]["latency, batch 1 (ms)"])
+        lat_up = Spread.parse(rows[name]["latency speed-up"])
+        assert lat_up.low - 0.01 <= lat_ref.median / lat.median <= lat_up.high + 0.01      # batch 1, same run
+    plotted = json.loads(speed["plot"])["data"][0]
+    assert plotted["x"] == list(rows) and len(plotted["error_y"]["array"]) == 3
     # In another precision the fp32 original is timed first, in the same run, and every speed-up is against it.
-    table, _ = client.predict(TINY, 0.5, "", True, 2, "int8", api_name="/cost")
+    table, _, _ = client.predict(TINY, 0.5, "", True, 2, "int8", api_name="/cost")
     fp32_rows, rows = rows, {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
     assert list(rows) == ["original (fp32)", "original (int8)", "CAIT twin (int8)", "ToMe (baseline) (int8)"]
     assert [r["precision"] for r in rows.values()] == ["fp32", "int8", "int8", "int8"]
     assert rows["CAIT twin (int8)"]["GFLOPs"] == fp32_rows["CAIT twin"]["GFLOPs"]      # FLOPs do not change
-    twin = rows["CAIT twin (int8)"]
-    assert twin["speed-up"] == pytest.approx(twin["images/s"] / rows["original (fp32)"]["images/s"], abs=0.02)
+    twin, ref = rows["CAIT twin (int8)"], Spread.parse(rows["original (fp32)"]["images/s"])
+    up = Spread.parse(twin["speed-up"])
+    assert up.low - 0.01 <= Spread.parse(twin["images/s"]).median / ref.median <= up.high + 0.01
     with pytest.raises(Exception, match="Precision: 'fp8' is not one of fp32, bf16, bf16-autocast, int8|not in"):
         client.predict(TINY, 0.5, "", True, 2, "fp8", api_name="/cost")
 

@@ -56,11 +56,16 @@ def test_channels_figure_plots_kept_percentages_and_tokens(tiny):
 
 def test_cost_table_is_relative_to_the_first_row():
     from cait.viz.charts import cost_table
-    t = cost_table({"original": {"flops": 4e9, "params": 22e6, "images_per_s": 100.0, "top1": 80.0},
-                    "CAIT": {"flops": 2e9, "params": 12e6, "images_per_s": 180.0, "top1": 79.5}})
+    from cait.measure.speed import Spread
+    timed = {"images_per_s_spread": Spread(180.0, 170.0, 190.0, 3), "latency_ms_spread": Spread(5.0, 4.0, 6.0, 3),
+             "speedup": Spread(1.8, 1.7, 1.9, 3), "latency_speedup": Spread(1.5, 1.2, 1.6, 3), "rounds": 3}
+    t = cost_table({"original": {"flops": 4e9, "params": 22e6, "top1": 80.0},
+                    "CAIT": {"flops": 2e9, "params": 12e6, "top1": 79.5, **timed}}, held_out=200)
     cait_row = t.set_index("model").loc["CAIT"]
     assert cait_row["FLOPs reduction (%)"] == 50.0 and cait_row["ideal speed-up"] == 2.0
-    assert cait_row["speed-up"] == 1.8 and cait_row["held-out top-1 (%)"] == 79.5
+    assert cait_row["speed-up"] == "1.80 (1.70–1.90)" and cait_row["images/s"] == "180.0 (170.0–190.0)"
+    assert list(t.columns)[:2] == ["model", "held-out top-1 (%, n=200)"]       # the n, and never scrolled away
+    assert cait_row["held-out top-1 (%, n=200)"] == 79.5 and cait_row["rounds"] == 3
 
 
 def test_compactor_figure_marks_exactly_the_masked_channels(tiny):

@@ -59,9 +59,10 @@ class ModelPair:
     _precisions: dict = field(default_factory=dict)
 
     def flops(self) -> dict[str, dict[str, int]]:
-        """fvcore FLOPs per part for both models, computed once."""
+        """fvcore FLOPs per part of the original, the twin and (``"tome"``) the ToMe baseline, computed once."""
         if not self._flops:
             self._flops = {"original": flops_by_block(self.original), "compressed": flops_by_block(self.compressed)}
+            self._flops["tome"] = flops_by_block(self.tome())
         return self._flops
 
     def tome(self) -> nn.Module:

@@ -102,7 +102,7 @@ class Limits:
         max_active_jobs: queued + running jobs in total.
         max_cost_batch: batch size of a throughput measurement.
         max_measure_seconds: how long a throughput measurement or a fine-tune time estimate may time (then it
-            reports what it measured); locally unbounded.
+            reports what it measured); locally ``local_max_measure_seconds`` for a throughput measurement.
         max_estimate_batch: images a fine-tune time estimate times one step on (scaled to the job's batch).
         max_upload_bytes, max_upload_files: an uploaded archive, unpacked.
         max_image_pixels: an uploaded image (decoding a larger one is refused from its header).
@@ -145,6 +145,7 @@ class Limits:
     local_max_batch_size: int = 4096
     local_max_img_size: int = 1024
     local_max_cost_batch: int = 1024
+    local_max_measure_seconds: float = 90.0
     local_max_image_pixels: int = MAX_PIXELS
     extra: dict = field(default_factory=dict)
 
@@ -165,9 +166,9 @@ class Limits:
     def cost_batch_cap(self) -> int:
         return self.max_cost_batch if self.public else self.local_max_cost_batch
 
-    def measure_budget(self) -> float | None:
-        """Seconds a public measurement may time; None locally."""
-        return self.max_measure_seconds if self.public else None
+    def measure_budget(self) -> float:
+        """Seconds a throughput measurement may time (no round starts past it; at least one is always timed)."""
+        return self.max_measure_seconds if self.public else self.local_max_measure_seconds
 
     def estimate_batch_cap(self) -> int | None:
         """Images a public fine-tune estimate times; None locally (the job's own batch)."""

@@ -185,7 +185,9 @@ def segmentation_view(segs: BundledSegmenters | dict[str, Segmenter], names: lis
 def segmenter_cost(segs: BundledSegmenters, names: list[str], limits: Limits, batch_size: int = 8,
                    progress=None) -> pd.DataFrame:
     """Backbone and segmenter FLOPs (multiply-adds, one image) of each listed segmenter, images/s at ``batch_size``
-    and latency at batch 1, measured in alternation in one run on this device.
+    and latency at batch 1, measured in alternation in one run on this device: each timed figure is the median over
+    the rounds with the lowest and highest round in brackets, speed-ups against the first segmenter taken round by
+    round (:func:`cait.measure.speed.speedup_spread`); *rounds* says how many fitted the time budget.
 
     Raises:
         ValueError: for a batch size outside what these limits allow (the message names the field).
@@ -196,18 +198,14 @@ def segmenter_cost(segs: BundledSegmenters, names: list[str], limits: Limits, ba
                          + (" on this public Space" if limits.public else ""))
     models = {LABELS[n]: segs.get(n) for n in names}
     size = int(next(iter(models.values())).backbone.patch_embed.img_size[0])
-    budget = limits.measure_budget()                     # public: short rounds, none started past the budget
-    boxed = budget is not None
-    speed = throughput_and_latency(models, int(batch_size), segs.device, iters=1 if boxed else 2,
-                                   rounds=4 if boxed else 2, img_size=size, progress=progress, budget_s=budget)
-    ref = next(iter(models))
+    speed = throughput_and_latency(models, int(batch_size), segs.device, iters=1 if limits.public else 2,
+                                   rounds=5, img_size=size, progress=progress, budget_s=limits.measure_budget())
     rows = []
-    for label, seg in models.items():
+    for label, seg in models.items():                                  # each figure: median (min–max) over rounds
         backbone, total = segmenter_flops(seg, size)
+        sp = speed[label]
         rows.append({"segmenter": label, "backbone GFLOPs": round(backbone / 1e9, 3),
-                     "segmenter GFLOPs": round(total / 1e9, 3), "images/s": round(speed[label]["images_per_s"], 1),
-                     "speed-up": round(speed[label]["images_per_s"] / speed[ref]["images_per_s"], 2),
-                     "latency, batch 1 (ms)": round(speed[label]["latency_ms"], 1),
-                     "latency speed-up": round(speed[ref]["latency_ms"] / speed[label]["latency_ms"], 2),
-                     "timed batches": speed[label]["timed_batches"]})
+                     "segmenter GFLOPs": round(total / 1e9, 3), "images/s": sp["images_per_s_spread"].format(1),
+                     "speed-up": str(sp["speedup"]), "latency, batch 1 (ms)": sp["latency_ms_spread"].format(1),
+                     "latency speed-up": str(sp["latency_speedup"]), "rounds": sp["rounds"]})
     return pd.DataFrame(rows)

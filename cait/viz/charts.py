@@ -15,7 +15,7 @@ from plotly.subplots import make_subplots
 from ..compress.importance import ChannelScores
 from ..compress.select import ChannelMask
 from ..dense.records import SegmentEvalRecord, SegmentTrainRecord
-from ..finetune.records import EvalRecord, Record, TrainRecord, of_type
+from ..finetune.records import EvalRecord, Record, StartRecord, TrainRecord, of_type
 from ..models.spec import ModelSpec
 
 
@@ -42,49 +42,73 @@ def channels_figure(original: ModelSpec, compressed: ModelSpec, title: str = "")
     return fig
 
 
-def block_flops_figure(original: dict[str, int], compressed: dict[str, int]) -> go.Figure:
-    """Per-part FLOPs (GFLOPs, multiply-adds) of two models, from :func:`cait.measure.flops.flops_by_block`."""
+def block_flops_figure(original: dict[str, int], compressed: dict[str, int], **others: dict[str, int]) -> go.Figure:
+    """Per-part FLOPs (GFLOPs, multiply-adds) of two models and any ``others`` (name → the same kind of dict, e.g.
+    the ToMe baseline), from :func:`cait.measure.flops.flops_by_block`."""
     names = list(original)
     fig = go.Figure()
-    for label, d in (("original", original), ("compressed", compressed)):
+    for label, d in (("original", original), ("compressed", compressed), *others.items()):
         fig.add_bar(x=names, y=[d.get(n, 0) / 1e9 for n in names], name=label)
     fig.update_layout(barmode="group", title="FLOPs per part (fvcore, multiply-adds)", yaxis_title="GFLOPs",
                       margin=dict(t=50, l=40, r=20, b=40), height=380, legend=dict(orientation="h", y=-0.25))
     return fig
 
 
-def cost_table(rows: dict[str, dict]) -> pd.DataFrame:
-    """Summary table from ``{name: {"flops", "params", "images_per_s"?, "latency_ms"?, "top1"?}}``; the first row is
-    the reference.
+def cost_table(rows: dict[str, dict], held_out: int | None = None) -> pd.DataFrame:
+    """Summary table from ``{name: {"flops", "params", "top1"?, and, when timed, the
+    :func:`cait.measure.speed.throughput_and_latency` entries}}``; the first row is the reference.
 
-    Columns: GFLOPs (multiply-adds), params (M), FLOPs reduction (%), the FLOPs-ideal speed-up ``flops_ref / flops``,
-    and when measured images/s with its speed-up, latency at batch 1 (ms) with its speed-up, and held-out top-1 (%).
+    Columns: held-out top-1 (%, on ``held_out`` images, stated in the header) first, so that a narrow table never
+    hides it; GFLOPs (multiply-adds), params (M), FLOPs reduction (%), the FLOPs-ideal speed-up ``flops_ref / flops``;
+    and when timed images/s, speed-up, latency at batch 1 (ms) and its speed-up, each as ``median (min–max)`` over
+    the alternation rounds (:class:`cait.measure.speed.Spread`), and the rounds timed.
     """
-    ref = next(iter(rows.values()))
     out = []
+    ref = next(iter(rows.values()))
     for name, r in rows.items():
-        row = {"model": name, "GFLOPs": round(r["flops"] / 1e9, 3), "params (M)": round(r["params"] / 1e6, 2),
-               "FLOPs reduction (%)": round(100 * (1 - r["flops"] / ref["flops"]), 1),
-               "ideal speed-up": round(ref["flops"] / r["flops"], 2)}
-        if r.get("images_per_s"):
-            row["images/s"] = round(r["images_per_s"], 1)
-            row["speed-up"] = round(r["images_per_s"] / ref["images_per_s"], 2) if ref.get("images_per_s") else None
-        if r.get("latency_ms"):
-            row["latency, batch 1 (ms)"] = round(r["latency_ms"], 1)
-            row["latency speed-up"] = round(ref["latency_ms"] / r["latency_ms"], 2) if ref.get("latency_ms") else None
+        row = {"model": name}
         if r.get("top1") is not None:
-            row["held-out top-1 (%)"] = round(r["top1"], 1)
+            row[f"held-out top-1 (%, n={held_out})" if held_out else "held-out top-1 (%)"] = round(r["top1"], 1)
+        row.update({"GFLOPs": round(r["flops"] / 1e9, 3), "params (M)": round(r["params"] / 1e6, 2),
+                    "FLOPs reduction (%)": round(100 * (1 - r["flops"] / ref["flops"]), 1),
+                    "ideal speed-up": round(ref["flops"] / r["flops"], 2)})
+        if "speedup" in r:
+            row.update({"images/s": r["images_per_s_spread"].format(1), "speed-up": str(r["speedup"]),
+                        "latency, batch 1 (ms)": r["latency_ms_spread"].format(1),
+                        "latency speed-up": str(r["latency_speedup"]), "rounds": r["rounds"]})
         out.append(row)
     return pd.DataFrame(out)
 
 
+def throughput_figure(rows: dict[str, dict]) -> go.Figure:
+    """Images/s of each timed model: the median as a bar, the lowest and highest round as its error bar, from
+    :func:`cait.measure.speed.throughput_and_latency` entries."""
+    names = [k for k, r in rows.items() if "images_per_s_spread" in r]
+    s = [rows[k]["images_per_s_spread"] for k in names]
+    fig = go.Figure(go.Bar(x=names, y=[v.median for v in s], error_y=dict(
+        type="data", symmetric=False, array=[v.high - v.median for v in s], arrayminus=[v.median - v.low for v in s])))
+    batch = next((rows[k].get("batch_size") for k in names), None)
+    fig.update_layout(title=f"Throughput at batch {batch}: median, bars min–max over {s[0].n if s else 0} rounds",
+                      yaxis_title="images/s", margin=dict(t=50, l=40, r=20, b=40), height=380)
+    return fig
+
+
 def training_figure(records: list[Record]) -> go.Figure:
     """Live view of a fine-tune from its ``log.jsonl`` records: loss, top-1 (and, label-free, the agreement with the
-    teacher), FLOPs target and |S| against step."""
+    teacher), FLOPs target and |S| against step.
+
+    The FLOPs axis starts at zero and reaches the original's FLOPs (from the start record), so a flat target does
+    not look like a moving one; a run that started from a calibrated twin
+    (:meth:`cait.finetune.records.StartRecord.pruned_before_training`) says in the |S| panel that its channels went
+    before training.
+    """
     train, evals = of_type(records, TrainRecord), of_type(records, EvalRecord)
+    start = next(iter(of_type(records, StartRecord)), None)
+    pruned_first = start is not None and start.pruned_before_training()
     label_free = any(r.agreement is not None for r in evals)
-    fig = make_subplots(rows=2, cols=2, subplot_titles=("loss", "top-1 / agreement (%)" if label_free else "top-1 (%)",
-                                                        "FLOPs target (G)", "|S| (units)"), vertical_spacing=0.18)
+    fig = make_subplots(rows=2, cols=2, subplot_titles=(
+        "loss", "top-1 / agreement (%)" if label_free else "top-1 (%)", "FLOPs target (G)",
+        "|S| empty: pruned before training (calibrated)" if pruned_first else "|S| (units)"), vertical_spacing=0.18)
     steps = [r.step for r in train]
     fig.add_scatter(x=steps, y=[r.loss for r in train], name="loss", row=1, col=1)
     if any(r.top1_student is not None for r in evals):
@@ -98,6 +122,10 @@ def training_figure(records: list[Record]) -> go.Figure:
                         mode="lines", line=dict(dash="dash"), row=1, col=2)
     fig.add_scatter(x=steps, y=[None if r.flops_target is None else r.flops_target / 1e9 for r in train],
                     name="FLOPs target", row=2, col=1)
+    if start is not None:
+        fig.update_yaxes(range=[0, 1.05 * start.base_flops / 1e9], row=2, col=1)
+        fig.add_hline(y=start.target_flops / 1e9, line=dict(dash="dot", color="grey"), row=2, col=1,
+                      annotation_text="final target", annotation_position="bottom right")
     fig.add_scatter(x=steps, y=[r.s_size for r in train], name="|S|", row=2, col=2)
     fig.update_layout(height=520, showlegend=False, margin=dict(t=40, l=40, r=20, b=30))
     fig.update_xaxes(title_text="step", row=2)

@@ -20,7 +20,10 @@ def build(studio: Studio, bar: ModelBar) -> None:
                 "FLOPs ratio. Throughput is measured on the device above: the original, its CAIT twin and ToMe at the "
                 "twin's FLOPs, alternately, on the same input, at the batch size below and at batch 1 (*latency*: "
                 "one image at a time, where ToMe's matching costs more than its FLOPs say). In a precision other "
-                "than fp32 the fp32 original is timed too, first, so each speed-up is against it. " + SMALL_BATCH_NOTE)
+                "than fp32 the fp32 original is timed too, first, so each speed-up is against it. Every timed figure "
+                "is the median over the rounds with the lowest and highest round in brackets; the timing stops "
+                "starting rounds after a time budget and *rounds* says how many it managed. Top-1 is on the "
+                "held-out images counted in its header. " + SMALL_BATCH_NOTE)
     with gr.Row():
         measure = gr.Checkbox(value=True, label="Measure throughput")
         precision = gr.Dropdown(list(PRECISIONS), value="fp32", label="Precision", elem_id="precision",
@@ -28,8 +31,10 @@ def build(studio: Studio, bar: ModelBar) -> None:
         batch_size = gr.Slider(1, studio.limits.max_cost_batch if studio.limits.public else 256, value=32, step=1,
                                label="Batch size")
         show = gr.Button("Compute cost", variant="primary")
-    table = gr.Dataframe(label="Cost")
-    plot = gr.Plot(label="FLOPs per block")
+    table = gr.Dataframe(label="Cost", wrap=True, elem_id="cost-table")
+    with gr.Row():
+        plot = gr.Plot(label="FLOPs per block")
+        speed_plot = gr.Plot(label="Throughput")
 
     def on_cost(model, reduction, merge, measure_speed, batch, precision_name, request: gr.Request,
                 progress=gr.Progress()):
@@ -40,6 +45,7 @@ def build(studio: Studio, bar: ModelBar) -> None:
                              progress=lambda f, what: progress(f, desc=f"measuring throughput: {what}"),
                              precision=precision_name)
 
-    show.click(heavy(studio.slot, on_cost), bar.settings + [measure, batch_size, precision], [table, plot],
+    show.click(heavy(studio.slot, on_cost), bar.settings + [measure, batch_size, precision],
+               [table, plot, speed_plot],
                api_name="cost",
                **COMPUTE)
