@@ -88,6 +88,8 @@ def test_click_through_attention_finetune_and_compare(app_url):
         maps = page.locator("img[src*='gradio_api/file']")
         expect(maps.nth(2)).to_be_visible(timeout=120_000)
         expect(body).to_contain_text("Classes:", timeout=60_000)
+        # One colour scale for both head-mean maps by default, and the page says which scale is shown.
+        expect(body).to_contain_text("Colour scale: shared by both maps")
         if bundled:
             expect(body).to_contain_text("Attention inside the object:")
             expect(body).to_contain_text("True label:")
@@ -122,13 +124,13 @@ def test_click_through_attention_finetune_and_compare(app_url):
         page.get_by_role("button", name="Download the twin (safetensors + config.json)").click()
         expect(page.locator("#twin-file")).to_contain_text(".zip", timeout=120_000)
 
-        # Cost: ideal speed-up beside the measured one, the ToMe baseline, the small-batch note.
+        # Cost: ideal speed-up beside the measured one with its spread, the ToMe baseline, the small-batch note.
         page.get_by_role("tab", name="Cost").click()
         expect(body).to_contain_text("Small batches leave the processor partly idle")
         page.get_by_role("button", name="Compute cost").click()
         expect(body).to_contain_text("ideal speed-up", timeout=180_000)
         expect(body).to_contain_text("ToMe (baseline)", timeout=180_000)
-        expect(body).to_contain_text("images/s", timeout=180_000)
+        expect(page.locator("#cost-table")).to_contain_text(re.compile(r"1\.00 \(1\.00–1\.00\)"), timeout=180_000)
         page.screenshot(path=str(ARTIFACTS / "3-cost.png"), full_page=True)
 
         # Segmentation: the bundled segmenters' masks beside the true one, ToMe's (merges undone) on request.
@@ -146,10 +148,17 @@ def test_click_through_attention_finetune_and_compare(app_url):
             expect(page.get_by_text("Error", exact=True)).to_have_count(0)
         page.screenshot(path=str(ARTIFACTS / "3b-segmentation.png"), full_page=True)
 
-        # Fine-tune: bad inputs refused at submit with the field named; the default model's time estimate.
+        # Fine-tune: bad inputs refused at submit with the field named; the default model's time estimate, which
+        # then follows the form from the step times measured (a changed step count needs no new timing).
         page.get_by_role("tab", name="Fine-tune").click()
         page.get_by_role("button", name="Estimate time").click()
-        expect(body).to_contain_text("Estimated time on this", timeout=180_000)
+        estimate = page.locator("#ft-estimate")
+        expect(estimate).to_contain_text("Estimated time on this", timeout=180_000)
+        first = estimate.inner_text()
+        page.locator("#ft-steps input").fill("40")
+        page.locator("#ft-steps input").press("Tab")
+        expect(estimate).not_to_have_text(first, timeout=30_000)
+        expect(estimate).to_contain_text(re.compile(r"Estimated time on this .*about"))
         page.locator("#ft-steps input").fill("-5")
         page.get_by_role("button", name="Start fine-tune").click()
         expect(body).to_contain_text("Steps: -5 is not a whole number from 1 to", timeout=30_000)
@@ -232,7 +241,17 @@ def test_click_through_attention_finetune_and_compare(app_url):
             expect(page.locator("#job-status")).to_contain_text(re.compile(r"Fine-tune job \S+ — done on cpu"),
                                                                timeout=300_000)
             expect(page.locator("#job-status")).to_contain_text("agreement with the teacher", timeout=30_000)
+            # What a label-free job did: pruned before training (no compactors, so |S| stays 0 by design), its
+            # held-out scores with their n, and the Compactors tab shows its kept channels instead of an error.
+            expect(page.locator("#job-status")).to_contain_text("pruned before training")
+            expect(page.locator("#job-status")).to_contain_text("(n = ")
             page.screenshot(path=str(ARTIFACTS / "8d-label-free-job.png"), full_page=True)
+            page.get_by_role("tab", name="Compactors").click()
+            page.get_by_role("button", name="Show compactors of the selected job").click()
+            expect(body).to_contain_text("started from a calibrated twin", timeout=60_000)
+            expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+            page.screenshot(path=str(ARTIFACTS / "8e-label-free-compactors.png"), full_page=True)
+            page.get_by_role("tab", name="Fine-tune").click()
             _pick(page, "ft-targets", "the data's labels")
             page.locator("#ft-data textarea").fill("synthetic")
 

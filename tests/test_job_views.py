@@ -77,3 +77,42 @@ def test_a_label_free_estimate_times_its_own_step_and_adds_the_calibration(tmp_p
     free = views.finetune_estimate(cait.TEST_MODEL, 10, 4, 0.5, "cpu", val_size=8, evals=1, cache=cache,
                                    calibrate=64)
     assert f"about {_fmt_s(10 * 0.8 + 0.2 / 3 * 8 + 2 * 0.2 * 64)}" in free
+    # As the form changes the estimate comes from the cache alone: a timed setting answers, an untimed one says so.
+    assert views.finetune_estimate(cait.TEST_MODEL, 10, 4, 0.5, "cpu", val_size=8, evals=1, cache=cache,
+                                   calibrate=64, cached_only=True) == free
+    with pytest.raises(LookupError, match="not been timed"):
+        views.finetune_estimate(cait.TEST_MODEL, 10, 6, 0.5, "cpu", cache=cache, cached_only=True)
+
+
+def test_a_label_free_job_s_views_show_what_it_measured_and_pruned(tmp_path):
+    """A label-free job that starts from a calibrated twin trains no compactors: its views say it pruned before
+    training (|S| stays 0 by design, not "nothing pruned"), give its held-out agreement with its n, draw the FLOPs
+    target on an axis from zero, and the Compactors tab shows the channels it kept instead of an error."""
+    import json
+
+    import torch
+
+    import cait
+    from cait.finetune import FinetuneConfig, finetune
+    torch.manual_seed(0)
+    teacher = cait.save_pretrained(cait.create_model(cait.TEST_MODEL, pretrained=False, num_classes=8)[0],
+                                   tmp_path / "teacher")
+    jm = JobManager(tmp_path / "runs", poll_interval=0)
+    job = _job(3, "dana", JobStatus.DONE)
+    jm.store.save(job)
+    summary = finetune(FinetuneConfig(model=str(teacher), data="synthetic", labels="none", calibrate=16,
+                                      flops_reduction=0.5, merge="none", steps=4, batch_size=4, val_size=16,
+                                      synthetic_size=64, eval_interval=2, log_interval=1, ckpt_interval=2,
+                                      device="cpu", output=str(jm.run_dir(job.id))))
+    assert summary.held_out == 16 and summary.s_size == 0
+    text, fig = job_view(jm, job.id)
+    assert "pruned before training (calibrated twin" in text and "|S| 0" not in text
+    assert "Held-out at step 4 (n = 16): top-1" in text and "agreement with the teacher" in text
+    titles = [a.text for a in fig.layout.annotations]
+    assert "|S| empty: pruned before training (calibrated)" in titles
+    assert fig.layout.yaxis3.range[0] == 0                                      # FLOPs from zero, not a sliver
+    text, kept, contrast = compactor_view(jm, job.id)
+    assert "started from a calibrated twin" in text and "no compactors" in text and contrast is None
+    bars = {t["name"]: t["y"] for t in json.loads(kept.to_json())["data"] if t["type"] == "bar"}
+    assert min(min(y) for y in bars.values()) < 100                              # it did prune, and it shows
+    assert str(tmp_path) not in text

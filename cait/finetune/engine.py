@@ -210,7 +210,7 @@ def _export(run: Run) -> FinalRecord:
                         flops_reduction=1 - flops / split.base_flops, top1_teacher=run.top1_teacher,
                         top1_masked=top1_masked, top1_student=run.top1(compact), max_removed_row_norm=removed,
                         s_size=mask.size(), mask=mask.to_dict(), agreement=agree and agree.agreement,
-                        kl=agree and agree.kl)
+                        kl=agree and agree.kl, held_out=len(run.data.val_set))
     if run.rank == 0:
         compact.cait_meta = ModelMeta(
             kind="finetuned", base_model=architecture(compact), flops_reduction=cfg.flops_reduction,

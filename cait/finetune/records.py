@@ -39,6 +39,11 @@ class StartRecord:
     world_size: int
     device: str
 
+    def pruned_before_training(self) -> bool:
+        """True when the run started from a calibrated twin (``--calibrate N``, ``--calibrate-start twin``): its
+        channels were chosen and removed before the first step, so it trains no compactors and S stays empty."""
+        return int(self.config.get("calibrate") or 0) > 0 and self.config.get("calibrate_start", "twin") == "twin"
+
 
 @dataclass
 class TrainRecord:

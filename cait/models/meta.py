@@ -38,7 +38,8 @@ class FinetuneSummary:
     """The final record of a fine-tune run (``log.jsonl``'s ``"final"`` line, without the mask). FLOPs are
     multiply-adds for one image; top-1 in % on the run's held-out split (``top1_teacher`` None: not trained;
     ``top1_student`` None: the held-out images have no labels); label-free runs add the held-out ``agreement`` with
-    the teacher (% of images with its top-1 class) and ``kl`` (mean KL(teacher ‖ student), nats)."""
+    the teacher (% of images with its top-1 class) and ``kl`` (mean KL(teacher ‖ student), nats); ``held_out`` is
+    the number of held-out images all of them are on (None in records from before it was kept)."""
 
     step: int
     merge: str
@@ -52,9 +53,11 @@ class FinetuneSummary:
     s_size: int | None = None
     agreement: float | None = None
     kl: float | None = None
+    held_out: int | None = None
 
     def score_text(self) -> str:
-        """The held-out scores in words: ``"top-1 65.3% (teacher 90.9%), agreement 68.0%, KL 0.61 nats"``."""
+        """The held-out scores in words, with their n when recorded: ``"top-1 65.3% (teacher 90.9%), agreement with
+        the teacher 68.0%, KL 0.610 nats (n = 1000)"``."""
         parts = []
         if self.top1_student is not None:
             parts.append(f"top-1 {self.top1_student:.1f}%"
@@ -62,7 +65,8 @@ class FinetuneSummary:
         if self.agreement is not None:
             parts.append(f"agreement with the teacher {self.agreement:.1f}%"
                          + ("" if self.kl is None else f", KL {self.kl:.3f} nats"))
-        return ", ".join(parts) or "no held-out score"
+        n = "" if self.held_out is None else f" (n = {self.held_out})"
+        return ", ".join(parts) + n if parts else "no held-out score"
 
 
 @dataclass

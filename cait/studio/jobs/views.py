@@ -23,15 +23,17 @@ from ...compress.plan import split_budget
 from ...compress.select import global_selection
 from ...data.synthetic import SyntheticShapes
 from ...finetune.engine import soft_distillation
+from ...finetune.records import EvalRecord, FinalRecord, StartRecord, of_type
 from ...finetune.rundir import RunDirError, compactor_snapshot
 from ...io.bundled import ORIGINAL_DIR
-from ...io.checkpoint import atomic_write, load_checkpoint
+from ...io.checkpoint import atomic_write, build_skeleton, load_checkpoint, read_config
 from ...measure.precision import cpu_has_bf16_units
 from ...models.atme import apply_atme
 from ...models.compactors import add_compactors
 from ...models.deit import create_model
 from ...models.spec import describe
-from ...viz.charts import compactor_figure, consistency_figure, segmentation_figure, training_figure
+from ...viz.charts import (channels_figure, compactor_figure, consistency_figure, segmentation_figure,
+                           training_figure)
 from .manager import JobManager
 from .model import JobStatus
 from .process import hide_paths
@@ -81,15 +83,47 @@ def job_view(jobs: JobManager, job_id: str, viewer: str | None = None) -> tuple[
     lines = [f"**{job.engine.noun.capitalize()} job `{job.id}`** — **{job.status}** on `{job.device}` · "
              f"step {p.step}/{p.steps}"
              + (f" · loss {p.loss:.3f}" if p.loss is not None else "")
-             + (f" · |S| {p.s_size}" if job.kind == "finetune" else "")
+             + _pruning_text(job, p.records, p.s_size)
              + (f" · {p.images_per_s:.0f} images/s" if p.images_per_s else "")
              + f" · elapsed {_fmt_s(p.elapsed_s)} · ETA {_fmt_s(p.eta_s)}"]
+    held_out = _held_out_text(p.records)
+    if held_out:
+        lines.append(held_out)
     if job.status == JobStatus.QUEUED:
         lines.append("Waiting for its device to be free (one job per device).")
     if job.message and _sees_details(jobs, job, viewer):
         lines.append("```\n" + job.message + "\n```")
     figure = segmentation_figure if job.kind == "segment" else training_figure
     return "\n\n".join(lines), figure(p.records)
+
+
+def _pruning_text(job, records: list, s_size: int) -> str:
+    """`` · |S| 12`` for a fine-tune, or what a calibrated start pruned instead (its S stays empty by design)."""
+    if job.kind != "finetune":
+        return ""
+    start = next(iter(of_type(records, StartRecord)), None)
+    if start is not None and start.pruned_before_training():
+        return (f" · pruned before training (calibrated twin, {start.target_flops / 1e9:.3f} of "
+                f"{start.base_flops / 1e9:.3f} GFLOPs; no compactors, |S| stays 0)")
+    return f" · |S| {s_size}"
+
+
+def _held_out_text(records: list) -> str:
+    """The newest held-out scores in words (the final record once the run has one), with their n: top-1 and,
+    label-free, the agreement with the teacher."""
+    scored = [r for r in records if isinstance(r, (EvalRecord, FinalRecord))]
+    start = next(iter(of_type(records, StartRecord)), None)
+    if not scored:
+        return ""
+    e = scored[-1]
+    n = getattr(e, "held_out", None) or (start and start.config.get("val_size"))
+    parts = [f"top-1 {e.top1_student:.1f}%" + ("" if e.top1_teacher is None else f" (teacher {e.top1_teacher:.1f}%)")
+             ] if e.top1_student is not None else []
+    if e.agreement is not None:
+        parts.append(f"agreement with the teacher {e.agreement:.1f}%"
+                     + ("" if e.kl is None else f", KL {e.kl:.3f} nats"))
+    return (f"Held-out at step {e.step}" + (f" (n = {n})" if n else "") + ": " + ", ".join(parts) + "."
+            if parts else "")
 
 
 @functools.lru_cache(maxsize=16)
@@ -128,19 +162,25 @@ def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: s
 
 
 def step_seconds(model: str, batch_size: int, flops_reduction: float, device: str, cache: Path | None = None,
-                 measure_batch: int | None = None, label_free: bool = False) -> tuple[float, int]:
+                 measure_batch: int | None = None, label_free: bool = False, cached_only: bool = False
+                 ) -> tuple[float, int]:
     """Seconds of one training step of ``batch_size`` images, and the batch actually timed.
 
     With ``measure_batch`` (public mode) at most that many images are timed and the time is scaled linearly to
     ``batch_size``: on the 2-core CI CPU, DeiT-S at 50% took 20.0 s for a step of 64 images, and 2.41 s for 8 (19.3 s
     scaled), so the scaled figure is close but can be a little low. With ``cache`` (a JSON file) each setting is
     timed once per server, across restarts. ``label_free``: the step of a label-free job (:func:`_step_seconds`).
+
+    Raises:
+        LookupError: with ``cached_only``, when this setting has not been timed yet (nothing is timed then).
     """
     timed = batch_size if measure_batch is None else max(2, min(batch_size, measure_batch) // 2 * 2)
     key = json.dumps([model, batch_size, timed, flops_reduction, device] + (["label-free"] if label_free else []))
     known = _read_cache(cache)
     if key in known:
         return float(known[key]), timed
+    if cached_only:
+        raise LookupError("this setting has not been timed on this server yet")
     seconds = _step_seconds(model, timed, flops_reduction, device, label_free) * batch_size / timed
     if cache is not None:
         known = _read_cache(cache) | {key: seconds}             # another request may have added one meanwhile
@@ -159,7 +199,7 @@ def _read_cache(cache: Path | None) -> dict:
 
 def finetune_estimate(model: str, steps: int, batch_size: int, flops_reduction: float, device: str,
                       val_size: int = 512, evals: int = 5, cache: Path | None = None,
-                      measure_batch: int | None = None, calibrate: int = 0) -> str:
+                      measure_batch: int | None = None, calibrate: int = 0, cached_only: bool = False) -> str:
     """Markdown: how long a fine-tune would take on this device, from a training step measured here
     (:func:`step_seconds`: cached per model, batch, reduction, device and kind; on a public Space timed on at most
     ``measure_batch`` images, so an estimate takes seconds, not minutes).
@@ -168,14 +208,16 @@ def finetune_estimate(model: str, steps: int, batch_size: int, flops_reduction: 
         calibrate: 0 for a labelled job (CDCP's compactors, hard distillation); N for a label-free one that starts
             from the twin calibrated on N images (``--calibrate N``, bf16 autocast on the CPU): its step is timed as
             that job runs it, and the calibration counted as two passes over N images (Fisher scores, refit).
+        cached_only: answer from the cache alone (as the form changes), never time a step.
 
     Raises:
         ValueError: for settings the engine would refuse (the message names the field).
+        LookupError: with ``cached_only``, for a setting not timed yet.
     """
     if not isinstance(steps, int) or steps < 1 or not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError("Steps and Batch size must be whole numbers (at least 1 and 2)")
     per_step, timed = step_seconds(model, batch_size, round(float(flops_reduction), 2), device, cache, measure_batch,
-                                   label_free=calibrate > 0)
+                                   label_free=calibrate > 0, cached_only=cached_only)
     per_image = per_step / batch_size
     eval_s = per_image / 3 * val_size * evals                      # a forward is about a third of a training step
     calibrate_s = 2 * per_image * calibrate
@@ -190,16 +232,39 @@ def finetune_estimate(model: str, steps: int, batch_size: int, flops_reduction: 
             "on this machine slow it down.")
 
 
-def compactor_view(jobs: JobManager, job_id: str) -> tuple[str, go.Figure, go.Figure]:
-    """Compactor heatmaps of a job's newest state, and CDCP against plain global selection at the same FLOPs.
+def _calibrated_view(job_id: str, run: Path) -> tuple[str, go.Figure, None]:
+    """What a job that started from a calibrated twin pruned: its kept channels per block against the original's,
+    read from the run's ``calibrated/`` and ``teacher/`` configs (no weights are loaded)."""
+    try:
+        twin, teacher = (build_skeleton(read_config(run / d)) for d in ("calibrated", "teacher"))
+    except (OSError, ValueError, KeyError):
+        raise ValueError(f"Job {job_id}: its calibrated start is not written yet") from None
+    t, o = describe(twin), describe(teacher)
+    removed = sum(b.heads * (b.qk_dim + b.v_dim) + b.ffn_dim for b in o.blocks) - \
+        sum(b.heads * (b.qk_dim + b.v_dim) + b.ffn_dim for b in t.blocks)
+    text = (f"**Job `{job_id}` started from a calibrated twin:** its channels were chosen before training (by "
+            f"Fisher information or weight norm, whichever kept the original's predictions better on held-out "
+            f"images) and removed, {removed} q/k, v and FFN channels in all ({o.flops() / 1e9:.4f} → "
+            f"{t.flops() / 1e9:.4f} GFLOPs). It then distills the twin as it is, so it trains **no compactors**: "
+            "there are no compactor row norms to show and S stays empty. The chart shows what it kept per block.")
+    return text, channels_figure(o, t, title=f"Job {job_id}: retained channels per block (calibrated start)"), None
+
+
+def compactor_view(jobs: JobManager, job_id: str) -> tuple[str, go.Figure, go.Figure | None]:
+    """Compactor heatmaps of a job's newest state, and CDCP against plain global selection at the same FLOPs; for a
+    job that started from a calibrated twin (no compactors), the channels it kept per block instead (and None).
 
     Raises:
-        ValueError: if the job has written no training state yet.
+        ValueError: if the job has written no training state yet (the message names the job, never a path).
     """
+    run = jobs.run_dir(job_id)
+    start = next(iter(of_type(jobs.records(job_id), StartRecord)), None)
+    if start is not None and start.pruned_before_training():
+        return _calibrated_view(job_id, run)
     try:
-        snap = compactor_snapshot(jobs.run_dir(job_id))
+        snap = compactor_snapshot(run)
     except (RunDirError, KeyError) as e:
-        raise ValueError(hide_paths(str(e)) if jobs.limits.public else str(e)) from None
+        raise ValueError(f"Job {job_id}: " + hide_paths(str(e)).split(": ", 1)[-1]) from None
     g = global_selection(snap.scores, snap.spec, snap.target_flops)
     g_flops = snap.spec.with_widths(g.widths).flops()
     cdcp_widths = snap.mask.widths() if snap.mask is not None else None

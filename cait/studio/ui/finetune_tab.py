@@ -102,7 +102,7 @@ def _layout(studio: Studio, models: dict[str, str], devices: list[str], job_ids:
         device = gr.Dropdown(devices, value=devices[0], label="Device")
         estimate = gr.Button("Estimate time")
         start = gr.Button("Start fine-tune", variant="primary")
-    estimated = gr.Markdown()
+    estimated = gr.Markdown(elem_id="ft-estimate")
     segment = segment_job.layout(studio, devices)
     started = gr.Textbox(label="Started job", interactive=False)
     with gr.Row():
@@ -131,19 +131,32 @@ class _Handlers:
         return (gr.update(choices=ids, value=ids[0] if ids else None), jobs_table(self.jobs, owner),
                 gr.update(choices=self.studio.catalogue.choices(owner)))
 
+    def _estimate(self, ft_model, reduction, n_steps, batch_size, on_device, targets, cached_only: bool) -> str:
+        if targets not in TARGETS:
+            raise ValueError(f"Targets: choose one of {', '.join(TARGETS)}")
+        label_free = TARGETS[targets] == "none"
+        args = self.jobs.validate(dict(model=self.models.get(ft_model, ft_model), steps=whole(n_steps, "steps"),
+                                       batch_size=whole(batch_size, "batch_size"), flops_reduction=float(reduction)))
+        return finetune_estimate(args["model"], args["steps"], args["batch_size"], args["flops_reduction"],
+                                 on_device, cache=self.jobs.root / "cache" / "step_times.json",
+                                 measure_batch=self.jobs.limits.estimate_batch_cap(),
+                                 val_size=LABEL_FREE["val_size"] if label_free else 512,
+                                 calibrate=LABEL_FREE["calibrate"] if label_free else 0, cached_only=cached_only)
+
     def on_estimate(self, ft_model, reduction, n_steps, batch_size, on_device, targets, request: gr.Request):
         with refusing(ValueError, JobError):
-            if targets not in TARGETS:
-                raise ValueError(f"Targets: choose one of {', '.join(TARGETS)}")
-            label_free = TARGETS[targets] == "none"
-            args = self.jobs.validate(dict(model=self.models.get(ft_model, ft_model), steps=whole(n_steps, "steps"),
-                                           batch_size=whole(batch_size, "batch_size"),
-                                           flops_reduction=float(reduction)))
-            return finetune_estimate(args["model"], args["steps"], args["batch_size"], args["flops_reduction"],
-                                     on_device, cache=self.jobs.root / "cache" / "step_times.json",
-                                     measure_batch=self.jobs.limits.estimate_batch_cap(),
-                                     val_size=LABEL_FREE["val_size"] if label_free else 512,
-                                     calibrate=LABEL_FREE["calibrate"] if label_free else 0)
+            return self._estimate(ft_model, reduction, n_steps, batch_size, on_device, targets, cached_only=False)
+
+    def on_form(self, ft_model, reduction, n_steps, batch_size, on_device, targets, request: gr.Request) -> str:
+        """The estimate as the form changes, from the step times already measured on this server (instant); a
+        setting not timed yet asks for *Estimate time*, a field the job would refuse is named."""
+        try:
+            return self._estimate(ft_model, reduction, n_steps, batch_size, on_device, targets, cached_only=True)
+        except LookupError:
+            return ("**Estimated time:** this setting has not been timed on this server yet: press *Estimate time* "
+                    "(it times one training step here, once per setting).")
+        except (ValueError, JobError) as e:
+            return f"**Estimated time:** not yet — {e}"
 
     def on_start(self, ft_model, targets, data_text, archive_file, reduction, n_steps, batch_size, on_device,
                  request: gr.Request):
@@ -212,6 +225,9 @@ def build(studio: Studio, bar: ModelBar, poll_s: float) -> FinetuneTab:
     w.estimate.click(heavy(studio.slot, h.on_estimate), [w.ft_model, w.reduction, w.steps, w.batch, w.device,
                                                          w.targets],
                      w.estimated, api_name="estimate_finetune", **COMPUTE)
+    form = [w.ft_model, w.reduction, w.steps, w.batch, w.device, w.targets]
+    for field in form:                                 # the estimate follows the form (cached step times only)
+        field.change(h.on_form, form, w.estimated, api_visibility="private", trigger_mode="always_last")
     w.cancel.click(h.on_cancel, w.job, w.cancelled, api_name="cancel_finetune", concurrency_limit=1,
                    concurrency_id="jobs")
     w.use.click(h.on_use, w.job, bar.model, api_name="use_job_model")
