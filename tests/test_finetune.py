@@ -30,6 +30,8 @@ def _cfg(tmp_path, **kw):
 
 def test_short_run_reaches_target_and_compact_equals_masked(tmp_path):
     summary = finetune(_cfg(tmp_path))
+    carried = (tmp_path / "run" / "compact" / "config.json").read_text()      # shared on the Hub, downloaded ...
+    assert str(tmp_path) not in carried and '"output"' not in carried          # ... so no server path in it
     assert summary.flops_reduction >= 0.5
     assert summary.max_removed_row_norm == 0.0                     # the shrink step took S to exactly 0
     assert summary.top1_student == summary.top1_masked            # pruning changed nothing

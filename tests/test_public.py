@@ -89,7 +89,7 @@ def test_caps_and_no_server_paths(public_app):
         with pytest.raises(Exception) as e:
             start(c, data=path)
         answers.add(str(e.value).split("Error:")[-1].strip())
-    assert len(answers) == 1 and "server paths are not accepted" in answers.pop()
+    assert len(answers) == 1 and "typed paths are not accepted" in answers.pop()
     with pytest.raises(Exception, match="not in the list of choices"):           # the dropdown's own check ...
         start(c, model="/etc")
     with pytest.raises(JobError, match="Model: choose one of the listed models"):    # ... and the server's
@@ -111,7 +111,7 @@ def test_segmentation_jobs_take_no_server_path_and_a_refused_upload_leaves_nothi
     c = client(url)
     with pytest.raises(Exception, match="Steps: 600 is not a whole number from 1 to 500 on this public Space"):
         start_segmentation(c, steps=600)
-    with pytest.raises(Exception, match="Data: on this public Space, data is 'synthetic' or an uploaded"):
+    with pytest.raises(Exception, match="Data: on this public Space, data is 'synthetic', 'photos' or the .zip"):
         start_segmentation(c, data="/etc")
     with pytest.raises(Exception, match="not in the list of choices"):
         start_segmentation(c, backbone="/etc")
@@ -225,6 +225,14 @@ def test_a_valid_archive_trains_and_jobs_belong_to_their_session(public_app, tmp
     job_id, _, _ = start(owner, archive=good, steps=500)
     job = jobs.get(job_id)
     assert job.upload and (jobs.root / "uploads" / job.upload / "data" / "train" / "a").is_dir()
+    # Probe 3 (part three): another visitor typing that upload's folder (it shows in Gradio's file URLs) is refused
+    # like any typed path, by the field, without the path echoed; so is its owner (only the archive sent with a
+    # request is that request's data).
+    for who in (other, owner):
+        for typed in (job.args["data"], str(jobs.root / "uploads")):
+            with pytest.raises(Exception, match="Data: on this public Space, .*typed paths are not accepted") as e:
+                start(who, data=typed)
+            assert str(jobs.root) not in str(e.value)
     # One job per visitor (address) at a time here.
     with pytest.raises(Exception, match="you already have 1 jobs queued or running"):
         start(other)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..data.datasets import StepBatchSampler
 from ..data.segmentation import build_segmentation_sets
-from ..finetune.config import FinetuneError, option
+from ..finetune.config import FinetuneError, option, without_paths
 from ..finetune.distributed import out_of_time, seed_step, setup_distributed
 from ..finetune.records import StoppedRecord
 from ..finetune.report import RunLog, check_report_to
@@ -82,6 +82,11 @@ class SegmentConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def provenance(self) -> dict:
+        """The fields as the segmenter this run made carries them: no server path
+        (:func:`cait.finetune.config.without_paths`)."""
+        return without_paths(self.to_dict())
 
 
 @dataclass
@@ -256,7 +261,7 @@ def _run(cfg: SegmentConfig, rank: int, world: int, device: torch.device) -> Seg
     run.save(cfg.steps)
     final = run.evaluate(cfg.steps) if rank == 0 else None
     if rank == 0:
-        save_segmenter(run.seg, run.out / "segmenter", classes=run.classes, what=run.what, config=cfg.to_dict(),
+        save_segmenter(run.seg, run.out / "segmenter", classes=run.classes, what=run.what, config=cfg.provenance(),
                        score=final)
         run.log.close()
     return SegmentResult(cfg.steps, final, run.out)

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+
+PATH_FIELDS = ("model", "data", "backbone")
+"""Config fields that may name a place on the machine that ran the job."""
 
 
 class FinetuneError(RuntimeError):
@@ -107,3 +111,24 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         """All fields, JSON-ready."""
         return dataclasses.asdict(self)
+
+    def provenance(self) -> dict:
+        """The fields as a model made by this run carries them (:func:`without_paths`): no server path."""
+        return without_paths(self.to_dict())
+
+
+def without_paths(config: dict) -> dict:
+    """A run's config as the model it made may carry it (``config.json``'s ``meta.config``, shared on the Hub or
+    downloaded from a public Space): ``output`` and ``resume`` dropped, and a ``model``, ``data`` or ``backbone``
+    that names a folder reduced to that folder's name. Names that are not paths stay as they are (``"synthetic"``,
+    ``"photos"``, a timm name, ``hf:NAME``, ``bundled:cait``).
+
+    >>> without_paths({"model": "/srv/runs/jobs/x/teacher", "data": "synthetic", "output": "/srv/runs/x/run"})
+    {'model': 'teacher', 'data': 'synthetic'}
+    """
+    out = {k: v for k, v in config.items() if k not in ("output", "resume")}
+    for key in PATH_FIELDS:
+        v = out.get(key)
+        if isinstance(v, str) and not v.startswith("hf:") and (os.sep in v or "/" in v or os.path.isdir(v)):
+            out[key] = os.path.basename(os.path.normpath(v))
+    return out

@@ -215,7 +215,7 @@ def _export(run: Run) -> FinalRecord:
         compact.cait_meta = ModelMeta(
             kind="finetuned", base_model=architecture(compact), flops_reduction=cfg.flops_reduction,
             achieved_reduction=final.flops_reduction, merge=final.merge, atme_reduction=split.atme_reduction,
-            round_to=cfg.round_to, classes=run.data.classes, finetune=final.summary(), config=cfg.to_dict(),
+            round_to=cfg.round_to, classes=run.data.classes, finetune=final.summary(), config=cfg.provenance(),
             note=(f"fine-tuned with CDCP for {cfg.steps} steps (python -m cait.finetune)" if nets.cdcp or split.layout
                   else f"trained for {cfg.steps} steps, uncompressed (python -m cait.finetune)"))
         save_pretrained(compact, run.out / "compact")

@@ -95,15 +95,17 @@ class JobManager:
         """The engine's ``--output`` of a job. Raises ``KeyError`` for an unknown or malformed id."""
         return self.get(job_id).dir(self.root) / "run"
 
-    def validate(self, args: dict, kind: str = "finetune", owner: str | None = None) -> dict:
+    def validate(self, args: dict, kind: str = "finetune", owner: str | None = None, upload: str | None = None
+                 ) -> dict:
         """The request checked under these limits (:mod:`cait.studio.jobs.validate`), for a job of ``kind``; a
-        segmentation may start from ``owner``'s finished fine-tunes (``backbone="job:<id>"``). Raises
-        :class:`JobError`."""
+        segmentation may start from ``owner``'s finished fine-tunes (``backbone="job:<id>"``); ``upload`` is the id
+        of the archive this request unpacked (in public mode the only data path taken). Raises :class:`JobError`."""
+        mine = None if upload is None else self.root / "uploads" / upload
         if kind == "segment":
-            return validate_segment_request(args, self.limits, self.root / "uploads", self.job_models(owner))
+            return validate_segment_request(args, self.limits, self.root / "uploads", self.job_models(owner), mine)
         if kind != "finetune":
             raise JobError(f"unknown job kind {str(kind)[:40]!r} (finetune or segment)")
-        return validate_request(args, self.limits, self.root / "uploads")
+        return validate_request(args, self.limits, self.root / "uploads", mine)
 
     def visible(self, job: Job, viewer: str | None) -> bool:
         """Whether session ``viewer`` may use what ``job`` made: locally always; in public mode, a job trained on an
@@ -130,7 +132,7 @@ class JobManager:
         Raises:
             JobError: an invalid option (named), or a quota reached.
         """
-        args = self.validate(args, kind, owner)
+        args = self.validate(args, kind, owner, upload)
         _check_device(device)
         if self.limits.public:                                      # one job cannot hold the CPU for hours
             args["time_limit_s"] = self.limits.max_job_seconds

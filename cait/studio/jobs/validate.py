@@ -33,13 +33,15 @@ def _bad(key: str, why: str) -> JobError:
     return JobError(f"{FIELD_NAMES.get(key, key)}: {why}")
 
 
-def validate_request(args: dict, limits: Limits, uploads: Path) -> dict:
+def validate_request(args: dict, limits: Limits, uploads: Path, upload: Path | None = None) -> dict:
     """A job's options checked, naming the field; returned with ``model`` resolved (``"bundled"`` → its directory).
 
     Args:
         args: :class:`FinetuneConfig` fields.
         limits: what this server allows (public mode: caps, no server paths).
-        uploads: the directory under which uploaded archives are unpacked (the only data paths public mode takes).
+        uploads: the directory under which uploaded archives are unpacked.
+        upload: the folder this request's own archive was unpacked into: in public mode the only data path taken
+            (a typed path, even one under ``uploads``, is refused without being echoed).
 
     Raises:
         JobError: an unknown option, or a value outside what these limits allow.
@@ -69,7 +71,7 @@ def validate_request(args: dict, limits: Limits, uploads: Path) -> dict:
         raise _bad("labels", "the original's predictions teach only with trained weights: choose the bundled model, "
                              "or a DeiT with its pretrained weights")
     args["data"] = _data(str(args.get("data", "synthetic")).strip() or "synthetic", limits, uploads,
-                         label_free=args.get("labels") == "none")
+                         label_free=args.get("labels") == "none", upload=upload)
     return args
 
 
@@ -122,14 +124,16 @@ def _number(args: dict, key: str, lo: float, hi: float, optional: bool = False) 
     return float(v)
 
 
-def validate_segment_request(args: dict, limits: Limits, uploads: Path, job_models: dict[str, str]) -> dict:
+def validate_segment_request(args: dict, limits: Limits, uploads: Path, job_models: dict[str, str],
+                             upload: Path | None = None) -> dict:
     """A segmentation job's options checked, naming the field; ``backbone`` resolved (``job:<id>`` → its model's
     directory) and the data folder checked image by image (:func:`cait.data.segmentation.check_folder`).
 
     Args:
         args: :class:`cait.dense.train.SegmentConfig` fields.
         limits: what this server allows.
-        uploads: where uploaded archives are unpacked (the only data paths public mode takes).
+        uploads: where uploaded archives are unpacked.
+        upload: this request's own unpacked archive, the only data path public mode takes.
         job_models: ``{"job:<id>": directory}`` of the finished fine-tunes this visitor may segment with.
 
     Raises:
@@ -166,7 +170,8 @@ def validate_segment_request(args: dict, limits: Limits, uploads: Path, job_mode
     if merge is not None and (not isinstance(merge, str) or len(merge) > MAX_LAYOUT_CHARS):
         raise _bad("merge", f"at most {MAX_LAYOUT_CHARS} characters, e.g. h5,v10")
     args["backbone"] = _backbone(str(args.get("backbone", SegmentConfig.backbone)).strip(), limits, job_models)
-    args["data"] = _data(str(args.get("data", "synthetic")).strip() or "synthetic", limits, uploads, segmentation=True)
+    args["data"] = _data(str(args.get("data", "synthetic")).strip() or "synthetic", limits, uploads, segmentation=True,
+                         upload=upload)
     return args
 
 
@@ -197,7 +202,10 @@ def _model(model: str, limits: Limits) -> str:
     return model
 
 
-def _data(data: str, limits: Limits, uploads: Path, segmentation: bool = False, label_free: bool = False) -> str:
+def _data(data: str, limits: Limits, uploads: Path, segmentation: bool = False, label_free: bool = False,
+          upload: Path | None = None) -> str:
+    """The data field: ``synthetic``, ``photos`` (classification), locally also a folder or ``hf:`` spec; in public
+    mode a path only when it is this request's own upload (never typed), and no refusal shows the path."""
     if data == "synthetic" or (data == "photos" and not segmentation):
         return data
     if is_hub(data) and not limits.public:             # read by the job itself (cait.data.hub), named if it fails
@@ -206,20 +214,19 @@ def _data(data: str, limits: Limits, uploads: Path, segmentation: bool = False, 
         except DataError as e:
             raise _bad("data", str(e)) from None
     path = Path(data).resolve()
-    if limits.public and (is_hub(data) or not path.is_relative_to(uploads.resolve())):
-        raise _bad("data", "on this public Space, data is 'synthetic' or an uploaded .zip archive; server paths are "
-                           "not accepted")
+    if limits.public and (upload is None or not path.is_relative_to(Path(upload).resolve())):
+        raise _bad("data", "on this public Space, data is 'synthetic', 'photos' or the .zip archive you upload with "
+                           "this request; typed paths are not accepted")
+    shown = "the uploaded set" if limits.public else data             # no server path reaches the browser
     if segmentation:
         try:
             check_folder(path)
         except DataError as e:
-            shown = str(e)
-            if limits.public:                                       # no server path reaches the browser
-                shown = shown.replace(f"{path}: ", "the uploaded set: ").replace(str(path), "upload")
-            raise _bad("data", shown[:1000]) from None
+            text = str(e).replace(f"{path}: ", f"{shown}: ").replace(str(path), shown) if limits.public else str(e)
+            raise _bad("data", text[:1000]) from None
         return data
     flat = label_free and path.is_dir() and not (path / "train").exists() and not (path / "val").exists()
     if not flat and (not (path / "train").is_dir() or not (path / "val").is_dir()):
-        raise _bad("data", f"{data}: expected an ImageFolder root with train/ and val/ (one folder per class), "
+        raise _bad("data", f"{shown}: expected an ImageFolder root with train/ and val/ (one folder per class), "
                            + ("a folder of images, " if label_free else "") + "or 'synthetic'")
     return data
