@@ -59,6 +59,9 @@ def test_a_valid_folder_loads_resized_with_aligned_flips(tmp_path):
     ("size", "im1.png: 9×9, its image is 20×16"),
     ("index", "im1.png: class index 7 is out of range (classes.json names 3 classes)"),
     ("rgb", "im1.png: a mask holds one class index per pixel (mode L or P), got mode RGB"),
+    # Safe to host, part three, item 6: masks that passed the checks and failed at step 0.
+    ("negative", "im1.png: not a PNG file (its content is TIFF)"),             # int32 TIFF named .png, -1
+    ("jpeg-named-png", "im1.png: not a PNG file (its content is JPEG)"),
 ])
 def test_bad_data_is_refused_by_name_before_training(tmp_path, damage, message):
     root = _folder(tmp_path / "d", classes=["background", "road", "car"])
@@ -74,11 +77,36 @@ def test_bad_data_is_refused_by_name_before_training(tmp_path, damage, message):
         Image.fromarray(np.full((16, 20), 7, dtype=np.uint8)).save(mask)
     elif damage == "rgb":
         Image.new("RGB", (20, 16)).save(mask)
+    elif damage == "negative":
+        Image.fromarray(np.full((16, 20), -1, dtype=np.int32)).save(mask, format="TIFF")
+    elif damage == "jpeg-named-png":
+        Image.new("L", (20, 16)).save(mask, format="JPEG")
     with pytest.raises(DataError, match="1 problem"):
         build_segmentation_sets(str(root), 32)
     with pytest.raises(DataError) as e:
         check_folder(root)
     assert message in str(e.value)
+
+
+def test_a_negative_class_index_is_refused_wherever_masks_come_from():
+    """Hub rows are checked by the same function: an int32 mask holding -1 is refused, not met at step 0 as
+    ``IndexError: Target -1 is out of bounds``."""
+    from cait.data.segmentation import _check_mask
+    mask = Image.fromarray(np.full((4, 4), -1, dtype=np.int32))
+    assert _check_mask("row 3", mask, (4, 4), 5)[0] == "row 3: class index -1 is negative (one index from 0 per pixel)"
+    assert _check_mask("row 3", Image.fromarray(np.ones((4, 4), dtype=np.int32)), (4, 4), 5) == (None, 1)
+
+
+def test_classes_json_is_read_with_a_depth_and_a_size_bound(tmp_path):
+    """A classes.json nested 30,000 deep raised an uncaught RecursionError (a blank error in the browser); one of
+    megabytes was read whole. Both are refused by name."""
+    root = _folder(tmp_path / "d")
+    (root / "classes.json").write_text("[" * 30_000 + "]" * 30_000)
+    with pytest.raises(DataError, match="classes.json: not a JSON list of class names"):
+        check_folder(root)
+    (root / "classes.json").write_text(json.dumps(["x" * 1000] * 100))
+    with pytest.raises(DataError, match="classes.json: larger than 64,000 bytes"):
+        check_folder(root)
 
 
 def test_a_folder_without_its_parts_says_what_is_missing(tmp_path):

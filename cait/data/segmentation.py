@@ -38,6 +38,8 @@ SYNTHETIC_SEG_CLASSES = ("background",) + tuple(CLASSES)
 """The synthetic set's segmentation classes: background, then the 8 shapes."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MAX_CLASSES = 256
+MAX_CLASSES_JSON_BYTES = 64_000
+"""classes.json is read only up to this size (256 names of up to ~250 characters)."""
 MAX_PROBLEMS = 20
 HUB_CHECK_ROWS = 256
 """Training rows of a Hub segmentation dataset checked before training (all held-out rows are)."""
@@ -77,10 +79,12 @@ def _classes(root: Path) -> list[str] | None:
     f = root / "classes.json"
     if not f.is_file():
         return None
+    if f.stat().st_size > MAX_CLASSES_JSON_BYTES:                # read with a size bound ...
+        raise DataError(f"{f}: larger than {MAX_CLASSES_JSON_BYTES:,} bytes (a list of class names)")
     try:
         names = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{f}: not a JSON list of class names ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:             # ... and a depth one (nested 30,000 deep)
+        raise DataError(f"{f}: not a JSON list of class names ({type(e).__name__})") from None
     if not (isinstance(names, list) and 1 < len(names) <= MAX_CLASSES and all(isinstance(n, str) for n in names)):
         raise DataError(f"{f}: must be a list of 2 to {MAX_CLASSES} class names (index 0 first)")
     return names
@@ -113,7 +117,10 @@ def _check_mask(name: str, mask: Image.Image, size: tuple[int, int], num_classes
         return f"{name}: a mask holds one class index per pixel (mode L or P), got mode {mask.mode}", 0
     if mask.size != size:
         return f"{name}: {mask.size[0]}×{mask.size[1]}, its image is {size[0]}×{size[1]}", 0
-    top = int(np.asarray(mask).max())
+    values = np.asarray(mask)
+    top, low = int(values.max()), int(values.min())
+    if low < 0:
+        return f"{name}: class index {low} is negative (one index from 0 per pixel)", 0
     limit = num_classes if num_classes is not None else MAX_CLASSES
     if top >= limit:
         where = named_by if num_classes is not None else "at most"
@@ -127,6 +134,8 @@ def _check_pair(s: FolderSample, num_classes: int | None) -> tuple[str | None, i
         with Image.open(s.image) as im:
             size = im.size
         with Image.open(s.mask) as m:
+            if m.format != "PNG":                       # a JPEG or TIFF named .png: lossy or not an index map
+                return f"{s.mask.name}: not a PNG file (its content is {m.format or 'unknown'})", 0
             return _check_mask(s.mask.name, m, size, num_classes)
     except (OSError, UnidentifiedImageError) as e:
         return f"{s.image.name}: unreadable ({type(e).__name__})", 0
