@@ -242,6 +242,9 @@ def test_a_valid_archive_trains_and_jobs_belong_to_their_session(public_app, tmp
     assert row["data"] == "(not shown)" and str(jobs.root) not in json.dumps(table) + text
     with pytest.raises(Exception, match="started by another visitor"):
         other.predict(job_id, api_name="/cancel_finetune")
+    # Nor what it learned from that upload (part three: /compactors showed it).
+    with pytest.raises(Exception, match="trained on another visitor's upload"):
+        other.predict(job_id, api_name="/compactors")
     message = owner.predict(job_id, api_name="/cancel_finetune")
     assert message.startswith("cancelled at step") and str(jobs.root) not in message
 
@@ -556,7 +559,7 @@ def test_one_visitor_cannot_hold_the_compute_queue(public_app, monkeypatch):
     t2 = time.time()
     b.predict(model, 0.5, "", api_name="/build")
     waited = time.time() - t2
-    table, _ = first.result(timeout=300)
+    table, _, _ = first.result(timeout=300)
     assert first.done() and len(table["data"]) == 3
     assert max(refused) < 5, refused
     assert waited < 120, waited
@@ -818,3 +821,85 @@ def test_cost_and_estimates_are_time_boxed_and_cached(public_app, monkeypatch):
     cached = json.loads((jobs.root / "cache" / "step_times.json").read_text())
     assert [json.loads(k)[1:3] for k in cached] == [[16, 8]] and times[1] < times[0], (cached, times)
     print(f"cost DeiT-S batch 32: {cost_s:.1f} s; estimate: {times[0]:.1f} s, then cached {times[1]:.2f} s")
+
+
+def test_the_admission_layer_refuses_what_gradio_would_take_unchecked(public_app):
+    """Part three, probe 2 and the stray probes: ``/gradio_api/process_recording`` stored multipart files outside
+    every budget after the upload share refused the address; a file input given as a URL was fetched with no size
+    cap; a lone surrogate in a dropdown value broke the reply stream. Now every POST passes one admission layer."""
+    import httpx
+    url, jobs = public_app
+    cache = Path(os.environ["GRADIO_TEMP_DIR"])
+    before = sorted(p for p in cache.rglob("*") if p.is_file()) if cache.exists() else []
+    r = httpx.post(url + "gradio_api/process_recording", files={"files": ("a.wav", b"\0" * 100_000)}, timeout=30)
+    assert r.status_code == 403 and "not available on this public Space" in r.text
+    for route in ("gradio_api/stream/abc", "gradio_api/component_server", "gradio_api/vibe-edit"):
+        assert httpx.post(url + route, json={}, timeout=30).status_code == 403, route
+    assert (sorted(p for p in cache.rglob("*") if p.is_file()) if cache.exists() else []) == before
+    join = url + "gradio_api/queue/join"
+    lone = b'{"data": ["deit:deit_tiny_patch16_224\\ud800", 0.5, ""], "fn_index": 0, "session_hash": "s1"}'
+    r = httpx.post(join, content=lone, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "lone surrogate" in r.text
+    fetched = {"data": [{"path": "http://127.0.0.1:9/big.zip", "url": "http://127.0.0.1:9/big.zip",
+                         "meta": {"_type": "gradio.FileData"}}], "fn_index": 0, "session_hash": "s2"}
+    r = httpx.post(join, json=fetched, timeout=30)
+    assert r.status_code == 400 and "not fetched from a URL" in r.text
+    r = httpx.post(join, content=b"[" + b" " * 1_100_000 + b"]", headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413
+    # What the app uses still works through the layer.
+    assert "fewer" in client(url).predict("deit:deit_tiny_patch16_224", 0.5, "", api_name="/build")[0]
+
+
+def test_one_address_cannot_fill_the_queue_for_everyone(public_app, monkeypatch):
+    """Part three, probe 1: eighteen sessions from one address filled Gradio's queue (every other visitor got
+    ``503 Queue is full`` for 45 s). Now each address holds a share of the queue (4 events queued or running): its
+    extra calls are refused at once, and another visitor is answered while the flood goes on."""
+    from gradio_client import Client
+    url, jobs = public_app
+    monkeypatch.setenv("CAIT_TRUSTED_PROXIES", "127.0.0.1/32")      # the test plays the Space's proxy
+    b = Client(url, verbose=False, headers={"X-Forwarded-For": "203.0.113.99"})
+    t0 = time.time()
+    b.predict(None, api_name="/job_status")
+    normal = time.time() - t0
+    stop, refused, answered, errors = threading.Event(), [], [], []
+
+    def flood():
+        c = Client(url, verbose=False, headers={"X-Forwarded-For": "203.0.113.66"})
+        while not stop.is_set():
+            try:
+                c.predict(None, api_name="/job_status")
+                answered.append(1)
+            except Exception as e:                     # noqa: BLE001 - the refusals are what is counted
+                (refused if "429" in str(e) else errors).append(str(e)[:200])
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(18)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    during = []
+    for _ in range(3):
+        t1 = time.time()
+        b.predict(None, api_name="/job_status")              # answered, no 503
+        during.append(time.time() - t1)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert refused, (answered[:3], errors[:3])
+    assert not [e for e in errors if "503" in e or "Queue is full" in e], errors[:3]
+    assert max(during) < normal + 10, (normal, during)
+
+
+def test_an_archive_declaring_too_many_members_is_refused_before_its_directory_is_read(tmp_path, monkeypatch):
+    """Part three, probe 1: a zip whose central directory lists 900,000 non-image members was parsed for 14.5 s
+    (and hundreds of MB) before any refusal. The count is now read from the end-of-directory record first."""
+    import cait.studio.public as public
+    from cait.studio.public import ArchiveError, extract_archive, zip_entries
+    big = tmp_path / "members.zip"
+    with zipfile.ZipFile(big, "w") as z:
+        for i in range(70_000):                               # past 65,535: the ZIP64 record holds the count
+            z.writestr(f"junk/{i}.txt", "")
+    assert zip_entries(big) == 70_000
+    monkeypatch.setattr(public.zipfile, "ZipFile", lambda *a, **k: pytest.fail("the directory was parsed"))
+    with pytest.raises(ArchiveError, match="members.zip: 70,000 members, at most 40,000"):
+        extract_archive(big, tmp_path / "out", Limits(public=True))
+    assert not (tmp_path / "out").exists()

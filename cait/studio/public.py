@@ -99,6 +99,8 @@ class Limits:
         models: fine-tune model keys a public visitor may pick (never a path; ``"bundled"`` is the bundled DeiT).
         max_steps, max_batch_size, max_img_size: per fine-tune job.
         max_jobs_per_visitor: queued + running jobs of one visitor (by network address).
+        max_events_per_visitor: requests of one visitor (by network address) queued or running in Gradio's queue;
+            the next is refused (:class:`cait.studio.ui.guard.AdmissionGuard`), so one address cannot fill the queue.
         max_active_jobs: queued + running jobs in total.
         max_cost_batch: batch size of a throughput measurement.
         max_measure_seconds: how long a throughput measurement or a fine-tune time estimate may time (then it
@@ -125,6 +127,7 @@ class Limits:
     max_batch_size: int = 64
     max_img_size: int = 224
     max_jobs_per_visitor: int = 2
+    max_events_per_visitor: int = 4
     max_active_jobs: int = 8
     max_cost_batch: int = 32
     max_measure_seconds: float = 30.0
@@ -173,6 +176,11 @@ class Limits:
     def estimate_batch_cap(self) -> int | None:
         """Images a public fine-tune estimate times; None locally (the job's own batch)."""
         return self.max_estimate_batch if self.public else None
+
+    def max_archive_members(self) -> int:
+        """Members of any kind an uploaded ``.zip`` may declare: twice ``max_upload_files`` (folders, a
+        ``classes.json``, stray files beside the images)."""
+        return 2 * self.max_upload_files
 
     def image_pixels_cap(self) -> int:
         return self.max_image_pixels if self.public else self.local_max_image_pixels
@@ -319,13 +327,47 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, limits:
         raise
 
 
+def zip_entries(archive: str | os.PathLike) -> int | None:
+    """How many members a ``.zip`` declares, read from its end-of-central-directory record (and the ZIP64 one when
+    the count overflows 16 bits) without parsing the directory; None when no such record is found (not a zip).
+
+    ``zipfile.ZipFile`` builds an object per member of the central directory before anything can be checked: 900,000
+    members took 14.5 s and hundreds of MB. This count lets an archive be refused first.
+    """
+    with open(archive, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 22 - 65_535))                         # the record, after a comment of up to 64 KiB
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            return None
+        total = int.from_bytes(tail[at + 10:at + 12], "little")
+        locator = at - 20                                             # ZIP64 end-of-central-directory locator
+        if total == 0xFFFF and locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
+            f.seek(int.from_bytes(tail[locator + 8:locator + 16], "little"))
+            record = f.read(56)
+            if record[:4] == b"PK\x06\x06":
+                total = int.from_bytes(record[32:40], "little")
+        return total
+
+
 def _extract(archive: Path, dest: Path, limits: Limits, unlabelled: bool = False) -> Path:
     name = archive.name[:80]
+    try:
+        declared = zip_entries(archive)
+    except OSError:
+        declared = None
+    cap = limits.max_archive_members()
+    if declared is not None and declared > cap:                    # before the directory is parsed at all
+        raise ArchiveError(f"{name}: {declared:,} members, at most {cap:,} (images, folders and other files)")
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         raise ArchiveError(f"{name}: not a .zip archive") from None
     with zf:
+        if len(zf.infolist()) > cap:                               # a record that under-declared its members
+            raise ArchiveError(f"{name}: {len(zf.infolist()):,} members, at most {cap:,}")
         members = [m for m in zf.infolist() if not m.is_dir()]
         images = []
         for m in members:

@@ -250,13 +250,17 @@ def _calibrated_view(job_id: str, run: Path) -> tuple[str, go.Figure, None]:
     return text, channels_figure(o, t, title=f"Job {job_id}: retained channels per block (calibrated start)"), None
 
 
-def compactor_view(jobs: JobManager, job_id: str) -> tuple[str, go.Figure, go.Figure | None]:
+def compactor_view(jobs: JobManager, job_id: str, viewer: str | None = None
+                   ) -> tuple[str, go.Figure, go.Figure | None]:
     """Compactor heatmaps of a job's newest state, and CDCP against plain global selection at the same FLOPs; for a
     job that started from a calibrated twin (no compactors), the channels it kept per block instead (and None).
 
     Raises:
-        ValueError: if the job has written no training state yet (the message names the job, never a path).
+        ValueError: if the job has written no training state yet (the message names the job, never a path), or, in
+            public mode, it trained on another visitor's upload (:meth:`JobManager.visible` to session ``viewer``).
     """
+    if not jobs.visible(jobs.get(job_id), viewer):
+        raise ValueError(f"Job {job_id}: trained on another visitor's upload; only that visitor sees what it learned")
     run = jobs.run_dir(job_id)
     start = next(iter(of_type(jobs.records(job_id), StartRecord)), None)
     if start is not None and start.pruned_before_training():

@@ -22,7 +22,7 @@ from starlette.middleware import Middleware
 from ..engine import Studio
 from ..jobs.manager import JobManager
 from . import attention_tab, channels_tab, compactors_tab, cost_tab, finetune_tab, model_bar, segmentation_tab
-from .guard import UploadGuard
+from .guard import AdmissionGuard
 
 EXPLAINER = """
 **What am I looking at?** Two models side by side: an original **DeiT** and its **CAIT twin**, which needs about half
@@ -46,14 +46,14 @@ Details: the repository's README (sections *The app*, *Fine-tuning with CDCP*, *
 
 def launch_options(studio: Studio) -> dict:
     """Keyword arguments for ``Blocks.launch`` under the studio's limits: in public mode the upload size cap and
-    :class:`cait.studio.ui.guard.UploadGuard` in front of Gradio's upload route (``app.py`` and the tests use it)."""
+    :class:`cait.studio.ui.guard.AdmissionGuard` in front of every route (``app.py`` and the tests use it)."""
     limits = studio.limits
     if not limits.public:
         return {}
     jobs = studio.jobs
     room = None if jobs is None else (lambda n: jobs.check_room(n, "this upload"))
     return dict(max_file_size=f"{limits.max_upload_bytes // 1_000_000}mb",
-                app_kwargs={"middleware": [Middleware(UploadGuard, limits=limits, room=room)]})
+                app_kwargs={"middleware": [Middleware(AdmissionGuard, limits=limits, room=room)]})
 
 
 def build_app(studio: Studio | None = None, poll_s: float = 2.0) -> gr.Blocks:

@@ -6,7 +6,7 @@ import gradio as gr
 
 from ..engine import Studio
 from ..jobs.views import compactor_view
-from .common import COMPUTE, heavy, refusing
+from .common import COMPUTE, heavy, refusing, visitor
 
 
 def build(studio: Studio, job: gr.Dropdown) -> None:
@@ -23,7 +23,7 @@ def build(studio: Studio, job: gr.Dropdown) -> None:
     def on_compactors(job_id, request: gr.Request):
         if not job_id:
             raise gr.Error("select a job first")
-        with refusing(ValueError):
-            return compactor_view(studio.jobs, job_id)
+        with refusing(ValueError, KeyError):
+            return compactor_view(studio.jobs, job_id, visitor(request)[0])
 
     show.click(heavy(studio.slot, on_compactors), job, [summary, norms, contrast], api_name="compactors", **COMPUTE)
