@@ -58,6 +58,10 @@ def test_tome_flops_closed_form_equals_fvcore_and_r0_is_the_original(name):
         tome = apply_tome(copy.deepcopy(model), r)
         assert tome(x).shape == (2, model.num_classes)
         assert tome_flops(tome) == cait.count_flops(tome)
+        if r == 4:                                                   # part by part too (the Cost tab's chart)
+            from cait.baselines.tome import tome_flops_by_block
+            from cait.measure.flops import flops_by_block
+            assert tome_flops_by_block(tome) == flops_by_block(tome)
 
 
 def test_schedule_matches_a_flops_target():

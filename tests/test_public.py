@@ -800,12 +800,23 @@ def test_a_public_download_is_one_zip_inside_the_counted_cache(public_app, monke
 
 def test_cost_and_estimates_are_time_boxed_and_cached(public_app, monkeypatch):
     """Probe 2: an uncached ``/estimate_finetune`` (DeiT-S, batch 64) once took 96 s and ``/cost`` on DeiT-B at batch
-    32 109 s of the one compute slot. Now the cost timing stops starting rounds past the budget (5 s here, 30 s by
-    default) and says how many batches it timed; an estimate times at most 8 images and is cached on disk."""
+    32 109 s of the one compute slot (part three: 262 s in int8). Now a combination whose timing cannot fit the
+    budget (5 s here, 30 s by default) even in one round is refused up front, with the batch that fits, from one
+    timed image per model; the rest stops starting rounds past the budget and says how many it timed. An estimate
+    times at most 8 images and is cached on disk."""
+    import cait.studio.cost as cost
     url, jobs = public_app
     monkeypatch.setenv("CAIT_TRUSTED_PROXIES", "127.0.0.1/32")
     from gradio_client import Client
     c = Client(url, verbose=False, headers={"X-Forwarded-For": "198.51.100.40"})
+    predicted = []
+    real = cost.least_timing_seconds
+    monkeypatch.setattr(cost, "least_timing_seconds", lambda *a, **k: predicted.append(real(*a, **k)) or 34.0)
+    with pytest.raises(Exception, match=r"Batch size: timing these 3 models in fp32 at batch 32 needs about 34 s on "
+                                        r"this Space, past its 5 s budget; a batch of at most 3 fits"):
+        c.predict("deit:deit_small_patch16_224", 0.5, "", True, 32, api_name="/cost")
+    assert 0 < predicted[0] < 1000                       # the real prediction ran: one timed image per model
+    monkeypatch.setattr(cost, "least_timing_seconds", lambda *a, **k: 1.0)      # within the budget: timed
     t0 = time.time()
     table, _, _ = c.predict("deit:deit_small_patch16_224", 0.5, "", True, 32, api_name="/cost")
     cost_s = time.time() - t0

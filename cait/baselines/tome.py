@@ -205,9 +205,11 @@ def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # FLOPs and matching CAIT's budget
 # ----------------------------------------------------------------------------------------------------------------
-def tome_flops(model: nn.Module, schedule: Sequence[int] | None = None) -> int:
-    """FLOPs (multiply-adds, one image) of a DeiT under a ToMe schedule, by the closed form of SPEC §4 with the
-    attention on each block's input tokens, the MLP on the merged ones, and ToMe's ``|A|·|B|·d_h`` similarity.
+def tome_flops_by_block(model: nn.Module, schedule: Sequence[int] | None = None) -> dict[str, int]:
+    """FLOPs (multiply-adds, one image) per part of a DeiT under a ToMe schedule, keyed as
+    :func:`cait.measure.flops.flops_by_block` (``patch_embed``, ``blocks.0`` …, ``head``), by the closed form of the
+    method page's FLOPs convention: the attention on each block's input tokens, the MLP on the merged ones, and
+    ToMe's ``|A|·|B|·d_h`` similarity. Equal to fvcore's count (tested), without tracing the model.
 
     Args:
         model: a ToMe model (its schedule is used) or an uncompressed DeiT with ``schedule`` given.
@@ -216,14 +218,26 @@ def tome_flops(model: nn.Module, schedule: Sequence[int] | None = None) -> int:
     schedule = list(schedule if schedule is not None else model.tome.schedule)
     spec = describe(model)                                             # describe() ignores ToMe: full grids
     patches = prod(model.patch_embed.grid_size)
-    total = spec.embed_flops + spec.head_flops
-    for b, (n_attn, n_mlp), r in zip(spec.blocks, tome_token_counts(patches, schedule), schedule):
+    out = {"patch_embed": spec.embed_flops}
+    for i, (b, (n_attn, n_mlp), r) in enumerate(zip(spec.blocks, tome_token_counts(patches, schedule), schedule)):
         C, Dqk, Dv = b.dim, b.heads * b.qk_dim, b.heads * b.v_dim
-        total += n_attn * C * (2 * Dqk + Dv) + n_attn ** 2 * (Dqk + Dv) + n_attn * Dv * C + 2 * n_mlp * C * b.ffn_dim
+        f = n_attn * C * (2 * Dqk + Dv) + n_attn ** 2 * (Dqk + Dv) + n_attn * Dv * C + 2 * n_mlp * C * b.ffn_dim
         p = n_attn - 1                                                 # patch tokens entering the merge
         if min(r, (p + 1) // 2) > 0:
-            total += ((p + 1) // 2) * (p // 2) * b.qk_dim                  # |A|·|B|·d_h cosine similarities
-    return total
+            f += ((p + 1) // 2) * (p // 2) * b.qk_dim                      # |A|·|B|·d_h cosine similarities
+        out[f"blocks.{i}"] = f
+    out["head"] = spec.head_flops
+    return out
+
+
+def tome_flops(model: nn.Module, schedule: Sequence[int] | None = None) -> int:
+    """FLOPs (multiply-adds, one image) of a DeiT under a ToMe schedule: the sum of :func:`tome_flops_by_block`.
+
+    Args:
+        model: a ToMe model (its schedule is used) or an uncompressed DeiT with ``schedule`` given.
+        schedule: r per block; default: the model's.
+    """
+    return sum(tome_flops_by_block(model, schedule).values())
 
 
 def tome_schedule(model: nn.Module, flops_reduction: float) -> list[int]:

@@ -191,6 +191,27 @@ def measure_throughput(model: nn.Module, batch_size: int = 32, device: str | tor
     return compare_throughput({"model": model}, batch_size, device, warmup, iters, 1, img_size, amp_dtype)["model"]
 
 
+def least_timing_seconds(models: dict[str, nn.Module], batch_size: int, device: str | torch.device | None = None,
+                         iters: int = 1, img_size: int | None = None) -> float:
+    """Seconds :func:`throughput_and_latency` needs at the least (its warm-ups and one round) for these models at
+    ``batch_size``, predicted from one timed image per model (after an untimed one) and scaled as if batching gained
+    nothing (so it errs long). Lets a caller with a time budget refuse a combination up front.
+
+    Args:
+        models, device, img_size: as :func:`compare_throughput`.
+        batch_size, iters: as :func:`throughput_and_latency`.
+    """
+    dev = resolve_device(device if device is None else str(device))
+    size = img_size or next(iter(models.values())).patch_embed.img_size[0]
+    x = torch.randn(1, 3, size, size, device=dev)
+    total = 0.0
+    for m in models.values():
+        m.to(dev).eval()
+        one = _time_batches(m, x, 2, None)[-1]
+        total += one * ((1 + iters) * batch_size + 2 + 2 * iters)   # batch: 1 warm-up + iters; batch 1: 2 + 2·iters
+    return total
+
+
 def throughput_and_latency(models: dict[str, nn.Module], batch_size: int, device: str | torch.device | None = None,
                            iters: int = 3, rounds: int = 2, img_size: int | None = None, progress=None,
                            budget_s: float | None = None) -> dict[str, dict]:

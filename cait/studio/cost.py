@@ -13,7 +13,7 @@ from ..data.synthetic import CLASSES
 from ..measure.accuracy import evaluate
 from ..measure.flops import count_params
 from ..measure.precision import check_precision
-from ..measure.speed import throughput_and_latency
+from ..measure.speed import least_timing_seconds, throughput_and_latency
 from ..viz.charts import block_flops_figure, cost_table, throughput_figure
 from .pairs import ModelPair
 from .public import Limits
@@ -44,9 +44,13 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
     The timing stops starting new rounds after :meth:`cait.studio.public.Limits.measure_budget` seconds (30 in
     public mode, 90 locally); the table's *rounds* says how many were timed.
 
+    In public mode a combination whose timing cannot fit that budget even with one round (predicted from one timed
+    image per model, :func:`cait.measure.speed.least_timing_seconds`) is refused up front, with the largest batch
+    size that fits: one DeiT-B call in int8 at batch 32 once held the compute slot for 262 s.
+
     Raises:
-        ValueError: for a batch size outside what these limits allow, or a precision this device cannot run (the
-            message names the field).
+        ValueError: for a batch size outside what these limits allow or beyond the time budget, or a precision this
+            device cannot run (the message names the field).
     """
     check_precision(precision, pair.device)
     cap = limits.cost_batch_cap()
@@ -62,6 +66,8 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
     entries += [(k + tag, k, pair.in_precision(k, precision)) for k in base]           # (row, model, runnable)
     models = {label: m for label, _, m in entries}
     rows = {label: {"flops": flops[key], "params": count_params(base[key])} for label, key, _ in entries}
+    if measure and limits.public:                                    # the whole timing within the budget, or refused
+        _check_budget(models, int(batch_size), pair, limits.measure_budget(), precision)
     if measure:
         # Batch 1 too, where token merging's matching costs more than its FLOPs (Dense transfer, item 7). The timing
         # is boxed: no round starts past the budget, and the table says how many rounds were timed.
@@ -79,3 +85,16 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
     table.insert(2, "precision", ["fp32" if label == "original (fp32)" else precision for label in rows])
     blocks = block_flops_figure(f["original"], f["compressed"], **{"ToMe (baseline)": f["tome"]})
     return table, blocks, throughput_figure(rows) if measure else None
+
+
+def _check_budget(models: dict, batch_size: int, pair: ModelPair, budget: float, precision: str) -> None:
+    """Refuse (ValueError naming the field) a timing that needs more than ``budget`` seconds at the least."""
+    need = least_timing_seconds(models, batch_size, pair.device)
+    if need <= budget:
+        return
+    per_image = need / (2 * batch_size + 4)                        # the prediction, per image of every model
+    fits = max(0, int((budget / per_image - 4) // 2))
+    raise ValueError(f"Batch size: timing these {len(models)} models in {precision} at batch {batch_size} needs about "
+                     f"{need:.0f} s on this Space, past its {budget:.0f} s budget; "
+                     + (f"a batch of at most {fits} fits" if fits >= 1 else
+                        "try a smaller model" + (" or fp32" if precision != "fp32" else "")))
