@@ -350,6 +350,15 @@ def test_retention_deletes_old_finished_jobs_and_uploads_never_active_ones(tmp_p
     tight = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True, retention_s=1e9, max_runs_bytes=0))
     assert sorted(j.id for j in tight.list()) == sorted([new.id, running.id])
     assert tight.get(running.id).status == "queued" and not (tmp_path / "downloads" / "cait-twin-0.zip").exists()
+    # Part three, probe 4: each cached file is aged from its own write, not its folder's (a new download in the same
+    # folder used to keep an old one alive).
+    shared = tmp_path / "gradio" / "cait-downloads"
+    shared.mkdir(parents=True)
+    (shared / "cait-twin-old.zip").write_bytes(b"o")
+    os.utime(shared / "cait-twin-old.zip", (now - 4000,) * 2)
+    (shared / "cait-twin-new.zip").write_bytes(b"n")                       # the folder's time is now
+    jm.cleanup(now)
+    assert sorted(p.name for p in shared.iterdir()) == ["cait-twin-new.zip"]
 
 
 def test_local_mode_keeps_full_power_and_validates_at_submit(tmp_path):
@@ -615,7 +624,7 @@ def test_disk_budgets_refuse_the_newcomer_and_delete_nobody_s_work(tmp_path, mon
     # One visitor: two DeiT-Tiny jobs fit its 1 GB; a third is refused by its own budget, naming it.
     for _ in range(2):
         jm.submit(visitor="me", owner="s1", model="deit_tiny_patch16_224", steps=10, batch_size=8)
-    with pytest.raises(DiskFull, match="your jobs and uploads already hold .* of your 1,000 MB"):
+    with pytest.raises(DiskFull, match="your jobs, uploads and downloads already hold .* of your 1,000 MB"):
         jm.submit(visitor="me", owner="s1", model="deit_tiny_patch16_224", steps=10, batch_size=8)
     # A DeiT-Small job reserves more than a visitor's budget: refused outright, before anything is written.
     with pytest.raises(DiskFull, match="needs 1,"):
@@ -729,9 +738,14 @@ def test_a_calibrated_twin_is_computed_once_per_server(tmp_path, monkeypatch):
     jobs = JobManager(tmp_path, poll_interval=0, limits=Limits(public=True))
     x = torch.randn(2, 3, 32, 32)
     outs, statuses = [], []
+    from cait.studio.jobs.disk import acting_for
     for _ in range(2):                                    # two servers on one runs directory (or one, restarted)
         studio = Studio(device="cpu", pretrained=True, jobs=jobs, bundled=None, segmenters=None, calibration_size=8)
-        pair = studio.pair(f"deit:{cait.TEST_MODEL}", 0.5, "")
+        token = acting_for.set("visitor-1")               # as the UI's heavy handlers set it
+        try:
+            pair = studio.pair(f"deit:{cait.TEST_MODEL}", 0.5, "")
+        finally:
+            acting_for.reset(token)
         with torch.no_grad():
             outs.append(pair.compressed(x))
         statuses.append(studio.status(pair))
@@ -740,6 +754,8 @@ def test_a_calibrated_twin_is_computed_once_per_server(tmp_path, monkeypatch):
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     kept = [p for p in (tmp_path / "twins").iterdir() if not p.name.startswith(".")]
     assert len(kept) == 1 and (kept[0] / "model.safetensors").is_file()
+    # Part three, probe 4: the twin written for a visitor counts against their share, not only the total.
+    assert jobs.disk().by_visitor["visitor-1"] >= (kept[0] / "model.safetensors").stat().st_size
     # A damaged copy is made again rather than trusted.
     (kept[0] / "model.safetensors").write_bytes(b"not safetensors")
     Studio(device="cpu", pretrained=True, jobs=jobs, bundled=None, segmenters=None,
@@ -776,8 +792,11 @@ def test_flood_replay_leaves_the_disk_within_budget(public_app, tmp_path, monkey
     # Steps as JSON true: refused by name, not read as 1.
     with pytest.raises(Exception, match="Steps: True is not a whole number"):
         start(c, steps=True)
-    # A 1 MB layout (it once came back as an 11.5 MB error): a short status naming the field, not the text back.
-    answer = c.predict("deit:deit_tiny_patch16_224", 0.5, "h1," * 350_000, api_name="/build")
+    # A 1 MB layout (it once came back as an 11.5 MB error): refused by the admission layer before Gradio reads it
+    # (413, a short answer); a long one under that size gets a short status naming the field, not the text back.
+    with pytest.raises(Exception, match="413"):
+        c.predict("deit:deit_tiny_patch16_224", 0.5, "h1," * 350_000, api_name="/build")
+    answer = c.predict("deit:deit_tiny_patch16_224", 0.5, "h1," * 100_000, api_name="/build")
     assert answer[0].startswith("**Could not build the twin:** ATME layout: a merge layout is at most 200 characters")
     assert len(json.dumps(answer, default=str)) < 2000
 
@@ -796,6 +815,12 @@ def test_a_public_download_is_one_zip_inside_the_counted_cache(public_app, monke
     assert not (jobs.root / "downloads").exists()
     path = got[0]["value"] if isinstance(got[0], dict) else got[0]
     assert sorted(zipfile.ZipFile(path).namelist()) == ["cait-twin/config.json", "cait-twin/model.safetensors"]
+    # Part three, probe 4: the zip counts against the visitor it was made for, not the Space at large, and its
+    # config carries no server path.
+    from cait.studio.public import visitor_key
+    use = jobs.disk()
+    assert use.by_visitor.get(visitor_key("198.51.100.30"), 0) >= zips[0].stat().st_size
+    assert str(jobs.root) not in zipfile.ZipFile(path).read("cait-twin/config.json").decode()
 
 
 def test_cost_and_estimates_are_time_boxed_and_cached(public_app, monkeypatch):

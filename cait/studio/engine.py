@@ -49,6 +49,7 @@ class Studio:
         self.pairs = PairCache(self.device, pretrained, calibration_size, cache_size, self.bundled, jobs,
                                self.catalogue.hub_reason, twins=jobs.root / "twins" if jobs is not None else None,
                                room=(lambda n: jobs.check_room(n, "a calibrated twin")) if jobs is not None else None,
+                               charge=jobs.charge if jobs is not None else None,
                                measured=not self.limits.public)
         self.segmenters = BundledSegmenters(device=self.device) if segmenters == "auto" else segmenters
         self.slot = ComputeSlot(per_visitor=self.limits.public)     # the app's heavy requests, one at a time

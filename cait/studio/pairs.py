@@ -155,6 +155,8 @@ class PairCache:
         twins: where calibrated twins are kept on disk (None: memory only).
         room: called with a twin's bytes before it is written to ``twins``; it raises to skip writing (the public
             disk budget), the twin is still used.
+        charge: called with a twin's folder once written (the public disk budget charges the visitor it was made
+            for).
         measured: whether the layout field may ask for the measured planner (minutes of compute: off in public
             mode).
     """
@@ -162,12 +164,13 @@ class PairCache:
     def __init__(self, device: torch.device, pretrained: bool, calibration_size: int, cache_size: int,
                  bundled: BundledPair | None, jobs: JobManager | None,
                  hub_reason: Callable[[], str | None] = lambda: None, twins: Path | None = None,
-                 room: Callable[[int], None] | None = None, measured: bool = True) -> None:
+                 room: Callable[[int], None] | None = None, measured: bool = True,
+                 charge: Callable[[Path], None] | None = None) -> None:
         self.device, self.pretrained, self.calibration_size, self.cache_size = (device, pretrained, calibration_size,
                                                                                 cache_size)
         self.measured = measured
         self.bundled, self.jobs, self.hub_reason = bundled, jobs, hub_reason
-        self.twins, self.room = twins, room
+        self.twins, self.room, self.charge = twins, room, charge
         self._originals: OrderedDict[str, tuple[nn.Module, WeightsInfo]] = OrderedDict()
         self._pairs: OrderedDict[tuple, ModelPair] = OrderedDict()
         self._lock = threading.Lock()
@@ -268,6 +271,9 @@ class PairCache:
             os.replace(tmp, self.twins / key)
         except OSError:                                    # another request kept the same twin first
             shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if self.charge is not None:
+            self.charge(self.twins / key)
 
     def _original(self, name: str) -> tuple[nn.Module, WeightsInfo]:
         if name not in self._originals:

@@ -11,8 +11,11 @@ nothing another visitor made is deleted to make room for it.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,47 @@ STATES_KEPT = 2
 
 class DiskFull(JobError):
     """A request that would take the runs directory, or one visitor's share of it, over its budget."""
+
+
+acting_for: contextvars.ContextVar[str | None] = contextvars.ContextVar("acting_for", default=None)
+"""The visitor (address key) a request is being served for, set around each heavy handler
+(:func:`cait.studio.ui.common.heavy`): what the request writes outside a job is charged to them."""
+
+
+class Charges:
+    """Bytes written on a visitor's behalf outside their jobs: a twin zipped for download and a calibrated twin (by
+    path: counted while the path exists, whatever its size becomes), Gradio's cached uploads (by size, until the
+    cache retires them). Thread-safe; kept in memory (after a restart such files still count in the total)."""
+
+    def __init__(self) -> None:
+        self._paths: dict[Path, str] = {}
+        self._bytes: list[tuple[str, int, float]] = []             # (visitor, bytes, expires at)
+        self._lock = threading.Lock()
+
+    def path(self, visitor: str | None, path: str | Path) -> None:
+        """Charge what ``path`` holds to ``visitor`` (the first visitor who caused it keeps the charge)."""
+        if visitor:
+            with self._lock:
+                self._paths.setdefault(Path(path), visitor)
+
+    def bytes(self, visitor: str | None, n: int, ttl_s: float, now: float | None = None) -> None:
+        """Charge ``n`` bytes to ``visitor`` for ``ttl_s`` seconds."""
+        if visitor:
+            with self._lock:
+                self._bytes.append((visitor, int(n), (now or time.time()) + ttl_s))
+
+    def by_visitor(self, now: float | None = None) -> dict[str, int]:
+        """Visitor → bytes charged now (paths that are gone and sizes past their time are dropped)."""
+        now, out = now or time.time(), {}
+        with self._lock:
+            self._paths = {p: v for p, v in self._paths.items() if p.exists()}
+            self._bytes = [c for c in self._bytes if c[2] > now]
+            paths, sizes = list(self._paths.items()), list(self._bytes)
+        for p, v in paths:
+            out[v] = out.get(v, 0) + (tree_size(p) if p.is_dir() else p.stat().st_size if p.is_file() else 0)
+        for v, n, _ in sizes:
+            out[v] = out.get(v, 0) + n
+        return out
 
 
 @functools.lru_cache(maxsize=32)
@@ -78,9 +122,13 @@ class DiskUse:
     reserved_by_visitor: dict[str, int] = field(default_factory=dict)
 
 
-def disk_use(store: JobStore, limits: Limits, pending: dict[str, int] | None = None) -> DiskUse:
-    """Measure the runs directory now; ``pending`` adds uploads being unpacked (visitor → bytes reserved)."""
+def disk_use(store: JobStore, limits: Limits, pending: dict[str, int] | None = None,
+             charges: Charges | None = None) -> DiskUse:
+    """Measure the runs directory now; ``pending`` adds uploads being unpacked (visitor → bytes reserved) and
+    ``charges`` what visitors caused to be written outside their jobs (downloads, calibrated twins, uploads)."""
     use = DiskUse(total=tree_size(store.root), reserved=0)
+    for visitor, size in (charges.by_visitor() if charges is not None else {}).items():
+        use.by_visitor[visitor] = use.by_visitor.get(visitor, 0) + size
     for job in store.list():
         written = tree_size(job.dir(store.root))
         size = written + (tree_size(store.root / "uploads" / job.upload) if job.upload else 0)
@@ -116,6 +164,6 @@ def check_room(use: DiskUse, limits: Limits, visitor: str | None, need: int, wha
                        f"work is kept {hours:g} h, so try again later")
     mine = use.by_visitor.get(visitor, 0) + use.reserved_by_visitor.get(visitor, 0) if visitor else 0
     if visitor and mine + need > limits.max_visitor_bytes:
-        raise DiskFull(f"{what} needs {_mb(need)} and your jobs and uploads already hold {_mb(mine)} of your "
+        raise DiskFull(f"{what} needs {_mb(need)} and your jobs, uploads and downloads already hold {_mb(mine)} of your "
                        f"{_mb(limits.max_visitor_bytes)} on this public Space; they are deleted {hours:g} h after "
                        "they finish")

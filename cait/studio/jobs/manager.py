@@ -27,7 +27,7 @@ from ...finetune.records import FinalRecord, Record, StoppedRecord, TrainRecord,
 from ...finetune.rundir import state_files
 from ..public import Limits, extract_archive
 from . import process
-from .disk import DiskUse, check_room, disk_use, job_bytes
+from .disk import Charges, DiskUse, acting_for, check_room, disk_use, job_bytes
 from .model import JOB_KINDS, Job, JobError, JobStatus, default_runs_dir, new_job_id
 from .retention import cleanup
 from .store import JobStore, tree_size
@@ -74,6 +74,7 @@ class JobManager:
         self._procs: dict[str, subprocess.Popen] = {}
         self._last_cleanup = 0.0
         self._pending: dict[str, int] = {}                          # visitor → bytes being unpacked
+        self.charges = Charges()                                    # downloads, calibrated twins, Gradio uploads
         self.refresh()                                              # adopt or fail jobs left by an earlier app
         if poll_interval > 0:
             threading.Thread(target=self._loop, args=(poll_interval,), daemon=True, name="cait-jobs").start()
@@ -142,7 +143,8 @@ class JobManager:
                       kind=kind)
             # An upload being submitted is already on disk (in the total): its unpacking reservation is not counted.
             pending = {v: n for v, n in self._pending.items() if v != visitor or upload is None}
-            check_room(disk_use(self.store, self.limits, pending), self.limits, visitor, job_bytes(job, self.limits),
+            check_room(disk_use(self.store, self.limits, pending, self.charges), self.limits, visitor,
+                       job_bytes(job, self.limits),
                        "this job")
             self.store.save(job)
         self.refresh()
@@ -183,13 +185,19 @@ class JobManager:
 
     def disk(self) -> DiskUse:
         """What the runs directory holds and reserves now (:func:`cait.studio.jobs.disk.disk_use`)."""
-        return disk_use(self.store, self.limits, self._pending)
+        return disk_use(self.store, self.limits, self._pending, self.charges)
 
     def check_room(self, need: int, what: str, visitor: str | None = None) -> None:
         """Refuse (:class:`cait.studio.jobs.disk.DiskFull`) writing ``need`` bytes for ``what`` beyond the public
-        budgets; locally nothing is refused."""
+        budgets, the total's and the visitor's (default: the one the request is served for,
+        :data:`cait.studio.jobs.disk.acting_for`); locally nothing is refused."""
         with self.store.locked():
-            check_room(self.disk(), self.limits, visitor, need, what)
+            check_room(self.disk(), self.limits, visitor or acting_for.get(), need, what)
+
+    def charge(self, path: str | os.PathLike, visitor: str | None = None) -> None:
+        """Count what ``path`` holds (a download, a calibrated twin) against ``visitor`` (default: the one the
+        request is served for) while it exists."""
+        self.charges.path(visitor or acting_for.get(), path)
 
     def _check_quota(self, visitor: str | None) -> None:
         """In public mode: room in the queue, and in this visitor's share of it. Raises :class:`JobError`."""

@@ -22,11 +22,14 @@ def cleanup(store: JobStore, limits: Limits, now: float | None = None) -> list[s
         finished = [("job", j.id, j.ended or j.created) for j in jobs if not j.status.active]
         uploads = [("upload", p.name, p.stat().st_mtime) for p in (store.root / "uploads").iterdir()
                    if UPLOAD_ID.match(p.name) and p.name not in in_use]
-        # Caches of what can be remade, each entry aged from its last write (a calibrated twin: its last use).
-        for cache, age in [*((c, limits.cache_retention_s) for c in CACHES), ("twins", limits.retention_s)]:
-            for f in ((store.root / cache).iterdir() if (store.root / cache).is_dir() else ()):
-                if now - f.stat().st_mtime > age:
-                    shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+        # Caches of what can be remade: every file of the download and upload caches aged from its own write (a
+        # folder's time moves only when an entry is added or removed, so a zip in a busy folder was never retired);
+        # a calibrated twin (a folder read as one) from its last use.
+        for cache in CACHES:
+            _expire_files(store.root / cache, now, limits.cache_retention_s)
+        for f in ((store.root / "twins").iterdir() if (store.root / "twins").is_dir() else ()):
+            if now - f.stat().st_mtime > limits.retention_s:
+                shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
         for kind, ident, when in finished + uploads:
             if now - when <= limits.retention_s:
                 continue
@@ -34,6 +37,22 @@ def cleanup(store: JobStore, limits: Limits, now: float | None = None) -> list[s
             store.forget(ident)
             gone.append(ident if kind == "job" else f"upload:{ident}")
     return gone
+
+
+def _expire_files(root, now: float, age: float) -> None:
+    """Delete the files under ``root`` last written more than ``age`` seconds ago, then the folders left empty (and
+    not touched for as long, so a folder just made for a file being written stays)."""
+    if not root.is_dir():
+        return
+    for f in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):    # deepest first
+        try:
+            if f.is_file() or f.is_symlink():
+                if now - f.lstat().st_mtime > age:
+                    f.unlink(missing_ok=True)
+            elif f.is_dir() and now - f.stat().st_mtime > age and not any(f.iterdir()):
+                f.rmdir()
+        except OSError:                                  # written or removed meanwhile: the next sweep sees it
+            continue
 
 
 CACHES = ("downloads", "gradio")

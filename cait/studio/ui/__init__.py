@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import gradio as gr
@@ -44,6 +45,13 @@ Details: the repository's README (sections *The app*, *Fine-tuning with CDCP*, *
 """
 
 
+def _upload_room(jobs: JobManager, n: int, who: str | None) -> None:
+    """An upload of ``n`` bytes fits the runs directory and visitor ``who``'s share (else DiskFull); it is then
+    charged to them until Gradio's cache retires it."""
+    jobs.check_room(n, "this upload", who)
+    jobs.charges.bytes(who, n, jobs.limits.cache_retention_s)
+
+
 def launch_options(studio: Studio) -> dict:
     """Keyword arguments for ``Blocks.launch`` under the studio's limits: in public mode the upload size cap and
     :class:`cait.studio.ui.guard.AdmissionGuard` in front of every route (``app.py`` and the tests use it)."""
@@ -51,7 +59,7 @@ def launch_options(studio: Studio) -> dict:
     if not limits.public:
         return {}
     jobs = studio.jobs
-    room = None if jobs is None else (lambda n: jobs.check_room(n, "this upload"))
+    room = None if jobs is None else functools.partial(_upload_room, jobs)
     return dict(max_file_size=f"{limits.max_upload_bytes // 1_000_000}mb",
                 app_kwargs={"middleware": [Middleware(AdmissionGuard, limits=limits, room=room)]})
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
+from ..jobs.disk import acting_for
 from ..jobs.model import FIELD_NAMES, JobError
 from ..public import Limits, client_address, visitor_key
 from ..slot import ComputeSlot, SlotBusy
@@ -31,13 +32,20 @@ def refusing(*errors: type[Exception]) -> Iterator[None]:
 
 def heavy(slot: ComputeSlot, fn: Callable) -> Callable:
     """``fn`` (a handler with a ``gr.Request`` parameter) run in its visitor's turn of ``slot``; a refused turn is a
-    ``gr.Error`` saying why. The wrapper keeps ``fn``'s signature, so Gradio still passes the request and progress.
+    ``gr.Error`` saying why. While it runs, :data:`cait.studio.jobs.disk.acting_for` names the visitor, so what it
+    writes (a download, a calibrated twin) is charged to them. The wrapper keeps ``fn``'s signature, so Gradio still
+    passes the request and progress.
     """
     @functools.wraps(fn)
     def run(*args, **kwargs):
         request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
-        with refusing(SlotBusy), slot.turn(visitor(request)[1]):
-            return fn(*args, **kwargs)
+        address = visitor(request)[1]
+        token = acting_for.set(address)                # what the handler writes is charged to this visitor
+        try:
+            with refusing(SlotBusy), slot.turn(address):
+                return fn(*args, **kwargs)
+        finally:
+            acting_for.reset(token)
     return run
 
 

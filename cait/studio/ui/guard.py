@@ -74,11 +74,12 @@ def body_problem(body: bytes) -> str | None:
 
 
 class AdmissionGuard:
-    """ASGI middleware: ``AdmissionGuard(app, limits, room)``; ``room(bytes)`` raises (any exception, its message
-    shown) when the runs directory has no room for that many bytes. In local mode (``limits.public`` false) it
-    passes everything through."""
+    """ASGI middleware: ``AdmissionGuard(app, limits, room)``; ``room(bytes, visitor)`` raises (any exception, its
+    message shown) when the runs directory, or that visitor's share of it, has no room for that many bytes, and
+    charges an accepted upload to the visitor. In local mode (``limits.public`` false) it passes everything
+    through."""
 
-    def __init__(self, app, limits: Limits, room: Callable[[int], None] | None = None) -> None:
+    def __init__(self, app, limits: Limits, room: Callable[[int, str | None], None] | None = None) -> None:
         self.app, self.limits, self.room = app, limits, room
         self._sent: dict[str | None, deque[tuple[float, int]]] = {}
         self._lock = threading.Lock()
@@ -100,7 +101,7 @@ class AdmissionGuard:
                              "an hour on this public Space")
             if self.room is not None:
                 try:
-                    self.room(size)
+                    self.room(size, who)
                 except Exception as e:
                     return 507, str(e)
             sent.append((now, size))

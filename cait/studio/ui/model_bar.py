@@ -70,7 +70,10 @@ def build(studio: Studio) -> ModelBar:
         # Locally Gradio copies the zip into its cache; in public mode the one zip counts toward the disk budget.
         room = None if jobs is None else (lambda n: jobs.check_room(n, "this download"))
         with refusing(JobError):
-            return gr.update(value=str(download_twin(p, where, room)), visible=True)
+            zipped = download_twin(p, where, room)
+        if jobs is not None:
+            jobs.charge(zipped)                        # the visitor it was made for holds it, not the Space
+        return gr.update(value=str(zipped), visible=True)
 
     download.click(heavy(studio.slot, on_download), bar.settings, twin_file, api_name="download_twin", **COMPUTE)
     return bar
