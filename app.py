@@ -36,6 +36,7 @@ def main() -> None:
     if warning:
         print(warning, file=sys.stderr)
     studio = Studio(device=a.device, pretrained=not a.offline, jobs=JobManager(limits=limits))
+    print(studio.startup_line(), file=sys.stderr, flush=True)
     app = build_app(studio)
     queue = dict(max_size=16, default_concurrency_limit=1) if limits.public else dict(default_concurrency_limit=1)
     app.queue(**queue).launch(server_name=a.host, server_port=a.port, **launch_options(studio))

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import gradio
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +80,12 @@ def test_app_starts_like_a_space_and_writes_nothing_into_the_repo(tmp_path):
             assert "bundled weights trained by this project" in status and "HF_HUB_OFFLINE" in status
         assert (tmp / "cait-runs" / "jobs").is_dir()                       # runs go to the ephemeral disk
         assert _listing(repo) == before                                    # nothing written into the repo
+        # A refused input is one line in the terminal, not a traceback.
+        with pytest.raises(Exception, match="is not a job id"):
+            client.predict("../nope", api_name="/cancel_finetune")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    log = proc.stdout.read()
+    assert "CAIT Studio on cpu: opens on" in log and "public mode" in log       # what it started on, said once
+    assert "Traceback" not in log, log[-3000:]

@@ -77,6 +77,16 @@ class Studio:
                 raise ValueError(f"Model: {ref.key} is not one of the listed models")
         return self.pairs.get(ref, flops_reduction, layout_field(merge))
 
+    def startup_line(self) -> str:
+        """One line for the server's terminal: the device, the pair the page opens on and why, the mode, where jobs
+        go."""
+        ref, why = self.catalogue.default(), self.catalogue.hub_reason()
+        weights = ("bundled weights trained by this project" if ref.kind == "bundled" else
+                   f"random weights: {why}" if why else "timm's ImageNet weights from the Hub")
+        mode = "public mode (capped, no server paths)" if self.limits.public else "local mode"
+        runs = f"; jobs under {self.jobs.root}" if self.jobs is not None else ""
+        return f"CAIT Studio on {self.device}: opens on {self.catalogue.label(ref)} ({weights}); {mode}{runs}"
+
     def startup_note(self) -> str:
         """Markdown for the app's first screen (:func:`cait.studio.status.startup_note`)."""
         return startup_note(self.device, self.catalogue.hub_reason(), self.bundled)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 from collections.abc import Callable, Iterator
 
 import gradio as gr
@@ -21,13 +22,21 @@ COMPUTE = dict(concurrency_id="compute", concurrency_limit=8)
 Gradio's queue with its own requests."""
 
 
+def refusal(message: str) -> gr.Error:
+    """A ``gr.Error`` for a refused input: the visitor sees ``message``; the server's terminal gets one line saying
+    what was refused, not a traceback (a refusal is the app working, not failing)."""
+    print(f"cait.studio: refused: {message.splitlines()[0][:200] if message else ''}", file=sys.stderr, flush=True)
+    return gr.Error(message, print_exception=False)
+
+
 @contextlib.contextmanager
 def refusing(*errors: type[Exception]) -> Iterator[None]:
-    """Inside a handler: an exception of these types reaches the browser as a ``gr.Error`` with its message."""
+    """Inside a handler: an exception of these types reaches the browser as a ``gr.Error`` with its message
+    (:func:`refusal`)."""
     try:
         yield
     except errors as e:
-        raise gr.Error(str(e)) from None
+        raise refusal(str(e)) from None
 
 
 def heavy(slot: ComputeSlot, fn: Callable) -> Callable:

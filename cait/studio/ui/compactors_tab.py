@@ -6,7 +6,7 @@ import gradio as gr
 
 from ..engine import Studio
 from ..jobs.views import compactor_view
-from .common import COMPUTE, heavy, refusing, visitor
+from .common import COMPUTE, heavy, refusal, refusing, visitor
 
 
 def build(studio: Studio, job: gr.Dropdown) -> None:
@@ -22,7 +22,7 @@ def build(studio: Studio, job: gr.Dropdown) -> None:
 
     def on_compactors(job_id, request: gr.Request):
         if not job_id:
-            raise gr.Error("select a job first")
+            raise refusal("select a job first")
         with refusing(ValueError, KeyError):
             return compactor_view(studio.jobs, job_id, visitor(request)[0])
 

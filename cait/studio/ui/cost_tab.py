@@ -3,6 +3,7 @@ twin and ToMe at the twin's FLOPs, in one run on this device."""
 from __future__ import annotations
 
 import gradio as gr
+import pandas as pd
 
 from ...measure.precision import PRECISIONS
 from ..cost import cost_view
@@ -10,6 +11,8 @@ from ..engine import Studio
 from .common import COMPUTE, heavy, refusing
 from .model_bar import ModelBar, pair_of
 
+COST_COLUMNS = ["model", "held-out top-1 (%)", "GFLOPs", "params (M)", "FLOPs reduction (%)", "ideal speed-up",
+                "images/s", "speed-up", "latency, batch 1 (ms)", "latency speed-up", "rounds"]
 SMALL_BATCH_NOTE = ("Small batches leave the processor partly idle, so measured speed-ups are smaller than at batch "
                     "32 or more (DeiT-Tiny at 50% on a 2-core CPU: 1.21× at batch 8, 1.88× at 32, for 2.22× ideal).")
 
@@ -31,7 +34,9 @@ def build(studio: Studio, bar: ModelBar) -> None:
         batch_size = gr.Slider(1, studio.limits.max_cost_batch if studio.limits.public else 256, value=32, step=1,
                                label="Batch size")
         show = gr.Button("Compute cost", variant="primary")
-    table = gr.Dataframe(label="Cost", wrap=True, elem_id="cost-table")
+    # Named columns before the first measurement, not Gradio's placeholder "1 2 3".
+    table = gr.Dataframe(pd.DataFrame(columns=COST_COLUMNS), label="Cost", wrap=True, elem_id="cost-table",
+                         interactive=False)
     with gr.Row():
         plot = gr.Plot(label="FLOPs per block")
         speed_plot = gr.Plot(label="Throughput")

@@ -4,12 +4,13 @@ upload; per-class IoU on the held-out set; FLOPs, throughput and latency measure
 from __future__ import annotations
 
 import gradio as gr
+import pandas as pd
 
 from ...data.photos import ImageError
 from ..engine import Studio
 from ..samples import load_sample, sample_names
 from ..segmentation import BASELINES, LABELS, BundledSegmenters, JobSegmenters, segmentation_view, segmenter_cost
-from .common import COMPUTE, heavy, refusing, visitor
+from .common import COMPUTE, heavy, refusal, refusing, visitor
 
 NOT_BUNDLED = ("*No bundled segmenters in this checkout:* `python assets/train_segmenters.py` trains them (a few "
                "minutes each on a CPU) into `assets/segmenters/`; `python -m cait.dense` trains one on any backbone.")
@@ -35,7 +36,7 @@ class _Handlers:
     def on_segment(self, name, file, also, job_id, request: gr.Request):
         chosen = self.chosen(also or [])
         if not chosen and not job_id:
-            raise gr.Error(NOT_BUNDLED.replace("*", "") + " Or pick a segmentation job's segmenter.")
+            raise refusal(NOT_BUNDLED.replace("*", "") + " Or pick a segmentation job's segmenter.")
         with refusing(ValueError, ImageError):
             mine = {job_id: self.job_segs.get(job_id, visitor(request)[0])} if job_id else {}
             view = self._view(self.segs, chosen, name, file) if chosen else None
@@ -87,7 +88,10 @@ def build(studio: Studio, segs: BundledSegmenters) -> None:
         batch = gr.Slider(1, studio.limits.max_cost_batch if studio.limits.public else 64, value=8, step=1,
                           label="Batch size (throughput)")
         measure = gr.Button("Measure speed", interactive=bool(names))
-    cost = gr.Dataframe(label="Segmenters: FLOPs, throughput and latency (this device, one run)", interactive=False)
+    cost = gr.Dataframe(pd.DataFrame(columns=["segmenter", "backbone GFLOPs", "segmenter GFLOPs", "images/s",
+                                              "speed-up", "latency, batch 1 (ms)", "latency speed-up", "rounds"]),
+                        label="Segmenters: FLOPs, throughput and latency (this device, one run; median (min–max) "
+                              "over rounds)", interactive=False)
     show.click(heavy(studio.slot, h.on_segment), [sample, upload, extra, job], [truth, *panels, job_panel],
                api_name="segment", **COMPUTE)
     job.focus(h.on_focus, None, job, api_visibility="private")
