@@ -93,10 +93,12 @@ def test_per_class_counts_confusions_by_true_class():
 
 
 def test_speed_benchmark_under_onnx_runtime(tmp_path):
+    # Three of the six variants: each is exported and parity-checked, which is most of this test's time.
     run("benchmarks/speed.py", "--models", cait.TEST_MODEL, "--device", "cpu", "--batch-sizes", "2", "--iters", "1",
-        "--rounds", "1", "--warmup", "1", "--runtime", "onnxruntime", "--out", str(tmp_path))
+        "--rounds", "1", "--warmup", "1", "--runtime", "onnxruntime", "--variants", "original,cait,tome",
+        "--out", str(tmp_path))
     rows = {r["variant"]: r for r in json.loads((tmp_path / "speed.json").read_text())["rows"]}
-    assert set(rows) == {"original", "atme", "cdcp", "cait", "tome", "tome_atme"}
+    assert set(rows) == {"original", "cait", "tome"}
     assert rows["cait"]["runtime"] == "onnxruntime"
     assert (tmp_path / "onnx" / cait.TEST_MODEL / "tome.onnx").is_file()          # ToMe exports too (parity-checked)
     assert (tmp_path / "onnx" / cait.TEST_MODEL / "cait.onnx").is_file()
