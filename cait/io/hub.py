@@ -24,7 +24,7 @@ import torch.nn as nn
 from huggingface_hub import HfApi, snapshot_download
 
 from ..measure.flops import count_flops, count_params
-from ..measure.speed import compare_throughput
+from ..measure.speed import compare_throughput, speedup_spread
 from ..models.deit import architecture
 from ..models.meta import meta_of
 from ..models.spec import describe
@@ -91,16 +91,18 @@ def download(spec: str) -> Path:
                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'})") from e
 
 
-def measure(model: nn.Module, batch_size: int = 8, rounds: int = 2) -> dict:
+def measure(model: nn.Module, batch_size: int = 8, rounds: int = 3) -> dict:
     """What the model card reports: FLOPs and params of the model and of its uncompressed architecture, and the CPU
-    speed-up between them (both timed in alternation here; weights do not affect speed)."""
+    speed-up between them (both timed in alternation here; weights do not affect speed): the median over ``rounds``
+    and its lowest and highest round (``cpu_speedup_range``)."""
     base = timm.create_model(architecture(model), pretrained=False, num_classes=model.num_classes,
                              img_size=model.patch_embed.img_size[0]).eval()
     speed = compare_throughput({"base": base, "model": model}, batch_size=batch_size, device="cpu", warmup=1,
                                iters=2, rounds=rounds)
+    up = speedup_spread(speed, "model", "base")
     return {"flops": count_flops(model), "base_flops": count_flops(base), "params": count_params(model),
-            "base_params": count_params(base), "cpu_speedup": speed["model"]["images_per_s"] /
-            speed["base"]["images_per_s"], "batch_size": batch_size}
+            "base_params": count_params(base), "cpu_speedup": up.median, "cpu_speedup_range": [up.low, up.high],
+            "rounds": up.n, "batch_size": batch_size}
 
 
 def model_card(model: nn.Module, repo_id: str, numbers: dict | None = None) -> str:
@@ -111,7 +113,7 @@ def model_card(model: nn.Module, repo_id: str, numbers: dict | None = None) -> s
     widths = ", ".join(f"{b.qk_dim}/{b.v_dim}/{b.ffn_dim}" for b in blocks)
     if meta.finetune is not None:
         f = meta.finetune
-        how = f"Fine-tuned with CDCP (`python -m cait.finetune`): held-out {f.score_text()}."
+        how = f"Fine-tuned with CDCP (`python -m cait.finetune`): held-out {f.score_text(_val_size(meta))}."
     elif meta.calibration:
         c = meta.calibration
         how = (f"Calibrated without training (`python -m cait.compress`): Fisher channel scores and a least-squares "
@@ -128,7 +130,10 @@ def model_card(model: nn.Module, repo_id: str, numbers: dict | None = None) -> s
                 f"({100 * (1 - numbers['flops'] / numbers['base_flops']):.1f}% fewer) |\n"
                 f"| parameters | {numbers['base_params'] / 1e6:.2f} M | {numbers['params'] / 1e6:.2f} M |\n"
                 f"| CPU throughput, batch {numbers['batch_size']} (measured when pushed) | 1.00× | "
-                f"{numbers['cpu_speedup']:.2f}× |\n")
+                f"{numbers['cpu_speedup']:.2f}×" + (f" ({numbers['cpu_speedup_range'][0]:.2f}–"
+                                                     f"{numbers['cpu_speedup_range'][1]:.2f} over "
+                                                     f"{numbers['rounds']} rounds)" if "rounds" in numbers else "")
+                + " |\n")
     planner = meta.planner or {}
     if planner.get("planner") == "measured":
         how += (f" Layout chosen by the measured planner (`--plan measured`): {planner.get('rule', '')}; "
@@ -196,3 +201,8 @@ def push_to_hub(model: nn.Module, repo_id: str, private: bool = False, token: st
     except Exception as e:  # network, auth, quota: one message, the cause attached
         raise HubError(f"{repo}: upload failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
     return str(getattr(info, "commit_url", info))
+
+
+def _val_size(meta) -> int | None:
+    """The held-out images of the run that made a model (its config's ``val_size``), for records without their n."""
+    return (meta.config or {}).get("val_size")

@@ -191,25 +191,54 @@ def measure_throughput(model: nn.Module, batch_size: int = 32, device: str | tor
     return compare_throughput({"model": model}, batch_size, device, warmup, iters, 1, img_size, amp_dtype)["model"]
 
 
-def least_timing_seconds(models: dict[str, nn.Module], batch_size: int, device: str | torch.device | None = None,
-                         iters: int = 1, img_size: int | None = None) -> float:
-    """Seconds :func:`throughput_and_latency` needs at the least (its warm-ups and one round) for these models at
-    ``batch_size``, predicted from one timed image per model (after an untimed one) and scaled as if batching gained
-    nothing (so it errs long). Lets a caller with a time budget refuse a combination up front.
+@dataclass(frozen=True)
+class TimingCost:
+    """What :func:`throughput_and_latency` costs at the least (its warm-ups and one round) for some models, predicted
+    from one timed batch per model: ``per_image`` seconds of every model together, per image of a batch, and
+    ``fixed`` seconds that do not grow with the batch (the batch-1 part).
+
+    >>> cost = TimingCost(per_image=0.1, fixed=2.0, iters=1)
+    >>> round(cost.seconds(32), 1), cost.largest_batch(10.0)
+    (8.4, 40)
+    """
+    per_image: float
+    fixed: float
+    iters: int = 1
+
+    def seconds(self, batch_size: int) -> float:
+        """Predicted seconds at ``batch_size`` (``1 + iters`` batches per model, then the batch-1 part)."""
+        return (1 + self.iters) * batch_size * self.per_image + self.fixed
+
+    def largest_batch(self, budget_s: float) -> int:
+        """The largest batch size whose prediction fits ``budget_s`` (0 when none does)."""
+        room = budget_s - self.fixed
+        return max(0, int(room / ((1 + self.iters) * self.per_image) + 1e-9)) if room > 0 else 0
+
+
+def least_timing(models: dict[str, nn.Module], batch_size: int, device: str | torch.device | None = None,
+                 iters: int = 1, img_size: int | None = None, probe: int = 4) -> TimingCost:
+    """Predict what :func:`throughput_and_latency` needs at the least for these models at ``batch_size``, from one
+    timed batch of ``min(batch_size, probe)`` images per model (after an untimed image), scaled linearly to the
+    batch (per-image time falls as the batch grows, so it errs long) and, for the batch-1 part, taken whole (one
+    image costs at most that batch). Lets a caller with a time budget refuse a combination up front.
 
     Args:
         models, device, img_size: as :func:`compare_throughput`.
         batch_size, iters: as :func:`throughput_and_latency`.
+        probe: images in the timed batch.
     """
     dev = resolve_device(device if device is None else str(device))
     size = img_size or next(iter(models.values())).patch_embed.img_size[0]
-    x = torch.randn(1, 3, size, size, device=dev)
-    total = 0.0
+    b0 = max(1, min(batch_size, probe))
+    x1, xb = torch.randn(1, 3, size, size, device=dev), torch.randn(b0, 3, size, size, device=dev)
+    per_image = fixed = 0.0
     for m in models.values():
         m.to(dev).eval()
-        one = _time_batches(m, x, 2, None)[-1]
-        total += one * ((1 + iters) * batch_size + 2 + 2 * iters)   # batch: 1 warm-up + iters; batch 1: 2 + 2·iters
-    return total
+        _time_batches(m, x1, 1, None)                                  # untimed: first-call costs
+        t = _time_batches(m, xb, 1, None)[0]
+        per_image += t / b0
+        fixed += t * (2 + 2 * iters)                                   # batch 1: 2 warm-ups + 2·iters timed
+    return TimingCost(per_image, fixed, iters)
 
 
 def throughput_and_latency(models: dict[str, nn.Module], batch_size: int, device: str | torch.device | None = None,

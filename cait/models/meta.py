@@ -55,9 +55,10 @@ class FinetuneSummary:
     kl: float | None = None
     held_out: int | None = None
 
-    def score_text(self) -> str:
-        """The held-out scores in words, with their n when recorded: ``"top-1 65.3% (teacher 90.9%), agreement with
-        the teacher 68.0%, KL 0.610 nats (n = 1000)"``."""
+    def score_text(self, held_out: int | None = None) -> str:
+        """The held-out scores in words, with their n (``held_out`` when the record predates it, e.g. the run's
+        ``val_size``): ``"top-1 65.3% (teacher 90.9%), agreement with the teacher 68.0%, KL 0.610 nats (n = 1000)"``.
+        """
         parts = []
         if self.top1_student is not None:
             parts.append(f"top-1 {self.top1_student:.1f}%"
@@ -65,7 +66,8 @@ class FinetuneSummary:
         if self.agreement is not None:
             parts.append(f"agreement with the teacher {self.agreement:.1f}%"
                          + ("" if self.kl is None else f", KL {self.kl:.3f} nats"))
-        n = "" if self.held_out is None else f" (n = {self.held_out})"
+        n = self.held_out if self.held_out is not None else held_out
+        n = "" if n is None else f" (n = {n})"
         return ", ".join(parts) + n if parts else "no held-out score"
 
 

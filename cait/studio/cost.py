@@ -7,13 +7,12 @@ from collections.abc import Callable
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..baselines.tome import tome_flops
 from ..data.datasets import build_datasets
 from ..data.synthetic import CLASSES
 from ..measure.accuracy import evaluate
 from ..measure.flops import count_params
 from ..measure.precision import check_precision
-from ..measure.speed import least_timing_seconds, throughput_and_latency
+from ..measure.speed import least_timing, throughput_and_latency
 from ..viz.charts import block_flops_figure, cost_table, throughput_figure
 from .pairs import ModelPair
 from .public import Limits
@@ -45,7 +44,7 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
     public mode, 90 locally); the table's *rounds* says how many were timed.
 
     In public mode a combination whose timing cannot fit that budget even with one round (predicted from one timed
-    image per model, :func:`cait.measure.speed.least_timing_seconds`) is refused up front, with the largest batch
+    small batch per model, :func:`cait.measure.speed.least_timing`) is refused up front, with the largest batch
     size that fits: one DeiT-B call in int8 at batch 32 once held the compute slot for 262 s.
 
     Raises:
@@ -58,14 +57,7 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
         raise ValueError(f"Batch size: {batch_size} is outside 1 to {cap}"
                          + (" on this public Space" if limits.public else ""))
     f = pair.flops()
-    base = {"original": pair.original, "CAIT twin": pair.compressed, "ToMe (baseline)": pair.tome()}
-    flops = {"original": sum(f["original"].values()), "CAIT twin": sum(f["compressed"].values()),
-             "ToMe (baseline)": tome_flops(base["ToMe (baseline)"])}
-    tag = "" if precision == "fp32" else f" ({precision})"
-    entries = [] if precision == "fp32" else [("original (fp32)", "original", pair.original)]
-    entries += [(k + tag, k, pair.in_precision(k, precision)) for k in base]           # (row, model, runnable)
-    models = {label: m for label, _, m in entries}
-    rows = {label: {"flops": flops[key], "params": count_params(base[key])} for label, key, _ in entries}
+    models, rows = _entries(pair, precision)
     if measure and limits.public:                                    # the whole timing within the budget, or refused
         _check_budget(models, int(batch_size), pair, limits.measure_budget(), precision)
     if measure:
@@ -87,13 +79,27 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
     return table, blocks, throughput_figure(rows) if measure else None
 
 
+def _entries(pair: ModelPair, precision: str) -> tuple[dict, dict]:
+    """The rows' models in ``precision`` (row label → runnable; the fp32 original first in another precision) and
+    their FLOPs and parameters (row label → dict)."""
+    f = pair.flops()
+    base = {"original": pair.original, "CAIT twin": pair.compressed, "ToMe (baseline)": pair.tome()}
+    flops = {"original": sum(f["original"].values()), "CAIT twin": sum(f["compressed"].values()),
+             "ToMe (baseline)": sum(f["tome"].values())}
+    tag = "" if precision == "fp32" else f" ({precision})"
+    entries = [] if precision == "fp32" else [("original (fp32)", "original", pair.original)]
+    entries += [(k + tag, k, pair.in_precision(k, precision)) for k in base]           # (row, model, runnable)
+    models = {label: m for label, _, m in entries}
+    return models, {label: {"flops": flops[key], "params": count_params(base[key])} for label, key, _ in entries}
+
+
 def _check_budget(models: dict, batch_size: int, pair: ModelPair, budget: float, precision: str) -> None:
     """Refuse (ValueError naming the field) a timing that needs more than ``budget`` seconds at the least."""
-    need = least_timing_seconds(models, batch_size, pair.device)
+    cost = least_timing(models, batch_size, pair.device)
+    need = cost.seconds(batch_size)
     if need <= budget:
         return
-    per_image = need / (2 * batch_size + 4)                        # the prediction, per image of every model
-    fits = max(0, int((budget / per_image - 4) // 2))
+    fits = cost.largest_batch(budget)
     raise ValueError(f"Batch size: timing these {len(models)} models in {precision} at batch {batch_size} needs about "
                      f"{need:.0f} s on this Space, past its {budget:.0f} s budget; "
                      + (f"a batch of at most {fits} fits" if fits >= 1 else

@@ -51,7 +51,7 @@ def _twin_status(pair) -> list[str]:
             f"**Device:** `{pair.device}` · **Model:** `{pair.ref.key}` ({pair.weights.detail})",
             f"**CAIT twin, fine-tuned with CDCP:** ATME `{f.merge or 'none'}`, "
             f"{f.base_flops / 1e9:.4f} → {f.flops / 1e9:.4f} GFLOPs "
-            f"({100 * f.flops_reduction:.1f}% fewer); held-out {f.score_text()}"
+            f"({100 * f.flops_reduction:.1f}% fewer); held-out {f.score_text(_val_size(meta))}"
             + (" (its teacher was not trained). " if f.top1_teacher is None else ". ")
             + (ABOVE_TEACHER if None not in (f.top1_teacher, f.top1_student) and f.top1_student > f.top1_teacher + 1
                else "")
@@ -143,3 +143,8 @@ def model_labels(model: nn.Module) -> list[str] | None:
 def _imagenet_labels() -> list[str]:
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(1000)]
+
+
+def _val_size(meta) -> int | None:
+    """The held-out images of the run that made a model (its config's ``val_size``), for records without their n."""
+    return (meta.config or {}).get("val_size")
