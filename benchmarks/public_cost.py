@@ -36,7 +36,8 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             pair = studio.pair(f"deit:{a.model}", 0.5, "")
-            table, _, _ = cost_view(pair, limits, measure=True, batch_size=a.batch_size, precision=precision)
+            table, _, _ = cost_view(pair, limits, measure=True, batch_size=a.batch_size, precision=precision,
+                                    started=t0)
             rows.append({"precision": precision, "seconds": round(time.perf_counter() - t0, 1), "refused": None,
                          "rounds": [int(r) for r in table["rounds"]]})
         except ValueError as e:

@@ -66,8 +66,8 @@ def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, devic
         img_size: input side in pixels; default: the first model's.
         amp_dtype: e.g. ``torch.bfloat16`` for autocast; None for the model's own dtype.
         progress: called as ``progress(fraction_done, message)`` after every warm-up and timed run (a UI bar).
-        budget_s: stop starting new rounds once this many seconds have passed since the first warm-up (at least one
-            round is always timed); None: all ``rounds``.
+        budget_s: no round is started that would end (at the previous round's pace) more than this many seconds
+            after the first warm-up; at least one round is always timed. None: all ``rounds``.
 
     Returns:
         name → ``{"images_per_s", "latency_s" (median seconds per batch), "batch_size", "device", "timed_batches",
@@ -91,12 +91,15 @@ def compare_throughput(models: dict[str, nn.Module], batch_size: int = 32, devic
         _time_batches(m, x, warmup, amp_dtype)
         tick(f"warm-up: {name}")
     times: dict[str, list[list[float]]] = {k: [] for k in models}            # name → per round, seconds per batch
+    last = 0.0                                                                # how long the previous round took
     for r in range(rounds):
-        if r and budget_s is not None and time.perf_counter() - t0 > budget_s:
-            break
+        if r and budget_s is not None and time.perf_counter() - t0 + last > budget_s:
+            break                                     # a round that would end past the budget is not started
+        r0 = time.perf_counter()
         for name, m in models.items():
             times[name].append(_time_batches(m, x, iters, amp_dtype))
             tick(f"round {r + 1}/{rounds}: {name}")
+        last = time.perf_counter() - r0
     result = {}
     for name, per_round in times.items():
         med = statistics.median(t for ts in per_round for t in ts)
@@ -204,6 +207,7 @@ class TimingCost:
     per_image: float
     fixed: float
     iters: int = 1
+    partial: bool = False          # probing stopped early (past a budget): the prediction is a lower bound
 
     def seconds(self, batch_size: int) -> float:
         """Predicted seconds at ``batch_size`` (``1 + iters`` batches per model, then the batch-1 part)."""
@@ -216,7 +220,8 @@ class TimingCost:
 
 
 def least_timing(models: dict[str, nn.Module], batch_size: int, device: str | torch.device | None = None,
-                 iters: int = 1, img_size: int | None = None, probe: int = 4) -> TimingCost:
+                 iters: int = 1, img_size: int | None = None, probe: int = 4, budget_s: float | None = None
+                 ) -> TimingCost:
     """Predict what :func:`throughput_and_latency` needs at the least for these models at ``batch_size``, from one
     timed batch of ``min(batch_size, probe)`` images per model (after an untimed image), scaled linearly to the
     batch (per-image time falls as the batch grows, so it errs long) and, for the batch-1 part, taken whole (one
@@ -226,6 +231,8 @@ def least_timing(models: dict[str, nn.Module], batch_size: int, device: str | to
         models, device, img_size: as :func:`compare_throughput`.
         batch_size, iters: as :func:`throughput_and_latency`.
         probe: images in the timed batch.
+        budget_s: stop probing once the prediction of the models probed so far passes it (then ``partial``, and
+            the prediction is a lower bound): a slow precision is refused without probing every model.
     """
     dev = resolve_device(device if device is None else str(device))
     size = img_size or next(iter(models.values())).patch_embed.img_size[0]
@@ -238,6 +245,9 @@ def least_timing(models: dict[str, nn.Module], batch_size: int, device: str | to
         t = _time_batches(m, xb, 1, None)[0]
         per_image += t / b0
         fixed += t * (2 + 2 * iters)                                   # batch 1: 2 warm-ups + 2·iters timed
+        so_far = TimingCost(per_image, fixed, iters, partial=m is not list(models.values())[-1])
+        if budget_s is not None and so_far.seconds(batch_size) > budget_s:
+            return so_far
     return TimingCost(per_image, fixed, iters)
 
 

@@ -2,6 +2,7 @@
 and the ToMe baseline at the twin's FLOPs, measured in one run on this device (SPEC §4)."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pandas as pd
@@ -21,7 +22,7 @@ from .status import model_labels
 
 def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size: int = 8, iters: int = 2,
               held_out: int = 200, progress: Callable[[float, str], None] | None = None, precision: str = "fp32",
-              rounds: int = 5) -> tuple[pd.DataFrame, go.Figure, go.Figure | None]:
+              rounds: int = 5, started: float | None = None) -> tuple[pd.DataFrame, go.Figure, go.Figure | None]:
     """FLOPs, params, throughput (images/s at ``batch_size``) and latency at batch 1 (ms), when ``measure``, and, for
     models trained on the synthetic shapes,
     held-out top-1 of the original, its twin and ToMe at the twin's FLOPs; FLOPs per block of the three; and the
@@ -39,9 +40,11 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
         precision: what the three models compute in (:mod:`cait.measure.precision`: ``fp32``, ``bf16``,
             ``bf16-autocast``, ``int8``); in any but fp32 the fp32 original is timed too, as the first row, so every
             speed-up is against the fp32 original measured in the same run.
+        started: ``time.perf_counter()`` when the request began (before its pair was built): the time already
+            spent comes off the budget, so the budget bounds the whole request.
 
-    The timing stops starting new rounds after :meth:`cait.studio.public.Limits.measure_budget` seconds (30 in
-    public mode, 90 locally); the table's *rounds* says how many were timed.
+    The timing starts no round that would end past :meth:`cait.studio.public.Limits.measure_budget` seconds (30 in
+    public mode, 90 locally) from ``started``; the table's *rounds* says how many were timed.
 
     In public mode a combination whose timing cannot fit that budget even with one round (predicted from one timed
     small batch per model, :func:`cait.measure.speed.least_timing`) is refused up front, with the largest batch
@@ -58,25 +61,34 @@ def cost_view(pair: ModelPair, limits: Limits, measure: bool = False, batch_size
                          + (" on this public Space" if limits.public else ""))
     f = pair.flops()
     models, rows = _entries(pair, precision)
+    started = time.perf_counter() if started is None else started
     if measure and limits.public:                                    # the whole timing within the budget, or refused
-        _check_budget(models, int(batch_size), pair, limits.measure_budget(), precision)
+        left = limits.measure_budget() - (time.perf_counter() - started)
+        _check_budget(models, int(batch_size), pair, left, precision, limits.measure_budget())
     if measure:
         # Batch 1 too, where token merging's matching costs more than its FLOPs (Dense transfer, item 7). The timing
-        # is boxed: no round starts past the budget, and the table says how many rounds were timed.
+        # is boxed: no round starts that would end past the budget, and the table says how many rounds were timed.
+        left = limits.measure_budget() - (time.perf_counter() - started)
         speed = throughput_and_latency(models, int(batch_size), pair.device, iters=1 if limits.public else iters,
-                                       rounds=rounds, progress=progress, budget_s=limits.measure_budget())
+                                       rounds=rounds, progress=progress, budget_s=max(0.0, left))
         for k in rows:
             rows[k].update(speed[k])
-    scored = model_labels(pair.original) == list(CLASSES) and held_out > 0
-    if scored:
-        _, val, _ = build_datasets("synthetic", int(pair.original.patch_embed.img_size[0]), val_size=held_out)
-        for k, m in models.items():
-            rows[k]["top1"] = evaluate(m, val, pair.device)
+    scored = _score(pair, models, rows, held_out)
     table = cost_table(rows, held_out if scored else None)
     table.insert(1, "device", str(pair.device))
     table.insert(2, "precision", ["fp32" if label == "original (fp32)" else precision for label in rows])
     blocks = block_flops_figure(f["original"], f["compressed"], **{"ToMe (baseline)": f["tome"]})
     return table, blocks, throughput_figure(rows) if measure else None
+
+
+def _score(pair: ModelPair, models: dict, rows: dict, held_out: int) -> bool:
+    """Held-out top-1 of each model into ``rows`` when the models know the synthetic classes; whether it did."""
+    if model_labels(pair.original) != list(CLASSES) or held_out <= 0:
+        return False
+    _, val, _ = build_datasets("synthetic", int(pair.original.patch_embed.img_size[0]), val_size=held_out)
+    for k, m in models.items():
+        rows[k]["top1"] = evaluate(m, val, pair.device)
+    return True
 
 
 def _entries(pair: ModelPair, precision: str) -> tuple[dict, dict]:
@@ -93,14 +105,16 @@ def _entries(pair: ModelPair, precision: str) -> tuple[dict, dict]:
     return models, {label: {"flops": flops[key], "params": count_params(base[key])} for label, key, _ in entries}
 
 
-def _check_budget(models: dict, batch_size: int, pair: ModelPair, budget: float, precision: str) -> None:
-    """Refuse (ValueError naming the field) a timing that needs more than ``budget`` seconds at the least."""
-    cost = least_timing(models, batch_size, pair.device)
+def _check_budget(models: dict, batch_size: int, pair: ModelPair, budget: float, precision: str, total: float
+                  ) -> None:
+    """Refuse (ValueError naming the field) a timing that needs more than the ``budget`` seconds left of the
+    request's ``total`` at the least."""
+    cost = least_timing(models, batch_size, pair.device, budget_s=budget)
     need = cost.seconds(batch_size)
     if need <= budget:
         return
     fits = cost.largest_batch(budget)
-    raise ValueError(f"Batch size: timing these {len(models)} models in {precision} at batch {batch_size} needs about "
-                     f"{need:.0f} s on this Space, past its {budget:.0f} s budget; "
-                     + (f"a batch of at most {fits} fits" if fits >= 1 else
-                        "try a smaller model" + (" or fp32" if precision != "fp32" else "")))
+    raise ValueError(f"Batch size: timing these {len(models)} models in {precision} at batch {batch_size} needs "
+                     f"{'more than' if cost.partial else 'about'} {need:.0f} s on this Space, past the {budget:.0f} s left "
+                     f"of its {total:.0f} s budget; " + (f"a batch of {'under' if cost.partial else 'at most'} {fits} fits" if fits >= 1
+                                   else "try a smaller model" + (" or fp32" if precision != "fp32" else "")))

@@ -2,6 +2,8 @@
 twin and ToMe at the twin's FLOPs, in one run on this device."""
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 import pandas as pd
 
@@ -43,12 +45,13 @@ def build(studio: Studio, bar: ModelBar) -> None:
 
     def on_cost(model, reduction, merge, measure_speed, batch, precision_name, request: gr.Request,
                 progress=gr.Progress()):
+        started = time.perf_counter()                  # the budget bounds the whole request, the build included
         p = pair_of(studio, model, reduction, merge, request)
         progress(0, desc="FLOPs and parameters")
         with refusing(ValueError):
             return cost_view(p, studio.limits, measure=measure_speed, batch_size=int(batch),
                              progress=lambda f, what: progress(f, desc=f"measuring throughput: {what}"),
-                             precision=precision_name)
+                             precision=precision_name, started=started)
 
     show.click(heavy(studio.slot, on_cost), bar.settings + [measure, batch_size, precision],
                [table, plot, speed_plot],
