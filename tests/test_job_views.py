@@ -109,7 +109,9 @@ def test_a_label_free_job_s_views_show_what_it_measured_and_pruned(tmp_path):
     assert "pruned before training (calibrated twin" in text and "|S| 0" not in text
     assert "Held-out at step 4 (n = 16): top-1" in text and "agreement with the teacher" in text
     titles = [a.text for a in fig.layout.annotations]
-    assert "|S| empty: pruned before training (calibrated)" in titles
+    assert "|S| empty: pruned before training (calibrated)" in titles and "top-1 / agreement (%)" in titles
+    agreement = next(t for t in fig.data if t.name == "agreement with teacher")
+    assert list(agreement.x)[-1] == 4 and list(agreement.y)[-1] == summary.agreement   # the final score is plotted
     assert fig.layout.yaxis3.range[0] == 0                                      # FLOPs from zero, not a sliver
     text, kept, contrast = compactor_view(jm, job.id)
     assert "started from a calibrated twin" in text and "no compactors" in text and contrast is None

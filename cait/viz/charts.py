@@ -15,7 +15,7 @@ from plotly.subplots import make_subplots
 from ..compress.importance import ChannelScores
 from ..compress.select import ChannelMask
 from ..dense.records import SegmentEvalRecord, SegmentTrainRecord
-from ..finetune.records import EvalRecord, Record, StartRecord, TrainRecord, of_type
+from ..finetune.records import EvalRecord, FinalRecord, Record, StartRecord, TrainRecord, of_type
 from ..models.spec import ModelSpec
 
 
@@ -95,14 +95,16 @@ def throughput_figure(rows: dict[str, dict]) -> go.Figure:
 
 def training_figure(records: list[Record]) -> go.Figure:
     """Live view of a fine-tune from its ``log.jsonl`` records: loss, top-1 (and, label-free, the agreement with the
-    teacher), FLOPs target and |S| against step.
+    teacher; the final record's scores too), FLOPs target and |S| against step.
 
     The FLOPs axis starts at zero and reaches the original's FLOPs (from the start record), so a flat target does
     not look like a moving one; a run that started from a calibrated twin
     (:meth:`cait.finetune.records.StartRecord.pruned_before_training`) says in the |S| panel that its channels went
     before training.
     """
-    train, evals = of_type(records, TrainRecord), of_type(records, EvalRecord)
+    train = of_type(records, TrainRecord)
+    # Held-out scores: every evaluation, and the final record's (a short job may have no evaluation before it).
+    evals = [r for r in records if isinstance(r, (EvalRecord, FinalRecord))]
     start = next(iter(of_type(records, StartRecord)), None)
     pruned_first = start is not None and start.pruned_before_training()
     label_free = any(r.agreement is not None for r in evals)
