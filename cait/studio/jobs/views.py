@@ -131,12 +131,13 @@ def _step_seconds(model: str, batch_size: int, flops_reduction: float, device: s
                   ) -> float:
     """Seconds of one training step as the engine runs it (teacher forward for its targets, synthetic batch
     rendered), measured once per setting: one warm-up step, then one timed. Labelled: the student with ATME and
-    compactors, hard distillation. Label-free: the calibrated twin's structure (the planned layout and pruned widths,
-    :func:`cait.compress.compress` without calibration: the same FLOPs), soft targets, bf16 autocast on the CPU."""
+    compactors, hard distillation. Label-free: the calibrated twin's structure (CDCP only with widths in multiples of
+    8, as the app's label-free job; :func:`cait.compress.compress` without calibration: the same FLOPs), soft targets,
+    bf16 autocast on the CPU where it has bf16 units."""
     teacher = (load_checkpoint(model) if Path(model).is_dir() else create_model(model, pretrained=False)[0]).eval()
     split = split_budget(teacher, flops_reduction)
-    if label_free:
-        student = compress(teacher, flops_reduction, layout=split.layout)
+    if label_free:                                   # as the app's label-free job: CDCP only, widths ×8
+        student = compress(teacher, flops_reduction, layout="none", round_to=8)
     else:
         student = apply_atme(copy.deepcopy(teacher), split.layout)
         if split.target_flops < describe(student).flops():
