@@ -921,38 +921,18 @@ def test_one_address_cannot_fill_the_queue_for_everyone(public_app, monkeypatch,
     t0 = time.time()
     b.predict(*attention, api_name="/attention")
     normal = time.time() - t0
-    # The flood runs in its own process (as an attacker's machine would): 18 sessions of one address, half re-sending
-    # the uploaded zip to /start_finetune, half polling, each retrying at once when refused.
-    script = f"""
-import json, sys, threading, time
-from gradio_client import Client
-url, uploaded, label, seconds = {url!r}, {json.dumps(uploaded)!r}, {TINY_LABEL!r}, 12.0
-counts = {{"refused": 0, "answered": 0, "errors": []}}
-def flood(i):
-    c = Client(url, verbose=False, headers={{"X-Forwarded-For": "203.0.113.66"}})
-    end = time.time() + seconds
-    while time.time() < end:
-        try:
-            if i % 2:
-                c.predict(None, api_name="/job_status")
-            else:
-                c.predict(label, "the data's labels", "synthetic", json.loads(uploaded), 0.5, 20, 8, "cpu",
-                          api_name="/start_finetune")
-            counts["answered"] += 1
-        except Exception as e:
-            if "429" in str(e) or "40,000" in str(e):
-                counts["refused"] += 1
-            else:
-                counts["errors"].append(str(e)[:200])
-threads = [threading.Thread(target=flood, args=(i,)) for i in range(18)]
-[t.start() for t in threads]
-[t.join() for t in threads]
-print(json.dumps(counts))
-"""
+    # The flood runs in its own process (as an attacker's machine would): benchmarks/flood.py's flood, 18 sessions of
+    # one address for 12 s, half re-sending the uploaded zip to /start_finetune, half polling, each retrying at once.
+    import importlib.util
     import subprocess
     import sys
+    spec = importlib.util.spec_from_file_location("flood", Path(__file__).resolve().parents[1] / "benchmarks" /
+                                                  "flood.py")
+    flood = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flood)
     env = dict(os.environ, CAIT_TRUSTED_PROXIES="127.0.0.1/32")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", flood.FLOOD, url, json.dumps(uploaded), TINY_LABEL, "12", "18"],
+                            stdout=subprocess.PIPE, text=True, env=env)
     time.sleep(4)                                            # the flood is under way (clients connected)
     during = []
     for _ in range(2):

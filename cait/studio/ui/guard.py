@@ -154,10 +154,6 @@ class AdmissionGuard:
         return None
 
 
-UploadGuard = AdmissionGuard
-"""The former name (it guarded only the upload route)."""
-
-
 async def _read_body(receive, headers: dict) -> tuple[bytes, tuple[int, str] | None]:
     """The request body, or a refusal when it is (or declares itself) larger than :data:`MAX_EVENT_BODY`."""
     length = headers.get("content-length")
