@@ -34,7 +34,7 @@ from cait.baselines.tome import apply_tome, tome_flops, tome_schedule  # noqa: E
 from cait.measure.precision import PRECISIONS, check_precision, in_precision, peak_gflops  # noqa: E402
 from cait.measure.speed import compare_throughput, resolve_device, speedup_spread  # noqa: E402
 
-SETTINGS = {  # total FLOPs reduction of the paper's CAIT models (SPEC §5)
+SETTINGS = {  # total FLOPs reduction of the paper's CAIT models (paper Tab. III)
     "deit_tiny_patch16_224": 0.50,
     "deit_small_patch16_224": 0.55,
     "deit_base_patch16_224": 0.58,
@@ -72,7 +72,7 @@ def variants(name: str, round_to: int, keep: tuple[str, ...] = VARIANTS) -> dict
 
 def bundled_accuracy(precisions: list[str], n: int, device: torch.device) -> list[dict]:
     """Held-out top-1 (%) of the bundled original, its twin and ToMe at the twin's FLOPs in every precision, and the
-    share of images (%) on which each precision predicts what the same model predicts in fp32 (SPEC §4: accuracy
+    share of images (%) on which each precision predicts what the same model predicts in fp32 (accuracy
     beside every speed). Empty without the bundled pair."""
     from cait.data.datasets import build_datasets
     from cait.io.bundled import bundled_pair

@@ -7,7 +7,7 @@ The pipeline, one package per stage, imports pointing down this list only (``tes
     models     DeiT creation; ATME and compactor patches of timm; Layout, ModelSpec, ModelMeta
     compress   plan → importance → select S → prune and fold → refit; one-shot compress()
     baselines  ToMe and EViT-style token pruning, measured beside CAIT in the same run
-    measure    FLOPs (SPEC §4), throughput, CLS attention, top-1; the measured ATME/CDCP frontier
+    measure    FLOPs (docs/method.md: FLOPs), throughput, CLS attention, top-1; the measured ATME/CDCP frontier
     io         safetensors + JSON checkpoints, the Hugging Face Hub, exports, the bundled pair
     finetune   CDCP fine-tuning: Eq. 2, typed log records, run directory, the engine
     dense      dense transfer: any backbone's blocks on the patch grid, a Semantic FPN segmenter

@@ -110,7 +110,7 @@ def test_shipped_pair_fits_and_says_how_it_was_made():
     original, twin = pair.load()
     assert original.patch_embed.img_size == (224, 224) and twin.patch_embed.img_size == (224, 224)
     assert cait.count_flops(original) == pair.original_provenance["flops"] == cait.analytic_flops(original)
-    assert 1 - cait.count_flops(twin) / cait.count_flops(original) == pytest.approx(0.5, abs=0.01)   # SPEC §5
+    assert 1 - cait.count_flops(twin) / cait.count_flops(original) == pytest.approx(0.5, abs=0.01)   # paper Tab. III
     # Widths as the recipe asks (multiples of 8), and some channels pruned in some block.
     blocks = cait.describe(twin).blocks
     assert all(w % 8 == 0 for b in blocks for w in (b.qk_dim, b.v_dim, b.ffn_dim))

@@ -1,4 +1,5 @@
-"""One-shot compression (SPEC §2): the FLOPs target, the input untouched, the timm contract, clear refusals."""
+"""One-shot compression (docs/method.md: CDCP): the FLOPs target, the input untouched, the timm contract, clear
+refusals."""
 import pytest
 import torch
 

@@ -13,7 +13,8 @@ import cait
 from cait.data.datasets import DataError
 from cait.finetune.config import FinetuneConfig, FinetuneError
 from cait.finetune.engine import finetune
-from cait.finetune.records import StoppedRecord
+from cait.finetune.records import EvalRecord, FinalRecord, StartRecord, StoppedRecord, TrainRecord, of_type
+from cait.finetune.rundir import read_log
 from cait.compress.select import ChannelMask
 from cait.data.synthetic import export_imagefolder
 
@@ -38,14 +39,15 @@ def test_short_run_reaches_target_and_compact_equals_masked(tmp_path):
     out = tmp_path / "run"
     compact = cait.load_pretrained(out / "compact")
     assert cait.count_flops(compact) == summary.flops and compact.cait_meta.kind == "finetuned"
-    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    train = [x for x in lines if x["type"] == "train"]
-    assert [x["step"] for x in train] == [10, 20, 30, 40]
-    assert {"step", "epoch", "loss", "lr", "flops_target", "s_size", "max_masked_norm", "images_per_s"} <= set(train[0])
-    evals = [x for x in lines if x["type"] == "eval"]
-    assert evals and {"top1_student", "top1_teacher"} <= set(evals[0]) and lines[-1]["type"] == "final"
+    records = read_log(out)
+    train = of_type(records, TrainRecord)
+    assert [x.step for x in train] == [10, 20, 30, 40]
+    assert all(0 < x.lr and x.images_per_s > 1e-3 and x.s_size >= 0 for x in train)
+    evals = of_type(records, EvalRecord)
+    assert evals and 0 <= evals[0].top1_student <= 100 and isinstance(records[-1], FinalRecord)
     # The teacher here is a random init (and has 10 classes, the data 8): no top-1 of it is reported, no distillation.
-    assert evals[0]["top1_teacher"] is None and summary.top1_teacher is None and lines[0]["distill_alpha"] == 0.0
+    start = of_type(records, StartRecord)[0]
+    assert evals[0].top1_teacher is None and summary.top1_teacher is None and start.distill_alpha == 0.0
     # Every S of the run was head-consistent: the compact model exists, and its widths match the final mask.
     ChannelMask.from_dict(summary.mask).check_consistency()
 
@@ -156,27 +158,27 @@ def test_checkpoint_trained_at_one_size_continues_at_another(tmp_path):
     assert not (tmp_path / "bad" / "run" / "compact").exists()
     summary = finetune(_cfg(tmp_path, model=str(ckpt), img_size=48, flops_reduction=0.0, steps=10,
                             eval_interval=100, distill_alpha=0.0))
-    assert "resized to 48 px" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["teacher"]
+    assert "resized to 48 px" in of_type(read_log(tmp_path / "run"), StartRecord)[0].teacher
     big = cait.load_pretrained(tmp_path / "run" / "compact")
     assert big.patch_embed.img_size == (48, 48) and big.pos_embed.shape[1] == 1 + 12 * 12
     assert big(torch.randn(2, 3, 48, 48)).shape == (2, 8) and summary.flops > cait.count_flops(small)
 
 
 def test_distillation_weight_follows_the_teachers_architecture(tmp_path):
-    """SPEC §3: α = 0.1 for DeiT-Tiny and 0.25 otherwise, read from the teacher, not from a substring of --model."""
+    """docs/method.md: fine-tuning recipe: α = 0.1 for DeiT-Tiny and 0.25 otherwise, read from the teacher, not from a
+    substring of --model."""
     import timm
     teacher = timm.create_model(cait.TEST_MODEL, num_classes=8)                       # not DeiT-Tiny ...
     path = cait.save_pretrained(teacher, tmp_path / "tiny-named-teacher")            # ... whatever its path says
     finetune(_cfg(tmp_path / "d", model=str(path), steps=2, flops_reduction=0.0, eval_interval=100))
-    start = json.loads((tmp_path / "d" / "run" / "log.jsonl").read_text().splitlines()[0])
-    assert start["distill_alpha"] == 0.25
+    assert of_type(read_log(tmp_path / "d" / "run"), StartRecord)[0].distill_alpha == 0.25
 
 
 def test_a_time_limit_stops_cleanly_with_its_state_and_the_run_resumes(tmp_path):
     stopped = finetune(_cfg(tmp_path, time_limit_s=0.0))
     assert isinstance(stopped, StoppedRecord) and stopped.reason == "time_limit" and stopped.step == 1
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["type"] == "stopped" and log[-1]["reason"] == "time_limit"
+    last = read_log(tmp_path / "run")[-1]
+    assert isinstance(last, StoppedRecord) and last.reason == "time_limit"
     assert (tmp_path / "run" / "train_state-0000001.json").is_file() and not (tmp_path / "run" / "compact").exists()
     final = finetune(_cfg(tmp_path, resume=True, eval_interval=100))   # no limit this time: it finishes
     assert final.flops_reduction >= 0.5
@@ -216,8 +218,7 @@ def test_label_free_runs_never_read_the_training_labels(tmp_path, monkeypatch):
         monkeypatch.setattr(build, "build_datasets", datasets)
         summary = finetune(_cfg(tmp_path / name, model=str(teacher), labels=labels, temperature=2.0, steps=10,
                                 eval_interval=100, log_interval=2))
-        log = [json.loads(line) for line in (tmp_path / name / "run" / "log.jsonl").read_text().splitlines()]
-        losses[name] = [r["loss"] for r in log if r.get("type") == "train"]
+        losses[name] = [r.loss for r in of_type(read_log(tmp_path / name / "run"), TrainRecord)]
         assert summary.flops_reduction >= 0.5
     assert losses["true"] == losses["scrambled"] and len(losses["true"]) == 5
     assert losses["labelled"] != losses["labelled-scrambled"]               # where labels are read, they matter
@@ -359,8 +360,7 @@ def test_token_distillation_and_cpu_bf16_change_the_label_free_loss(tmp_path):
     for name, kw in runs:
         finetune(_cfg(tmp_path / name, model=str(teacher), labels="none", steps=2, eval_interval=100,
                       log_interval=1, **kw))
-        log = [json.loads(line) for line in (tmp_path / name / "run" / "log.jsonl").read_text().splitlines()]
-        first[name] = next(r["loss"] for r in log if r.get("type") == "train")
+        first[name] = of_type(read_log(tmp_path / name / "run"), TrainRecord)[0].loss
     assert first["tokens"] > first["logits"] + 1e-3
     assert first["bf16"] != first["tokens"] and first["bf16"] == pytest.approx(first["tokens"], rel=0.1)
     assert abs(first["blocks"] - first["tokens"]) > 1e-4                # every block's term, not the last one alone
@@ -384,9 +384,9 @@ def test_report_to_mirrors_the_log_into_trackio_and_tensorboard(tmp_path):
     for tracker in ("trackio", "tensorboard"):
         out = tmp_path / f"report-{tracker}"
         finetune(_cfg(out, model=str(teacher), steps=4, log_interval=2, eval_interval=2, report_to=tracker))
-        log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
-        losses = {r["step"]: r["loss"] for r in log if r["type"] == "train"}
-        top1 = next(r["top1_student"] for r in log if r["type"] == "final")
+        log = read_log(out / "run")
+        losses = {r.step: r.loss for r in of_type(log, TrainRecord)}
+        top1 = of_type(log, FinalRecord)[0].top1_student
         assert sorted(losses) == [2, 4]
         if tracker == "trackio":
             rows = SQLiteStorage.get_logs(TRACKIO_PROJECT, "run")

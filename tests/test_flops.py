@@ -1,22 +1,22 @@
-"""FLOPs and params against SPEC §4/§5; analytic count against fvcore."""
+"""FLOPs and params against docs/method.md: FLOPs; paper Tab. III; analytic count against fvcore."""
 import pytest
 import timm
 
 import cait
 from cait.measure.flops import count_flops
 
-SPEC_FLOPS = {"deit_tiny_patch16_224": 1.254e9, "deit_small_patch16_224": 4.599e9, "deit_base_patch16_224": 17.56e9}
-SPEC_PARAMS = {"deit_tiny_patch16_224": 5.72e6, "deit_small_patch16_224": 22.05e6, "deit_base_patch16_224": 86.57e6}
+PAPER_FLOPS = {"deit_tiny_patch16_224": 1.254e9, "deit_small_patch16_224": 4.599e9, "deit_base_patch16_224": 17.56e9}
+PAPER_PARAMS = {"deit_tiny_patch16_224": 5.72e6, "deit_small_patch16_224": 22.05e6, "deit_base_patch16_224": 86.57e6}
 
 
-@pytest.mark.parametrize("name", list(SPEC_FLOPS))
+@pytest.mark.parametrize("name", list(PAPER_FLOPS))
 def test_deit_flops_and_params_match_spec(name):
     model = timm.create_model(name).eval()
     flops = cait.count_flops(model)
     assert isinstance(flops, int)
-    assert flops == pytest.approx(SPEC_FLOPS[name], rel=0.01)
+    assert flops == pytest.approx(PAPER_FLOPS[name], rel=0.01)
     assert flops == cait.analytic_flops(model)
-    assert cait.count_params(model) == pytest.approx(SPEC_PARAMS[name], rel=0.01)
+    assert cait.count_params(model) == pytest.approx(PAPER_PARAMS[name], rel=0.01)
 
 
 def test_paper_rounded_flops_and_params():
@@ -26,7 +26,7 @@ def test_paper_rounded_flops_and_params():
 
 
 def test_sdpa_handle_is_what_counts_the_attention_matmuls(deit_s):
-    # Without an SDPA handle fvcore under-counts DeiT-S as 4.24 G (SPEC §4); ours must not.
+    # Without an SDPA handle fvcore under-counts DeiT-S as 4.24 G (docs/method.md: FLOPs); ours must not.
     from cait.measure.flops import flop_analysis
     by_op = flop_analysis(deit_s).by_operator()
     assert by_op["scaled_dot_product_attention"] == pytest.approx(4.599e9 - 4.24e9, rel=0.02)

@@ -1,4 +1,4 @@
-"""ATME: HTM/VTM, layouts, grids (SPEC §1)."""
+"""ATME: HTM/VTM, layouts, grids (docs/method.md: ATME)."""
 import pytest
 import timm
 import torch
@@ -73,7 +73,7 @@ def test_layout_parsing_and_formatting():
 
 
 def test_deit_tiny_three_merges_grids():
-    # SPEC §1: the paper's 3-merge DeiT-Tiny layout needs odd padding: 14×14 → 14×7 → 7×7 → 7×4.
+    # The paper's 3-merge DeiT-Tiny layout needs odd padding: 14×14 → 14×7 → 7×7 → 7×4.
     grids = token_grids((14, 14), 12, "h3,v6,h9")
     assert grids[2] == (14, 14) and grids[3] == (14, 7) and grids[6] == (7, 7) and grids[9] == (7, 4)
     assert grids[11] == (7, 4)

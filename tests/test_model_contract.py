@@ -21,7 +21,7 @@ from conftest import randomize_
 VARIANTS = ["plain", "atme_h", "atme_hv", "atme_3", "odd_grid", "compactors", "cdcp_only", "cait", "calibrated",
             "loaded"]
 SHAPES = {"deit_tiny_patch16_224": 0.5, "deit_small_patch16_224": 0.55}
-"""The paper's DeiTs the matrix also runs on, with the paper's FLOPs reduction (SPEC §5)."""
+"""The paper's DeiTs the matrix also runs on, with the paper's FLOPs reduction (paper Tab. III)."""
 assert set(SHAPES) < set(cait.DEIT_MODELS)
 SHAPE_VARIANTS = [f"{arch}:{kind}" for arch in SHAPES for kind in ("plain", "cait", "loaded")]
 _BUILT: dict[str, torch.nn.Module] = {}

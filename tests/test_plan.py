@@ -1,4 +1,4 @@
-"""Layout planning and the ATME/CDCP budget split (SPEC §1 layout planning, §2 budget split)."""
+"""Layout planning and the ATME/CDCP budget split (docs/method.md: layout planning, budget split)."""
 import pytest
 
 import cait

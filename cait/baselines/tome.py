@@ -15,8 +15,8 @@ Worked example, DeiT-Tiny (197 tokens) with ``r = 13``: the attention of block i
 ``197 − 13·(i + 1)``; block 11's MLP sees 41. Unlike ATME's fixed grid, which tokens merge depends on the image, so
 the token grid (and dense outputs) is lost. ToMe's own code is CC-BY-NC and is not used.
 
-FLOPs follow SPEC §4 (one multiply-add = one FLOP, attention matmuls included) plus ToMe's similarity matmul
-``|A|·|B|·d_h`` per block; :func:`tome_flops` is the closed form and equals fvcore's count (tests).
+FLOPs follow the convention of docs/method.md: FLOPs (one multiply-add = one FLOP, attention matmuls included) plus
+ToMe's similarity matmul ``|A|·|B|·d_h`` per block; :func:`tome_flops` is the closed form and equals fvcore's count (tests).
 """
 from __future__ import annotations
 

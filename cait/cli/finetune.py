@@ -24,7 +24,8 @@ from .flags import dataclass_parser
 def main(argv: list[str] | None = None) -> int:
     """Command line: run, print the final summary as JSON (rank 0); exit 2 with a message on bad input."""
     args = dataclass_parser(FinetuneConfig, "python -m cait.finetune",
-                            "CDCP fine-tuning with hard distillation (SPEC §2, §3)").parse_args(argv)
+                            "CDCP fine-tuning with hard distillation (docs/method.md: CDCP, fine-tuning)"
+                            ).parse_args(argv)
     cfg = FinetuneConfig(**vars(args))
     try:
         result = finetune(cfg)

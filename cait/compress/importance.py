@@ -3,8 +3,8 @@
 Three importances, one :class:`ChannelScores` shape (per block: ``q``, ``k``, ``v`` of ``(H, d_h)``, ``ffn`` of
 ``(D_f,)``):
 
-* :func:`compactor_scores` — CDCP's own: the compactor row norms ``s_j = ‖Q[j, :]‖₂`` (SPEC §2), read during
-  fine-tuning.
+* :func:`compactor_scores` — CDCP's own: the compactor row norms ``s_j = ‖Q[j, :]‖₂`` (docs/method.md: CDCP),
+  read during fine-tuning.
 * :func:`weight_scores` — the weight-norm preview: with identity compactors every compactor score is 1, so an
   untrained twin scores channel j by the norm of the weight row that produces it.
 * :func:`fisher_scores` — training-free calibration (Kwon et al., NeurIPS 2022, §4.1): the empirical Fisher of a mask
@@ -58,7 +58,7 @@ def _check_blocks(model: nn.Module) -> None:
 
 
 def compactor_scores(model: nn.Module) -> ChannelScores:
-    """Scores from compactor rows, ``s_j = ‖Q[j, :]‖₂`` (SPEC §2). Needs :func:`cait.add_compactors` first.
+    """Scores from compactor rows, ``s_j = ‖Q[j, :]‖₂`` (docs/method.md: CDCP). Needs :func:`cait.add_compactors` first.
 
     Raises:
         ValueError: if a block has no compactors.

@@ -1,4 +1,5 @@
-"""One-shot compression: the ATME + CDCP structure for a FLOPs target, without fine-tuning (SPEC §2 budget split).
+"""One-shot compression: the ATME + CDCP structure for a FLOPs target, without fine-tuning (docs/method.md: budget
+split).
 
 CAIT's full accuracy comes from CDCP fine-tuning (:mod:`cait.finetune`). Without training there are two ways to pick
 and fit the channels, both here:
@@ -36,7 +37,8 @@ from .select import select_channels
 def compress(model: nn.Module, flops_reduction: float, layout: LayoutLike = None, atme_share: float = 0.8,
              min_channels: int = 1, round_to: int = 1, calibration=None, calibration_size: int = 256,
              batch_size: int = 32, seed: int = 0, progress=None) -> nn.Module:
-    """Compress a DeiT to a total FLOPs reduction: ATME first, then CDCP pruning for the rest (SPEC §2 budget split).
+    """Compress a DeiT to a total FLOPs reduction: ATME first, then CDCP pruning for the rest (docs/method.md: budget
+    split).
 
     Args:
         model: an uncompressed timm DeiT; it is not modified (a copy is compressed).

@@ -1,13 +1,13 @@
 """Planning: where to merge tokens (ATME layout) and how to split a FLOPs budget between ATME and CDCP.
 
-Layout planning (paper §III-B, SPEC §1): for a target token-level FLOPs reduction r, put k merges at evenly spaced
-blocks (alternating HTM, VTM, …), then shift one merge by one block at a time, keeping the move that gets closest
+Layout planning (paper §III-B, docs/method.md: ATME): for a target token-level FLOPs reduction r, put k merges at evenly
+spaced blocks (alternating HTM, VTM, …), then shift one merge by one block at a time, keeping the move that gets closest
 to r, until no move helps. Worked example, DeiT-S, k = 2: the even layout ``h4,v8`` gives 41.1%; moving the VTM to
 block 7 (the 8th) gives 43.1% (43.3% in the paper).
 
-Budget split (paper §IV-C1, SPEC §2): for a total reduction R, plan ATME first for ``atme_share · R`` (choice:
-``atme_share = 0.8``, which for DeiT-S at R = 0.55 gives the paper's ``h4,v7``), then give CDCP whatever makes the
-total exactly R.
+Budget split (paper §IV-C1, docs/method.md: budget split): for a total reduction R, plan ATME first for
+``atme_share · R`` (choice: ``atme_share = 0.8``, which for DeiT-S at R = 0.55 gives the paper's ``h4,v7``), then
+give CDCP whatever makes the total exactly R.
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def layout_spec(model: nn.Module | ModelSpec, layout: LayoutLike) -> ModelSpec:
 
 
 def atme_reduction(model: nn.Module | ModelSpec, layout: LayoutLike) -> float:
-    """FLOPs reduction (0..1) of ``layout`` on an unmerged model (or its spec), merge Linears included (SPEC §4)."""
+    """FLOPs reduction (0..1) of ``layout`` on an unmerged model (or its spec), merge Linears included
+    (docs/method.md: FLOPs)."""
     spec = _spec(model)
     return 1.0 - layout_spec(spec, layout).flops() / spec.flops()
 
@@ -148,7 +149,7 @@ class BudgetSplit:
 
 def split_budget(model: nn.Module, flops_reduction: float, layout: LayoutLike = None, atme_share: float = 0.8
                  ) -> BudgetSplit:
-    """Split a total FLOPs reduction R: ATME first, CDCP the rest (SPEC §2, "Budget split").
+    """Split a total FLOPs reduction R: ATME first, CDCP the rest (docs/method.md: budget split).
 
     Args:
         model: an uncompressed DeiT (no merges, not pruned).

@@ -1,4 +1,4 @@
-"""Prune and fold: turn a (compactor) model and its masked set S into a compact model (SPEC §2).
+"""Prune and fold: turn a (compactor) model and its masked set S into a compact model (docs/method.md: CDCP).
 
 Folding uses ``W' = QW``, ``b' = Qb`` (exact: Q sits before any nonlinearity). Removing channel j deletes row j of
 ``W'``/``b'`` and, for v and FFN channels, column j of the consuming layer (``proj``, ``fc2``). A q/k pair removes
@@ -36,7 +36,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 @torch.no_grad()
 def prune(model: nn.Module, mask: ChannelMask) -> nn.Module:
-    """Fold compactors and remove every channel in S, in place (SPEC §2, "Folding and pruning").
+    """Fold compactors and remove every channel in S, in place (docs/method.md: folding and pruning).
 
     Args:
         model: a DeiT (ATME allowed) with timm Attention/Mlp blocks, with or without compactors.

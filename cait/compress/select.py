@@ -1,4 +1,5 @@
-"""CDCP: choosing the masked set S with head-level and attention-level consistency (paper Alg. 1–3, SPEC §2).
+"""CDCP: choosing the masked set S with head-level and attention-level consistency (paper Alg. 1–3, docs/method.md:
+CDCP).
 
 Data structures, worked example for a 2-block model with 3 heads of d_h = 4 and FFN width 8::
 
@@ -89,14 +90,15 @@ class ChannelMask:
 
 def select_channels(scores: ChannelScores, spec: ModelSpec, target_flops: int, min_channels: int = 1,
                     round_to: int = 1) -> ChannelMask:
-    """Build S from scratch: the consistent selection of paper Alg. 1–3 (SPEC §2, "Choosing the masked set S").
+    """Build S from scratch: the consistent selection of paper Alg. 1–3 (docs/method.md: the masked set S).
 
     Args:
         scores: channel importances (:mod:`cait.compress.importance`: compactor norms during training, weight norms
             or Fisher scores one-shot).
         spec: the model's shape before pruning (:func:`cait.models.spec.describe`), ATME included.
         target_flops: stop once the model with S removed has at most this many FLOPs (multiply-adds, one image).
-        min_channels: channels kept at least per head (q/k and v) and per FFN (SPEC §2 choice; default 1).
+        min_channels: channels kept at least per head (q/k and v) and per FFN (choice, docs/method.md: the masked
+            set S; default 1).
         round_to: make every kept width a multiple of this (see :func:`round_widths`); 1 = no rounding.
 
     Returns:
@@ -291,7 +293,7 @@ def global_selection(scores: ChannelScores, spec: ModelSpec, target_flops: int) 
     (each channel counted as if it could be removed on its own: half a q/k pair for q or k) meet the target.
 
     The result shows what vanilla compactor pruning would push to zero; :attr:`GlobalSelection.widths` shows how
-    little of it a batched attention can actually remove (SPEC §2, paper §III-C, Fig. 7, Tab. XI).
+    little of it a batched attention can actually remove (paper §III-C, Fig. 7, Tab. XI).
     """
     values, units = [], []
     for l, b in enumerate(spec.blocks):

@@ -10,7 +10,7 @@
 
 :func:`load_segmenter` checks the JSON's size and every field against a bound before building anything, then the
 decoder's tensor names and shapes from the safetensors header, then the hash. :func:`segmenter_flops` counts
-multiply-adds of one image (SPEC §4 convention): the backbone with :func:`cait.count_flops` (fvcore equals each
+multiply-adds of one image (docs/method.md: FLOPs): the backbone with :func:`cait.count_flops` (fvcore equals each
 baseline's closed form), the pyramid, decoder and head with fvcore's convolution counts (norms, activations,
 pooling and resizing not counted).
 """

@@ -1,4 +1,5 @@
-"""Fine-tuning a DeiT into its CAIT twin (SPEC §2–3): CDCP's training rule, the engine, its run directory.
+"""Fine-tuning a DeiT into its CAIT twin (docs/method.md: CDCP, fine-tuning): CDCP's training rule, the engine, its run
+directory.
 
 ::
 

@@ -1,4 +1,5 @@
-"""Everything a CDCP run is made of, built before its first step: data, teacher and student, optimisation (SPEC §2–3).
+"""Everything a CDCP run is made of, built before its first step: data, teacher and student, optimisation
+(docs/method.md: CDCP, fine-tuning).
 
 :func:`build_run` checks the configuration, then makes each part with one function (:func:`_data`,
 :func:`_networks`, :func:`_optimisation`), restores the newest training state when resuming, and returns a
@@ -239,7 +240,8 @@ def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device, out: Pat
             select_channels(compactor_scores(student), spec, split.target_flops, cfg.min_channels, cfg.round_to)
     except ValueError as e:
         raise FinetuneError(str(e)) from None
-    # SPEC §3: α = 0.1 for DeiT-Tiny, 0.25 for Small/Base, read from the teacher's architecture (not its path).
+    # docs/method.md: fine-tuning recipe: α = 0.1 for DeiT-Tiny, 0.25 for Small/Base, read from the teacher's
+    # architecture (not its path).
     default_alpha = 0.1 if architecture(teacher) == "deit_tiny_patch16_224" else 0.25
     alpha = (cfg.distill_alpha if cfg.distill_alpha is not None else default_alpha) if teaches else 0.0
     if cfg.labels == "none" and not teaches:
@@ -357,7 +359,7 @@ def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
     return [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
-        {"params": compactors, "weight_decay": 0.0, "betas": (cfg.compactor_beta1, 0.999),    # SPEC §2
+        {"params": compactors, "weight_decay": 0.0, "betas": (cfg.compactor_beta1, 0.999),    # docs/method.md: CDCP
          "lr": cfg.lr if cfg.compactor_lr is None else cfg.compactor_lr},
     ]
 

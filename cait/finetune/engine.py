@@ -1,4 +1,5 @@
-"""CDCP fine-tuning with hard distillation: :func:`finetune` (``python -m cait.finetune``), SPEC §2, §3.
+"""CDCP fine-tuning with hard distillation: :func:`finetune` (``python -m cait.finetune``), docs/method.md: CDCP,
+fine-tuning.
 
 One process or many (``torchrun --nproc_per_node=N -m cait.finetune ...``: DDP, NCCL on GPU, Gloo on CPU).
 

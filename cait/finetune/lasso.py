@@ -1,4 +1,5 @@
-"""CDCP's training rule: the masked group-lasso gradient (paper Eq. 2) and the FLOPs-target schedule (SPEC §2).
+"""CDCP's training rule: the masked group-lasso gradient (paper Eq. 2) and the FLOPs-target schedule (docs/method.md:
+CDCP).
 
 The gradient the optimizer sees for compactor row j is::
 
@@ -13,7 +14,7 @@ proximal form after the optimizer step (:func:`shrink_masked_rows_`: the row's n
 at exactly 0) instead of through AdamW. Inside AdamW the row moves ~LR per entry per step whatever λ is, so reaching 0
 in a few hundred steps needs a compactor LR near 1e-2; at that LR every *unmasked* entry of the dense ``4C × 4C`` and
 ``d_h × d_h`` compactors also moves ~1e-2 per step, and that noise took a trained DeiT-Tiny to chance within 50 steps
-(README, "Trained offline weights"). With the proximal step the compactors keep the model's LR.
+(docs/bundled.md). With the proximal step the compactors keep the model's LR.
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def zero_masked_rows_(model: nn.Module, mask: ChannelMask) -> float:
 @torch.no_grad()
 def reset_optimizer_rows_(model: nn.Module, optimizer: torch.optim.Optimizer, old: ChannelMask | None,
                           new: ChannelMask) -> int:
-    """Zero the Adam moments of compactor rows that enter S (choice; SPEC §2 keeps the gradient rule itself).
+    """Zero the Adam moments of compactor rows that enter S (choice, docs/method.md: the gradient rule).
 
     A row that enters S carries momentum (β₁ = 0.99) and a second moment (β₂ = 0.999) built from task gradients;
     they would carry it on in the task direction and scale the λ-sized lasso gradient down to nothing for thousands
@@ -144,7 +145,7 @@ def reset_optimizer_rows_(model: nn.Module, optimizer: torch.optim.Optimizer, ol
 
 @dataclass(frozen=True)
 class FlopsSchedule:
-    """The CDCP FLOPs target over a run of ``steps`` optimizer steps (SPEC §2, short-run shape).
+    """The CDCP FLOPs target over a run of ``steps`` optimizer steps (docs/method.md: the FLOPs ramp).
 
     Attributes:
         steps: total steps.

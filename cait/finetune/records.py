@@ -3,11 +3,14 @@
 The engine (:mod:`cait.finetune.engine`) writes them with :func:`to_json`; the run directory
 (:mod:`cait.finetune.rundir`), the app's job manager and live curves, and ``assets/train_offline_weights.py`` read
 them back with :func:`from_json`, and select them by class (:func:`of_type`), never by a ``"type"`` string. A line
-of a kind this version does not know is skipped. Worked example::
+of a kind this version does not know is skipped. Worked example:
 
-    {"type": "train", "step": 10, "epoch": 0.03, "loss": 2.07, "lr": 1e-4, "flops_target": null, "s_size": 0, ...}
+    >>> line = ('{"type": "train", "step": 10, "epoch": 0.03, "loss": 2.07, "lr": 1e-4, "flops_target": null, '
+    ...         '"s_size": 0, "s_entered": 0, "max_masked_norm": 0.0, "images_per_s": 12.5}')
     >>> from_json(json.loads(line))
     TrainRecord(step=10, epoch=0.03, loss=2.07, lr=0.0001, flops_target=None, s_size=0, ...)
+    >>> from_json({"type": "a kind from a later version", "step": 3}) is None
+    True
 
 FLOPs are multiply-adds for one image; top-1 is in % on the run's held-out split (None: not measured, e.g. an
 untrained teacher); ``images_per_s`` counts all processes.

@@ -2,8 +2,8 @@
 has a teacher target).
 
 Logit-only distillation gives the student one target per image; its last block's tokens, though, each stand for a
-known set of patches (the ATME merges, SPEC §1), so the teacher's last-block tokens pooled by the same merges
-(:func:`cait.models.atme.pool_to_block`) are a target for every one of them — the loss the calibrated twin's refit
+known set of patches (the ATME merges, docs/method.md: ATME), so the teacher's last-block tokens pooled by the same
+merges (:func:`cait.models.atme.pool_to_block`) are a target for every one of them — the loss the calibrated twin's refit
 (:mod:`cait.compress.refit`) minimises in closed form, here trained end to end. The loss is the relative mean squared
 error of the final-norm features, CLS token included::
 

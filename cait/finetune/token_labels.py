@@ -5,7 +5,7 @@ the CLS token averages every patch, and the object is ~5% of them. Token labelli
 Tokens Matter: Token Labeling for Training Better Vision Transformers", NeurIPS 2021) also asks every patch token to
 predict a label of its own, through a linear head used only in training. Here the object masks of
 :mod:`cait.data.synthetic` give exact token labels: a patch's target is the image's class with the share of the patch
-the object covers, and a "background" class with the rest. Measured on DeiT-Tiny at 112 px, batch 64 (README):
+the object covers, and a "background" class with the rest. Measured on DeiT-Tiny at 112 px, batch 64 (docs/bundled.md):
 33% top-1 after 400 steps, against chance (12.5%) without it.
 
 Worked example, a 2×2 patch grid, class 3 of 8, object covering patch (0, 0) fully and patch (0, 1) by 40%::

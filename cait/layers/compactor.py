@@ -1,4 +1,4 @@
-"""CDCP compactors (paper §III-C after ResRep [70], SPEC §2).
+"""CDCP compactors (paper §III-C after ResRep [70], docs/method.md: CDCP).
 
 A compactor is a learnable square matrix Q, initialised to the identity, applied to a linear layer's output:
 ``y = Q(Wx + b)``. CDCP places one per head on each of q, k and v (``d_h × d_h``, after the fused ``qkv`` Linear)
@@ -70,7 +70,8 @@ class CompactorQKV(_CompactedLinear):
         return y.reshape(shape)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(W', b')`` with ``W' = QW``, ``b' = Qb`` per head (exact: Q is linear, SPEC §2 "Fold").
+        """``(W', b')`` with ``W' = QW``, ``b' = Qb`` per head (exact: Q is linear, docs/method.md: folding and
+        pruning).
 
         Returns:
             ``W'`` of shape ``(3·H·d_h, C)`` and ``b'`` of shape ``(3·H·d_h,)`` (None without bias).

@@ -1,4 +1,5 @@
-"""The attention of a compact (CDCP-pruned) block: per-head q/k width ≠ v width, the original scale (SPEC §2).
+"""The attention of a compact (CDCP-pruned) block: per-head q/k width ≠ v width, the original scale (docs/method.md:
+CDCP).
 
 All heads of a block share one q/k width and one v width (head-level consistency), so the pruned attention is still
 one batched ``scaled_dot_product_attention`` call. :func:`cait.compress.prune.prune` builds it from a folded

@@ -1,12 +1,12 @@
-"""HTM and VTM, the token merges of ATME (paper §III-B, SPEC §1): a pure tensor core and one ``nn.Module``.
+"""HTM and VTM, the token merges of ATME (paper §III-B, docs/method.md: ATME): a pure tensor core and one ``nn.Module``.
 
 HTM concatenates horizontally adjacent patch tokens (columns 2j, 2j+1) along channels and fuses the pair with a
 ``Linear(2C, C)``; VTM does the same for vertically adjacent tokens (rows 2i, 2i+1). The CLS token bypasses the
 merge. An odd side is padded by repeating its last row/column, so a merged side is ``ceil(side / 2)``. Worked
 example, DeiT-S block 4 input (14×14 grid, C = 384)::
 
-    >>> TokenMerge(384, "h", (14, 14))(torch.randn(2, 1 + 196, 384)).shape     # HTM
-    torch.Size([2, 99, 384])                                                    # 1 + 14·7 tokens
+    >>> TokenMerge(384, "h", (14, 14))(torch.randn(2, 1 + 196, 384)).shape     # HTM: 1 + 14·7 tokens
+    torch.Size([2, 99, 384])
 
 Where merges sit in a model (the layout, ``h4,v8``) is :mod:`cait.models.layout` and :mod:`cait.models.atme`.
 """
@@ -66,8 +66,8 @@ def merged_grid(grid: tuple[int, int], direction: str) -> tuple[int, int]:
 class TokenMerge(nn.Module):
     """HTM (``direction="h"``) or VTM (``"v"``) on ``(B, 1 + H·W, C)`` tokens; the CLS token passes untouched.
 
-    The fusion ``Linear(2C, C)`` starts as the mean of the pair (weight ``[½I | ½I]``, bias 0, SPEC §1 choice), so a
-    pretrained model starts from average pooling rather than noise.
+    The fusion ``Linear(2C, C)`` starts as the mean of the pair (weight ``[½I | ½I]``, bias 0, choice, docs/method.md:
+    ATME), so a pretrained model starts from average pooling rather than noise.
 
     Args:
         dim: embedding dim C.

@@ -78,7 +78,7 @@ class ClsAttention:
 
 @torch.no_grad()
 def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> ClsAttention:
-    """The CLS token's attention over the patches in one block, per head (SPEC "CLS attention maps").
+    """The CLS token's attention over the patches in one block, per head (docs/method.md: CLS attention).
 
     Args:
         model: any DeiT built by this package (original, ATME, compactor or compact).

@@ -1,8 +1,8 @@
-"""FLOPs and parameters in the paper's convention (SPEC §4).
+"""FLOPs and parameters in the paper's convention (docs/method.md: FLOPs).
 
 One FLOP is one multiply-add. Counted: every Linear (the ATME fusion Linears included), the patch-embedding
 convolution, the classifier, and the two attention matmuls (q·kᵀ and attn·v). Not counted (choice, matching the
-formula of SPEC §4): LayerNorm, GELU, softmax, additions.
+formula of docs/method.md: FLOPs): LayerNorm, GELU, softmax, additions.
 
 Two independent counts that must agree:
 
@@ -37,7 +37,7 @@ from ..models.spec import ModelSpec, describe
 
 
 def analytic_flops(model: nn.Module | ModelSpec) -> int:
-    """Total FLOPs (multiply-adds, one image) by the closed form of SPEC §4."""
+    """Total FLOPs (multiply-adds, one image) by the closed form of docs/method.md: FLOPs."""
     spec = model if isinstance(model, ModelSpec) else describe(model)
     return spec.flops()
 
@@ -85,7 +85,8 @@ def flop_analysis(model: nn.Module, img_size: int | None = None) -> FlopCountAna
 
 
 def count_flops(model: nn.Module, img_size: int | None = None) -> int:
-    """Total FLOPs (multiply-adds) of one image, counted by fvcore with attention matmuls included (SPEC §4).
+    """Total FLOPs (multiply-adds) of one image, counted by fvcore with attention matmuls included (docs/method.md:
+    FLOPs).
 
     Args:
         model: any DeiT built by this package (original, ATME, compactor or compact).

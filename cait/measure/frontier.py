@@ -2,7 +2,7 @@
 
 The paper's planner (:mod:`cait.compress.plan`, ``--plan paper``; paper §III-B for the layout, §IV-C1 for the budget
 split) gives ATME a fixed share of the budget and places the merges by FLOPs alone. Measured on the bundled DeiT-Tiny at 50% fewer FLOPs without training, that rule loses
-(README, *Choosing the split by measurement*): the planned ``h4,v9`` keeps 51% top-1 where CDCP alone keeps 89%, and the first
+(docs/results.md, *The measured planner*): the planned ``h4,v9`` keeps 51% top-1 where CDCP alone keeps 89%, and the first
 merge's block decides most of it. :func:`search_layouts` measures instead, on the model and the device at hand:
 
 1. **Candidates**: every layout of 0 to ``max_merges`` merges (any blocks, HTM or VTM) whose ATME share fits in the

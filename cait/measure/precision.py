@@ -27,7 +27,7 @@ import torch.nn as nn
 
 def cpu_has_bf16_units() -> bool:
     """True when this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX tiles, read from ``/proc/cpuinfo``), where
-    bf16 autocast speeds a training step up (1.5x for the label-free step on such a CPU, README). On other CPUs
+    bf16 autocast speeds a training step up (1.5x for the label-free step on such a CPU, docs/finetuning.md). On other CPUs
     (AVX2 only, say) torch emulates bf16 and the same step ran 12x *slower* (0.73 against 9.3 images/s, DeiT-Tiny
     label-free step, 2-core AMD EPYC). False where the flags cannot be read."""
     try:

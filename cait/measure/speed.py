@@ -1,4 +1,4 @@
-"""Throughput and latency: images/s of models timed in alternation on one input (paper §IV, SPEC §4).
+"""Throughput and latency: images/s of models timed in alternation on one input (paper §IV, docs/method.md: FLOPs).
 
 Convention: one device, a fixed batch, images per second; speed-ups are ratios against the uncompressed model
 measured the same way in the same run. Models are timed in alternation (original, compressed, original, …) so

@@ -1,10 +1,11 @@
-"""ATME on a timm DeiT (paper §III-B, SPEC §1): the thin patch that puts HTM/VTM merges at chosen blocks.
+"""ATME on a timm DeiT (paper §III-B, docs/method.md: ATME): the thin patch that puts HTM/VTM merges at chosen blocks.
 
 A merge sits at the *input* of a block (before ``norm1``), so the residual stream is merged as well.
 :func:`apply_atme` swaps each chosen block's class to :class:`MergeBlock` and the model's to
 :class:`ATMEVisionTransformer` (ToMe-style class swaps: timm's own forwards run unchanged, nothing is copied).
 Worked example, DeiT-S with ``h4,v7``::
 
+    >>> import timm
     >>> model = apply_atme(timm.create_model("deit_small_patch16_224"), "h4,v7")
     >>> get_layout(model), model_token_grids(model)[4], model_token_grids(model)[7]
     (Layout('h4,v7'), (14, 7), (7, 7))
@@ -177,7 +178,8 @@ def apply_atme(model: nn.Module, layout: LayoutLike) -> nn.Module:
 
 def upsample_to_patch_grid(maps: torch.Tensor, model_or_layout, grid: tuple[int, int] | None = None,
                            block: int = -1) -> torch.Tensor:
-    """Map per-token values on a block's merged grid back onto the full patch grid (dense transfer, SPEC §1).
+    """Map per-token values on a block's merged grid back onto the full patch grid (dense transfer, docs/method.md:
+    ATME).
 
     Each merged token covers 2 columns per HTM and 2 rows per VTM before it; padded (repeated) rows/columns are
     cropped, so the map is exact, not interpolated.

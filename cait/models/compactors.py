@@ -1,8 +1,9 @@
-"""CDCP's compactors in a timm DeiT (paper §III-C, SPEC §2): the thin patch that wraps every block's ``attn.qkv`` and
-``mlp.fc1`` with identity compactors (:mod:`cait.layers.compactor`), so timm's Attention and Mlp run unchanged.
+"""CDCP's compactors in a timm DeiT (paper §III-C, docs/method.md: CDCP): the thin patch that wraps every block's
+``attn.qkv`` and ``mlp.fc1`` with identity compactors (:mod:`cait.layers.compactor`), so timm's Attention and Mlp run unchanged.
 
 Worked example, DeiT-Tiny::
 
+    >>> import timm
     >>> model = add_compactors(timm.create_model("deit_tiny_patch16_224"))
     >>> [name for name, q in iter_compactors(model)][:4], model.blocks[0].mlp.fc1.q.shape
     (['blocks.0.attn.qkv.q', 'blocks.0.attn.qkv.k', 'blocks.0.attn.qkv.v', 'blocks.0.mlp.fc1.q'],
@@ -57,7 +58,7 @@ def has_compactors(model: nn.Module) -> bool:
 def iter_compactors(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Every compactor parameter as ``(name, Q)``: ``(H, d_h, d_h)`` for q/k/v, ``(D, D)`` for the FFN.
 
-    Use this for the compactor optimizer group (SPEC §2: AdamW β₁ = 0.99, no weight decay).
+    Use this for the compactor optimizer group (docs/method.md: the gradient rule; AdamW β₁ = 0.99, no weight decay).
     """
     for name, m in model.named_modules():
         if isinstance(m, CompactorQKV):

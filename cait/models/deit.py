@@ -29,7 +29,7 @@ DEIT_MODELS: dict[str, str] = {
     "deit_small_patch16_224": "DeiT-Small",
     "deit_base_patch16_224": "DeiT-Base",
 }
-"""The paper's models (SPEC §0), timm name → display name."""
+"""The paper's models (docs/method.md: models), timm name → display name."""
 
 TEST_MODEL = "deit_test_patch4_32"
 """A tiny DeiT (32 px, patch 4 → 8×8 grid, C=48, 3 heads of 16, depth 6, 10 classes) that exists for tests."""

@@ -1,4 +1,4 @@
-"""ATME layouts: where HTM and VTM merges sit, as one typed record (paper §III-B, SPEC §1).
+"""ATME layouts: where HTM and VTM merges sit, as one typed record (paper §III-B, docs/method.md: ATME).
 
 A :class:`Layout` maps 0-based block indices to ``"h"`` (HTM) or ``"v"`` (VTM), ordered by block. It is immutable
 and hashable, compares equal to the plain dict with the same merges, and is written ``"h4,v8"`` everywhere a layout
@@ -8,8 +8,8 @@ is text (command lines, ``config.json``, the app). The paper's "HTM at the 5th l
     Layout('h4,v8')
     >>> str(Layout({4: "h", 8: "v"})), dict(Layout.parse("h4,v8"))
     ('h4,v8', {4: 'h', 8: 'v'})
-    >>> token_grids((14, 14), 12, "h4,v8")         # grid seen by the attention of each block
-    [(14, 14)] * 4 + [(14, 7)] * 4 + [(7, 7)] * 4
+    >>> token_grids((14, 14), 12, "h4,v8") == [(14, 14)] * 4 + [(14, 7)] * 4 + [(7, 7)] * 4   # each block's grid
+    True
 
 Text is parsed once, where it enters (:meth:`Layout.parse`); everything below takes a ``Layout`` or anything
 :meth:`Layout.parse` accepts (:data:`LayoutLike`). An odd side is padded by repeating its last row/column, so a

@@ -1,4 +1,5 @@
-"""A model's shape: per block its tokens, heads, q/k, v and FFN widths, and its FLOPs by the closed form (SPEC §4).
+"""A model's shape: per block its tokens, heads, q/k, v and FFN widths, and its FLOPs by the closed form
+(docs/method.md: FLOPs).
 
 :func:`describe` reads the shape of any DeiT this package builds (original, ATME, compactor or compact) once;
 planning (:mod:`cait.compress.plan`) and selection (:mod:`cait.compress.select`) then work on the
@@ -44,12 +45,12 @@ class BlockSpec:
     merge_tokens: int = 0
 
     def flops(self) -> int:
-        """FLOPs (multiply-adds) of this block for one image, SPEC §4."""
+        """FLOPs (multiply-adds) of this block for one image, docs/method.md: FLOPs."""
         N, C, Dqk, Dv, Df = self.tokens, self.dim, self.heads * self.qk_dim, self.heads * self.v_dim, self.ffn_dim
         return (N * C * (2 * Dqk + Dv) + N * N * (Dqk + Dv) + N * Dv * C + 2 * N * C * Df
                 + self.merge_tokens * 2 * C * C)
 
-    # FLOPs removed by pruning one unit (used by the CDCP selection, SPEC §2).
+    # FLOPs removed by pruning one unit (used by the CDCP selection, docs/method.md: CDCP).
     def qk_unit_flops(self) -> int:
         """FLOPs saved by removing one q/k channel pair from one head: its q and k rows, one term of q·kᵀ."""
         return 2 * self.tokens * self.dim + self.tokens ** 2

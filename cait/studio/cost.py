@@ -1,5 +1,5 @@
 """The Cost tab's answer: FLOPs, parameters, measured throughput and held-out top-1 of the original, its CAIT twin
-and the ToMe baseline at the twin's FLOPs, measured in one run on this device (SPEC §4)."""
+and the ToMe baseline at the twin's FLOPs, measured in one run on this device (docs/method.md: FLOPs)."""
 from __future__ import annotations
 
 import time

@@ -18,7 +18,7 @@ from ..models.meta import meta_of
 ABOVE_TEACHER = ("It scores above its teacher: the fine-tune was also more training than the teacher had at this "
                  "resolution, so the teacher is under-trained for this data; compression does not add accuracy. ")
 """Said of a fine-tuned twin more than one point above its teacher (an earlier bundled twin was, under a teacher
-trained too little at 224 px: README, *Trained offline weights*)."""
+trained too little at 224 px: docs/bundled.md)."""
 
 
 def startup_note(device, hub_reason: str | None, bundled: BundledPair | None) -> str:
@@ -74,7 +74,7 @@ def _twin_status(pair) -> list[str]:
         if meta.merge:
             how += (" Merges without training cost accuracy: on the bundled DeiT-Tiny (90.9%) at 50% FLOPs the "
                     "planned layout kept 50% of the original's predictions (48.7% top-1) and layout `none` (CDCP "
-                    "only) 94% (89.1%) (README, *Training-free calibrated compression*).")
+                    "only) 94% (89.1%) (docs/results.md).")
         how += (" **To recover accuracy without labels**, run a fine-tune job with *Targets: the original's "
                 "predictions* (Fine-tune tab): the twin learns from the original's outputs and tokens on images the "
                 "app always has.")

@@ -1,5 +1,5 @@
-"""Background jobs: each fine-tune runs ``python -m cait.finetune`` (SPEC §2/§3 engine), each segmentation run
-``python -m cait.dense``, as its own process.
+"""Background jobs: each fine-tune runs ``python -m cait.finetune`` (docs/method.md: CDCP, fine-tuning), each
+segmentation run ``python -m cait.dense``, as its own process.
 
 :class:`JobManager` queues, starts, watches and cancels them; one job runs per device at a time, the others wait,
 oldest first. Everything lives under one runs directory (:mod:`cait.studio.jobs.model`), so jobs survive an app

@@ -41,7 +41,7 @@ the FLOPs (one FLOP = one multiply-add).
 - **CLS attention** shows where the classifier token looks in a block: brighter = more attention. **ToMe** (Cost tab)
   is a token-merging baseline at the same FLOPs.
 
-Details: the repository's README (sections *The app*, *Fine-tuning with CDCP*, *Training-free calibrated compression*).
+Details: the repository's docs (`docs/`: *The app*, *The method*, *Fine-tuning*, *Training-free compression*).
 """
 
 

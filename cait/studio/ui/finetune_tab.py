@@ -32,7 +32,7 @@ LABEL_FREE = dict(labels="none", merge="none", token_distill=1.0, token_distill_
 """A label-free job: the calibrated twin learns the original's soft outputs and its tokens pooled onto the merged
 grid at every block, on clean images (Mixup/CutMix cost agreement here), gently: LR 3e-5 after a 5% warm-up, cosine
 to 3e-6 (at 1.5e-4 a pilot fell from 85.0 to 82.0% top-1 in 30 steps; at 3e-5 the bundled DeiT-Tiny's CDCP-only twin
-held its calibrated start and reached 90.0% top-1, 94.6% agreement at step 500, README *Without labels*); kept
+held its calibrated start and reached 90.0% top-1, 94.6% agreement at step 500, docs/experiments.md); kept
 widths in multiples of 8 (faster on CPUs at equal FLOPs); agreement measured on 256 held-out images. CDCP only, no
 merges (the measured planner's choice at 50%): with this recipe the bundled DeiT-Tiny's twin at step 250 held 89.6%
 top-1 (93.9% agreement) from CDCP only and 69.4% (69.1%) from ATME ``h5,v10``; the paper's plan starts near 50%."""
