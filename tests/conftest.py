@@ -1,6 +1,12 @@
 import os
 import tempfile
 
+# Under pytest-xdist (`-n 2`, pyproject's addopts) each worker, and every process a test starts (benchmarks, jobs,
+# notebook kernels), gets its share of the cores: two workers never run four busy threads on two cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="cait-trackio-"))   # never the user's store
@@ -12,7 +18,26 @@ import torch  # noqa: E402
 
 import cait  # noqa: E402,F401  (registers the tiny test model)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+
+# The slowest tests, slowest first (measured by `--durations`): they start first, so that under `-n 2` the short
+# tests fill the other worker around them instead of one long test running alone at the end.
+SLOW_FIRST = (
+    "test_browser.py::", "test_notebooks.py::test_notebook_runs_and_is_stripped[01",
+    "test_frontier.py::test_calibrated_is_no_worse", "test_benchmarks.py::test_speed_benchmark_under_onnx",
+    "test_public.py::test_cost_and_estimates", "test_benchmarks.py::test_dense_benchmark",
+    "test_benchmarks.py::test_speed_benchmark_in_every_precision", "test_bundled.py::test_shipped_pair_classifies",
+    "test_segment_jobs.py::test_a_fine_tuned_twin", "test_docs.py::test_the_readme_and_getting_started",
+    "test_notebooks.py::", "test_jobs.py::test_job_life_cycle", "test_public.py::test_one_address",
+    "test_benchmarks.py::", "test_packaging.py::", "test_space.py::",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        return next((i for i, key in enumerate(SLOW_FIRST) if key in item.nodeid), len(SLOW_FIRST))
+    items.sort(key=rank)                                 # stable: the rest keep their order
 
 
 @pytest.fixture

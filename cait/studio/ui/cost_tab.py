@@ -34,7 +34,7 @@ def build(studio: Studio, bar: ModelBar) -> None:
         precision = gr.Dropdown(list(PRECISIONS), value="fp32", label="Precision", elem_id="precision",
                                 info="bf16: bf16 weights; bf16-autocast; int8: dynamic int8 Linears (CPU)")
         batch_size = gr.Slider(1, studio.limits.max_cost_batch if studio.limits.public else 256, value=32, step=1,
-                               label="Batch size")
+                               label="Batch size", elem_id="cost-batch")
         show = gr.Button("Compute cost", variant="primary")
     # Named columns before the first measurement, not Gradio's placeholder "1 2 3".
     table = gr.Dataframe(pd.DataFrame(columns=COST_COLUMNS), label="Cost", wrap=True, elem_id="cost-table",
