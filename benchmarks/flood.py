@@ -32,8 +32,10 @@ from gradio_client import Client
 url, uploaded, label, seconds, sessions = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4]), \\
     int(sys.argv[5])
 counts = {"refused": 0, "answered": 0, "errors": []}
+ready = threading.Barrier(sessions + 1)
 def flood(i):
     c = Client(url, verbose=False, headers={"X-Forwarded-For": "203.0.113.66"})
+    ready.wait()
     end = time.time() + seconds
     while time.time() < end:
         try:
@@ -50,6 +52,8 @@ def flood(i):
                 counts["errors"].append(str(e)[:200])
 threads = [threading.Thread(target=flood, args=(i,)) for i in range(sessions)]
 [t.start() for t in threads]
+ready.wait()                                   # every session connected: the flood starts now
+print("flooding", flush=True)
 [t.join() for t in threads]
 print(json.dumps(counts))
 """

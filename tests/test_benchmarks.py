@@ -9,6 +9,7 @@ import torch
 
 import cait
 from cait.data.synthetic import CLASSES
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def test_speed_benchmark_writes_json_chart_and_table(tmp_path):
     assert abs(rows["tome"]["flops_reduction"] - rows["cait"]["flops_reduction"]) < 0.01    # ToMe at CAIT's FLOPs
     assert abs(rows["tome_atme"]["flops_reduction"] - rows["atme"]["flops_reduction"]) < 0.01   # and at ATME's
     assert rows["tome_atme"]["flops_reduction"] < rows["tome"]["flops_reduction"]
-    assert (tmp_path / "speedup.png").stat().st_size > 0 and "ideal_speedup" in out
+    assert Image.open(tmp_path / "speedup.png").size[0] >= 400 and "ideal_speedup" in out     # a real chart
     depth = len(cait.create_model(cait.TEST_MODEL, pretrained=False)[0].blocks)
     assert all(len(r["attention_ms"]) == depth for r in data["rows"])            # per-block attention time
 

@@ -1,6 +1,6 @@
 """Hugging Face datasets as data (``hf:NAME[:CONFIG][@SPLIT]``): parsing, a locally saved dataset training and
 calibrating offline, unlabelled data taking the teacher's classes, and a clear error for what is not cached."""
-import json
+import math
 
 import datasets
 import numpy as np
@@ -18,6 +18,8 @@ from cait.data.synthetic import CLASSES, render
 from cait.dense.train import SegmentConfig, segment
 from cait.finetune.config import FinetuneConfig, FinetuneError
 from cait.finetune.engine import finetune
+from cait.finetune.records import EvalRecord, of_type
+from cait.finetune.rundir import read_log
 from cait.measure.accuracy import agreement
 
 
@@ -77,10 +79,9 @@ def test_label_free_runs_train_and_calibrate_on_a_saved_dataset_offline(tmp_path
         final = finetune(FinetuneConfig(model=str(path), data=spec, labels="none", calibrate=4,
                                         calibration_data=spec, flops_reduction=0.5, steps=4, batch_size=4,
                                         eval_interval=2, log_interval=2, output=str(out), device="cpu", lr=1e-3))
-        evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        evals = [r for r in evals if r["type"] == "eval"]
-        assert evals[0]["agreement"] is not None and evals[0]["kl"] is not None
-        assert (final.top1_student is None) == (not labelled) and (evals[0]["top1_student"] is None) == (not labelled)
+        evals = of_type(read_log(out), EvalRecord)
+        assert 0 <= evals[0].agreement <= 100 and math.isfinite(evals[0].kl) and evals[0].kl >= 0
+        assert (final.top1_student is None) == (not labelled) and (evals[0].top1_student is None) == (not labelled)
         compact = cait.load_pretrained(out / "compact")
         assert compact.cait_meta.classes == list(CLASSES)
         again = agreement(compact, teacher, build_datasets(spec, 32)[1], torch.device("cpu"))  # the shipped twin's

@@ -29,7 +29,7 @@ class JobStore:
         self.root = Path(root)
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
-        self._cache: dict[str, tuple[int, Job]] = {}                # id → (job.json mtime_ns, Job)
+        self._cache: dict[str, tuple[tuple[int, int, int], Job]] = {}     # id → ((mtime_ns, inode, size), Job)
         self._logs: dict[str, LogReader] = {}
         self.thread_lock = threading.RLock()
 
@@ -58,7 +58,9 @@ class JobStore:
         """
         path = self.root / "jobs" / check_job_id(job_id) / JOB_FILE
         try:
-            mtime = path.stat().st_mtime_ns
+            st = path.stat()
+            # Every save is an atomic replace, so a new inode marks a change even within one timestamp tick.
+            mtime = (st.st_mtime_ns, st.st_ino, st.st_size)
             cached = self._cache.get(job_id)
             if cached and cached[0] == mtime:
                 return dataclasses.replace(cached[1], args=dict(cached[1].args))
