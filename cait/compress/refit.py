@@ -23,7 +23,7 @@ import torch.nn as nn
 from timm.layers import LayerScale
 
 from ..layers.token_merge import pair_tokens
-from ..models.atme import MergeBlock, get_layout, patch_grid, pool_to_block
+from ..models.atme import MergeBlock, get_layout, patch_grid, pool_to_block, prefix_tokens
 from .importance import Progress, tensor_batches
 
 Batches = list[torch.Tensor]
@@ -155,6 +155,7 @@ class _Refit:
         self.dev_o = next(self.original.parameters()).device
         self.layout = get_layout(self.compact)
         self.grid = patch_grid(self.original)
+        self.prefix = prefix_tokens(self.original)                     # P: CLS, distillation token, registers
 
     def embed(self, m: nn.Module, images: torch.Tensor) -> Batches:
         """Tokens entering block 0, per batch, on the CPU."""
@@ -163,10 +164,11 @@ class _Refit:
                 for x in tensor_batches(images, self.batch_size)]
 
     def pooled(self, x: torch.Tensor, block: int) -> torch.Tensor:
-        """The original's tokens ``(B, 1 + H·W, C)`` pooled onto the grid block ``block`` of the twin sees."""
+        """The original's tokens ``(B, P + H·W, C)`` pooled onto the grid block ``block`` of the twin sees."""
         B, _, C = x.shape
-        p = pool_to_block(x[:, 1:].reshape(B, *self.grid, C), self.layout, block)
-        return torch.cat([x[:, :1], p.reshape(B, -1, C)], dim=1)
+        P = self.prefix
+        p = pool_to_block(x[:, P:].reshape(B, *self.grid, C), self.layout, block)
+        return torch.cat([x[:, :P], p.reshape(B, -1, C)], dim=1)
 
     def original_block(self, bo: nn.Module, xo: Batches, l: int) -> tuple[Batches, Batches, Batches, Batches]:
         """The original block's input, post-attention and output tokens, pooled onto block ``l``'s grid, and its
@@ -184,7 +186,7 @@ class _Refit:
         """Token-weighted mean squared error of ``ys`` against ``ts``."""
         num = den = 0.0
         for y, t in zip(ys, ts):
-            w = _token_weights(len(y), y.shape[1], self.cls_weight, "cpu")
+            w = _token_weights(len(y), y.shape[1], self.cls_weight, "cpu", self.prefix)
             num += float((((y - t) ** 2).mean(-1) * w).sum())
             den += float(w.sum())
         return num / den
@@ -195,8 +197,9 @@ class _Refit:
         fit, (gh, gw) = _Ridge(), bc.merge.in_grid
         for x, t in zip(xc, in_o):
             B, _, C = x.shape
-            pairs = pair_tokens(x[:, 1:].reshape(B, gh, gw, C), bc.merge.direction).reshape(B, -1, 2 * C)
-            fit.add(pairs.to(self.dev), t[:, 1:].to(self.dev))
+            P = self.prefix
+            pairs = pair_tokens(x[:, P:].reshape(B, gh, gw, C), bc.merge.direction).reshape(B, -1, 2 * C)
+            fit.add(pairs.to(self.dev), t[:, P:].to(self.dev))
         _set_linear(bc.merge.fuse, *fit.solve(self.ridge))
         return [bc.merge(x.to(self.dev)).cpu() for x in xc]
 
@@ -214,7 +217,8 @@ class _Refit:
         fit, g = _Ridge(), _scale(ls)
         for x, a, t in zip(xs, acts, targets):
             target = (t - x) if g is None else (t - x) / g.cpu()
-            fit.add(a.to(self.dev), target.to(self.dev), _token_weights(len(x), x.shape[1], self.cls_weight, self.dev))
+            fit.add(a.to(self.dev), target.to(self.dev),
+                    _token_weights(len(x), x.shape[1], self.cls_weight, self.dev, self.prefix))
         _set_linear(linear, *fit.solve(self.ridge))
         return [(x.to(self.dev) + ls(linear(a.to(self.dev)))).cpu() for x, a in zip(xs, acts)]
 
@@ -257,8 +261,10 @@ def _scale(ls: nn.Module) -> torch.Tensor | None:
     raise TypeError(f"cannot refit through a {type(ls).__name__} layer scale")
 
 
-def _token_weights(B: int, N: int, cls_weight: float, device) -> torch.Tensor:
-    """Row weights ``(B, N)``: the CLS token counts ``cls_weight · (N − 1)`` patch tokens (the head reads it)."""
+def _token_weights(B: int, N: int, cls_weight: float, device, prefix: int = 1) -> torch.Tensor:
+    """Row weights ``(B, N)``: the first prefix token (timm's CLS) counts ``cls_weight · (N − P)`` patch tokens (the
+    head reads it); other prefix tokens count one each; without prefix tokens every row counts one."""
     w = torch.ones(B, N, device=device)
-    w[:, 0] = cls_weight * (N - 1)
+    if prefix:
+        w[:, 0] = cls_weight * (N - prefix)
     return w

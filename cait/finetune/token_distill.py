@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..models.atme import get_layout, patch_grid, pool_to_block
+from ..models.atme import get_layout, patch_grid, pool_to_block, prefix_tokens
 
 
 def forward_tokens(model: nn.Module, x: torch.Tensor, every_block: bool = False) -> list[torch.Tensor]:
@@ -72,25 +72,26 @@ def pool_teacher_tokens(feats: torch.Tensor, teacher: nn.Module, student: nn.Mod
     """The teacher's tokens pooled onto the grid the student's block ``block`` outputs (default: its last block).
 
     Args:
-        feats: ``(B, 1 + H·W, C)`` teacher tokens (one prefix token, the CLS).
+        feats: ``(B, P + H·W, C)`` teacher tokens (P prefix tokens: the CLS, a distillation token, registers).
         teacher: the unmerged DeiT they came from.
         student: the ATME DeiT made from it.
         block: index of the student's block whose output grid is the target's.
 
     Returns:
-        ``(B, 1 + h·w, C)``: the CLS token as is, the patch tokens averaged by the student's merges.
+        ``(B, P + h·w, C)``: the prefix tokens as they are, the patch tokens averaged by the student's merges.
 
     Raises:
         ValueError: if the teacher's tokens are not its full patch grid, or the two grids differ.
     """
     H, W = patch_grid(teacher)
     B, N, C = feats.shape
-    if N != 1 + H * W or patch_grid(student) != (H, W):
+    P = prefix_tokens(teacher)
+    if N != P + H * W or patch_grid(student) != (H, W):
         raise ValueError(f"token distillation needs the teacher's {H}x{W} patch grid and a student made from it; "
                          f"got {N} tokens")
     block = len(student.blocks) - 1 if block is None else block
-    patches = pool_to_block(feats[:, 1:].reshape(B, H, W, C), get_layout(student), block)
-    return torch.cat([feats[:, :1], patches.reshape(B, -1, C)], dim=1)
+    patches = pool_to_block(feats[:, P:].reshape(B, H, W, C), get_layout(student), block)
+    return torch.cat([feats[:, :P], patches.reshape(B, -1, C)], dim=1)
 
 
 def token_distill_loss(student_feats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

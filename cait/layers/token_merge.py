@@ -2,8 +2,8 @@
 
 HTM concatenates horizontally adjacent patch tokens (columns 2j, 2j+1) along channels and fuses the pair with a
 ``Linear(2C, C)``; VTM does the same for vertically adjacent tokens (rows 2i, 2i+1). The CLS token bypasses the
-merge. An odd side is padded by repeating its last row/column, so a merged side is ``ceil(side / 2)``. Worked
-example, DeiT-S block 4 input (14×14 grid, C = 384)::
+merge, as do any other prefix tokens (a distillation token, registers). An odd side is padded by repeating its last
+row/column, so a merged side is ``ceil(side / 2)``. Worked example, DeiT-S block 4 input (14×14 grid, C = 384)::
 
     >>> TokenMerge(384, "h", (14, 14))(torch.randn(2, 1 + 196, 384)).shape     # HTM: 1 + 14·7 tokens
     torch.Size([2, 99, 384])
@@ -64,7 +64,8 @@ def merged_grid(grid: tuple[int, int], direction: str) -> tuple[int, int]:
 
 
 class TokenMerge(nn.Module):
-    """HTM (``direction="h"``) or VTM (``"v"``) on ``(B, 1 + H·W, C)`` tokens; the CLS token passes untouched.
+    """HTM (``direction="h"``) or VTM (``"v"``) on ``(B, P + H·W, C)`` tokens; the P prefix tokens (CLS,
+    distillation token, registers) pass untouched.
 
     The fusion ``Linear(2C, C)`` starts as the mean of the pair (weight ``[½I | ½I]``, bias 0, choice, docs/method.md:
     ATME), so a pretrained model starts from average pooling rather than noise.
@@ -73,12 +74,23 @@ class TokenMerge(nn.Module):
         dim: embedding dim C.
         direction: ``"h"`` or ``"v"``.
         grid: the input patch grid ``(H, W)``; the output grid is :func:`merged_grid` of it.
+        prefix: P, the prefix tokens before the patches (timm's ``num_prefix_tokens``: 1 for DeiT, 2 for a distilled
+            DeiT, 5 for DINOv2 with four registers, 0 without a class token).
+
+    Raises:
+        ValueError: for a direction other than ``"h"``/``"v"`` or a negative ``prefix``.
+
+    >>> TokenMerge(8, "v", (4, 4), prefix=5)(torch.randn(2, 5 + 16, 8)).shape      # 5 prefix + 2·4 patches
+    torch.Size([2, 13, 8])
     """
 
-    def __init__(self, dim: int, direction: str, grid: tuple[int, int]) -> None:
+    def __init__(self, dim: int, direction: str, grid: tuple[int, int], prefix: int = 1) -> None:
         super().__init__()
         if direction not in ("h", "v"):
             raise ValueError(f"merge direction must be 'h' or 'v', got {direction!r}")
+        if prefix < 0:
+            raise ValueError(f"prefix tokens must be >= 0, got {prefix}")
+        self.prefix = prefix
         self.direction = direction
         self.in_grid = tuple(grid)
         self.out_grid = merged_grid(self.in_grid, direction)
@@ -91,11 +103,12 @@ class TokenMerge(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         H, W = self.in_grid
-        if N != 1 + H * W:
-            raise ValueError(f"{self.direction.upper()}TM expects 1 + {H}×{W} tokens, got {N}")
-        cls, patches = x[:, :1], x[:, 1:].reshape(B, H, W, C)           # (B, 1, C), (B, H, W, C)
+        P = self.prefix
+        if N != P + H * W:
+            raise ValueError(f"{self.direction.upper()}TM expects {P} + {H}×{W} tokens, got {N}")
+        prefix, patches = x[:, :P], x[:, P:].reshape(B, H, W, C)        # (B, P, C), (B, H, W, C)
         merged = self.fuse(pair_tokens(patches, self.direction))       # (B, H', W', C)
-        return torch.cat([cls, merged.reshape(B, -1, C)], dim=1)        # (B, 1 + H'W', C)
+        return torch.cat([prefix, merged.reshape(B, -1, C)], dim=1)     # (B, P + H'W', C)
 
     def extra_repr(self) -> str:
-        return f"{self.direction.upper()}TM {self.in_grid} -> {self.out_grid}"
+        return f"{self.direction.upper()}TM {self.in_grid} -> {self.out_grid}, {self.prefix} prefix"

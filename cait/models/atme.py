@@ -129,6 +129,11 @@ def get_layout(model: nn.Module) -> Layout:
     return Layout({i: b.merge.direction for i, b in enumerate(model.blocks) if isinstance(b, MergeBlock)})
 
 
+def prefix_tokens(model: nn.Module) -> int:
+    """P, the tokens before the patch grid: timm's ``num_prefix_tokens`` (1 for DeiT: the CLS token)."""
+    return int(getattr(model, "num_prefix_tokens", 1))
+
+
 def patch_grid(model: nn.Module) -> tuple[int, int]:
     """The patch grid ``(H, W)`` of the patch embedding (14×14 for DeiT at 224 px)."""
     return tuple(model.patch_embed.grid_size)
@@ -140,25 +145,24 @@ def model_token_grids(model: nn.Module) -> list[tuple[int, int]]:
 
 
 def apply_atme(model: nn.Module, layout: LayoutLike) -> nn.Module:
-    """Insert HTM/VTM merges into a timm ViT with one CLS token, in place.
+    """Insert HTM/VTM merges into a timm ViT, in place. Its prefix tokens (``model.num_prefix_tokens``: a CLS token,
+    a distillation token, registers, or none) pass every merge untouched.
 
     Args:
-        model: a timm ``VisionTransformer`` (DeiT) without merges, fixed image size, CLS token only.
+        model: a timm ``VisionTransformer`` without merges, at a fixed image size.
         layout: e.g. ``"h4,v8"`` or ``{4: "h", 8: "v"}`` (0-based block indices).
 
     Returns:
         The same model; ``model.blocks[i]`` is a :class:`MergeBlock` for each ``i`` in the layout.
 
     Raises:
-        ValueError: if the model already has merges, has register tokens or a dynamic image size, or the layout does
-            not fit the model (block out of range, side already 1).
+        ValueError: if the model already has merges or a dynamic image size, or the layout does not fit the model
+            (block out of range, side already 1).
         TypeError: if a block to merge is not a timm ``Block``.
     """
     layout = Layout.parse(layout)
     if get_layout(model):
         raise ValueError(f"model already has an ATME layout ({get_layout(model)})")
-    if getattr(model, "num_prefix_tokens", 1) != 1 or getattr(model, "cls_token", None) is None:
-        raise ValueError("ATME needs a ViT with exactly one CLS token and no register tokens")
     if getattr(model, "dynamic_img_size", False):
         raise ValueError("ATME needs a fixed image size (the token grid must be known at every block)")
     grids_before = [patch_grid(model)] + token_grids(patch_grid(model), len(model.blocks), layout)[:-1]
@@ -167,7 +171,7 @@ def apply_atme(model: nn.Module, layout: LayoutLike) -> nn.Module:
         if type(block) is not Block:
             raise TypeError(f"block {i} is {type(block).__name__}; ATME patches timm's Block only")
         dim = block.norm1.normalized_shape[0]
-        merge = TokenMerge(dim, direction, grids_before[i])
+        merge = TokenMerge(dim, direction, grids_before[i], prefix=prefix_tokens(model))
         ref = next(block.parameters())
         block.__class__ = MergeBlock
         block.merge = merge.to(device=ref.device, dtype=ref.dtype)

@@ -19,7 +19,7 @@ from math import prod
 
 import torch.nn as nn
 
-from .atme import MergeBlock, model_token_grids
+from .atme import MergeBlock, model_token_grids, prefix_tokens
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class BlockSpec:
     """The shape of one transformer block, enough to count its FLOPs.
 
     Attributes:
-        tokens: N, tokens the block's attention and FFN see (CLS included, after this block's merge).
+        tokens: N, tokens the block's attention and FFN see (prefix tokens included, after this block's merge).
         dim: embed dim C.
         heads: number of heads H.
         qk_dim: q/k width per head (all heads of a block share it).
@@ -67,12 +67,14 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The shape of a whole ViT: its blocks, patch embedding and head FLOPs, and its patch grid ``(H, W)``."""
+    """The shape of a whole ViT: its blocks, patch embedding and head FLOPs, its patch grid ``(H, W)`` and its
+    prefix tokens P (CLS, distillation token, registers: every block sees ``P + h·w`` tokens)."""
 
     blocks: tuple[BlockSpec, ...]
     embed_flops: int
     head_flops: int
     grid: tuple[int, int] | None = None
+    prefix: int = 1
 
     @property
     def merged(self) -> bool:
@@ -110,10 +112,11 @@ def describe(model: nn.Module) -> ModelSpec:
     pe = model.patch_embed.proj
     n_patches = prod(model.patch_embed.grid_size)
     embed = n_patches * (pe.weight.shape[1] * pe.weight.shape[2] * pe.weight.shape[3]) * pe.weight.shape[0]
-    head = model.head.in_features * model.head.out_features if isinstance(model.head, nn.Linear) else 0
+    head = sum(h.in_features * h.out_features for h in (model.head, getattr(model, "head_dist", None))
+               if isinstance(h, nn.Linear))                   # a distilled DeiT has two heads
     blocks = []
     for block, (h, w) in zip(model.blocks, grids):
         heads, qk, v, ffn = block_widths(block)
-        blocks.append(BlockSpec(tokens=1 + h * w, dim=block.norm1.normalized_shape[0], heads=heads, qk_dim=qk,
+        blocks.append(BlockSpec(tokens=prefix_tokens(model) + h * w, dim=block.norm1.normalized_shape[0], heads=heads, qk_dim=qk,
                                 v_dim=v, ffn_dim=ffn, merge_tokens=h * w if isinstance(block, MergeBlock) else 0))
-    return ModelSpec(tuple(blocks), embed, head, tuple(model.patch_embed.grid_size))
+    return ModelSpec(tuple(blocks), embed, head, tuple(model.patch_embed.grid_size), prefix_tokens(model))
