@@ -45,8 +45,14 @@ def test_bad_arguments_are_refused_with_clear_errors(tiny):
                           ({"layout": [4, 7]}, "a merge layout is a string such as 'h4,v7'")):
         with pytest.raises(ValueError, match=match):
             cait.compress(model, 0.5, **kwargs)
-    with pytest.raises(ValueError, match="CAIT here compresses the DeiTs"):
-        cait.compress(timm.create_model("vit_tiny_patch16_224"), 0.5)
+    # Refused by what the model lacks, not by its name.
+    eva = timm.create_model("eva02_tiny_patch14_224", depth=2, img_size=56)
+    with pytest.raises(ValueError, match="Eva .* separate q/k/v projections, SwiGLU MLPs and rotary"):
+        cait.compress(eva, 0.5)
+    with pytest.raises(ValueError, match="dynamic image size"):
+        cait.compress(timm.create_model("vit_tiny_patch16_224", depth=2, dynamic_img_size=True), 0.5)
+    with pytest.raises(ValueError, match="attention-pooling \\(MAP\\) head"):
+        cait.compress(timm.create_model("vit_base_patch16_siglip_224", depth=2, embed_dim=48, num_heads=3), 0.5)
     scores = cait.weight_scores(model)
     scores.ffn[1][3] = float("nan")
     with pytest.raises(ValueError, match="scores of ffn in block 1 contain NaN"):

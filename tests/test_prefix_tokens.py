@@ -93,3 +93,16 @@ def test_the_calibration_refit_matches_the_original_with_prefix_tokens_untouched
     report = refit_(twin, original, images, batch_size=8)
     merge = report["blocks"][1]
     assert "fuse" in merge["refit"] and merge["mse_after"] < merge["mse_before"]
+
+
+@pytest.mark.parametrize("name", ["deit_distilled", "registers", "dinov2_registers", "no_class_token"])
+def test_compress_takes_any_plain_vit_and_says_plainly_that_it_cannot_save_it_yet(name, tmp_path):
+    """cait.compress judges the model by its modules (cait.models.family): every case above compresses to the
+    target; saving a twin of a base the checkpoint format cannot rebuild from its name is refused before writing."""
+    model = build(name)
+    twin = cait.compress(model, 0.5, round_to=4)
+    assert 1 - cait.count_flops(twin) / cait.count_flops(model) == pytest.approx(0.5, abs=0.02)
+    assert twin(torch.randn(2, 3, *model.patch_embed.img_size)).shape == (2, 10)
+    with pytest.raises(cait.CheckpointError, match="not supported yet"):
+        cait.save_pretrained(twin, tmp_path / "twin")
+    assert not (tmp_path / "twin").exists()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch.nn as nn
 
 from ..models.atme import get_layout
-from ..models.deit import PATCH_SIZES
+from ..models.family import check_supported
 from ..models.layout import Layout, LayoutLike, token_grids
 from ..models.spec import ModelSpec, describe
 from .prune import is_pruned
@@ -152,22 +152,20 @@ def split_budget(model: nn.Module, flops_reduction: float, layout: LayoutLike = 
     """Split a total FLOPs reduction R: ATME first, CDCP the rest (docs/method.md: budget split).
 
     Args:
-        model: an uncompressed DeiT (no merges, not pruned).
+        model: an uncompressed plain ViT (no merges, not pruned; :mod:`cait.models.family`).
         flops_reduction: R in [0, 1).
         layout: an explicit ATME layout; default: :func:`plan_atme` for ``atme_share · R``.
         atme_share: the share of R planned for ATME when no layout is given (choice, see module docstring).
 
     Raises:
-        ValueError: if R is outside [0, 1), ``atme_share`` outside [0, 1], the model is not a DeiT this package
-            builds or is already compressed, or the layout alone removes more than R.
+        ValueError: if R is outside [0, 1), ``atme_share`` outside [0, 1], the model is not a plain ViT (the
+            message names what is missing) or is already compressed, or the layout alone removes more than R.
     """
     if not 0.0 <= flops_reduction < 1.0:
         raise ValueError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
     if not 0.0 <= atme_share <= 1.0:
         raise ValueError(f"atme_share must be in [0, 1], got {atme_share}")
-    arch = getattr(model, "pretrained_cfg", {}).get("architecture") if hasattr(model, "pretrained_cfg") else None
-    if arch not in PATCH_SIZES:
-        raise ValueError(f"CAIT here compresses the DeiTs {sorted(PATCH_SIZES)}; got {arch or type(model).__name__}")
+    check_supported(model)                                # a plain ViT, judged by its modules, not its name
     if get_layout(model) or is_pruned(model):
         raise ValueError("split_budget needs the uncompressed model (it has merges or pruned blocks)")
     spec = describe(model)                                # read once; the planning below works on the spec

@@ -1,0 +1,87 @@
+"""Which timm models CAIT compresses: a check of the model's own modules, never of its name.
+
+CAIT needs a plain ViT: timm's ``VisionTransformer`` (DeiT, DeiT III, distilled DeiT, DINOv2 with or without
+registers, CLIP, AugReg ViTs, ...) at a fixed image size, whose blocks are timm's ``Block`` with a fused ``qkv``
+``Attention`` and an ``Mlp`` (``fc1`` → activation → ``fc2``). Prefix tokens (a CLS token, a distillation token,
+registers, or none) are read from ``num_prefix_tokens`` (docs/method.md: models). What is refused says what is
+missing:
+
+>>> import timm
+>>> unsupported_reason(timm.create_model("deit_tiny_patch16_224", depth=2)) is None
+True
+>>> unsupported_reason(timm.create_model("vit_tiny_patch16_224", depth=2, dynamic_img_size=True))
+'dynamic image size: ATME needs the token grid at every block (create the model with dynamic_img_size=False)'
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+from timm.layers import Attention, Mlp
+from timm.models.vision_transformer import Block, VisionTransformer
+
+NOT_PLAIN = {
+    "Eva": "Eva (EVA-02, DINOv3): separate q/k/v projections, SwiGLU MLPs and rotary position embedding are not "
+           "supported yet",
+    "SwinTransformer": "Swin: windowed attention on a feature pyramid, not a plain ViT",
+    "SwinTransformerV2": "Swin V2: windowed attention on a feature pyramid, not a plain ViT",
+    "Cait": "timm's CaiT (class-attention in image transformers, an unrelated model): class-attention blocks, not a "
+            "plain ViT",
+    "Beit": "BEiT: relative position bias in every block, not supported yet",
+}
+"""timm model classes that are refused by name of their class, with what they lack."""
+
+
+def _block_reason(i: int, block: nn.Module) -> str | None:
+    """Why block ``i`` cannot be compressed (None: it can)."""
+    if not isinstance(block, Block):
+        return f"block {i} is {type(block).__name__}: CAIT patches timm's Block (attention + MLP with residuals)"
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not Attention and type(attn).__name__ != "PrunedAttention":
+        return f"block {i}'s attention is {type(attn).__name__}: CAIT prunes timm's Attention with a fused qkv"
+    if any(not isinstance(getattr(attn, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm")):
+        return f"block {i} normalises q/k or the attention output (qk_norm / scale_norm): not supported yet"
+    if type(mlp) is not Mlp:
+        return f"block {i}'s MLP is {type(mlp).__name__}: CDCP prunes timm's Mlp (fc1, activation, fc2); " \
+               "gated (SwiGLU) MLPs are not supported yet"
+    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        return f"block {i}'s MLP normalises its hidden layer (scale_norm): not supported yet"
+    return None
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why CAIT cannot compress ``model`` (None: it can), from its modules.
+
+    Args:
+        model: any ``nn.Module``; an ATME, compactor or compact model of a supported ViT is supported too.
+
+    Returns:
+        None, or one sentence naming what is missing (the class, a dynamic image size, a block's attention or MLP,
+        an attention-pooling head).
+    """
+    name = type(model).__name__
+    if name in NOT_PLAIN:
+        return NOT_PLAIN[name]
+    if not isinstance(model, VisionTransformer):
+        return f"{name}: not a plain ViT (timm's VisionTransformer)"
+    if getattr(model, "dynamic_img_size", False):
+        return "dynamic image size: ATME needs the token grid at every block (create the model with " \
+               "dynamic_img_size=False)"
+    if getattr(model, "attn_pool", None) is not None:
+        return "attention-pooling (MAP) head: its FLOPs and attention maps are not supported yet; use " \
+               "global_pool='avg' or a model with a class token"
+    for i, block in enumerate(model.blocks):
+        reason = _block_reason(i, block)
+        if reason:
+            return reason
+    return None
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise if CAIT cannot compress ``model``.
+
+    Raises:
+        ValueError: naming what is missing (:func:`unsupported_reason`).
+    """
+    reason = unsupported_reason(model)
+    if reason:
+        raise ValueError(f"CAIT compresses plain ViTs (timm's VisionTransformer family); this model is not one: "
+                         f"{reason}")
