@@ -24,8 +24,8 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 # The slowest tests, slowest first (measured by `--durations`): they start first, so that under `-n 2` the short
 # tests fill the other worker around them instead of one long test running alone at the end.
 SLOW_FIRST = (
-    "test_browser.py::", "test_notebooks.py::test_notebook_runs_and_is_stripped[01",
-    "test_frontier.py::test_calibrated_is_no_worse", "test_benchmarks.py::test_speed_benchmark_under_onnx",
+    "test_browser.py::", "test_frontier.py::test_calibrated_is_no_worse",
+    "test_notebooks.py::test_notebook_runs_and_is_stripped[01", "test_benchmarks.py::test_speed_benchmark_under_onnx",
     "test_public.py::test_cost_and_estimates", "test_benchmarks.py::test_dense_benchmark",
     "test_benchmarks.py::test_speed_benchmark_in_every_precision", "test_bundled.py::test_shipped_pair_classifies",
     "test_segment_jobs.py::test_a_fine_tuned_twin", "test_docs.py::test_the_readme_and_getting_started",
