@@ -12,8 +12,8 @@ the patch grid; the map of any later block fills it with that token's value from
 Worked example, DeiT-Tiny (196 patches), keep rate 0.5 at blocks 3, 6, 9: block 3's attention sees 197 tokens, its
 MLP 1 + 98 + 1; block 6's MLP 1 + 49 + 1; block 9's MLP 1 + 24 + 1 (the fused token is re-fused each time).
 FLOPs follow the convention of docs/method.md: FLOPs, with each block's attention and MLP on their own token counts,
-plus the CLS-attention scores (``H·N·d_h``) and the fused average (``N_dropped·C``) at each pruning block; :func:`token_pruning_flops` is the
-closed form and equals fvcore's count (tests).
+plus the CLS-attention scores (``H·N·d_h``) and the fused average (``N_dropped·C``) at each pruning block;
+:func:`token_pruning_flops` is the closed form and equals fvcore's count (tests).
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ Worked example, DeiT-Tiny (197 tokens) with ``r = 13``: the attention of block i
 the token grid (and dense outputs) is lost. ToMe's own code is CC-BY-NC and is not used.
 
 FLOPs follow the convention of docs/method.md: FLOPs (one multiply-add = one FLOP, attention matmuls included) plus
-ToMe's similarity matmul ``|A|·|B|·d_h`` per block; :func:`tome_flops` is the closed form and equals fvcore's count (tests).
+ToMe's similarity matmul ``|A|·|B|·d_h`` per block; :func:`tome_flops` is the closed form and equals fvcore's count
+(tests).
 """
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def layout_spec(model: nn.Module | ModelSpec, layout: LayoutLike) -> ModelSpec:
         raise ValueError("model already has an ATME layout")
     layout = Layout.parse(layout)
     grids = token_grids(spec.grid, len(spec.blocks), layout)
-    return replace(spec, blocks=tuple(replace(b, tokens=spec.prefix + h * w, merge_tokens=h * w if i in layout else 0)
+    return replace(spec, blocks=tuple(replace(b, tokens=spec.prefix + h * w,
+                                              merge_tokens=h * w if i in layout else 0)
                                       for i, (b, (h, w)) in enumerate(zip(spec.blocks, grids))))
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 from timm.layers import LayerScale
 
 from ..layers.token_merge import pair_tokens
-from ..models.atme import MergeBlock, get_layout, patch_grid, pool_to_block, prefix_tokens
+from ..models.atme import MergeBlock, get_layout, patch_grid, pool_tokens_to_block, prefix_tokens
 from .importance import Progress, tensor_batches
 
 Batches = list[torch.Tensor]
@@ -165,10 +165,7 @@ class _Refit:
 
     def pooled(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """The original's tokens ``(B, P + H·W, C)`` pooled onto the grid block ``block`` of the twin sees."""
-        B, _, C = x.shape
-        P = self.prefix
-        p = pool_to_block(x[:, P:].reshape(B, *self.grid, C), self.layout, block)
-        return torch.cat([x[:, :P], p.reshape(B, -1, C)], dim=1)
+        return pool_tokens_to_block(x, self.grid, self.layout, block, self.prefix)
 
     def original_block(self, bo: nn.Module, xo: Batches, l: int) -> tuple[Batches, Batches, Batches, Batches]:
         """The original block's input, post-attention and output tokens, pooled onto block ``l``'s grid, and its
@@ -194,10 +191,9 @@ class _Refit:
     def fuse(self, bc: MergeBlock, xc: Batches, in_o: Batches) -> Batches:
         """Refit the merge's fusion Linear from pairs of the twin's tokens to the original's (pooled) input; return
         the merged tokens."""
-        fit, (gh, gw) = _Ridge(), bc.merge.in_grid
+        fit, (gh, gw), P = _Ridge(), bc.merge.in_grid, self.prefix
         for x, t in zip(xc, in_o):
             B, _, C = x.shape
-            P = self.prefix
             pairs = pair_tokens(x[:, P:].reshape(B, gh, gw, C), bc.merge.direction).reshape(B, -1, 2 * C)
             fit.add(pairs.to(self.dev), t[:, P:].to(self.dev))
         _set_linear(bc.merge.fuse, *fit.solve(self.ridge))

@@ -3,8 +3,8 @@ has a teacher target).
 
 Logit-only distillation gives the student one target per image; its last block's tokens, though, each stand for a
 known set of patches (the ATME merges, docs/method.md: ATME), so the teacher's last-block tokens pooled by the same
-merges (:func:`cait.models.atme.pool_to_block`) are a target for every one of them — the loss the calibrated twin's refit
-(:mod:`cait.compress.refit`) minimises in closed form, here trained end to end. The loss is the relative mean squared
+merges (:func:`cait.models.atme.pool_tokens_to_block`) are a target for every one of them — the loss the calibrated
+twin's refit (:mod:`cait.compress.refit`) minimises in closed form, here trained end to end. The loss is the relative mean squared
 error of the final-norm features, CLS token included::
 
     L_tok = ‖f_s − pool(f_t)‖² / ‖pool(f_t)‖²       f: (B, 1 + h·w, C) after the model's final norm
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..models.atme import get_layout, patch_grid, pool_to_block, prefix_tokens
+from ..models.atme import get_layout, patch_grid, pool_tokens_to_block, prefix_tokens
 
 
 def forward_tokens(model: nn.Module, x: torch.Tensor, every_block: bool = False) -> list[torch.Tensor]:
@@ -90,8 +90,7 @@ def pool_teacher_tokens(feats: torch.Tensor, teacher: nn.Module, student: nn.Mod
         raise ValueError(f"token distillation needs the teacher's {H}x{W} patch grid and a student made from it; "
                          f"got {N} tokens")
     block = len(student.blocks) - 1 if block is None else block
-    patches = pool_to_block(feats[:, P:].reshape(B, H, W, C), get_layout(student), block)
-    return torch.cat([feats[:, :P], patches.reshape(B, -1, C)], dim=1)
+    return pool_tokens_to_block(feats, (H, W), get_layout(student), block, P)
 
 
 def token_distill_loss(student_feats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,25 @@ def pool_to_block(x: torch.Tensor, layout: "LayoutLike", block: int) -> torch.Te
     return x
 
 
+def pool_tokens_to_block(x: torch.Tensor, grid: tuple[int, int], layout: "LayoutLike", block: int,
+                         prefix: int = 1) -> torch.Tensor:
+    """An unmerged model's tokens ``(B, P + H·W, C)`` as a merged model's block ``block`` sees them: the P prefix
+    tokens as they are, the patch tokens pooled by every merge at or before ``block`` (:func:`pool_to_block`).
+
+    Returns:
+        ``(B, P + h·w, C)``.
+
+    Raises:
+        RuntimeError: if ``x`` does not hold ``P + H·W`` tokens (the reshape fails).
+
+    >>> pool_tokens_to_block(torch.zeros(2, 5 + 4 * 4, 8), (4, 4), "h1,v2", 2, prefix=5).shape   # 4×4 → 4×2 → 2×2
+    torch.Size([2, 9, 8])
+    """
+    B, _, C = x.shape
+    patches = pool_to_block(x[:, prefix:].reshape(B, *grid, C), layout, block)
+    return torch.cat([x[:, :prefix], patches.reshape(B, -1, C)], dim=1)
+
+
 class MergeBlock(Block):
     """A timm ``Block`` whose input is merged first: ``forward(x) = Block.forward(merge(x))``.
 

@@ -18,6 +18,8 @@ import torch.nn as nn
 from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from ..layers.pruned_attention import PrunedAttention
+
 NOT_PLAIN = {
     "Eva": "Eva (EVA-02, DINOv3): separate q/k/v projections, SwiGLU MLPs and rotary position embedding are not "
            "supported yet",
@@ -35,7 +37,7 @@ def _block_reason(i: int, block: nn.Module) -> str | None:
     if not isinstance(block, Block):
         return f"block {i} is {type(block).__name__}: CAIT patches timm's Block (attention + MLP with residuals)"
     attn, mlp = block.attn, block.mlp
-    if type(attn) is not Attention and type(attn).__name__ != "PrunedAttention":
+    if type(attn) not in (Attention, PrunedAttention):
         return f"block {i}'s attention is {type(attn).__name__}: CAIT prunes timm's Attention with a fused qkv"
     if any(not isinstance(getattr(attn, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm")):
         return f"block {i} normalises q/k or the attention output (qk_norm / scale_norm): not supported yet"

@@ -114,9 +114,9 @@ def describe(model: nn.Module) -> ModelSpec:
     embed = n_patches * (pe.weight.shape[1] * pe.weight.shape[2] * pe.weight.shape[3]) * pe.weight.shape[0]
     head = sum(h.in_features * h.out_features for h in (model.head, getattr(model, "head_dist", None))
                if isinstance(h, nn.Linear))                   # a distilled DeiT has two heads
-    blocks = []
+    P, blocks = prefix_tokens(model), []
     for block, (h, w) in zip(model.blocks, grids):
         heads, qk, v, ffn = block_widths(block)
-        blocks.append(BlockSpec(tokens=prefix_tokens(model) + h * w, dim=block.norm1.normalized_shape[0], heads=heads, qk_dim=qk,
+        blocks.append(BlockSpec(tokens=P + h * w, dim=block.norm1.normalized_shape[0], heads=heads, qk_dim=qk,
                                 v_dim=v, ffn_dim=ffn, merge_tokens=h * w if isinstance(block, MergeBlock) else 0))
-    return ModelSpec(tuple(blocks), embed, head, tuple(model.patch_embed.grid_size), prefix_tokens(model))
+    return ModelSpec(tuple(blocks), embed, head, tuple(model.patch_embed.grid_size), P)
