@@ -75,12 +75,17 @@ def test_bad_config_text(saved, text, match):
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"base_model": "resnet_imaginary"}, "unknown base_model"),
-    ({"base_model": "vit_giant_patch14_224"}, "unknown base_model 'vit_giant_patch14_224'; this package builds"),
+    ({"base_model": 7}, "'base_model' must be a model name"),
+    ({"base_model": "vit_giant_patch14_224"}, "architecture hash differs"),   # provenance, but tied to the weights
+    ({"architecture": {"depth": 2}}, r"architecture keys missing \['family'"),
+    ({"architecture": None, "base_model": "vit_giant_patch14_224"},
+     "records no architecture and its base_model 'vit_giant_patch14_224' is not one this package builds by name"),
+    ({"data": {"mean": "imagenet"}}, "data 'mean' must be a list of up to 16 numbers"),
+    ({"data": {"url": "http://x"}}, "'data' must be an object with keys among"),
     ({"img_size": "big"}, r"'img_size' must be an integer in \[16, 1024\], got 'big'"),
     ({"img_size": 10 ** 6}, r"'img_size' must be an integer in \[16, 1024\]"),
     ({"img_size": True}, r"'img_size' must be an integer"),
-    ({"img_size": 34}, "img_size 34 is not a multiple of deit_test_patch4_32's patch size 4"),
+    ({"img_size": 34}, "img_size 34 is not a multiple of the patch size 4"),
     ({"num_classes": 10 ** 9}, r"'num_classes' must be an integer in \[1, 22000\]"),
     ({"merge": "h99"}, "does not describe a buildable model"),
     ({"merge": 3}, "'merge' must be a layout string"),

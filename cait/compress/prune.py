@@ -101,22 +101,32 @@ def fold_compactors(model: nn.Module) -> nn.Module:
 def restructure(model: nn.Module, widths: list[tuple[int, int, int]]) -> nn.Module:
     """Give an unpruned DeiT the compact shapes ``[(qk_dim, v_dim, ffn_dim), ...]`` (per-head q/k, v), in place.
 
-    The new layers are freshly initialised: this builds the skeleton that a compact checkpoint is loaded into.
+    The new layers are freshly initialised on the model's device (``"meta"`` included: shapes only): this builds the
+    skeleton that a compact checkpoint is loaded into.
 
     Raises:
         ValueError: if ``widths`` has the wrong length or a width exceeds the original.
+        TypeError: if a block is already pruned.
     """
     if len(widths) != len(model.blocks):
         raise ValueError(f"{len(widths)} block widths for a model with {len(model.blocks)} blocks")
-    masks = ChannelMask([], [], [])
     for l, (block, (qk, v, f)) in enumerate(zip(model.blocks, widths)):
-        H, d, D = block.attn.num_heads, block.attn.head_dim, block.mlp.fc1.out_features
+        attn, mlp = block.attn, block.mlp
+        if type(attn) is not Attention or type(mlp) is not Mlp:
+            raise TypeError(f"block {l} is already pruned ({type(attn).__name__})")
+        H, d, D = attn.num_heads, attn.head_dim, mlp.fc1.out_features
         if not (1 <= qk <= d and 1 <= v <= d and 1 <= f <= D):
             raise ValueError(f"block {l}: widths (q/k {qk}, v {v}, ffn {f}) do not fit heads of {d} and FFN {D}")
-        masks.qk.append(torch.arange(d).expand(H, d) >= qk)
-        masks.v.append(torch.arange(d).expand(H, d) >= v)
-        masks.ffn.append(torch.arange(D) >= f)
-    return prune(model, masks)
+        C, ref = attn.proj.out_features, attn.proj.weight
+        with torch.device(ref.device):
+            new = PrunedAttention(C, H, qk, v, attn.scale, qkv_bias=attn.qkv.bias is not None,
+                                  proj_bias=attn.proj.bias is not None, attn_drop=attn.attn_drop.p,
+                                  proj_drop=attn.proj_drop.p).to(ref.dtype)
+            new.fused_attn = attn.fused_attn
+            block.attn = new
+            mlp.fc1 = nn.Linear(C, f, bias=mlp.fc1.bias is not None, dtype=ref.dtype)
+            mlp.fc2 = nn.Linear(f, C, bias=mlp.fc2.bias is not None, dtype=ref.dtype)
+    return model
 
 
 def is_pruned(model: nn.Module) -> bool:

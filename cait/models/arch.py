@@ -1,0 +1,206 @@
+"""A plain ViT's architecture as a JSON record: what a checkpoint needs to rebuild the model without its name.
+
+A timm name says which architecture a model was built from, not which options it was built with: a DINOv2 with
+registers, a DeiT III with LayerScale, a CLIP ViT with a pre-norm, or any of them created with another ``depth`` or
+``embed_dim``. :class:`ViTArch` reads those options from the model's own modules (:meth:`ViTArch.of`), checks every
+value against a bound when read back from JSON (:meth:`ViTArch.from_dict`), and builds the skeleton with timm's own
+class (:meth:`ViTArch.build`). The prefix tokens are ``class_token + reg_tokens`` (+1 for a distilled DeiT's
+distillation token), as timm's ``num_prefix_tokens`` counts them.
+
+>>> import timm
+>>> arch = ViTArch.of(timm.create_model("vit_small_patch14_reg4_dinov2", depth=2, img_size=70))
+>>> arch.patch_size, arch.embed_dim, arch.depth, arch.reg_tokens, arch.layer_scale, arch.prefix_tokens
+(14, 384, 2, 4, True, 5)
+>>> ViTArch.from_dict(arch.to_dict()) == arch
+True
+>>> ViTArch.from_dict(dict(arch.to_dict(), depth=1000))
+Traceback (most recent call last):
+    ...
+ValueError: architecture 'depth' must be an integer in [1, 64], got 1000
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import LayerScale
+from timm.layers.activations import GELU, GELUTanh, QuickGELU
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+FAMILIES = {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
+"""The timm classes a record can name (the ATME and compact models are these classes, patched)."""
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+"""MLP activations by timm's names (``timm.layers.get_act_layer``)."""
+GLOBAL_POOLS = ("token", "avg", "")
+MAX_PARAMS = 3_000_000_000
+"""A record describing more parameters than this is refused before anything is allocated (ViT-g has 1.0 B)."""
+
+
+def _activation(act: nn.Module) -> str:
+    """timm's name of an MLP activation module. Raises ValueError for any other activation."""
+    if isinstance(act, QuickGELU):
+        return "quick_gelu"
+    if isinstance(act, GELUTanh) or (isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        return "gelu_tanh"
+    if isinstance(act, (GELU, nn.GELU)):
+        return "gelu"
+    raise ValueError(f"MLP activation {type(act).__name__} cannot be recorded (supported: {', '.join(ACTIVATIONS)})")
+
+
+_BOUNDS = {"patch_size": (1, 64), "in_chans": (1, 16), "embed_dim": (8, 8192), "depth": (1, 64),
+           "num_heads": (1, 128), "mlp_hidden": (1, 65536), "reg_tokens": (0, 64)}
+_FLAGS = ("qkv_bias", "proj_bias", "layer_scale", "class_token", "no_embed_class", "pre_norm", "final_norm",
+          "fc_norm", "pool_include_prefix", "learned_pos_embed")
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    """The options of a timm ``VisionTransformer`` (or distilled DeiT) that decide its tensors and its function.
+
+    Attributes:
+        family: a key of :data:`FAMILIES`.
+        patch_size: pixels per side of a patch (14, 16, 32, ...); ``in_chans`` input channels.
+        embed_dim: C; ``depth``: blocks; ``num_heads``: H (C divisible by H).
+        mlp_hidden: the skeleton's FFN width before a compact model's per-block widths apply (for a compact model,
+            the widest block's: :func:`cait.compress.prune.restructure` then gives every block its own).
+        qkv_bias, proj_bias: whether the attention's Linears have biases.
+        layer_scale: LayerScale (``ls1``/``ls2``, DeiT III, DINOv2) in every block.
+        class_token, reg_tokens: a CLS token; register tokens (DINOv2 ``reg4``: 4).
+        no_embed_class: prefix tokens get no position embedding; ``learned_pos_embed``: a learned position
+            embedding at all (False: none).
+        pre_norm: a LayerNorm before the blocks (CLIP); ``final_norm``: one after them, on the tokens or, with
+            ``fc_norm``, on the pooled feature (timm's meaning of the two flags).
+        global_pool: ``"token"`` (CLS), ``"avg"`` or ``""``; ``pool_include_prefix``: average the prefix tokens too.
+        act: the MLP activation (:data:`ACTIVATIONS`); ``norm_eps``: every LayerNorm's epsilon (1e-6 DeiT, 1e-5 CLIP).
+    """
+
+    family: str
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_hidden: int
+    qkv_bias: bool
+    proj_bias: bool
+    layer_scale: bool
+    class_token: bool
+    reg_tokens: int
+    no_embed_class: bool
+    learned_pos_embed: bool
+    pre_norm: bool
+    final_norm: bool
+    fc_norm: bool
+    global_pool: str
+    pool_include_prefix: bool
+    act: str
+    norm_eps: float
+
+    @property
+    def prefix_tokens(self) -> int:
+        """P: CLS + registers (+ the distillation token), as timm's ``num_prefix_tokens``."""
+        return int(self.class_token) + self.reg_tokens + int(self.family == "VisionTransformerDistilled")
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ViTArch":
+        """Read the record from a model's modules (original, ATME or compact).
+
+        Raises:
+            ValueError: for a model that is not one of :data:`FAMILIES` or has a part the record cannot describe
+                (a patch-embedding norm, an attention-pooling head, another activation, mixed LayerNorm epsilons).
+        """
+        if not isinstance(model, VisionTransformer):
+            raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer; its architecture cannot be "
+                             f"recorded")
+        block = model.blocks[0]
+        if not isinstance(model.patch_embed.norm, nn.Identity) or getattr(model, "attn_pool", None) is not None:
+            raise ValueError("a patch-embedding norm or an attention-pooling head cannot be recorded yet")
+        eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+        if len(eps) > 1:
+            raise ValueError(f"LayerNorms with different epsilons ({sorted(eps)}) cannot be recorded")
+        attn = block.attn
+        return cls(
+            family="VisionTransformerDistilled" if isinstance(model, VisionTransformerDistilled) else
+            "VisionTransformer",
+            patch_size=int(model.patch_embed.patch_size[0]), in_chans=int(model.patch_embed.proj.in_channels),
+            embed_dim=int(model.embed_dim), depth=len(model.blocks), num_heads=int(attn.num_heads),
+            mlp_hidden=max(int(b.mlp.fc1.out_features) for b in model.blocks),
+            qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
+            layer_scale=isinstance(block.ls1, LayerScale), class_token=model.cls_token is not None,
+            reg_tokens=int(model.num_reg_tokens), no_embed_class=bool(model.no_embed_class),
+            learned_pos_embed=model.pos_embed is not None, pre_norm=not isinstance(model.norm_pre, nn.Identity),
+            final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+            fc_norm=not isinstance(model.fc_norm, nn.Identity),
+            global_pool=str(model.global_pool), pool_include_prefix=bool(model.pool_include_prefix),
+            act=_activation(block.mlp.act), norm_eps=float(eps.pop()) if eps else 1e-6)
+
+    def to_dict(self) -> dict:
+        """The JSON object stored in a checkpoint's ``config.json`` (``"architecture"``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: object) -> "ViTArch":
+        """Read and check a stored record: every key present and typed, every number in its bound.
+
+        Raises:
+            ValueError: naming the first key that is missing, of the wrong type or out of bounds.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"architecture must be an object, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing, unknown = [n for n in names if n not in d], sorted(set(d) - set(names))
+        if missing or unknown:
+            raise ValueError(f"architecture keys missing {missing} or unknown {unknown[:5]}")
+        for key, (lo, hi) in _BOUNDS.items():
+            v = d[key]
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"architecture {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+        for key in _FLAGS:
+            if not isinstance(d[key], bool):
+                raise ValueError(f"architecture {key!r} must be true or false, got {d[key]!r}")
+        choices = {"family": tuple(FAMILIES), "act": ACTIVATIONS, "global_pool": GLOBAL_POOLS}
+        for key, allowed in choices.items():
+            if d[key] not in allowed:
+                raise ValueError(f"architecture {key!r} must be one of {list(allowed)}, got {d[key]!r}")
+        eps = d["norm_eps"]
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps <= 1e-2:
+            raise ValueError(f"architecture 'norm_eps' must be a number in (0, 0.01], got {eps!r}")
+        if d["embed_dim"] % d["num_heads"]:
+            raise ValueError(f"architecture embed_dim {d['embed_dim']} is not divisible by num_heads {d['num_heads']}")
+        if d["family"] == "VisionTransformerDistilled" and not d["class_token"]:
+            raise ValueError("a distilled DeiT has a class token")
+        return cls(**dict(d, norm_eps=float(eps)))
+
+    def approx_params(self) -> int:
+        """Parameters of the blocks alone, by formula (an upper bound's main term), for refusing huge records."""
+        C, F = self.embed_dim, self.mlp_hidden
+        return self.depth * (4 * C * C + 2 * C * F)
+
+    def build(self, img_size: int, num_classes: int, device: str | torch.device | None = None) -> nn.Module:
+        """A randomly initialised model of this architecture (timm's own class) at ``img_size`` pixels.
+
+        Args:
+            device: where to allocate (``"meta"``: shapes only, nothing allocated).
+
+        Raises:
+            ValueError: for a record over :data:`MAX_PARAMS` parameters or an image size the patch does not divide.
+        """
+        if self.approx_params() > MAX_PARAMS:
+            raise ValueError(f"architecture has ~{self.approx_params():,} parameters, more than {MAX_PARAMS:,}")
+        if img_size % self.patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {self.patch_size}")
+        kwargs = dict(
+            img_size=img_size, patch_size=self.patch_size, in_chans=self.in_chans, num_classes=num_classes,
+            global_pool=self.global_pool, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+            mlp_ratio=(self.mlp_hidden + 0.5) / self.embed_dim, qkv_bias=self.qkv_bias, proj_bias=self.proj_bias,
+            init_values=1.0 if self.layer_scale else None, class_token=self.class_token,
+            pos_embed="learn" if self.learned_pos_embed else "none", no_embed_class=self.no_embed_class,
+            reg_tokens=self.reg_tokens, pre_norm=self.pre_norm, final_norm=self.final_norm, fc_norm=self.fc_norm,
+            pool_include_prefix=self.pool_include_prefix, act_layer=self.act,
+            norm_layer=partial(nn.LayerNorm, eps=self.norm_eps))
+        with torch.device(device or "cpu"):
+            return FAMILIES[self.family](**kwargs)
