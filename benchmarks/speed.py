@@ -65,7 +65,7 @@ def variants(name: str, round_to: int, keep: tuple[str, ...] = VARIANTS) -> dict
         achieved = 1 - cait.analytic_flops(model) / base
         return apply_tome(cait.create_model(name, pretrained=False)[0], tome_schedule(original, achieved))
 
-    if "tome" in keep:                     # built only when asked for: ToMe needs exactly one prefix token
+    if "tome" in keep:                     # built only when asked for (ToMe costs a model copy)
         out["tome"] = tome_at_flops_of(out["cait"])
     if "tome_atme" in keep:
         out["tome_atme"] = tome_at_flops_of(out["atme"])

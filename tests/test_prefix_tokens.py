@@ -96,13 +96,75 @@ def test_the_calibration_refit_matches_the_original_with_prefix_tokens_untouched
 
 
 @pytest.mark.parametrize("name", ["deit_distilled", "registers", "dinov2_registers", "no_class_token"])
-def test_compress_takes_any_plain_vit_and_says_plainly_that_it_cannot_save_it_yet(name, tmp_path):
+def test_compress_takes_any_plain_vit_and_its_twin_saves_and_loads(name, tmp_path):
     """cait.compress judges the model by its modules (cait.models.family): every case above compresses to the
-    target; saving a twin of a base the checkpoint format cannot rebuild from its name is refused before writing."""
+    target, and its twin round-trips through a checkpoint (the config records the architecture)."""
     model = build(name)
     twin = cait.compress(model, 0.5, round_to=4)
     assert 1 - cait.count_flops(twin) / cait.count_flops(model) == pytest.approx(0.5, abs=0.02)
-    assert twin(torch.randn(2, 3, *model.patch_embed.img_size)).shape == (2, 10)
-    with pytest.raises(cait.CheckpointError, match="not supported yet"):
-        cait.save_pretrained(twin, tmp_path / "twin")
-    assert not (tmp_path / "twin").exists()
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    loaded = cait.load_pretrained(cait.save_pretrained(twin, tmp_path / "twin"))
+    torch.testing.assert_close(loaded(x), twin(x))
+
+
+# ToMe, token pruning (EViT) and CLS attention over P prefix tokens (issue item 1: "every prefix token passes").
+def _tokens_seen(model, x):
+    """Tokens each block's attention and MLP see in one forward pass."""
+    seen = []
+    for b in model.blocks:
+        b.attn.register_forward_hook(lambda m, a, o: seen.append(("attn", a[0].shape[1])))
+        b.mlp.register_forward_hook(lambda m, a, o: seen.append(("mlp", a[0].shape[1])))
+    model(x)
+    return [(seen[2 * i][1], seen[2 * i + 1][1]) for i in range(len(model.blocks))]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_tome_merges_patches_only_and_its_flops_are_fvcore_s_whatever_the_prefix(name):
+    from cait.baselines.tome import apply_tome, tome_dense_intermediates, tome_flops, tome_token_counts
+    model, (_, _, P, (H, W)) = build(name), FAMILIES[name]
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    tome = apply_tome(copy.deepcopy(model), [3, 2, 2, 1])
+    assert tome.tome.prefix == P
+    assert tome(x).shape == (2, 10)
+    assert tome_flops(tome) == cait.count_flops(tome)                           # the closed form is fvcore's count
+    expected = tome_token_counts(H * W, [3, 2, 2, 1], prefix=P)
+    assert _tokens_seen(copy.deepcopy(tome), x) == expected
+    tome(x)
+    sizes = tome.tome.size                                                      # (B, P + L − Σr, 1) after the pass
+    assert sizes.shape[1] == expected[-1][1] and torch.equal(sizes[:, :P], torch.ones(2, P, 1))
+    assert torch.allclose(sizes[:, P:].sum(1), torch.full((2, 1), float(H * W)))   # every patch in one token
+    dense = tome_dense_intermediates(tome, x, [1, 3])
+    assert [tuple(d.shape) for d in dense] == [(2, 48, H, W)] * 2
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if FAMILIES[n][2] > 0 and n != "no_class_token"])
+def test_token_pruning_keeps_every_prefix_token_and_its_flops_are_fvcore_s(name):
+    from cait.baselines.token_pruning import (apply_token_pruning, token_counts, token_pruning_dense_intermediates,
+                                              token_pruning_flops)
+    model, (_, _, P, (H, W)) = build(name), FAMILIES[name]
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    evit = apply_token_pruning(copy.deepcopy(model), 0.5, [1, 2])
+    assert evit(x).shape == (2, 10) and evit.pruning.prefix == P
+    assert token_pruning_flops(evit) == cait.count_flops(evit)
+    assert _tokens_seen(copy.deepcopy(evit), x) == [c[:2] for c in token_counts(H * W, 4, 0.5, [1, 2], prefix=P)]
+    assert [tuple(d.shape) for d in token_pruning_dense_intermediates(evit, x, [3])] == [(2, 48, H, W)]
+
+
+def test_token_pruning_without_a_class_token_is_refused_by_what_it_needs():
+    from cait.baselines.token_pruning import apply_token_pruning
+    with pytest.raises(ValueError, match="ranks patches by the CLS token's attention; this model has no class token"):
+        apply_token_pruning(build("no_class_token"), 0.5)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_cls_attention_maps_cover_the_patches_and_say_what_they_show(name):
+    model, (_, _, P, (H, W)) = build(name), FAMILIES[name]
+    merged = cait.apply_atme(copy.deepcopy(model), "h1")
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    att = cait.cls_attention(merged, x, block=2)
+    assert att.maps.shape == (2, 3, H, (W + 1) // 2) and att.patch_maps.shape == (2, 3, H, W)
+    total = att.maps.sum(dim=(-2, -1))                                           # (B, heads)
+    if name == "no_class_token":                  # the mean over queries of rows that sum to 1: sums to 1
+        assert att.query == "mean" and torch.allclose(total, torch.ones_like(total))
+    else:                                         # the CLS row minus what the prefix tokens take
+        assert att.query == "cls" and bool((total < 1).all())

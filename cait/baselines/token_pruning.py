@@ -26,7 +26,7 @@ import torch.nn as nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-from ..models.atme import get_layout
+from ..models.atme import get_layout, prefix_tokens
 from .tome import keep_output
 from ..models.deit import block_outputs
 from ..models.meta import meta_of
@@ -43,17 +43,22 @@ def kept_tokens(candidates: int, keep_rate: float) -> int:
     return max(1, int(round(keep_rate * candidates)))
 
 
-def token_counts(num_patches: int, depth: int, keep_rate: float, locations: list[int]) -> list[tuple[int, int, int]]:
-    """Per block ``(attention tokens, MLP tokens, tokens dropped here)``, CLS and the fused token included.
+def token_counts(num_patches: int, depth: int, keep_rate: float, locations: list[int], prefix: int = 1
+                 ) -> list[tuple[int, int, int]]:
+    """Per block ``(attention tokens, MLP tokens, tokens dropped here)``, the ``prefix`` tokens (CLS, registers)
+    and the fused token included.
 
-    Example: ``token_counts(196, 12, 0.5, [3, 6, 9])[3] == (197, 100, 98)``.
+    >>> token_counts(196, 12, 0.5, [3, 6, 9])[3]               # DeiT: CLS + 196 patches
+    (197, 100, 98)
+    >>> token_counts(196, 12, 0.5, [3, 6, 9], prefix=5)[3]     # CLS + 4 registers
+    (201, 104, 98)
     """
     out, candidates, fused = [], num_patches, 0
     for i in range(depth):
-        n_attn = 1 + candidates + fused
+        n_attn = prefix + candidates + fused
         if i in locations:
             k = kept_tokens(candidates, keep_rate)
-            out.append((n_attn, 1 + k + 1, candidates - k))
+            out.append((n_attn, prefix + k + 1, candidates - k))
             candidates, fused = k, 1
         else:
             out.append((n_attn, n_attn, 0))
@@ -67,6 +72,7 @@ class PruningState:
 
     keep_rate: float
     locations: list[int]
+    prefix: int = 1                                         # CLS first, then any other prefix tokens; never pruned
     positions: torch.Tensor | None = None                   # (B, k) original patch index of each kept patch token
     trace_canvas: bool = False
     canvas: torch.Tensor | None = None                      # (B, P, C): last value of each patch position
@@ -81,11 +87,11 @@ class PrunedTokensBlock(Block):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                 ) -> torch.Tensor:
-        st, i = self.pruning, self.pruning_index
+        st, i, P = self.pruning, self.pruning_index, self.pruning.prefix
         if i == 0:                                                          # a new forward pass
-            B, P = x.shape[0], x.shape[1] - 1
-            st.positions = torch.arange(P, device=x.device).expand(B, P)
-            st.canvas = x[:, 1:].detach().clone() if st.trace_canvas else None
+            B, L = x.shape[0], x.shape[1] - P                               # L patch tokens
+            st.positions = torch.arange(L, device=x.device).expand(B, L)
+            st.canvas = x[:, P:].detach().clone() if st.trace_canvas else None
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         if i in st.locations:
             x = self._prune(x, self.attn.qkv.kept_output)
@@ -93,12 +99,12 @@ class PrunedTokensBlock(Block):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if st.canvas is not None:                                           # kept tokens: their newest value
             k = st.positions.shape[1]
-            st.canvas = st.canvas.scatter(1, st.positions[..., None].expand(-1, -1, x.shape[-1]), x[:, 1:1 + k])
+            st.canvas = st.canvas.scatter(1, st.positions[..., None].expand(-1, -1, x.shape[-1]), x[:, P:P + k])
         return x
 
     def _prune(self, x: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         """Keep the most attended patch tokens, fuse the rest (and an earlier fused token) into one."""
-        st = self.pruning
+        st, P = self.pruning, self.pruning.prefix
         B, N, C = x.shape
         H = self.attn.num_heads
         q, k = qkv.reshape(B, N, 3, H, -1)[:, :, 0], qkv.reshape(B, N, 3, H, -1)[:, :, 1]   # (B, N, H, d)
@@ -106,11 +112,11 @@ class PrunedTokensBlock(Block):
         cls_attn = scores.softmax(dim=-1).mean(dim=1)                       # (B, N): CLS attention, mean over heads
         n_cand = int(st.positions.shape[1])                                 # patch tokens (the fused one follows)
         keep = kept_tokens(n_cand, st.keep_rate)
-        order = cls_attn[:, 1:1 + n_cand].argsort(dim=-1, descending=True)
+        order = cls_attn[:, P:P + n_cand].argsort(dim=-1, descending=True)
         top, rest = order[:, :keep].sort(dim=-1).values, order[:, keep:]   # kept in their order; dropped
-        if int(N) > 1 + n_cand:                                             # re-fuse the earlier fused token
+        if int(N) > P + n_cand:                                             # re-fuse the earlier fused token
             rest = torch.cat([rest, rest.new_full((B, 1), n_cand)], dim=1)
-        tokens, attn = x[:, 1:], cls_attn[:, 1:]
+        tokens, attn = x[:, P:], cls_attn[:, P:]
 
         def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
@@ -119,14 +125,15 @@ class PrunedTokensBlock(Block):
         w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
         fused = torch.einsum("bn,bnc->bc", w, rows(tokens, rest))[:, None]  # (B, 1, C) attention-weighted average
         st.positions = st.positions.gather(1, top)
-        return torch.cat([x[:, :1], rows(tokens, top), fused], dim=1)      # (B, 1 + k + 1, C)
+        return torch.cat([x[:, :P], rows(tokens, top), fused], dim=1)      # (B, P + k + 1, C)
 
 
 def apply_token_pruning(model: nn.Module, keep_rate: float, locations: list[int] | None = None) -> nn.Module:
     """Turn a timm DeiT into its EViT-style token-pruning version, in place (no training).
 
     Args:
-        model: a timm ``VisionTransformer`` with one CLS token, timm ``Block``s, no merges and no pruning.
+        model: a timm ``VisionTransformer`` with a CLS token (it ranks the patches; other prefix tokens, a
+            distillation token or registers, are kept like it), timm ``Block``s, no merges and no pruning.
         keep_rate: share of the patch tokens kept at each pruning block, in (0, 1].
         locations: 0-based blocks that prune (default :func:`default_locations`).
 
@@ -134,8 +141,8 @@ def apply_token_pruning(model: nn.Module, keep_rate: float, locations: list[int]
         The same model; ``model.pruning`` is its :class:`PruningState`.
 
     Raises:
-        ValueError: for a keep rate outside (0, 1], locations outside the model, a model with merges or register
-            tokens, or one already patched.
+        ValueError: for a keep rate outside (0, 1], locations outside the model, a model without a class token
+            or with merges, or one already patched.
         TypeError: if a block is not a timm ``Block`` with timm's ``Attention`` (e.g. a pruned model).
     """
     depth = len(model.blocks)
@@ -146,9 +153,10 @@ def apply_token_pruning(model: nn.Module, keep_rate: float, locations: list[int]
         raise ValueError(f"pruning blocks {locations} are outside 0..{depth - 1}")
     if getattr(model, "pruning", None) is not None or getattr(model, "tome", None) is not None or get_layout(model):
         raise ValueError("token pruning is a baseline for the uncompressed model; this one is already patched")
-    if getattr(model, "num_prefix_tokens", 1) != 1 or getattr(model, "cls_token", None) is None:
-        raise ValueError("token pruning needs a ViT with exactly one CLS token and no register tokens")
-    state = PruningState(float(keep_rate), locations)
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError("token pruning (EViT) ranks patches by the CLS token's attention; this model has no class "
+                         "token")
+    state = PruningState(float(keep_rate), locations, prefix=prefix_tokens(model))
     for i, block in enumerate(model.blocks):
         if type(block) is not Block or type(block.attn) is not Attention:
             raise TypeError(f"block {i} is {type(block).__name__} with {type(block.attn).__name__}; token pruning "
@@ -176,14 +184,15 @@ def token_pruning_flops(model: nn.Module, keep_rate: float | None = None, locati
     spec = describe(model)                                   # describe() sees full grids
     locations = (state.locations if state is not None and locations is None else
                  locations if locations is not None else default_locations(len(spec.blocks)))
-    counts = token_counts(prod(model.patch_embed.grid_size), len(spec.blocks), keep_rate, locations)
+    counts = token_counts(prod(model.patch_embed.grid_size), len(spec.blocks), keep_rate, locations, spec.prefix)
+    P = spec.prefix
     total = spec.embed_flops + spec.head_flops
     for b, (n_attn, n_mlp, dropped) in zip(spec.blocks, counts):
         C, Dqk, Dv = b.dim, b.heads * b.qk_dim, b.heads * b.v_dim
         total += n_attn * C * (2 * Dqk + Dv) + n_attn ** 2 * (Dqk + Dv) + n_attn * Dv * C + 2 * n_mlp * C * b.ffn_dim
         if n_attn != n_mlp or dropped:                              # a pruning block
-            # n_attn = 1 + candidates + earlier fused token (0 or 1); n_mlp = 1 + kept + 1; candidates = kept + dropped
-            earlier_fused = n_attn - 1 - (n_mlp - 2) - dropped
+            # n_attn = P + candidates + earlier fused token (0 or 1); n_mlp = P + kept + 1; candidates = kept + dropped
+            earlier_fused = n_attn - P - (n_mlp - P - 1) - dropped
             fused_in = dropped + earlier_fused                        # what the new fused token averages
             total += b.heads * n_attn * b.qk_dim + fused_in * C        # CLS-attention scores, the fused average
     return total

@@ -6,7 +6,7 @@ between the attention and the MLP, with no training:
 1. *Bipartite soft matching.* The block's keys, averaged over heads, are the similarity metric. Patch tokens are split
    alternately into sets A (even positions) and B (odd positions); each A token's most similar B token (cosine) is
    its edge; the ``r`` A tokens with the most similar edges are merged into their B partners, the other A tokens and
-   all B tokens are kept. The CLS token is never merged.
+   all B tokens are kept. The prefix tokens (CLS, a distillation token, registers) are never merged.
 2. *Weighted merging.* Each token carries a size (how many patches it stands for); a merge is the size-weighted mean
    and the sizes add.
 3. *Proportional attention.* ``softmax(q·kᵀ/√d + log s)``: a key that stands for ``s`` patches counts ``s`` times.
@@ -31,7 +31,7 @@ import torch.nn as nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-from ..models.atme import get_layout
+from ..models.atme import get_layout, prefix_tokens
 from ..models.deit import block_outputs
 from ..models.meta import meta_of
 from ..models.spec import describe
@@ -95,15 +95,18 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: i
     return match.merge(x * size) / size_out, size_out
 
 
-def tome_token_counts(num_patches: int, schedule: Sequence[int]) -> list[tuple[int, int]]:
-    """Tokens ``(attention, MLP)`` of each block, CLS included, for a per-block ``r`` schedule.
+def tome_token_counts(num_patches: int, schedule: Sequence[int], prefix: int = 1) -> list[tuple[int, int]]:
+    """Tokens ``(attention, MLP)`` of each block, the ``prefix`` tokens included, for a per-block ``r`` schedule.
 
-    Example: ``tome_token_counts(196, [13] * 12)[0] == (197, 184)``.
+    >>> tome_token_counts(196, [13] * 12)[0]                  # DeiT: CLS + 196 patches
+    (197, 184)
+    >>> tome_token_counts(1369, [100] * 12, prefix=5)[0]     # DINOv2 with 4 registers at 518 px
+    (1374, 1274)
     """
     out, n = [], num_patches
     for r in schedule:
         r = min(int(r), (n + 1) // 2)
-        out.append((1 + n, 1 + n - r))
+        out.append((prefix + n, prefix + n - r))
         n -= r
     return out
 
@@ -116,9 +119,10 @@ class ToMeState:
     """Shared by the blocks of one ToMe model: the ``r`` schedule and, during a forward pass, the token sizes."""
 
     schedule: list[int]
-    size: torch.Tensor | None = None                                   # (B, N, 1), CLS included
+    prefix: int = 1                                                    # tokens before the patches, never merged
+    size: torch.Tensor | None = None                                   # (B, N, 1), prefix tokens included
     trace_source: bool = False                                         # keep `source` (dense outputs need it)
-    source: torch.Tensor | None = None                                 # (B, N − 1, P): token n holds patch p
+    source: torch.Tensor | None = None                                 # (B, N − prefix, L): token n holds patch l
 
 
 def keep_output(module: nn.Module, args, output: torch.Tensor) -> None:
@@ -137,11 +141,11 @@ class ToMeBlock(Block):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                 ) -> torch.Tensor:
-        state, i = self.tome, self.tome_index
+        state, i, P = self.tome, self.tome_index, self.tome.prefix
         if i == 0:                                                     # a new forward pass
             state.size = None
-            P = x.shape[1] - 1
-            state.source = (torch.eye(P, device=x.device, dtype=x.dtype).expand(x.shape[0], P, P)
+            L = x.shape[1] - P                                         # patch tokens
+            state.source = (torch.eye(L, device=x.device, dtype=x.dtype).expand(x.shape[0], L, L)
                             if state.trace_source else None)
         bias = None if state.size is None else state.size.log().transpose(1, 2)[:, None]   # (B, 1, 1, N)
         if attn_mask is not None:
@@ -155,10 +159,10 @@ class ToMeBlock(Block):
             H = self.attn.num_heads
             keys = qkv.reshape(B, N, 3, H, -1)[:, :, 1].mean(dim=2)    # (B, N, d): keys, mean over heads
             size = state.size if state.size is not None else x.new_ones(B, N, 1)
-            match = bipartite_match(keys[:, 1:], r)
-            psize = match.merge(size[:, 1:])
-            x = torch.cat([x[:, :1], match.merge(x[:, 1:] * size[:, 1:]) / psize], dim=1)   # (B, 1 + N − r, C)
-            state.size = torch.cat([size[:, :1], psize], dim=1)
+            match = bipartite_match(keys[:, P:], r)                   # the prefix tokens never merge
+            psize = match.merge(size[:, P:])
+            x = torch.cat([x[:, :P], match.merge(x[:, P:] * size[:, P:]) / psize], dim=1)   # (B, P + N' − r, C)
+            state.size = torch.cat([size[:, :P], psize], dim=1)
             if state.source is not None:
                 state.source = match.merge(state.source)               # each patch stays in exactly one token
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -168,15 +172,17 @@ def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
     """Turn a timm DeiT into its ToMe version, in place (no training; ToMe §3).
 
     Args:
-        model: a timm ``VisionTransformer`` with one CLS token, timm ``Block``s, no ATME merges and no pruning.
+        model: a timm ``VisionTransformer`` (any prefix tokens: CLS, a distillation token, registers, or none; read
+            from ``num_prefix_tokens``), timm ``Block``s, no ATME merges and no pruning. Without a class token, timm's
+            average pooling averages the merged tokens, each once (ToMe's proportional attention only weighs keys).
         r: tokens merged per block: one int for every block (the paper's constant schedule), or one per block.
 
     Returns:
         The same model; ``model.tome`` is its :class:`ToMeState` and ``model.cait_meta.tome`` its schedule.
 
     Raises:
-        ValueError: for a negative ``r``, a schedule of the wrong length, a model with merges or register tokens, or
-            one already patched.
+        ValueError: for a negative ``r``, a schedule of the wrong length, a model with merges, or one already
+            patched.
         TypeError: if a block is not a timm ``Block`` with timm's ``Attention`` (e.g. a pruned model).
     """
     depth = len(model.blocks)
@@ -187,9 +193,7 @@ def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
         raise ValueError("model already has ToMe applied")
     if get_layout(model):
         raise ValueError("ToMe is a baseline for the uncompressed model; this one has an ATME layout")
-    if getattr(model, "num_prefix_tokens", 1) != 1 or getattr(model, "cls_token", None) is None:
-        raise ValueError("ToMe here needs a ViT with exactly one CLS token and no register tokens")
-    state = ToMeState(schedule)
+    state = ToMeState(schedule, prefix=prefix_tokens(model))
     for i, block in enumerate(model.blocks):
         if type(block) is not Block or type(block.attn) is not Attention:
             raise TypeError(f"block {i} is {type(block).__name__} with {type(block.attn).__name__}; ToMe patches "
@@ -220,10 +224,11 @@ def tome_flops_by_block(model: nn.Module, schedule: Sequence[int] | None = None)
     spec = describe(model)                                             # describe() ignores ToMe: full grids
     patches = prod(model.patch_embed.grid_size)
     out = {"patch_embed": spec.embed_flops}
-    for i, (b, (n_attn, n_mlp), r) in enumerate(zip(spec.blocks, tome_token_counts(patches, schedule), schedule)):
+    counts = tome_token_counts(patches, schedule, spec.prefix)
+    for i, (b, (n_attn, n_mlp), r) in enumerate(zip(spec.blocks, counts, schedule)):
         C, Dqk, Dv = b.dim, b.heads * b.qk_dim, b.heads * b.v_dim
         f = n_attn * C * (2 * Dqk + Dv) + n_attn ** 2 * (Dqk + Dv) + n_attn * Dv * C + 2 * n_mlp * C * b.ffn_dim
-        p = n_attn - 1                                                 # patch tokens entering the merge
+        p = n_attn - spec.prefix                                       # patch tokens entering the merge
         if min(r, (p + 1) // 2) > 0:
             f += ((p + 1) // 2) * (p // 2) * b.qk_dim                      # |A|·|B|·d_h cosine similarities
         out[f"blocks.{i}"] = f
@@ -295,6 +300,6 @@ def tome_dense_intermediates(model: nn.Module, x: torch.Tensor, indices: list[in
             h.remove()
     maps = []
     for i, tokens in zip(sorted(sources), outs):
-        patches = sources[i].transpose(1, 2) @ tokens[:, 1:]                  # (B, P, C): each patch its token's value
+        patches = sources[i].transpose(1, 2) @ tokens[:, state.prefix:]       # (B, L, C): each patch its token's value
         maps.append(patches.transpose(1, 2).reshape(tokens.shape[0], -1, H, W))
     return maps

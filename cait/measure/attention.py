@@ -15,7 +15,7 @@ from timm.layers import Attention
 
 from ..data.synthetic import SyntheticShapes
 from ..layers.pruned_attention import PrunedAttention
-from ..models.atme import model_token_grids, upsample_to_patch_grid
+from ..models.atme import model_token_grids, prefix_tokens, upsample_to_patch_grid
 
 
 def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,8 @@ class ClsAttention:
         logits: ``(B, num_classes)``, the model's output for the images.
         block: the block index (non-negative).
         grid: ``(h, w)``.
+        query: ``"cls"`` (the CLS token's row), or ``"mean"`` for a model without a class token (average pooling):
+            the attention each patch receives, averaged over every query token.
     """
 
     maps: torch.Tensor
@@ -63,6 +65,7 @@ class ClsAttention:
     logits: torch.Tensor
     block: int
     grid: tuple[int, int]
+    query: str = "cls"
 
     def mean(self) -> torch.Tensor:
         """Head-mean on the patch grid, ``(B, Hp, Wp)``."""
@@ -80,8 +83,13 @@ class ClsAttention:
 def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> ClsAttention:
     """The CLS token's attention over the patches in one block, per head (docs/method.md: CLS attention).
 
+    Prefix tokens (a distillation token, registers) are read from the model and left out of the maps, so a map covers
+    the patches alone; registers take some of the CLS token's attention, so its patch maps sum to less. A model
+    without a class token has no CLS row: its maps are the attention each patch receives, averaged over all queries
+    (``query="mean"``).
+
     Args:
-        model: any DeiT built by this package (original, ATME, compactor or compact).
+        model: any plain ViT built by this package (original, ATME, compactor or compact).
         images: ``(B, 3, S, S)``, normalised as the model expects (see :func:`cait.data.photos.preprocess`).
         block: block index, negative from the end (default: the last block).
 
@@ -104,9 +112,11 @@ def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> Cl
         handle.remove()
     probs = attention_probs(attn, captured["x"])                    # (B, H, N, N)
     h, w = model_token_grids(model)[block]
-    maps = probs[:, :, 0, 1:].reshape(probs.shape[0], probs.shape[1], h, w)
+    P, has_cls = prefix_tokens(model), getattr(model, "cls_token", None) is not None
+    rows = probs[:, :, 0, P:] if has_cls else probs[:, :, :, P:].mean(dim=2)   # (B, H, h·w)
+    maps = rows.reshape(probs.shape[0], probs.shape[1], h, w)
     return ClsAttention(maps=maps, patch_maps=upsample_to_patch_grid(maps, model, block=block), logits=logits,
-                        block=block, grid=(h, w))
+                        block=block, grid=(h, w), query="cls" if has_cls else "mean")
 
 
 __all__ = ["ClsAttention", "attention_in_mask", "attention_probs", "cls_attention", "localisation_score"]
