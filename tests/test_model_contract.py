@@ -8,6 +8,12 @@ backward; agree between forward and forward_features + forward_head; take a new 
 each block's grid (or on the patch grid with ``dense=True``); match between the fused and the manual attention path;
 trace (jit) and export (torch.export) to the same outputs; resize; count the same FLOPs with fvcore and the closed
 form; run in bf16; round-trip through save/load exactly.
+
+The family matrix (end of the file) runs the registry :data:`cait.models.family.TESTED`: 22 timm names in eight
+families (ViT, DeiT, distilled DeiT, DeiT III, DINOv2 with and without registers, CLIP, SigLIP), each a small
+configuration of its real class, and checks what differs between families: FLOPs against fvcore, ATME at
+initialisation against pair averages with the prefix tokens passed, compact against masked, dense features on the
+patch grid, checkpoint, trace and export.
 """
 import copy
 
@@ -168,3 +174,102 @@ def test_save_and_load_round_trip_exactly(model, tmp_path):
         assert torch.equal(loaded(x), model(x))
     assert loaded.pretrained_cfg["num_classes"] == model.num_classes and loaded.pretrained_cfg["hf_hub_id"] is None
     assert cait.get_layout(loaded) == cait.get_layout(model) and type(loaded) is type(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The family matrix (issue "CAIT for the ViTs people compress today", item 6): every name of the registry
+# (cait.models.family.TESTED), a small configuration of its real timm class (3 blocks, C = 48, 3 heads, a 4×4 grid,
+# or 5×5 for DINOv2 as at its 518 px default), its CAIT twin without half of its blocks' FLOPs (at C = 48 the patch
+# embedding is a large share, so half of the whole model is out of reach for patch 32).
+# ----------------------------------------------------------------------------------------------------------------
+from cait.models.family import NOT_YET, TESTED  # noqa: E402
+
+FAMILY_NAMES = [(family, name) for family, names in TESTED.items() for name in names]
+_FAMILY_BUILT: dict[str, tuple] = {}
+
+
+def family_pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+    """``(original, twin, reduction)``: the small configuration (perturbed weights, 10 classes), ``cait.compress`` of
+    it, and the FLOPs reduction asked for (half of the blocks' share)."""
+    if name not in _FAMILY_BUILT:
+        import timm
+        from cait.models.spec import describe
+        torch.manual_seed(0)
+        patch = timm.create_model(name, pretrained=False, depth=1, device="meta").patch_embed.patch_size[0]
+        side = 5 if "dinov2" in name else 4
+        original = randomize_(timm.create_model(name, pretrained=False, depth=3, embed_dim=48, num_heads=3,
+                                                img_size=side * patch, num_classes=10).eval(), std=0.05)
+        spec = describe(original)
+        target = 0.5 * sum(b.flops() for b in spec.blocks) / spec.flops()
+        _FAMILY_BUILT[name] = (original, cait.compress(original, target, round_to=4).eval(), target)
+    return _FAMILY_BUILT[name]
+
+
+def test_the_registry_spans_the_families_the_issue_names():
+    assert len(FAMILY_NAMES) >= 20 and set(TESTED) >= {"vit", "deit", "deit_distilled", "deit3", "dinov2",
+                                                       "dinov2_registers", "clip", "siglip"}
+
+
+@pytest.mark.parametrize("family,name", FAMILY_NAMES)
+def test_every_family_compresses_to_half_its_blocks_flops_with_timm_s_contract(family, name):
+    original, twin, target = family_pair(name)
+    x = x_for(original)
+    assert cait.analytic_flops(original) == cait.count_flops(original)          # closed form = fvcore, both
+    assert cait.analytic_flops(twin) == cait.count_flops(twin)
+    assert 1 - cait.count_flops(twin) / cait.count_flops(original) == pytest.approx(target, abs=0.01)
+    with torch.no_grad():
+        out = twin(x)
+        assert out.shape == (2, 10) and torch.isfinite(out).all()
+        assert torch.allclose(twin.forward_head(twin.forward_features(x)), out, atol=1e-6)
+        H, W = original.patch_embed.grid_size
+        dense = twin.forward_intermediates(x, indices=[0, -1], intermediates_only=True, dense=True)
+        assert [tuple(t.shape) for t in dense] == [(2, 48, H, W)] * 2           # dense features: the patch grid
+
+
+@pytest.mark.parametrize("family,name", FAMILY_NAMES)
+def test_every_family_merges_by_pair_average_at_initialisation(family, name):
+    from cait.layers.token_merge import pool_pairs
+    from cait.models.atme import prefix_tokens
+    original, _, _ = family_pair(name)
+    merged = cait.apply_atme(copy.deepcopy(original), "h1")
+    seen = {}
+    merged.blocks[1].merge.register_forward_hook(lambda m, a, out: seen.update(x=a[0], y=out))
+    with torch.no_grad():
+        merged(x_for(original))
+    P, (H, W), (B, _, C) = prefix_tokens(original), original.patch_embed.grid_size, seen["x"].shape
+    torch.testing.assert_close(seen["y"][:, :P], seen["x"][:, :P])
+    torch.testing.assert_close(seen["y"][:, P:], pool_pairs(seen["x"][:, P:].reshape(B, H, W, C), "h").reshape(B, -1, C))
+
+
+@pytest.mark.parametrize("family,name", FAMILY_NAMES)
+def test_every_family_compact_model_equals_its_masked_compactor_model(family, name):
+    from cait.models.spec import describe
+    from test_prune import random_consistent_mask, zero_masked_rows_
+    original, _, _ = family_pair(name)
+    model = randomize_(cait.add_compactors(cait.apply_atme(copy.deepcopy(original), "h1")), seed=7, std=0.05)
+    mask = random_consistent_mask(describe(model), seed=3)
+    zero_masked_rows_(model, mask)
+    x = x_for(original)
+    with torch.no_grad():
+        torch.testing.assert_close(cait.prune(copy.deepcopy(model), mask)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,name", FAMILY_NAMES)
+def test_every_family_twin_saves_loads_and_exports_to_the_same_function(family, name, tmp_path):
+    _, twin, _ = family_pair(name)
+    x, other = x_for(twin), x_for(twin, batch=3, seed=1)
+    loaded = cait.load_pretrained(cait.save_pretrained(twin, tmp_path / "twin"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), twin(x)) and type(loaded) is type(twin)
+        traced = torch.jit.trace(loaded, x, check_trace=False)
+        assert torch.allclose(traced(other), twin(other), atol=1e-5)
+        program = torch.export.export(loaded, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+        assert torch.allclose(program.module()(other), twin(other), atol=1e-5)
+
+
+@pytest.mark.parametrize("family,name", [(f, n) for f, names in NOT_YET.items() for n in names])
+def test_families_not_supported_yet_are_refused_naming_what_they_lack(family, name):
+    import timm
+    model = timm.create_model(name, pretrained=False, depth=1, device="meta")
+    with pytest.raises(ValueError, match={"eva02": "Eva", "dinov3": "Eva", "siglip_map": "attention-pooling"}[family]):
+        cait.compress(model, 0.5)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.models._features import feature_take_indices
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers.token_merge import TokenMerge, pool_pairs
@@ -138,6 +139,15 @@ class ATMEVisionTransformer(VisionTransformer):
             self.blocks[i].merge.out_grid = grids[i]
 
 
+class ATMEVisionTransformerDistilled(ATMEVisionTransformer, VisionTransformerDistilled):
+    """A distilled DeiT (CLS + distillation token, timm's ``VisionTransformerDistilled``) with ATME merges: the
+    grid-aware methods of :class:`ATMEVisionTransformer` over timm's distilled forward."""
+
+
+ATME_CLASSES = {VisionTransformer: ATMEVisionTransformer, VisionTransformerDistilled: ATMEVisionTransformerDistilled}
+"""timm class → the class :func:`apply_atme` swaps it to."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A model's grids
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,8 +204,8 @@ def apply_atme(model: nn.Module, layout: LayoutLike) -> nn.Module:
         ref = next(block.parameters())
         block.__class__ = MergeBlock
         block.merge = merge.to(device=ref.device, dtype=ref.dtype)
-    if layout and type(model) is VisionTransformer:
-        model.__class__ = ATMEVisionTransformer                          # grid-aware intermediates and resizing
+    if layout and type(model) in ATME_CLASSES:
+        model.__class__ = ATME_CLASSES[type(model)]                      # grid-aware intermediates and resizing
     return model
 
 

@@ -20,6 +20,29 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers.pruned_attention import PrunedAttention
 
+TESTED: dict[str, tuple[str, ...]] = {
+    "vit": ("vit_tiny_patch16_224", "vit_small_patch32_224", "vit_base_patch16_224.augreg_in21k_ft_in1k",
+            "vit_small_patch16_224.dino", "vit_medium_patch16_gap_256"),
+    "deit": ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_384"),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224"),
+    "deit3": ("deit3_small_patch16_224", "deit3_medium_patch16_224", "deit3_base_patch16_384"),
+    "dinov2": ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2"),
+    "dinov2_registers": ("vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2"),
+    "clip": ("vit_base_patch16_clip_224.openai", "vit_base_patch32_clip_224", "vit_base_patch16_clip_quickgelu_224"),
+    "siglip": ("vit_base_patch16_siglip_gap_224", "vit_base_patch32_siglip_gap_256"),
+}
+"""The families CAIT supports, each with the timm names its contract matrix runs (``tests/test_model_contract.py``:
+small configurations of the real classes). Support itself is decided by the model's modules
+(:func:`unsupported_reason`), so other names of these classes work too; ``benchmarks/families.py`` checks every
+timm ViT name."""
+
+NOT_YET: dict[str, tuple[str, ...]] = {
+    "eva02": ("eva02_tiny_patch14_224",),
+    "dinov3": ("vit_small_patch16_dinov3",),
+    "siglip_map": ("vit_base_patch16_siglip_224",),
+}
+"""Families refused today, each with a name whose refusal the tests check."""
+
 NOT_PLAIN = {
     "Eva": "Eva (EVA-02, DINOv3): separate q/k/v projections, SwiGLU MLPs and rotary position embedding are not "
            "supported yet",
