@@ -27,6 +27,7 @@ from .io.bundled import BundledPair, bundled_pair
 from .io.checkpoint import CheckpointError, save_pretrained
 from .io.export import export_model
 from .io.hub import load_pretrained, push_to_hub
+from .io.source import ModelSource, create_model          # a timm name, hf-hub:owner/name, a directory, "bundled"
 from .layers.pruned_attention import PrunedAttention
 from .measure.attention import ClsAttention, attention_in_mask, attention_probs, cls_attention, localisation_score
 from .measure.flops import analytic_flops, count_flops, count_params, flops_by_block
@@ -34,7 +35,7 @@ from .measure.frontier import Candidate, LayoutSearch, search_layouts
 from .measure.speed import compare_throughput, measure_throughput, resolve_device
 from .models.atme import apply_atme, get_layout, upsample_to_patch_grid
 from .models.compactors import add_compactors, has_compactors, iter_compactors
-from .models.deit import DEIT_MODELS, TEST_MODEL, WeightsInfo, create_model   # registers the tiny test DeiT
+from .models.deit import DEIT_MODELS, TEST_MODEL, WeightsInfo   # registers the tiny test DeiT
 from .models.layout import Layout, format_layout, parse_layout
 from .models.spec import describe
 
@@ -51,7 +52,7 @@ __all__ = [
     "compress",
     "analytic_flops", "count_flops", "count_params", "describe", "flops_by_block",
     "Layout", "apply_atme", "format_layout", "get_layout", "parse_layout", "upsample_to_patch_grid",
-    "DEIT_MODELS", "TEST_MODEL", "WeightsInfo", "create_model",
+    "DEIT_MODELS", "TEST_MODEL", "WeightsInfo", "ModelSource", "create_model",
     "BudgetSplit", "atme_reduction", "plan_atme", "split_budget",
     "PrunedAttention", "fold_compactors", "prune",
     "ChannelMask", "ChannelScores", "compactor_scores", "select_channels", "weight_scores",

@@ -108,3 +108,20 @@ def test_a_checkpoint_without_the_record_still_loads(tmp_path):
               metadata={"format": config["format"], "config_sha256": architecture_hash(config)})
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(load_checkpoint(path)(x), model(x))
+
+
+def test_the_compress_command_line_takes_any_supported_timm_name(tmp_path, capsys, monkeypatch):
+    """``python -m cait.compress --model deit3_small_patch16_224`` (the issue's first refusal) writes a twin that
+    loads; random weights here (the Hub is switched off), and the summary says so."""
+    from cait.cli.compress import main as compress_main
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "twin"
+    assert compress_main(["--model", "deit3_small_patch16_224", "--flops-reduction", "0.5", "--calibration", "none",
+                          "--round-to", "8", "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "random initialisation" in summary["weights"] and summary["flops"] <= 0.51 * summary["base_flops"]
+    loaded = cait.load_pretrained(out)
+    assert ViTArch.of(loaded).layer_scale and read_config(out)["base_model"] == "deit3_small_patch16_224"
+    assert compress_main(["--model", "swin_tiny_patch4_window7_224", "--flops-reduction", "0.5",
+                          "--output", str(tmp_path / "swin")]) == 2
+    assert "Swin: windowed attention" in capsys.readouterr().err and not (tmp_path / "swin").exists()

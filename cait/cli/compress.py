@@ -19,7 +19,6 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -28,18 +27,18 @@ from ..compress.oneshot import compress
 from ..data.calibration import CALIBRATION_SOURCES
 from ..data.datasets import DataError
 from ..io.checkpoint import CheckpointError, save_pretrained
-from ..io.hub import load_pretrained
 from ..measure.flops import count_flops, count_params
 from ..measure.frontier import search_layouts
-from ..models.deit import create_model
+from ..io.source import create_model
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m cait.compress``: compress, report, save. Exit 2 with an ``error:`` line on bad input."""
     p = argparse.ArgumentParser(prog="python -m cait.compress", description=__doc__.split("\n\n")[0].strip("`"),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="timm DeiT name (timm weights when the Hub is reachable) or a "
-                                                  "checkpoint directory of an uncompressed model")
+    p.add_argument("--model", required=True, help="a timm ViT name (timm's weights when the Hub is reachable), "
+                                                  "hf-hub:owner/name[@revision], a checkpoint directory of an "
+                                                  "uncompressed model, or 'bundled'")
     p.add_argument("--flops-reduction", type=float, required=True, help="total FLOPs reduction R in [0, 1)")
     p.add_argument("--merge", default=None, help="explicit ATME layout, e.g. h4,v7, or 'none' (CDCP only); "
                                                  "default: planned by --plan")
@@ -61,13 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if torch.cuda.is_available() is False and a.device == "cuda":
             raise ValueError("CUDA was asked for, but torch sees no GPU here; use --device cpu")
-        if Path(a.model).is_dir():
-            model = load_pretrained(a.model, a.device)
-            source = f"checkpoint {a.model}"
-        else:
-            model, info = create_model(a.model, pretrained=True)
-            model = model.to(a.device)
-            source = info.detail
+        model, info = create_model(a.model, pretrained=True)
+        model, source = model.to(a.device), info.detail
         bar = None
         if sys.stderr.isatty():
             bar = tqdm(desc="cait.compress", bar_format="{desc} [{elapsed}]")
