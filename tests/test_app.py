@@ -186,3 +186,25 @@ def test_auto_layout_runs_the_measured_planner_and_says_what_it_chose(monkeypatc
                         lambda name, pretrained: (tiny(), WeightsInfo("random", "random weights")))
     with pytest.raises(ValueError, match="ATME layout: auto .* means nothing for random weights"):
         Studio(device="cpu", bundled=None, calibration_size=8).pair("deit:deit_small_patch16_224", 0.5, "auto")
+
+
+@pytest.mark.parametrize("name", sorted(__import__("cait.studio.catalogue", fromlist=["CURATED"]).CURATED))
+def test_every_curated_vit_pairs_with_its_twin_and_shows_its_attention(name, monkeypatch):
+    """The Model list's non-DeiT ViTs (issue "CAIT for the ViTs people compress today", item 5), offline (random
+    weights, said so): each builds its twin at 50% fewer FLOPs and shows both attention maps; a feature backbone has
+    no top-5 and says why; SigLIP's maps (no class token) are the attention each patch receives."""
+    from cait.studio.catalogue import CURATED
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    studio = Studio(device="cpu", bundled=None, calibration_size=0)
+    pair = studio.pair(f"timm:{name}", 0.5, "")
+    flops = {k: sum(v.values()) for k, v in pair.flops().items()}
+    assert flops["compressed"] <= 0.505 * flops["original"] and flops["tome"] <= 0.51 * flops["original"]
+    status = studio.status(pair)
+    assert CURATED[name] in status and "random initialisation" in status
+    view = attention_view(pair, load_sample(PHOTO, None, pair.original.patch_embed.img_size[0], 10 ** 7), -1)
+    assert view.original_mean.size == view.compressed_mean.size
+    assert len(view.compressed_heads) == pair.original.blocks[0].attn.num_heads
+    if pair.original.num_classes == 0:
+        assert view.original_top5 == {} and "a feature backbone without a classifier" in view.classes_note
+    else:
+        assert len(view.original_top5) == 5 and "ImageNet-1k" in view.classes_note

@@ -1,10 +1,13 @@
 """Which models the app offers: one typed identity, :class:`ModelRef`, and the list the Model dropdown shows.
 
-A model is a timm DeiT by name, the bundled offline pair, or a finished fine-tune job. Its :attr:`ModelRef.key` is
-the one spelling that travels (the dropdown's value, the API's argument, the pair cache's key)::
+A model is a timm DeiT by name, one of a curated few other timm ViTs (:data:`CURATED`), the bundled offline pair,
+or a finished fine-tune job. Its :attr:`ModelRef.key` is the one spelling that travels (the dropdown's value, the
+API's argument, the pair cache's key)::
 
     >>> ModelRef.parse("deit:deit_small_patch16_224"), ModelRef.parse("bundled")
     (ModelRef(kind='deit', name='deit_small_patch16_224'), ModelRef(kind='bundled', name=''))
+    >>> ModelRef.parse("timm:vit_small_patch14_reg4_dinov2").key
+    'timm:vit_small_patch14_reg4_dinov2'
     >>> ModelRef.parse("job:20261201-101500-ab12cd34ef56").name
     '20261201-101500-ab12cd34ef56'
 
@@ -21,20 +24,31 @@ from .jobs.manager import JobManager
 from .jobs.model import Job, check_job_id
 
 BUNDLED_LABEL = "DeiT-Tiny, trained on synthetic shapes (bundled, works offline)"
-KINDS = ("deit", "bundled", "job")
+KINDS = ("deit", "timm", "bundled", "job")
+CURATED: dict[str, str] = {
+    "deit3_small_patch16_224": "DeiT III-S (LayerScale, ImageNet-1k head)",
+    "vit_small_patch14_reg4_dinov2": "DINOv2-S with 4 registers (518 px, a feature backbone)",
+    "vit_small_patch16_224.augreg_in21k_ft_in1k": "ViT-S AugReg (ImageNet-21k → 1k)",
+    "vit_base_patch16_clip_224.openai_ft_in1k": "CLIP ViT-B/16 (OpenAI, fine-tuned on ImageNet-1k; pre-norm)",
+    "vit_base_patch16_siglip_gap_224": "SigLIP-B/16 (no class token, average pooling; a feature backbone)",
+}
+"""Other plain ViTs the Model list offers beside the paper's DeiTs, timm name → label (every one compresses:
+``tests/test_app.py`` builds each). EVA-02 and DINOv3 (timm's Eva class) are not supported yet."""
+MODEL_NAMES = {**DEIT_MODELS, **CURATED}
+"""Every timm name the list offers, with its label."""
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model the app can pair with its twin: ``kind`` ``"deit"`` (``name`` a timm DeiT), ``"bundled"`` or ``"job"``
-    (``name`` a job id)."""
+    """A model the app can pair with its twin: ``kind`` ``"deit"`` (``name`` a timm DeiT), ``"timm"`` (``name`` one of
+    :data:`CURATED`), ``"bundled"`` or ``"job"`` (``name`` a job id)."""
 
     kind: str
     name: str = ""
 
     @property
     def key(self) -> str:
-        """``"deit:<timm name>"``, ``"bundled"`` or ``"job:<id>"``."""
+        """``"deit:<timm name>"``, ``"timm:<timm name>"``, ``"bundled"`` or ``"job:<id>"``."""
         return "bundled" if self.kind == "bundled" else f"{self.kind}:{self.name}"
 
     @classmethod
@@ -50,6 +64,8 @@ class ModelRef:
             return cls("bundled")
         if kind == "deit" and (name in DEIT_MODELS or name == TEST_MODEL):
             return cls("deit", name)
+        if kind == "timm" and name in CURATED:
+            return cls("timm", name)
         if kind == "job":
             try:
                 return cls("job", check_job_id(name))
@@ -95,6 +111,7 @@ class Catalogue:
         ``viewer`` may use (:meth:`cait.studio.jobs.manager.JobManager.visible`)."""
         out = [(BUNDLED_LABEL, BUNDLED.key)] if self.bundled is not None else []
         out += [(label, ModelRef("deit", name).key) for name, label in DEIT_MODELS.items()]
+        out += [(label, ModelRef("timm", name).key) for name, label in CURATED.items()]
         if self.jobs is not None:
             out += [(job_label(j), ModelRef("job", j.id).key) for j in self.jobs.finished()
                     if self.jobs.visible(j, viewer)]

@@ -12,7 +12,7 @@ from timm.data import ImageNetInfo
 
 from ..data.synthetic import CLASSES
 from ..io.bundled import BundledPair
-from ..models.deit import DEIT_MODELS
+from .catalogue import MODEL_NAMES
 from ..models.meta import meta_of
 
 ABOVE_TEACHER = ("It scores above its teacher: the fine-tune was also more training than the teacher had at this "
@@ -84,7 +84,7 @@ def _twin_status(pair) -> list[str]:
     structure = (f"**CAIT twin:** ATME layout `{meta.merge}` ({100 * (meta.atme_reduction or 0):.1f}% of FLOPs) + "
                  "CDCP channel pruning" if meta.merge else "**CAIT twin, CDCP only (no merges):** channel pruning")
     return [
-        f"**Device:** `{pair.device}` · **Model:** {DEIT_MODELS.get(pair.ref.name, pair.ref.key)} (`{pair.ref.name}`)",
+        f"**Device:** `{pair.device}` · **Model:** {MODEL_NAMES.get(pair.ref.name, pair.ref.key)} (`{pair.ref.name}`)",
         weights,
         f"{structure} → {fo / 1e9:.3f} → {fc / 1e9:.3f} GFLOPs ({100 * (1 - fc / fo):.1f}% fewer). "
         + planner_text(meta.planner) + how,
@@ -128,6 +128,9 @@ def classes_note(model: nn.Module) -> str:
         return "**Classes:** ImageNet-1k (1000)."
     if labels:
         return f"**Classes:** {len(labels)} ({', '.join(labels[:12])}{', …' if len(labels) > 12 else ''})."
+    if getattr(model, "num_classes", None) == 0:
+        return ("**Classes:** none: a feature backbone without a classifier (its output is a feature vector, so "
+                "there is no top-5; compare the attention maps and the cost).")
     return f"**Classes:** {getattr(model, 'num_classes', '?')}, unnamed."
 
 
