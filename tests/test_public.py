@@ -406,6 +406,19 @@ def test_local_mode_keeps_full_power_and_validates_at_submit(tmp_path):
         public.submit(**dict(LONG, steps=100, report_to="trackio"))
     with pytest.raises(JobError, match="Calibration images: 5000 is not a whole number from 0 to 2000 on this public"):
         public.submit(**dict(LONG, steps=100, labels="none", calibrate=5000))
+    # Every other numeric option is bounded too: a hostile API call cannot ask for 10^9 held-out images, an LR of
+    # 10^9, NaN, a negative Mixup or data-loader workers on a public Space.
+    for bad, match in ((dict(val_size=10**9), "Held-out images: 1000000000 is not a whole number from 1 to 2000 on "
+                                              "this public Space"),
+                       (dict(lr=1e9), r"Learning rate: 1000000000.0 is outside 1e-08 to 1"),
+                       (dict(lr=float("nan")), "Learning rate: nan is outside"),
+                       (dict(mixup=-5.0), "mixup: -5.0 is outside 0 to 10"),
+                       (dict(synthetic_size=10**12), "synthetic_size: 1000000000000 is not a whole number"),
+                       (dict(workers=4), "workers: 4 is not a whole number from 0 to 0 on this public Space"),
+                       (dict(distill_alpha=2.0), "distill_alpha: 2.0 is outside 0 to 1"),
+                       (dict(merge=["h4"]), "Layout: must be a layout")):
+        with pytest.raises(JobError, match=match):
+            public.submit(**dict(LONG, steps=100, **bad))
     assert not list((tmp_path / "public").glob("jobs/*/job.json"))          # nothing refused was written
     assert host_warning("0.0.0.0", 7860, Limits(public=False)).startswith("warning: listening on 0.0.0.0")
     assert host_warning("127.0.0.1", 7860, Limits(public=False)) is None

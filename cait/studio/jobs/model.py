@@ -31,7 +31,7 @@ JOB_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4,12}$")
 UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
 FIELD_NAMES = {"model": "Model", "data": "Data", "flops_reduction": "FLOPs reduction", "steps": "Steps",
                "batch_size": "Batch size", "img_size": "Image size", "backbone": "Backbone", "baseline": "Baseline",
-               "backbone_lr": "Backbone LR (end to end)", "lr": "Decoder LR", "merge": "Layout",
+               "backbone_lr": "Backbone LR (end to end)", "lr": "Learning rate", "merge": "Layout",
                "train_size": "Training images", "val_size": "Held-out images", "labels": "Targets",
                "temperature": "Temperature", "token_distill": "Token distillation",
                "token_distill_blocks": "Token distillation blocks", "calibrate": "Calibration images",

@@ -66,6 +66,7 @@ def validate_request(args: dict, limits: Limits, uploads: Path, upload: Path | N
     if size is not None and (not isinstance(size, int) or not 16 <= size <= limits.img_size_cap()):
         raise _bad("img_size", f"{size!r} is outside 16 to {limits.img_size_cap()}")
     _label_free(args, limits)
+    _finetune_numbers(args, limits)
     args["model"] = _model(str(args.get("model", FinetuneConfig.model)).strip(), limits)
     if args.get("labels") == "none" and not Path(args["model"]).is_dir() and args.get("pretrained") is not True:
         raise _bad("labels", "the original's predictions teach only with trained weights: choose the bundled model, "
@@ -73,6 +74,38 @@ def validate_request(args: dict, limits: Limits, uploads: Path, upload: Path | N
     args["data"] = _data(str(args.get("data", "synthetic")).strip() or "synthetic", limits, uploads,
                          label_free=args.get("labels") == "none", upload=upload)
     return args
+
+
+FINETUNE_NUMBERS = {"atme_share": (0.0, 1.0), "lr": (1e-8, 1.0), "min_lr": (0.0, 1.0), "lr_warmup": (0.0, 1.0),
+                    "weight_decay": (0.0, 1.0), "compactor_beta1": (0.0, 0.9999), "label_smoothing": (0.0, 0.99),
+                    "mixup": (0.0, 10.0), "cutmix": (0.0, 10.0), "token_labels": (0.0, 100.0), "lasso": (0.0, 1.0),
+                    "cdcp_warmup": (0.0, 1.0), "cdcp_ramp": (0.0, 1.0)}
+FINETUNE_OPTIONAL = {"compactor_lr": (1e-8, 1.0), "mask_shrink": (0.0, 1.0), "distill_alpha": (0.0, 1.0)}
+FINETUNE_WHOLE = {"mask_interval": (1, 10**6), "min_channels": (1, 4096), "round_to": (1, 256),
+                  "eval_interval": (1, 10**7), "log_interval": (1, 10**7), "ckpt_interval": (1, 10**7),
+                  "seed": (0, 2**31 - 1)}
+"""Bounds of the fine-tune options a request may set beyond steps, batch, reduction and the label-free ones: a
+value outside them (or NaN, or of the wrong type) is refused, naming the field, before anything is written."""
+
+
+def _finetune_numbers(args: dict, limits: Limits) -> None:
+    """Every other numeric option of a fine-tune request, against :data:`FINETUNE_NUMBERS` and the image counts
+    against what this server allows (public: :data:`PUBLIC_MAX_IMAGES` held-out images, no data-loader workers)."""
+    for key, (lo, hi) in FINETUNE_NUMBERS.items():
+        _number(args, key, lo, hi, cls=FinetuneConfig)
+    for key, (lo, hi) in FINETUNE_OPTIONAL.items():
+        _number(args, key, lo, hi, optional=True, cls=FinetuneConfig)
+    for key, (lo, hi) in FINETUNE_WHOLE.items():
+        _whole(args, key, lo, hi, FinetuneConfig)
+    public = limits.public
+    _whole(args, "val_size", 1, PUBLIC_MAX_IMAGES if public else 1_000_000, FinetuneConfig, public)
+    _whole(args, "synthetic_size", 1, 10**6 if public else 10**9, FinetuneConfig, public)
+    _whole(args, "workers", 0, 0 if public else 64, FinetuneConfig, public)
+    merge = args.get("merge")
+    if merge is not None and (not isinstance(merge, str) or len(merge) > 100):
+        raise _bad("merge", "must be a layout such as 'h4,v9', 'none' or 'auto'")
+    if not isinstance(args.get("amp", True), bool):
+        raise _bad("amp", "must be true or false")
 
 
 def _label_free(args: dict, limits: Limits) -> None:
@@ -115,8 +148,8 @@ def _whole(args: dict, key: str, lo: int, hi: int, cls=SegmentConfig, public: bo
     return v
 
 
-def _number(args: dict, key: str, lo: float, hi: float, optional: bool = False) -> float | None:
-    v = args.get(key, getattr(SegmentConfig, key))
+def _number(args: dict, key: str, lo: float, hi: float, optional: bool = False, cls=SegmentConfig) -> float | None:
+    v = args.get(key, getattr(cls, key))
     if v is None and optional:
         return None
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
