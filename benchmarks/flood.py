@@ -42,7 +42,7 @@ def flood(i):
             if i % 2:
                 c.predict(None, api_name="/job_status")
             else:
-                c.predict(label, "the data's labels", "synthetic", uploaded, 0.5, 20, 8, "cpu",
+                c.predict(label, "the data's labels", "synthetic", uploaded, 0.5, 20, 8, "cpu", 128, 256,
                           api_name="/start_finetune")
             counts["answered"] += 1
         except Exception as e:

@@ -133,6 +133,18 @@ def test_click_through_attention_finetune_and_compare(app_url):
         expect(page.locator("#twin-file")).to_contain_text(".zip", timeout=120_000)
 
         lap("model switch, builds, download")
+        # A ViT beyond DeiT (issue "CAIT for the ViTs people compress today"): DeiT III-S with LayerScale, its twin
+        # built by itself, both attention maps; the Cost tab below measures this pair.
+        from cait.studio.catalogue import CURATED
+        _pick(page, "model", CURATED["deit3_small_patch16_224"])
+        expect(status).to_contain_text("deit3_small_patch16_224", timeout=180_000)
+        expect(status).to_contain_text("fewer", timeout=180_000)
+        page.get_by_role("tab", name="Attention").click()
+        page.get_by_role("button", name="Show CLS attention").click()
+        expect(page.get_by_text("head 5", exact=True).first).to_be_attached(timeout=120_000)   # DeiT III-S: 6 heads
+        expect(body).to_contain_text("ImageNet-1k (1000)")
+        page.screenshot(path=str(ARTIFACTS / "2b-deit3-attention.png"), full_page=True)
+        lap("DeiT III: twin and attention")
         # Cost: ideal speed-up beside the measured one with its spread, the ToMe baseline, the small-batch note.
         page.get_by_role("tab", name="Cost").click()
         expect(body).to_contain_text("Small batches leave the processor partly idle")
@@ -254,6 +266,8 @@ def test_click_through_attention_finetune_and_compare(app_url):
             _pick(page, "ft-targets", "the original's predictions (no labels needed)")
             page.locator("#ft-data textarea").fill("photos")
             page.locator("#ft-steps input").fill("4")
+            page.locator("#ft-calibrate input").fill("16")          # the form's label-free sizes: a small job
+            page.locator("#ft-held-out input").fill("32")
             page.get_by_role("button", name="Start fine-tune").click()
             # The selected job is the new one (not the segmentation job before it) and it finished.
             expect(page.locator("#job-status")).to_contain_text(re.compile(r"Fine-tune job \S+ — done on cpu"),
@@ -262,7 +276,7 @@ def test_click_through_attention_finetune_and_compare(app_url):
             # What a label-free job did: pruned before training (no compactors, so |S| stays 0 by design), its
             # held-out scores with their n, and the Compactors tab shows its kept channels instead of an error.
             expect(page.locator("#job-status")).to_contain_text("pruned before training")
-            expect(page.locator("#job-status")).to_contain_text("(n = ")
+            expect(page.locator("#job-status")).to_contain_text("(n = 32)")
             page.screenshot(path=str(ARTIFACTS / "8d-label-free-job.png"), full_page=True)
             page.get_by_role("tab", name="Compactors").click()
             page.get_by_role("button", name="Show compactors of the selected job").click()

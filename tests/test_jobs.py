@@ -136,10 +136,10 @@ def test_a_label_free_job_without_trained_teacher_weights_is_refused_at_start(tm
     label_free = next(k for k, v in TARGETS.items() if v == "none")
     tiny_test = next(k for k, v in FINETUNE_MODELS.items() if v == cait.TEST_MODEL)
     with pytest.raises(gr.Error, match="teach only with trained weights, and deit_test_patch4_32 has no published"):
-        handlers.on_start(tiny_test, label_free, "synthetic", None, 0.5, 4, 8, "cpu", None)
+        handlers.on_start(tiny_test, label_free, "synthetic", None, 0.5, 4, 8, "cpu", 128, 256, None)
     monkeypatch.setattr(deit, "cached_weights", lambda name: None)
     monkeypatch.setattr(studio.catalogue, "hub_reason", lambda: "huggingface.co unreachable")
     deit_t = next(k for k, v in FINETUNE_MODELS.items() if v == "deit_tiny_patch16_224")
     with pytest.raises(gr.Error, match="not in the local cache and the Hub is out of reach"):
-        handlers.on_start(deit_t, label_free, "synthetic", None, 0.5, 4, 8, "cpu", None)
+        handlers.on_start(deit_t, label_free, "synthetic", None, 0.5, 4, 8, "cpu", 128, 256, None)
     assert jobs.list() == []

@@ -61,7 +61,7 @@ def client(url):
 def start(c, data="synthetic", archive=None, steps=20, batch=8, model=TINY_LABEL, targets="the data's labels"):
     from gradio_client import handle_file
     return c.predict(model, targets, data, handle_file(str(archive)) if archive else None, 0.5, steps, batch, "cpu",
-                     api_name="/start_finetune")
+                     128, 256, api_name="/start_finetune")
 
 
 def test_job_ids_cannot_reach_outside_the_runs_directory(public_app, tmp_path):

@@ -67,6 +67,8 @@ class _Widgets:
     reduction: gr.Slider
     steps: gr.Number
     batch: gr.Number
+    calibrate: gr.Number
+    held_out: gr.Number
     device: gr.Dropdown
     estimate: gr.Button
     start: gr.Button
@@ -108,6 +110,10 @@ def _layout(studio: Studio, models: dict[str, str], devices: list[str], job_ids:
                           info=f"1 to {jobs.limits.steps_cap():,}", elem_id="ft-steps")
         batch = gr.Number(64 if on_gpu else 16, precision=None, label="Batch size (even)",
                           info=f"2 to {jobs.limits.batch_cap():,}")
+        calibrate = gr.Number(LABEL_FREE["calibrate"], precision=None, label="Calibration images (label-free)",
+                              info="unlabelled images the starting twin is calibrated on", elem_id="ft-calibrate")
+        held_out = gr.Number(LABEL_FREE["val_size"], precision=None, label="Held-out images (label-free)",
+                             info="agreement with the original is measured on these", elem_id="ft-held-out")
         device = gr.Dropdown(devices, value=devices[0], label="Device")
         estimate = gr.Button("Estimate time")
         start = gr.Button("Start fine-tune", variant="primary")
@@ -118,7 +124,8 @@ def _layout(studio: Studio, models: dict[str, str], devices: list[str], job_ids:
         job = gr.Dropdown(job_ids, value=(job_ids or [None])[0], label="Job", allow_custom_value=True, elem_id="job")
         cancel = gr.Button("Cancel job", variant="stop")
         use = gr.Button("Compare its model in the other tabs")
-    return _Widgets(ft_model, targets, data, archive, reduction, steps, batch, device, estimate, start, estimated,
+    return _Widgets(ft_model, targets, data, archive, reduction, steps, batch, calibrate, held_out, device, estimate,
+                    start, estimated,
                     started, job, cancel, use, job_status=gr.Markdown(elem_id="job-status"), cancelled=gr.Markdown(),
                     curves=gr.Plot(label="Live training curves", elem_id="curves"),
                     table=gr.Dataframe(jobs_table(jobs), label="Jobs (newest first)", interactive=False),
@@ -168,7 +175,7 @@ class _Handlers:
             return f"**Estimated time:** not yet — {e}"
 
     def on_start(self, ft_model, targets, data_text, archive_file, reduction, n_steps, batch_size, on_device,
-                 request: gr.Request):
+                 calibrate=LABEL_FREE["calibrate"], held_out=LABEL_FREE["val_size"], request: gr.Request = None):
         owner, address = visitor(request)
         with refusing(ValueError, ArchiveError, JobError):
             n_steps, batch_size = whole(n_steps, "steps"), whole(batch_size, "batch_size")
@@ -178,7 +185,8 @@ class _Handlers:
                         flops_reduction=float(reduction), steps=n_steps, batch_size=batch_size,
                         **live_intervals(n_steps, evaluations=5))
             if TARGETS[targets] == "none":      # bf16 autocast on a CPU with bf16 units only (12x slower without)
-                args.update(LABEL_FREE, cpu_bf16=on_device == "cpu" and cpu_has_bf16_units())
+                args.update(LABEL_FREE, cpu_bf16=on_device == "cpu" and cpu_has_bf16_units(),
+                            calibrate=whole(calibrate, "calibrate"), val_size=whole(held_out, "val_size"))
                 if not Path(args["model"]).is_dir() and args["model"] != "bundled":
                     args["pretrained"] = True   # a timm DeiT teaches with its ImageNet weights (the Hub or its cache)
                     why = missing_weights_reason(args["model"], self.studio.catalogue.hub_reason())
@@ -229,7 +237,8 @@ def build(studio: Studio, bar: ModelBar, poll_s: float) -> FinetuneTab:
     w = _layout(studio, models, devices, h.job_ids())
     segment_job.wire(studio, w.segment, w.started, w.job, w.table, h.job_ids, jobs_table)
     poll_outputs = [w.table, w.job_status, w.curves, bar.model, w.segment.backbone]
-    w.start.click(h.on_start, [w.ft_model, w.targets, w.data, w.archive, w.reduction, w.steps, w.batch, w.device],
+    w.start.click(h.on_start, [w.ft_model, w.targets, w.data, w.archive, w.reduction, w.steps, w.batch, w.device,
+                               w.calibrate, w.held_out],
                   [w.started, w.job, w.table], api_name="start_finetune", concurrency_limit=1, concurrency_id="jobs")
     w.estimate.click(heavy(studio.slot, h.on_estimate), [w.ft_model, w.reduction, w.steps, w.batch, w.device,
                                                          w.targets],
