@@ -28,7 +28,7 @@ def build(studio: Studio, bar: ModelBar) -> gr.Slider:
         orig_mean = gr.Image(label="Original: head-mean CLS attention (share per patch)", type="pil", height=300)
         comp_mean = gr.Image(label="CAIT twin: head-mean CLS attention (share per patch)", type="pil", height=300)
     with gr.Row():
-        orig_heads = gr.Gallery(label="Original, per head", columns=6, height=240, object_fit="contain")   # two rows of 6
+        orig_heads = gr.Gallery(label="Original, per head", columns=6, height=240, object_fit="contain")
         comp_heads = gr.Gallery(label="CAIT twin, per head", columns=6, height=240, object_fit="contain")
     with gr.Row():
         orig_top5 = gr.Label(num_top_classes=5, label="Original: top-5")
