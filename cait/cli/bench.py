@@ -24,13 +24,14 @@ from ..compress.oneshot import compress
 from ..measure.flops import count_flops, count_params
 from ..measure.precision import PRECISIONS, PrecisionError, check_precision, in_precision
 from ..measure.speed import compare_throughput, resolve_device, speedup_spread
-from ..models.deit import create_model
+from ..io.source import create_model
 
 
 def run(model_name: str, flops_reduction: float, merge: str | None = None, batch_size: int = 32,
         device: str | None = None, pretrained: bool = False, warmup: int = 2, iters: int = 5, rounds: int = 3,
         round_to: int = 1, precision: str = "fp32") -> dict:
-    """Build a DeiT and its CAIT twin, count FLOPs and params, and measure both in ``precision``. Returns the
+    """Build a ViT (any :class:`cait.ModelSource` spelling: a timm name, ``hf-hub:``, a directory, ``bundled``) and
+    its CAIT twin, count FLOPs and params, and measure both in ``precision``. Returns the
     JSON-ready dict.
 
     Raises:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring); exit 2 with a message on bad input."""
     p = argparse.ArgumentParser(prog="python -m cait.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="deit_small_patch16_224", help="timm DeiT name")
+    p.add_argument("--model", default="deit_small_patch16_224", help="a timm ViT name, hf-hub:owner/name, a checkpoint directory or 'bundled'")
     p.add_argument("--flops-reduction", type=float, default=0.55, help="total FLOPs reduction R in [0, 1)")
     p.add_argument("--merge", default=None, help="explicit ATME layout, e.g. h4,v7 (default: planned)")
     p.add_argument("--batch-size", type=int, default=32)
