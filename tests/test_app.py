@@ -204,6 +204,7 @@ def test_every_curated_vit_pairs_with_its_twin_and_shows_its_attention(name, mon
     view = attention_view(pair, load_sample(PHOTO, None, pair.original.patch_embed.img_size[0], 10 ** 7), -1)
     assert view.original_mean.size == view.compressed_mean.size
     assert len(view.compressed_heads) == pair.original.blocks[0].attn.num_heads
+    assert ("has no class token" in view.scale_text()) == (name == "vit_base_patch16_siglip_gap_224")
     if pair.original.num_classes == 0:
         assert view.original_top5 == {} and "a feature backbone without a classifier" in view.classes_note
     else:

@@ -33,14 +33,17 @@ class AttentionView:
     true_label: str | None = None                     # known for synthetic samples
     classes_note: str = ""                            # what the model's classes are
     shared_range: tuple[float, float] | None = None   # the one colour scale of both head-mean maps, or None
+    query: str = "cls"                                # "mean" for a model without a class token
 
     def scale_text(self) -> str:
         """Which colour scale the head-mean maps are on."""
         if self.shared_range is None:
             return "**Colour scale:** each map on its own range (min to max), so their colours do not compare."
         lo, hi = self.shared_range
-        return (f"**Colour scale:** shared by both maps, {100 * lo:.1f}% to {100 * hi:.1f}% of the CLS token's "
-                "attention per patch: a flatter map looks flatter.")
+        what = ("the CLS token's attention" if self.query == "cls" else
+                "the attention each patch receives, averaged over all tokens (this model has no class token)")
+        return (f"**Colour scale:** shared by both maps, {100 * lo:.1f}% to {100 * hi:.1f}% of {what} per patch: "
+                "a flatter map looks flatter.")
 
     def localisation_text(self) -> str:
         """Markdown for the UI: the model's classes, the true label if known, and the attention localisation."""
@@ -90,4 +93,4 @@ def attention_view(pair: ModelPair, sample: Sample, block: int = -1, shared_scal
     return AttentionView(display_view(view), o[0], c[0], o[1], c[1], o[2], c[2], (o[3], c[3]),
                          None if mask is None else (o[4], c[4]),
                          None if mask is None else float(mask.float().mean()), sample.label,
-                         classes_note(pair.original), vrange)
+                         classes_note(pair.original), vrange, att["original"].query)
