@@ -209,3 +209,28 @@ def test_every_curated_vit_pairs_with_its_twin_and_shows_its_attention(name, mon
         assert view.original_top5 == {} and "a feature backbone without a classifier" in view.classes_note
     else:
         assert len(view.original_top5) == 5 and "ImageNet-1k" in view.classes_note
+
+
+def test_a_typed_hub_id_pairs_in_local_mode_and_is_refused_in_public_mode(tmp_path, monkeypatch):
+    """The Model field takes a typed timm name or hf-hub: id in local mode (here a DINOv2 with registers saved by timm
+    into the local Hugging Face cache); a public Space offers its list only, and a typed id is refused by name."""
+    import timm
+    from timm.models._hub import save_for_hf
+    from cait.studio.public import Limits
+    from conftest import randomize_
+    from test_hub import _cache_repo
+    snapshot = _cache_repo(tmp_path, monkeypatch, "someone/dinov2-reg-finetuned")
+    save_for_hf(randomize_(timm.create_model("vit_small_patch14_reg4_dinov2", depth=2, embed_dim=48, num_heads=3,
+                                             img_size=70, num_classes=7).eval(), std=0.05),
+                str(snapshot), safe_serialization=True)
+    local = Studio(device="cpu", bundled=None, calibration_size=0, limits=Limits(public=False))
+    pair = local.pair("hf-hub:someone/dinov2-reg-finetuned", 0.3, "")
+    assert pair.original.num_prefix_tokens == 5 and pair.ref.key == "hf-hub:someone/dinov2-reg-finetuned"
+    assert "hf-hub:someone/dinov2-reg-finetuned" in local.status(pair)
+    with pytest.raises(ValueError, match="Model: 'swin_imaginary' is not in the list, nor a timm name"):
+        local.pair("swin_imaginary", 0.5, "")
+    with pytest.raises(ValueError, match="Swin: windowed attention"):
+        local.pair("swin_tiny_patch4_window7_224", 0.5, "")
+    public = Studio(device="cpu", bundled=None, calibration_size=0, limits=Limits(public=True))
+    with pytest.raises(ValueError, match="typed names and Hub ids are for local mode"):
+        public.pair("hf-hub:someone/dinov2-reg-finetuned", 0.3, "")

@@ -67,7 +67,8 @@ def test_a_layout_is_one_immutable_hashable_value():
         Layout({3: "x"})
 
 
-@pytest.mark.parametrize("key", ["deit:deit_small_patch16_224", "bundled", "job:20261201-101500-ab12cd34ef56"])
+@pytest.mark.parametrize("key", ["deit:deit_small_patch16_224", "bundled", "job:20261201-101500-ab12cd34ef56",
+                                 "timm:vit_small_patch14_reg4_dinov2", "hf-hub:someone/vit@v1", "vit_base_patch16_224"])
 def test_a_model_key_names_one_model(key):
     ref = ModelRef.parse(key)
     assert ref.key == key and ModelRef.parse(ref.key) == ref

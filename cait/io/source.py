@@ -74,6 +74,9 @@ class ModelSource:
         if isinstance(text, ModelSource):
             return text
         text = str(text).strip()
+        if not text:
+            raise ValueError("model: empty; give a timm model name, an hf-hub:owner/name id, a checkpoint directory "
+                             "or 'bundled'")
         if text == "bundled":
             return cls("bundled")
         if text.startswith(HUB_PREFIX):

@@ -19,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..io.bundled import ORIGINAL_DIR, BundledPair
+from ..io.source import ModelSource
 from ..models.deit import DEIT_MODELS, TEST_MODEL, hub_offline, hub_unreachable_reason
 from .jobs.manager import JobManager
 from .jobs.model import Job, check_job_id
 
 BUNDLED_LABEL = "DeiT-Tiny, trained on synthetic shapes (bundled, works offline)"
-KINDS = ("deit", "timm", "bundled", "job")
+KINDS = ("deit", "timm", "source", "bundled", "job")
 CURATED: dict[str, str] = {
     "deit3_small_patch16_224": "DeiT III-S (LayerScale, ImageNet-1k head)",
     "vit_small_patch14_reg4_dinov2": "DINOv2-S with 4 registers (518 px, a feature backbone)",
@@ -41,14 +42,19 @@ MODEL_NAMES = {**DEIT_MODELS, **CURATED}
 @dataclass(frozen=True)
 class ModelRef:
     """A model the app can pair with its twin: ``kind`` ``"deit"`` (``name`` a timm DeiT), ``"timm"`` (``name`` one of
-    :data:`CURATED`), ``"bundled"`` or ``"job"`` (``name`` a job id)."""
+    :data:`CURATED`), ``"source"`` (``name`` any :class:`cait.ModelSource` spelling typed into the Model field: a timm
+    name, ``hf-hub:owner/name`` or a checkpoint directory; local mode only), ``"bundled"`` or ``"job"`` (``name`` a
+    job id)."""
 
     kind: str
     name: str = ""
 
     @property
     def key(self) -> str:
-        """``"deit:<timm name>"``, ``"timm:<timm name>"``, ``"bundled"`` or ``"job:<id>"``."""
+        """``"deit:<timm name>"``, ``"timm:<timm name>"``, the typed spelling itself, ``"bundled"`` or
+        ``"job:<id>"``."""
+        if self.kind == "source":
+            return self.name
         return "bundled" if self.kind == "bundled" else f"{self.kind}:{self.name}"
 
     @classmethod
@@ -71,7 +77,13 @@ class ModelRef:
                 return cls("job", check_job_id(name))
             except KeyError as e:
                 raise ValueError(f"Model: {e.args[0]}") from None
-        raise ValueError(f"Model: {text[:80]!r} is not in the list")
+        if text in DEIT_MODELS or text == TEST_MODEL or text in CURATED:   # a listed name, typed
+            return cls("deit" if text not in CURATED else "timm", text)
+        try:
+            return cls("source", str(ModelSource.parse(text)))
+        except ValueError:
+            raise ValueError(f"Model: {text[:80]!r} is not in the list, nor a timm name, an hf-hub:owner/name id or "
+                             "a checkpoint directory") from None
 
     @classmethod
     def deit(cls, name: str) -> "ModelRef":

@@ -58,7 +58,8 @@ class Studio:
         """The pair for a model key (:attr:`cait.studio.catalogue.ModelRef.key`) and the UI's settings.
 
         Args:
-            key: ``"deit:<timm name>"``, ``"bundled"`` or ``"job:<id>"``.
+            key: ``"deit:<timm name>"``, ``"timm:<timm name>"``, ``"bundled"``, ``"job:<id>"``, or (local mode)
+                any :class:`cait.ModelSource` spelling: a timm name, ``hf-hub:owner/name``, a checkpoint directory.
             flops_reduction: total FLOPs reduction.
             merge: the ATME layout field: empty for the paper's plan, ``"none"`` for CDCP only, ``"auto"`` for the
                 measured planner (local mode), or e.g. ``h4,v7``.
@@ -68,6 +69,9 @@ class Studio:
             ValueError: unknown model, bad layout, or an unreachable FLOPs target (the message names the field).
         """
         ref = ModelRef.parse(key)
+        if ref.kind == "source" and self.limits.public:
+            raise ValueError(f"Model: {str(key)[:80]!r} is not one of the listed models (typed names and Hub ids "
+                             "are for local mode)")
         if ref.kind == "job" and self.jobs is not None:
             try:
                 job = self.jobs.get(ref.name)

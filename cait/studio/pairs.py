@@ -33,7 +33,8 @@ from ..measure.flops import flops_by_block, tensor_bytes
 from ..measure.frontier import search_layouts
 from ..measure.precision import in_precision
 from ..models.atme import get_layout, patch_grid
-from ..models.deit import WeightsInfo, create_model
+from ..io.source import create_model
+from ..models.deit import WeightsInfo
 from ..models.layout import Layout, token_grids
 from ..models.meta import meta_of
 from .catalogue import BUNDLED, ModelRef

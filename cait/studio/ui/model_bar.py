@@ -41,10 +41,12 @@ def pair_of(studio: Studio, model: str, reduction, merge: str, request: gr.Reque
 def build(studio: Studio) -> ModelBar:
     """The bar's widgets (inside the Blocks context); :func:`wire` connects them once the tabs exist."""
     with gr.Row():
+        local = not studio.limits.public
         model = gr.Dropdown(studio.catalogue.choices(None), value=studio.catalogue.default().key, label="Model",
-                            elem_id="model",
-                            info="the bundled offline pair, DeiTs (timm ImageNet weights), then finished fine-tune "
-                                 "jobs")
+                            elem_id="model", allow_custom_value=local,
+                            info="the bundled offline pair, DeiTs (timm ImageNet weights), other ViTs, then finished "
+                                 "fine-tune jobs" + ("; or type a timm name, hf-hub:owner/name or a checkpoint folder"
+                                                     if local else ""))
         # A number, not a slider: a value out of range is refused by name instead of clamped silently.
         reduction = gr.Number(DEFAULT_REDUCTION, label="Total FLOPs reduction", step=0.05, elem_id="reduction",
                               info=f"{REDUCTION_RANGE[0]} to {REDUCTION_RANGE[1]}")
