@@ -90,6 +90,13 @@ def test_a_timm_model_on_the_hub_loads_by_its_hf_hub_id_from_the_cache_and_compr
     assert loaded.num_prefix_tokens == 5 and loaded.num_classes == 7
     twin = cait.compress(loaded, 0.3, round_to=4)
     assert twin(x).shape == (2, 7)
+    import json
+    config = json.loads((snapshot / "config.json").read_text())          # a config that would make timm load a file
+    (snapshot / "config.json").write_text(json.dumps(dict(config, model_args=dict(
+        config.get("model_args", {}), checkpoint_path=str(snapshot / "pytorch_model.bin")))))
+    with pytest.raises(CheckpointError, match=r"'model_args' may not set \['checkpoint_path'\]"):
+        cait.create_model("hf-hub:someone/dinov2-reg-finetuned")
+    (snapshot / "config.json").write_text(json.dumps(config))
     (snapshot / "model.safetensors").unlink()
     torch.save(model.state_dict(), snapshot / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="never unpickled"):

@@ -26,6 +26,7 @@ ValueError: model 'resnet_imaginary' is neither a timm model name, an hf-hub:own
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -39,11 +40,15 @@ from safetensors.torch import load_file
 
 from ..models.deit import WeightsInfo, create_model as create_timm_model, update_cfg
 from .bundled import bundled_pair
-from .checkpoint import CONFIG_NAME, FORMAT, MAX_CONFIG_BYTES, NUM_CLASSES_RANGE, WEIGHTS_NAME, CheckpointError, \
-    load_checkpoint
+from ..models.arch import MAX_PARAMS
+from .checkpoint import CONFIG_NAME, DATA_KEYS, FORMAT, MAX_CONFIG_BYTES, NUM_CLASSES_RANGE, WEIGHTS_NAME, \
+    CheckpointError, load_checkpoint
 from .hub import HUB_PREFIX, HubError, download, parse_hub_id
 
 KINDS = ("timm", "hub", "dir", "bundled")
+NOT_MODEL_ARGS = (set(inspect.signature(timm.create_model).parameters) - {"kwargs"}) | {
+    "features_only", "feature_cfg", "pretrained_strict", "pretrained_filter_fn", "device", "dtype"}
+"""Keys a Hub ``config.json``'s ``model_args`` may not set: timm's loading options, not the model's."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,9 @@ def _load_timm_folder(folder: Path, config: dict, hub_id: str | None) -> nn.Modu
         raise CheckpointError(f"{where}: config.json names no timm architecture (got {str(arch)[:80]!r})")
     if not isinstance(args, dict) or not all(isinstance(v, (int, float, str, bool, list)) for v in args.values()):
         raise CheckpointError(f"{where}: config.json 'model_args' must map names to plain values")
+    loaders = sorted(set(args) & NOT_MODEL_ARGS)
+    if loaders:                       # e.g. checkpoint_path would make timm read (and unpickle) another file
+        raise CheckpointError(f"{where}: config.json 'model_args' may not set {loaders}")
     if classes is not None and (not isinstance(classes, int) or not NUM_CLASSES_RANGE[0] <= classes <= NUM_CLASSES_RANGE[1]):
         raise CheckpointError(f"{where}: config.json 'num_classes' out of bounds ({classes!r})")
     wfile = folder / WEIGHTS_NAME
@@ -185,6 +193,8 @@ def _load_timm_folder(folder: Path, config: dict, hub_id: str | None) -> nn.Modu
     try:
         with torch.device("meta"):
             expected = timm.create_model(arch, pretrained=False, **kwargs).state_dict()
+        if sum(t.numel() for t in expected.values()) > MAX_PARAMS:
+            raise ValueError(f"more than {MAX_PARAMS:,} parameters")
         with safe_open(wfile, framework="pt") as f:
             header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, TypeError, ValueError, RuntimeError) as e:
@@ -194,5 +204,6 @@ def _load_timm_folder(folder: Path, config: dict, hub_id: str | None) -> nn.Modu
         raise CheckpointError(f"{where}: {WEIGHTS_NAME} does not match {arch} (tensors {wrong[:3]})")
     model = timm.create_model(arch, pretrained=False, **kwargs)
     model.load_state_dict(load_file(wfile), strict=True)
-    cfg = {k: v for k, v in (config.get("pretrained_cfg") or {}).items() if isinstance(v, (int, float, str, list))}
+    cfg = {k: v for k, v in (config.get("pretrained_cfg") or {}).items()
+           if k in DATA_KEYS + ("input_size", "license") and isinstance(v, (int, float, str, list))}
     return update_cfg(model, **cfg, architecture=arch, hf_hub_id=hub_id).eval()
