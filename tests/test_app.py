@@ -232,5 +232,6 @@ def test_a_typed_hub_id_pairs_in_local_mode_and_is_refused_in_public_mode(tmp_pa
     with pytest.raises(ValueError, match="Swin: windowed attention"):
         local.pair("swin_tiny_patch4_window7_224", 0.5, "")
     public = Studio(device="cpu", bundled=None, calibration_size=0, limits=Limits(public=True))
-    with pytest.raises(ValueError, match="typed names and Hub ids are for local mode"):
-        public.pair("hf-hub:someone/dinov2-reg-finetuned", 0.3, "")
+    for typed in ("hf-hub:someone/dinov2-reg-finetuned", str(tmp_path), str(tmp_path / "nowhere")):
+        with pytest.raises(ValueError, match="is not one of the listed models .typed names, Hub ids and folders"):
+            public.pair(typed, 0.3, "")                # the same answer whether a folder exists or not

@@ -58,11 +58,16 @@ class ModelRef:
         return "bundled" if self.kind == "bundled" else f"{self.kind}:{self.name}"
 
     @classmethod
-    def parse(cls, key: str) -> "ModelRef":
+    def parse(cls, key: str, typed: bool = True) -> "ModelRef":
         """The model a key names.
 
+        Args:
+            typed: whether free text (a timm name, ``hf-hub:`` id or folder) may name a model; a public Space passes
+                False, so it never looks a typed path up (its answer would say whether a server folder exists).
+
         Raises:
-            ValueError: ``"Model: ..."`` for anything but a listed DeiT, ``"bundled"`` or a well-formed job key.
+            ValueError: ``"Model: ..."`` for anything but a listed model, a well-formed job key or (``typed``) a
+                :class:`cait.ModelSource` spelling.
         """
         text = str(key)
         kind, _, name = text.partition(":")
@@ -80,6 +85,8 @@ class ModelRef:
         if text in DEIT_MODELS or text == TEST_MODEL or text in CURATED:   # a listed name, typed
             return cls("deit" if text not in CURATED else "timm", text)
         try:
+            if not typed:
+                raise ValueError(text)
             return cls("source", str(ModelSource.parse(text)))
         except ValueError:
             raise ValueError(f"Model: {text[:80]!r} is not in the list, nor a timm name, an hf-hub:owner/name id or "

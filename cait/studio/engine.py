@@ -68,10 +68,13 @@ class Studio:
         Raises:
             ValueError: unknown model, bad layout, or an unreachable FLOPs target (the message names the field).
         """
-        ref = ModelRef.parse(key)
-        if ref.kind == "source" and self.limits.public:
-            raise ValueError(f"Model: {str(key)[:80]!r} is not one of the listed models (typed names and Hub ids "
-                             "are for local mode)")
+        try:
+            ref = ModelRef.parse(key, typed=not self.limits.public)
+        except ValueError:
+            if not self.limits.public:
+                raise
+            raise ValueError(f"Model: {str(key)[:80]!r} is not one of the listed models (typed names, Hub ids and "
+                             "folders are for local mode)") from None
         if ref.kind == "job" and self.jobs is not None:
             try:
                 job = self.jobs.get(ref.name)
