@@ -1,14 +1,17 @@
-"""CAIT: asymmetric token merging (ATME) + consistent dynamic channel pruning (CDCP) for DeiT.
+"""CAIT: asymmetric token merging (ATME) + consistent dynamic channel pruning (CDCP) for plain ViTs (DeiT, DeiT III,
+DINOv2 with registers, CLIP, SigLIP: docs/models.md).
 
 The pipeline, one package per stage, imports pointing down this list only (``tests/test_layers.py`` checks it)::
 
     layers     pure tensor modules: HTM/VTM token merge, compactors, pruned attention
     data       synthetic shapes with masks, bundled photos, datasets, calibration images
-    models     DeiT creation; ATME and compactor patches of timm; Layout, ModelSpec, ModelMeta
+    models     model creation, supported families, architecture records; ATME and compactor patches of timm; Layout,
+               ModelSpec, ModelMeta
     compress   plan → importance → select S → prune and fold → refit; one-shot compress()
     baselines  ToMe and EViT-style token pruning, measured beside CAIT in the same run
     measure    FLOPs (docs/method.md: FLOPs), throughput, CLS attention, top-1; the measured ATME/CDCP frontier
-    io         safetensors + JSON checkpoints, the Hugging Face Hub, exports, the bundled pair
+    io         model sources (timm names, hf-hub:, folders), safetensors + JSON checkpoints, the Hub, exports, the
+               bundled pair
     finetune   CDCP fine-tuning: Eq. 2, typed log records, run directory, the engine
     dense      dense transfer: any backbone's blocks on the patch grid, a Semantic FPN segmenter
     viz        overlays and charts
