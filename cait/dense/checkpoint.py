@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from ..baselines.token_pruning import apply_token_pruning
 from ..baselines.tome import apply_tome
 from ..io.bundled import bundled_pair
-from ..io.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_pretrained
+from ..io.checkpoint import CheckpointError, atomic_write, load_checkpoint, read_json_file, save_pretrained
 from ..measure.flops import count_flops
 from ..models.deit import resize_input
 from .backbones import BASELINES
@@ -99,14 +99,7 @@ def read_segmenter_config(path: str | os.PathLike) -> dict:
             its bounds.
     """
     cfile = Path(path) / CONFIG_NAME
-    if not cfile.is_file():
-        raise CheckpointError(f"{cfile}: missing (not a segmenter directory)")
-    if cfile.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{cfile}: larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        cfg = json.loads(cfile.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{cfile}: not valid JSON ({type(e).__name__})") from None
+    cfg = read_json_file(cfile, missing="missing (not a segmenter directory)", max_bytes=MAX_CONFIG_BYTES)
 
     def bad(field: str) -> CheckpointError:
         return CheckpointError(f"{cfile}: {field!r} is missing or out of bounds")

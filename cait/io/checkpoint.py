@@ -207,6 +207,33 @@ def _int(config: dict, key: str, lo: int, hi: int, cfile: Path) -> int:
     return v
 
 
+def read_json_file(cfile: Path, missing: str = "missing", max_bytes: int = MAX_CONFIG_BYTES) -> object:
+    """A small JSON file parsed: the one reader of every config a checkpoint, a segmenter or a Hub folder carries.
+
+    Args:
+        cfile: the file.
+        missing: what the error says after the file's name when it does not exist.
+        max_bytes: a larger file is refused unread (default :data:`MAX_CONFIG_BYTES`).
+
+    Returns:
+        The parsed value (any JSON type: the caller checks its shape).
+
+    Raises:
+        CheckpointError: naming the file: missing, larger than ``max_bytes``, not valid UTF-8 JSON, or nested too
+            deeply.
+    """
+    if not cfile.is_file():
+        raise CheckpointError(f"{cfile}: {missing}")
+    if cfile.stat().st_size > max_bytes:
+        raise CheckpointError(f"{cfile}: {cfile.stat().st_size} bytes, more than a config can be ({max_bytes} at most)")
+    try:
+        return json.loads(cfile.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfile}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{cfile}: JSON nested too deeply") from None
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """Read and validate ``config.json`` of a checkpoint directory, without building anything.
 
@@ -220,17 +247,7 @@ def read_config(path: str | os.PathLike) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     cfile = path / CONFIG_NAME
-    if not cfile.is_file():
-        raise CheckpointError(f"{cfile}: missing")
-    if cfile.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{cfile}: {cfile.stat().st_size} bytes, more than a config can be "
-                              f"({MAX_CONFIG_BYTES} at most)")
-    try:
-        config = json.loads(cfile.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfile}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{cfile}: JSON nested too deeply") from None
+    config = read_json_file(cfile)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{cfile}: format is {found!r}, expected {FORMAT!r}")

@@ -27,7 +27,6 @@ ValueError: model 'resnet_imaginary' is neither a timm model name, an hf-hub:own
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,8 @@ from safetensors.torch import load_file
 from ..models.deit import WeightsInfo, create_model as create_timm_model, update_cfg
 from .bundled import bundled_pair
 from ..models.arch import MAX_PARAMS
-from .checkpoint import CONFIG_NAME, DATA_KEYS, FORMAT, MAX_CONFIG_BYTES, NUM_CLASSES_RANGE, WEIGHTS_NAME, \
-    CheckpointError, load_checkpoint
+from .checkpoint import CONFIG_NAME, DATA_KEYS, FORMAT, NUM_CLASSES_RANGE, WEIGHTS_NAME, CheckpointError, \
+    load_checkpoint, read_json_file
 from .hub import HUB_PREFIX, HubError, download, parse_hub_id
 
 KINDS = ("timm", "hub", "dir", "bundled")
@@ -149,23 +148,12 @@ def create_model(source: "str | os.PathLike | ModelSource", pretrained: bool = T
     return ModelSource.parse(source).load(pretrained=pretrained, **kwargs)
 
 
-def _read_json(cfile: Path) -> dict:
-    if not cfile.is_file():
-        raise CheckpointError(f"{cfile.parent.name}: no {CONFIG_NAME}")
-    if cfile.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{cfile.parent.name}/{CONFIG_NAME}: larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        config = json.loads(cfile.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{cfile.parent.name}/{CONFIG_NAME}: not valid JSON ({type(e).__name__})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{cfile.parent.name}/{CONFIG_NAME}: not a JSON object")
-    return config
-
-
 def _load_folder(folder: Path, hub_id: str | None) -> nn.Module:
     """A CAIT checkpoint (``config.json`` format :data:`cait.io.checkpoint.FORMAT`) or a timm-format folder."""
-    config = _read_json(folder / CONFIG_NAME)
+    cfile = folder / CONFIG_NAME
+    config = read_json_file(cfile, missing=f"missing (the folder has no {CONFIG_NAME}: not a checkpoint)")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfile}: not a JSON object")
     if config.get("format") == FORMAT:
         return load_checkpoint(folder, hub_id=hub_id)
     return _load_timm_folder(folder, config, hub_id)
