@@ -184,8 +184,8 @@ def token_pruning_flops(model: nn.Module, keep_rate: float | None = None, locati
     spec = describe(model)                                   # describe() sees full grids
     locations = (state.locations if state is not None and locations is None else
                  locations if locations is not None else default_locations(len(spec.blocks)))
-    counts = token_counts(prod(model.patch_embed.grid_size), len(spec.blocks), keep_rate, locations, spec.prefix)
     P = spec.prefix
+    counts = token_counts(prod(model.patch_embed.grid_size), len(spec.blocks), keep_rate, locations, P)
     total = spec.embed_flops + spec.head_flops
     for b, (n_attn, n_mlp, dropped) in zip(spec.blocks, counts):
         C, Dqk, Dv = b.dim, b.heads * b.qk_dim, b.heads * b.v_dim

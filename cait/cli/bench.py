@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring); exit 2 with a message on bad input."""
     p = argparse.ArgumentParser(prog="python -m cait.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="deit_small_patch16_224", help="a timm ViT name, hf-hub:owner/name, a checkpoint directory or 'bundled'")
+    p.add_argument("--model", default="deit_small_patch16_224",
+                   help="a timm ViT name, hf-hub:owner/name, a checkpoint directory or 'bundled'")
     p.add_argument("--flops-reduction", type=float, default=0.55, help="total FLOPs reduction R in [0, 1)")
     p.add_argument("--merge", default=None, help="explicit ATME layout, e.g. h4,v7 (default: planned)")
     p.add_argument("--batch-size", type=int, default=32)

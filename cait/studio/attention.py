@@ -87,8 +87,8 @@ def attention_view(pair: ModelPair, sample: Sample, block: int = -1, shared_scal
     for which, a in att.items():
         heads = [(overlay(view, a.patch_maps[0, h]), f"head {h}") for h in range(a.patch_maps.shape[1])]
         inside = None if mask is None else float(attention_in_mask(a, mask.to(a.patch_maps.device))[0])
-        res[which] = (overlay(view, a.mean()[0], scale=True, vrange=vrange), heads, top_k(a.logits[0], labels) if pair.original.num_classes else {},
-                      a.grid, inside)
+        top5 = top_k(a.logits[0], labels) if pair.original.num_classes else {}    # a feature backbone: no classes
+        res[which] = (overlay(view, a.mean()[0], scale=True, vrange=vrange), heads, top5, a.grid, inside)
     o, c = res["original"], res["compressed"]
     return AttentionView(display_view(view), o[0], c[0], o[1], c[1], o[2], c[2], (o[3], c[3]),
                          None if mask is None else (o[4], c[4]),

@@ -37,6 +37,8 @@ CURATED: dict[str, str] = {
 ``tests/test_app.py`` builds each). EVA-02 and DINOv3 (timm's Eva class) are not supported yet."""
 MODEL_NAMES = {**DEIT_MODELS, **CURATED}
 """Every timm name the list offers, with its label."""
+_LISTED_KIND = {**{name: "deit" for name in (*DEIT_MODELS, TEST_MODEL)}, **{name: "timm" for name in CURATED}}
+"""A listed timm name → its :class:`ModelRef` kind."""
 
 
 @dataclass(frozen=True)
@@ -73,24 +75,22 @@ class ModelRef:
         kind, _, name = text.partition(":")
         if text == "bundled":
             return cls("bundled")
-        if kind == "deit" and (name in DEIT_MODELS or name == TEST_MODEL):
-            return cls("deit", name)
-        if kind == "timm" and name in CURATED:
-            return cls("timm", name)
+        if kind in ("deit", "timm") and _LISTED_KIND.get(name) == kind:
+            return cls(kind, name)
         if kind == "job":
             try:
                 return cls("job", check_job_id(name))
             except KeyError as e:
                 raise ValueError(f"Model: {e.args[0]}") from None
-        if text in DEIT_MODELS or text == TEST_MODEL or text in CURATED:   # a listed name, typed
-            return cls("deit" if text not in CURATED else "timm", text)
-        try:
-            if not typed:
-                raise ValueError(text)
-            return cls("source", str(ModelSource.parse(text)))
-        except ValueError:
-            raise ValueError(f"Model: {text[:80]!r} is not in the list, nor a timm name, an hf-hub:owner/name id or "
-                             "a checkpoint directory") from None
+        if text in _LISTED_KIND:                                         # a listed name, typed without its kind
+            return cls(_LISTED_KIND[text], text)
+        if typed:
+            try:
+                return cls("source", str(ModelSource.parse(text)))
+            except ValueError:
+                pass
+        raise ValueError(f"Model: {text[:80]!r} is not in the list, nor a timm name, an hf-hub:owner/name id or a "
+                         "checkpoint directory")
 
     @classmethod
     def deit(cls, name: str) -> "ModelRef":
