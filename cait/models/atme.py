@@ -19,10 +19,12 @@ import torch
 import torch.nn as nn
 from timm.models._features import feature_take_indices
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.eva import Eva, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers.token_merge import TokenMerge, pool_pairs
 from .layout import Layout, LayoutLike, token_grids
+from .rope import pooled_coords, rope_codes, rope_coords, rope_reason
 
 
 def pool_to_block(x: torch.Tensor, layout: "LayoutLike", block: int) -> torch.Tensor:
@@ -97,17 +99,10 @@ class ATMEVisionTransformer(VisionTransformer):
         if output_fmt == "NLC" and not dense:
             return out
         blocks = sorted(set(feature_take_indices(len(self.blocks), indices)[0]))
-        grids = model_token_grids(self)
-
-        def reshape(y: torch.Tensor, i: int) -> torch.Tensor:           # (B, h·w, C) on block i's grid
-            B, _, C = y.shape
-            g = y.reshape(B, *grids[i], C).permute(0, 3, 1, 2)         # (B, C, h, w)
-            if dense:
-                g = upsample_to_patch_grid(g, self, block=i)           # (B, C, H, W)
-            return g.flatten(2).transpose(1, 2) if output_fmt == "NLC" else g.contiguous()
 
         def fix(items: list) -> list:
-            return [(reshape(t[0], i), t[1]) if isinstance(t, tuple) else reshape(t, i) for t, i in zip(items, blocks)]
+            return [(_on_grid(self, t[0], i, output_fmt, dense), t[1]) if isinstance(t, tuple)
+                    else _on_grid(self, t, i, output_fmt, dense) for t, i in zip(items, blocks)]
 
         if output_dict:
             out["image_intermediates"] = fix(out["image_intermediates"])
@@ -139,13 +134,113 @@ class ATMEVisionTransformer(VisionTransformer):
             self.blocks[i].merge.out_grid = grids[i]
 
 
+def _on_grid(model: nn.Module, y: torch.Tensor, block: int, output_fmt: str, dense: bool) -> torch.Tensor:
+    """Block ``block``'s patch tokens ``(B, h·w, C)`` on its own grid: ``NCHW`` ``(B, C, h, w)`` or ``NLC``; with
+    ``dense``, mapped back onto the full patch grid first (:func:`upsample_to_patch_grid`)."""
+    B, _, C = y.shape
+    g = y.reshape(B, *model_token_grids(model)[block], C).permute(0, 3, 1, 2)      # (B, C, h, w)
+    if dense:
+        g = upsample_to_patch_grid(g, model, block=block)                           # (B, C, H, W)
+    return g.flatten(2).transpose(1, 2) if output_fmt == "NLC" else g.contiguous()
+
+
 class ATMEVisionTransformerDistilled(ATMEVisionTransformer, VisionTransformerDistilled):
     """A distilled DeiT (CLS + distillation token, timm's ``VisionTransformerDistilled``) with ATME merges: the
     grid-aware methods of :class:`ATMEVisionTransformer` over timm's distilled forward."""
 
 
-ATME_CLASSES = {VisionTransformer: ATMEVisionTransformer, VisionTransformerDistilled: ATMEVisionTransformerDistilled}
+class MergeEvaBlock(EvaBlock):
+    """A timm ``EvaBlock`` (EVA-02, DINOv3) whose input is merged first, like :class:`MergeBlock`; the rotary codes it
+    receives (``rope``) are those of its merged grid (:func:`block_ropes`)."""
+
+    merge: TokenMerge
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        return super().forward(self.merge(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+
+
+MERGE_BLOCKS = (MergeBlock, MergeEvaBlock)
+"""The block classes that merge their input (one per timm block class :func:`apply_atme` patches)."""
+
+
+def block_ropes(model: nn.Module, rope: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The rotary codes each block of an Eva model uses: ``rope`` (the model's own, ``(H·W, 2·d)``) up to the first
+    merge, then the codes at each merged grid's pair centres (:mod:`cait.models.rope`), ``(h·w, 2·d)``, in
+    ``rope``'s dtype and device. ``[None] * depth`` without RoPE."""
+    if rope is None:
+        return [None] * len(model.blocks)
+    coords, codes, out = None, rope, []
+    for block in model.blocks:
+        if isinstance(block, MergeEvaBlock):
+            coords = rope_coords(model.rope, patch_grid(model)) if coords is None else coords   # (H, W, 2)
+            coords = pooled_coords(coords, block.merge.direction)                               # (h, w, 2)
+            codes = rope_codes(model.rope, coords).flatten(0, 1).to(device=rope.device, dtype=rope.dtype)
+        out.append(codes)
+    return out
+
+
+class ATMEEva(Eva):
+    """A timm ``Eva`` (EVA-02, DINOv3) with ATME merges: each block gets the rotary codes of its own grid
+    (:func:`block_ropes`: a merged token's code is its pair's centre), and intermediates come on each block's grid.
+    :func:`apply_atme` swaps a model's class to it. Gradient checkpointing and patch dropout are not used here."""
+
+    def _blocks(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, take=(), stop: int | None = None,
+                norm: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Embed ``x`` and run the blocks (up to ``stop``); also return the outputs of the blocks in ``take``."""
+        x = self.patch_embed(x)
+        x, rope = self._pos_embed(x)
+        x = self.norm_pre(x)
+        kept = []
+        for i, (blk, codes) in enumerate(zip(self.blocks, block_ropes(self, rope))):
+            if stop is not None and i > stop:
+                break
+            x = blk(x, rope=codes, attn_mask=attn_mask, is_causal=is_causal)
+            if i in take:
+                kept.append(self.norm(x) if norm else x)
+        return x, kept
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                         ) -> torch.Tensor:
+        return self.norm(self._blocks(x, attn_mask, is_causal)[0])
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, attn_mask=None, is_causal: bool = False,
+                              dense: bool = False):
+        """timm's ``forward_intermediates``, with each intermediate on its own block's grid (``dense=True``: on the
+        full patch grid), as :meth:`ATMEVisionTransformer.forward_intermediates`.
+
+        Raises:
+            ValueError: for an ``output_fmt`` other than ``NCHW`` or ``NLC``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        x, inter = self._blocks(x, attn_mask, is_causal, set(take), max_index if stop_early else None, norm)
+        P = self.num_prefix_tokens
+        blocks = sorted(set(take))
+        out = [_on_grid(self, y[:, P:], i, output_fmt, dense) if output_fmt == "NCHW" or dense else y[:, P:]
+               for y, i in zip(inter, blocks)]
+        if return_prefix_tokens:
+            out = list(zip(out, [y[:, :P] for y in inter]))
+        return out if intermediates_only else (self.norm(x), out)
+
+    def set_input_size(self, *args, **kwargs) -> None:
+        """Refused: a merged Eva keeps the image size it was merged at.
+
+        Raises:
+            ValueError: always.
+        """
+        raise ValueError("an Eva model with ATME merges keeps its image size; resize before merging")
+
+
+ATME_CLASSES = {VisionTransformer: ATMEVisionTransformer, VisionTransformerDistilled: ATMEVisionTransformerDistilled,
+                Eva: ATMEEva}
 """timm class → the class :func:`apply_atme` swaps it to."""
+
+MERGE_CLASSES = {Block: MergeBlock, EvaBlock: MergeEvaBlock}
+"""timm block class → the merging block class :func:`apply_atme` swaps it to."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,7 +250,7 @@ ATME_CLASSES = {VisionTransformer: ATMEVisionTransformer, VisionTransformerDisti
 
 def get_layout(model: nn.Module) -> Layout:
     """The merge layout applied to a model (``{}`` for none)."""
-    return Layout({i: b.merge.direction for i, b in enumerate(model.blocks) if isinstance(b, MergeBlock)})
+    return Layout({i: b.merge.direction for i, b in enumerate(model.blocks) if isinstance(b, MERGE_BLOCKS)})
 
 
 def prefix_tokens(model: nn.Module) -> int:
@@ -178,7 +273,8 @@ def apply_atme(model: nn.Module, layout: LayoutLike) -> nn.Module:
     a distillation token, registers, or none) pass every merge untouched.
 
     Args:
-        model: a timm ``VisionTransformer`` without merges, at a fixed image size.
+        model: a timm ``VisionTransformer`` or ``Eva`` (EVA-02, DINOv3: its rotary codes follow the merges,
+            :func:`block_ropes`) without merges, at a fixed image size.
         layout: e.g. ``"h4,v8"`` or ``{4: "h", 8: "v"}`` (0-based block indices).
 
     Returns:
@@ -187,22 +283,25 @@ def apply_atme(model: nn.Module, layout: LayoutLike) -> nn.Module:
     Raises:
         ValueError: if the model already has merges or a dynamic image size, or the layout does not fit the model
             (block out of range, side already 1).
-        TypeError: if a block to merge is not a timm ``Block``.
+        TypeError: if a block to merge is not a timm ``Block`` or ``EvaBlock``.
     """
     layout = Layout.parse(layout)
     if get_layout(model):
         raise ValueError(f"model already has an ATME layout ({get_layout(model)})")
     if getattr(model, "dynamic_img_size", False):
         raise ValueError("ATME needs a fixed image size (the token grid must be known at every block)")
+    if getattr(model, "patch_drop", None) is not None or rope_reason(getattr(model, "rope", None)):
+        raise ValueError(rope_reason(getattr(model, "rope", None)) or "ATME needs every patch token: patch dropout "
+                         "is on (create the model with patch_drop_rate=0)")
     grids_before = [patch_grid(model)] + token_grids(patch_grid(model), len(model.blocks), layout)[:-1]
     for i, direction in layout.items():
         block = model.blocks[i]
-        if type(block) is not Block:
-            raise TypeError(f"block {i} is {type(block).__name__}; ATME patches timm's Block only")
+        if type(block) not in MERGE_CLASSES:
+            raise TypeError(f"block {i} is {type(block).__name__}; ATME patches timm's Block and EvaBlock only")
         dim = block.norm1.normalized_shape[0]
         merge = TokenMerge(dim, direction, grids_before[i], prefix=prefix_tokens(model))
         ref = next(block.parameters())
-        block.__class__ = MergeBlock
+        block.__class__ = MERGE_CLASSES[type(block)]
         block.merge = merge.to(device=ref.device, dtype=ref.dtype)
     if layout and type(model) in ATME_CLASSES:
         model.__class__ = ATME_CLASSES[type(model)]                      # grid-aware intermediates and resizing

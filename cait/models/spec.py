@@ -19,7 +19,7 @@ from math import prod
 
 import torch.nn as nn
 
-from .atme import MergeBlock, model_token_grids, prefix_tokens
+from .atme import MERGE_BLOCKS, model_token_grids, prefix_tokens
 
 
 @dataclass(frozen=True)
@@ -118,5 +118,5 @@ def describe(model: nn.Module) -> ModelSpec:
     for block, (h, w) in zip(model.blocks, grids):
         heads, qk, v, ffn = block_widths(block)
         blocks.append(BlockSpec(tokens=P + h * w, dim=block.norm1.normalized_shape[0], heads=heads, qk_dim=qk,
-                                v_dim=v, ffn_dim=ffn, merge_tokens=h * w if isinstance(block, MergeBlock) else 0))
+                                v_dim=v, ffn_dim=ffn, merge_tokens=h * w if isinstance(block, MERGE_BLOCKS) else 0))
     return ModelSpec(tuple(blocks), embed, head, tuple(model.patch_embed.grid_size), P)

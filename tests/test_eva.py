@@ -1,0 +1,114 @@
+"""Eva models (EVA-02, DINOv3): rotary codes at merged positions, ATME at initialisation, FLOPs, CDCP pruning, ToMe.
+
+Small configurations of timm's real classes: 3 blocks, C = 96, 3 heads of 32, an 8 × 8 patch grid, LayerScale at 1
+(DINOv3's 1e-5 would make every block nearly the identity and the checks blind) and q/k/v weights ×8 (timm's
+initialisation gives near-uniform attention, blind to positions).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
+
+from cait.layers.token_merge import pool_pairs
+from cait.models.atme import apply_atme, block_ropes, model_token_grids
+from cait.models.rope import rope_codes, rope_coords
+
+EVA = {
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=112)),
+    "dinov3": ("vit_small_patch16_dinov3", dict(img_size=128, dynamic_img_size=False, init_values=1.0)),
+}
+
+
+def small_eva(family: str, **kw) -> torch.nn.Module:
+    name, extra = EVA[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, depth=3, embed_dim=96, num_heads=3, num_classes=10,
+                              **extra, **kw).eval()
+    with torch.no_grad():                     # sharp attention, so that positions (the rotary codes) matter
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(8.0)
+    return model
+
+
+def centre_codes(model, grid_counts: tuple[int, int]) -> torch.Tensor:
+    """Independent reference: the codes at the pair centres after ``(vertical, horizontal)`` merges, read from timm's
+    own module. DINOv3: the merged grid's own centred coordinates are the centres (even sides). EVA-02: a module on a
+    grid twice as fine, with the same reference grid, holds the centres at rows/columns ``2^(k+1)·i + 2^k − 1``."""
+    rope, (H, W) = model.rope, tuple(model.patch_embed.grid_size)
+    kv, kh = grid_counts
+    if not isinstance(rope, RotaryEmbeddingCat):
+        return rope.get_embed(shape=[H >> kv, W >> kh])
+    fine = RotaryEmbeddingCat(dim=rope.dim, in_pixels=False, temperature=rope.temperature, feat_shape=[2 * H, 2 * W],
+                              ref_feat_shape=list(rope.ref_feat_shape), rotate_half=rope.rotate_half)
+    codes = fine.get_embed().view(2 * H, 2 * W, -1)
+    rows = [2 ** (kv + 1) * i + 2 ** kv - 1 for i in range(H >> kv)]
+    cols = [2 ** (kh + 1) * j + 2 ** kh - 1 for j in range(W >> kh)]
+    return codes[rows][:, cols].flatten(0, 1)
+
+
+@pytest.mark.parametrize("family", EVA)
+def test_rope_codes_equal_timm_on_the_models_own_grid(family):
+    model = small_eva(family)
+    codes = rope_codes(model.rope, rope_coords(model.rope, tuple(model.patch_embed.grid_size)))
+    assert torch.equal(codes.flatten(0, 1), model.rope.get_embed())
+
+
+@pytest.mark.parametrize("family", EVA)
+def test_merged_codes_are_the_pair_centres(family):
+    model = apply_atme(small_eva(family), "h1,v2")
+    ropes = block_ropes(model, model.rope.get_embed())
+    assert model_token_grids(model) == [(8, 8), (8, 4), (4, 4)]
+    torch.testing.assert_close(ropes[1], centre_codes(model, (0, 1)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ropes[2], centre_codes(model, (1, 1)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", EVA)
+def test_atme_at_init_equals_average_pair_with_centred_codes(family):
+    """The issue's equivalence: a merged model whose fusions are at initialisation gives the output of the original
+    blocks run on pair averages with the rotary codes of the pair centres (timm's module, computed independently)."""
+    original = small_eva(family)
+    merged = apply_atme(copy.deepcopy(original), "h1,v2")
+    x = torch.randn(2, 3, *original.patch_embed.img_size)
+    P, grids = original.num_prefix_tokens, [(8, 8), (8, 4)]
+    with torch.no_grad():
+        t, rope = original._pos_embed(original.patch_embed(x))
+        t = original.norm_pre(t)
+        codes = {0: rope, 1: centre_codes(original, (0, 1)), 2: centre_codes(original, (1, 1))}
+        for i, (blk, direction) in enumerate(zip(original.blocks, (None, "h", "v"))):
+            if direction:
+                B, _, C = t.shape
+                patches = pool_pairs(t[:, P:].reshape(B, *grids[i - 1], C), direction).reshape(B, -1, C)
+                t = torch.cat([t[:, :P], patches], dim=1)
+            t = blk(t, rope=codes[i])
+        expected = original.norm(t)                                              # (B, P + 16, C)
+        got = merged.forward_features(x)
+        wrong = merged.norm(_run_with(merged, x, [rope, rope[:32], rope[:16]]))  # codes of the first rows
+        torch.testing.assert_close(merged(x), original.forward_head(expected), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (wrong - expected).abs().max() > 0.05                                       # the codes matter
+
+
+def _run_with(model, x, codes):
+    t, _ = model._pos_embed(model.patch_embed(x))
+    t = model.norm_pre(t)
+    for blk, c in zip(model.blocks, codes):
+        t = blk(t, rope=c)
+    return t
+
+
+@pytest.mark.parametrize("family", EVA)
+def test_merged_eva_intermediates_on_block_grids_and_dense(family):
+    model = apply_atme(small_eva(family), "h1,v2")
+    x = torch.randn(1, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        inter = model.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
+        dense = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True, dense=True)
+        final, _ = model.forward_intermediates(x, indices=[2])
+    assert [tuple(t.shape[2:]) for t in inter] == [(8, 8), (8, 4), (4, 4)]
+    assert [tuple(t.shape[2:]) for t in dense] == [(8, 8), (8, 8)]
+    torch.testing.assert_close(dense[1][..., ::2, ::2], inter[2])               # each merged token repeated
+    torch.testing.assert_close(final, model.forward_features(x))
