@@ -112,3 +112,60 @@ def test_merged_eva_intermediates_on_block_grids_and_dense(family):
     assert [tuple(t.shape[2:]) for t in dense] == [(8, 8), (8, 8)]
     torch.testing.assert_close(dense[1][..., ::2, ::2], inter[2])               # each merged token repeated
     torch.testing.assert_close(final, model.forward_features(x))
+
+
+def _zero_masked_rows(model, mask):
+    """The uncompressed model with every channel of S zeroed where it is produced (v rows of the q/k/v projection
+    and their bias, the FFN's input rows: gate and value rows when gated)."""
+    from timm.layers import GluMlp
+    with torch.no_grad():
+        for l, block in enumerate(model.blocks):
+            attn, mlp, H = block.attn, block.mlp, block.attn.num_heads
+            v_rows = torch.cat([torch.zeros(2 * mask.v[l].numel(), dtype=torch.bool), mask.v[l].flatten()])
+            attn.qkv.weight[v_rows] = 0
+            if attn.v_bias is not None:
+                attn.v_bias[mask.v[l].flatten()] = 0
+            f = mask.ffn[l]
+            rows = torch.cat([f, f]) if isinstance(mlp, GluMlp) else f
+            mlp.fc1.weight[rows] = 0
+            if mlp.fc1.bias is not None:
+                mlp.fc1.bias[rows] = 0
+    return model
+
+
+@pytest.mark.parametrize("family", EVA)
+def test_compact_eva_equals_masked_model_and_fvcore(family):
+    from cait.compress.importance import weight_scores
+    from cait.compress.prune import prune
+    from cait.compress.select import ChannelMask, select_channels
+    from cait.measure.flops import count_flops
+    from cait.models.spec import describe
+
+    merged = apply_atme(small_eva(family), "h1,v2")
+    spec = describe(merged)
+    chosen = select_channels(weight_scores(merged), spec, int(0.8 * spec.flops()), round_to=8)
+    assert not any(bool(m.any()) for m in chosen.qk) and chosen.size() > 0     # RoPE: q/k stay whole
+    mask = ChannelMask.keep_all(spec)                                          # v and FFN channels of every block
+    for l in range(len(spec.blocks)):
+        mask.v[l][:, 3:11] = True
+        mask.ffn[l][torch.arange(5, spec.blocks[l].ffn_dim, 3)] = True
+    x = torch.randn(2, 3, *merged.patch_embed.img_size)
+    with torch.no_grad():
+        expected = _zero_masked_rows(copy.deepcopy(merged), mask).forward_features(x)
+        compact = prune(copy.deepcopy(merged), mask)
+        got = compact.forward_features(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert describe(compact).flops() == count_flops(compact) < spec.flops()
+    assert describe(merged).flops() == count_flops(merged)
+
+
+def test_eva_qk_pruning_is_refused():
+    from cait.compress.prune import prune
+    from cait.compress.select import ChannelMask
+    from cait.models.spec import describe
+
+    model = small_eva("dinov3")
+    mask = ChannelMask.keep_all(describe(model))
+    mask.qk[0][:, 0] = True
+    with pytest.raises(ValueError, match="rotary"):
+        prune(model, mask)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 
 from ..layers.compactor import CompactorLinear, CompactorQKV
+from ..models.parts import attention_qkv, ffn_rows
 from ..models.spec import ModelSpec
 
 Progress = Callable[[str], None] | None
@@ -82,7 +83,8 @@ def weight_scores(model: nn.Module) -> ChannelScores:
     """Scores from the (folded) weight rows, for one-shot compression with no training.
 
     With identity compactors every compactor score is 1, so the untrained preview scores channel j by the L2 norm of
-    the row of ``qkv`` (q, k, v) or ``fc1`` (FFN) that produces it, compactors folded in if present.
+    the row of ``qkv`` (q, k, v) or ``fc1`` (FFN; a gated FFN's gate and value rows together) that produces it,
+    compactors folded in if present (:func:`cait.models.parts.attention_qkv`, :func:`~cait.models.parts.ffn_rows`).
     """
     _check_blocks(model)
     q, k, v, f = [], [], [], []
@@ -90,12 +92,9 @@ def weight_scores(model: nn.Module) -> ChannelScores:
         attn = block.attn
         H = attn.num_heads
         with torch.no_grad():
-            W = attn.qkv.folded()[0] if isinstance(attn.qkv, CompactorQKV) else attn.qkv.weight
-            rows = W.norm(dim=1).float().cpu().reshape(3, H, -1)       # (3, H, d_h)
+            rows = attention_qkv(attn)[0].norm(dim=1).float().cpu().reshape(3, H, -1)   # (3, H, d_h)
             q.append(rows[0]); k.append(rows[1]); v.append(rows[2])
-            fc1 = block.mlp.fc1
-            W1 = fc1.folded()[0] if isinstance(fc1, CompactorLinear) else fc1.weight
-            f.append(W1.norm(dim=1).float().cpu())
+            f.append(ffn_rows(block.mlp).norm(dim=1).float().cpu())                  # (D_f,)
     return ChannelScores(q, k, v, f)
 
 

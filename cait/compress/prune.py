@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention, Mlp
+from timm.layers import Attention, GluMlp, Mlp, SwiGLU
+from timm.models.eva import EvaAttention
 
 from ..layers.compactor import CompactorLinear, CompactorQKV
 from ..layers.pruned_attention import PrunedAttention
+from ..models.parts import attention_qkv, ffn_width, folded as _folded, prunable_reason
 from .select import ChannelMask
-
-
-def _folded(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(W', b')`` of a Linear, compactor folded in when there is one."""
-    if isinstance(layer, (CompactorQKV, CompactorLinear)):
-        return layer.folded()
-    return layer.weight, layer.bias
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -34,53 +29,78 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+def _prune_ffn(mlp: nn.Module, keep: torch.Tensor) -> None:
+    """Keep hidden channels ``keep`` (bool ``(D_f,)``) of an FFN, in place: their ``fc1`` rows (gate and value rows
+    when gated) and ``fc2`` columns."""
+    if isinstance(mlp, GluMlp):
+        W1, b1 = mlp.fc1.weight, mlp.fc1.bias
+        both = torch.cat([keep, keep])
+        mlp.fc1 = _linear(W1[both], None if b1 is None else b1[both])
+    elif isinstance(mlp, SwiGLU):
+        for name in ("fc1_g", "fc1_x"):
+            lin = getattr(mlp, name)
+            setattr(mlp, name, _linear(lin.weight[keep], None if lin.bias is None else lin.bias[keep]))
+    else:
+        W1, b1 = _folded(mlp.fc1)
+        mlp.fc1 = _linear(W1[keep], None if b1 is None else b1[keep])
+    mlp.fc2 = _linear(mlp.fc2.weight[:, keep], mlp.fc2.bias)
+
+
+def _pruned_attention(attn: nn.Module, qk_dim: int, v_dim: int, like: torch.Tensor, qkv_bias: bool
+                      ) -> PrunedAttention:
+    """An empty :class:`PrunedAttention` with ``attn``'s heads, scale, dropout and (Eva) rotary settings."""
+    new = PrunedAttention(attn.proj.out_features, attn.num_heads, qk_dim, v_dim, attn.scale, qkv_bias=qkv_bias,
+                          proj_bias=attn.proj.bias is not None, attn_drop=attn.attn_drop.p,
+                          proj_drop=attn.proj_drop.p).to(like.device, like.dtype)
+    new.fused_attn = attn.fused_attn
+    if isinstance(attn, EvaAttention):
+        new.rope_prefix, new.rotate_half = attn.num_prefix_tokens, attn.rotate_half
+    return new
+
+
 @torch.no_grad()
 def prune(model: nn.Module, mask: ChannelMask) -> nn.Module:
     """Fold compactors and remove every channel in S, in place (docs/method.md: folding and pruning).
 
     Args:
-        model: a DeiT (ATME allowed) with timm Attention/Mlp blocks, with or without compactors.
+        model: a timm ViT or Eva (ATME allowed) whose blocks :func:`prunable_reason` accepts, with or without
+            compactors.
         mask: the masked set S, head-consistent (:meth:`ChannelMask.check_consistency`).
 
     Returns:
-        The same model object, now compact: ``blocks[l].attn`` is a :class:`PrunedAttention`, ``mlp.fc1``/``fc2``
-        are narrowed Linears, no compactor remains. Its output equals the compactor model's with S's rows zeroed.
+        The same model object, now compact: ``blocks[l].attn`` is a :class:`PrunedAttention`, the FFN's Linears are
+        narrowed, no compactor remains. Its output equals the compactor model's with S's rows zeroed.
 
     Raises:
-        ValueError: if the mask is inconsistent, does not match the model's shape, or removes every channel of a
-            head or an FFN.
-        TypeError: if a block is already pruned.
+        ValueError: if the mask is inconsistent, does not match the model's shape, removes every channel of a
+            head or an FFN, or removes q/k channels of an Eva attention (they carry rotary codes).
+        TypeError: if a block is already pruned or has layers CDCP cannot prune (:func:`prunable_reason`).
     """
     if len(mask.qk) != len(model.blocks):
         raise ValueError(f"mask covers {len(mask.qk)} blocks, the model has {len(model.blocks)}")
     mask.check_consistency()
     for l, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
-        if type(attn) is not Attention or type(mlp) is not Mlp:
-            raise TypeError(f"block {l} is already pruned ({type(attn).__name__})")
-        H, d = attn.num_heads, attn.head_dim
+        if (reason := prunable_reason(attn, mlp)) is not None:
+            raise TypeError(f"block {l} cannot be pruned: {reason}")
+        H, d, D = attn.num_heads, attn.head_dim, ffn_width(mlp)[0]
         drop_qk, drop_v, drop_f = (m.to(attn.proj.weight.device) for m in (mask.qk[l], mask.v[l], mask.ffn[l]))
-        if drop_qk.shape != (H, d) or drop_v.shape != (H, d) or drop_f.shape != (mlp.fc1.out_features,):
+        if drop_qk.shape != (H, d) or drop_v.shape != (H, d) or drop_f.shape != (D,):
             raise ValueError(f"block {l}: mask shapes {tuple(drop_qk.shape)}, {tuple(drop_v.shape)}, "
-                             f"{tuple(drop_f.shape)} do not fit {H} heads × {d} and FFN {mlp.fc1.out_features}")
+                             f"{tuple(drop_f.shape)} do not fit {H} heads × {d} and FFN {D}")
         qk_dim, v_dim = int((~drop_qk[0]).sum()), int((~drop_v[0]).sum())
         if qk_dim == 0 or v_dim == 0 or bool(drop_f.all()):
             raise ValueError(f"block {l}: the mask removes every channel of a head or of the FFN")
+        if isinstance(attn, EvaAttention) and bool(drop_qk.any()):
+            raise ValueError(f"block {l}: q/k channels of a rotary (Eva) attention cannot be pruned")
 
-        # qkv rows: W' is (3·H·d, C) ordered [q | k | v], heads contiguous.
-        W, b = _folded(attn.qkv)
+        W, b = attention_qkv(attn)                             # (3·H·d, C), rows [q | k | v], heads contiguous
         keep = torch.cat([(~drop_qk).flatten(), (~drop_qk).flatten(), (~drop_v).flatten()])
-        new = PrunedAttention(W.shape[1], H, qk_dim, v_dim, attn.scale,
-                              qkv_bias=b is not None, proj_bias=attn.proj.bias is not None,
-                              attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p).to(W.device, W.dtype)
-        new.fused_attn = attn.fused_attn
+        new = _pruned_attention(attn, qk_dim, v_dim, W, b is not None)
         new.qkv = _linear(W[keep], None if b is None else b[keep])
         new.proj = _linear(attn.proj.weight[:, (~drop_v).flatten()], attn.proj.bias)
         block.attn = new
-
-        W1, b1 = _folded(mlp.fc1)
-        mlp.fc1 = _linear(W1[~drop_f], None if b1 is None else b1[~drop_f])
-        mlp.fc2 = _linear(mlp.fc2.weight[:, ~drop_f], mlp.fc2.bias)
+        _prune_ffn(mlp, ~drop_f)
     return model
 
 

@@ -119,7 +119,8 @@ def select_channels(scores: ChannelScores, spec: ModelSpec, target_flops: int, m
             break
         flops -= walk.take(*unit)
     if flops > target_flops:
-        floor = spec.with_widths([(min_channels, min_channels, min_channels)] * len(spec.blocks)).flops()
+        floor = spec.with_widths([(b.qk_dim if b.rope else min_channels, min_channels, min_channels)
+                                  for b in spec.blocks]).flops()
         raise ValueError(f"FLOPs target {target_flops / 1e9:.3f} G is out of reach: with {min_channels} channel(s) "
                          f"per head and per FFN the model still needs {floor / 1e9:.3f} G")
     return round_widths(mask, scores, spec, target_flops, round_to) if round_to > 1 else mask
@@ -190,8 +191,8 @@ class _ConsistentWalk:
             self.kept_ffn[l] -= 1
             return b.ffn_unit_flops()
         taken = self.per_kind[kind][1][l]
-        if taken[h, j] or self.kept[(kind, l)] <= self.min_channels:
-            return 0
+        if taken[h, j] or self.kept[(kind, l)] <= self.min_channels or (kind == "qk" and b.rope):
+            return 0                                             # RoPE: q/k stay whole (BlockSpec.rope)
         taken[h, j] = True                                       # the unit itself ...
         for h2 in range(b.heads):                                # ... and the lowest free unit of every other head
             if h2 != h:
@@ -255,6 +256,8 @@ def round_widths(mask: ChannelMask, scores: ChannelScores, spec: ModelSpec, targ
     while flops() > target_flops:
         best = None
         for (kind, l), k in kept.items():
+            if kind == "qk" and spec.blocks[l].rope:
+                continue
             step = k - multiple if k % multiple == 0 else (k // multiple) * multiple
             if step < min(multiple, kinds[kind][0][l].shape[1]) or step < 1:
                 continue

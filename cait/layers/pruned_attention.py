@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
 
 class PrunedAttention(nn.Module):
@@ -51,6 +52,8 @@ class PrunedAttention(nn.Module):
         self.num_heads, self.qk_dim, self.v_dim, self.scale = num_heads, qk_dim, v_dim, scale
         self.fused_attn = True
         self.pad_to_kernel = True          # pad q/k or v to one width for the fused kernel (module docstring)
+        self.rope_prefix = 0               # Eva: tokens before the patches, which get no rotary code
+        self.rotate_half = False           # Eva: timm's rotary layout (half vs interleaved)
         self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(num_heads * v_dim, dim, bias=proj_bias)
@@ -64,10 +67,17 @@ class PrunedAttention(nn.Module):
         return (q.reshape(B, N, H, dqk).transpose(1, 2), k.reshape(B, N, H, dqk).transpose(1, 2),
                 v.reshape(B, N, H, dv).transpose(1, 2))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """``x`` ``(B, N, C)`` → ``(B, N, C)``. ``rope`` (Eva): rotary codes ``(N − P, 2·qk_dim)`` of the patch
+        tokens, applied to q and k after the ``rope_prefix`` tokens as timm's ``EvaAttention`` does."""
         B, N, _ = x.shape
         q, k, v = self.qkv_heads(x)
+        if rope is not None:
+            P = self.rope_prefix
+            q = torch.cat([q[:, :, :P], apply_rot_embed_cat(q[:, :, P:], rope, half=self.rotate_half)], dim=2)
+            k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], rope, half=self.rotate_half)], dim=2)
+            q, k = q.type_as(v), k.type_as(v)
         if self.fused_attn:
             d = max(self.qk_dim, self.v_dim) if self.pad_to_kernel else 0
             if d > self.qk_dim:                                                # zero q/k channels: q·kᵀ unchanged

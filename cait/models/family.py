@@ -1,10 +1,11 @@
 """Which timm models CAIT compresses: a check of the model's own modules, never of its name.
 
-CAIT needs a plain ViT: timm's ``VisionTransformer`` (DeiT, DeiT III, distilled DeiT, DINOv2 with or without
-registers, CLIP, AugReg ViTs, ...) at a fixed image size, whose blocks are timm's ``Block`` with a fused ``qkv``
-``Attention`` and an ``Mlp`` (``fc1`` → activation → ``fc2``). Prefix tokens (a CLS token, a distillation token,
-registers, or none) are read from ``num_prefix_tokens`` (docs/method.md: models). What is refused says what is
-missing:
+CAIT needs a plain ViT at a fixed image size: timm's ``VisionTransformer`` (DeiT, DeiT III, distilled DeiT, DINOv2
+with or without registers, CLIP, AugReg ViTs, ...) whose blocks are timm's ``Block`` with a fused ``qkv``
+``Attention`` and an ``Mlp`` (``fc1`` → activation → ``fc2``), or timm's ``Eva`` (EVA-02, DINOv3) whose blocks are
+``EvaBlock`` with an ``EvaAttention`` (fused or separate q/k/v, axial RoPE) and an ``Mlp``, ``GluMlp`` or ``SwiGLU``
+without norms inside. Prefix tokens (a CLS token, a distillation token, registers, or none) are read from
+``num_prefix_tokens`` (docs/method.md: models). What is refused says what is missing:
 
 >>> import timm
 >>> unsupported_reason(timm.create_model("deit_tiny_patch16_224", depth=2)) is None
@@ -15,10 +16,12 @@ True
 from __future__ import annotations
 
 import torch.nn as nn
-from timm.layers import Attention, Mlp
+from timm.layers import Attention, GluMlp, Mlp, SwiGLU
+from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers.pruned_attention import PrunedAttention
+from .rope import rope_reason
 
 TESTED: dict[str, tuple[str, ...]] = {
     "vit": ("vit_tiny_patch16_224", "vit_small_patch32_224", "vit_base_patch16_224.augreg_in21k_ft_in1k",
@@ -37,15 +40,12 @@ small configurations of the real classes). Support itself is decided by the mode
 timm ViT name."""
 
 NOT_YET: dict[str, tuple[str, ...]] = {
-    "eva02": ("eva02_tiny_patch14_224",),
-    "dinov3": ("vit_small_patch16_dinov3",),
     "siglip_map": ("vit_base_patch16_siglip_224",),
+    "eva02_scale_norm": ("eva02_base_patch14_224",),
 }
 """Families refused today, each with a name whose refusal the tests check."""
 
 NOT_PLAIN = {
-    "Eva": "Eva (EVA-02, DINOv3): separate q/k/v projections, SwiGLU MLPs and rotary position embedding are not "
-           "supported yet",
     "SwinTransformer": "Swin: windowed attention on a feature pyramid, not a plain ViT",
     "SwinTransformerV2": "Swin V2: windowed attention on a feature pyramid, not a plain ViT",
     "Cait": "timm's CaiT (class-attention in image transformers, an unrelated model): class-attention blocks, not a "
@@ -57,16 +57,18 @@ NOT_PLAIN = {
 
 def _block_reason(i: int, block: nn.Module) -> str | None:
     """Why block ``i`` cannot be compressed (None: it can)."""
-    if not isinstance(block, Block):
-        return f"block {i} is {type(block).__name__}: CAIT patches timm's Block (attention + MLP with residuals)"
+    if not isinstance(block, (Block, EvaBlock)):
+        return f"block {i} is {type(block).__name__}: CAIT patches timm's Block or EvaBlock (pre-norm attention + " \
+               "MLP with residuals)"
     attn, mlp = block.attn, block.mlp
-    if type(attn) not in (Attention, PrunedAttention):
-        return f"block {i}'s attention is {type(attn).__name__}: CAIT prunes timm's Attention with a fused qkv"
+    if type(attn) not in (Attention, EvaAttention, PrunedAttention):
+        return f"block {i}'s attention is {type(attn).__name__}: CAIT prunes timm's Attention or EvaAttention"
     if any(not isinstance(getattr(attn, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm")):
         return f"block {i} normalises q/k or the attention output (qk_norm / scale_norm): not supported yet"
-    if type(mlp) is not Mlp:
-        return f"block {i}'s MLP is {type(mlp).__name__}: CDCP prunes timm's Mlp (fc1, activation, fc2); " \
-               "gated (SwiGLU) MLPs are not supported yet"
+    if getattr(attn, "gate", None) is not None:
+        return f"block {i} gates its attention output: not supported yet"
+    if type(mlp) not in (Mlp, GluMlp, SwiGLU):
+        return f"block {i}'s MLP is {type(mlp).__name__}: CDCP prunes timm's Mlp, GluMlp or SwiGLU"
     if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         return f"block {i}'s MLP normalises its hidden layer (scale_norm): not supported yet"
     return None
@@ -85,8 +87,12 @@ def unsupported_reason(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name in NOT_PLAIN:
         return NOT_PLAIN[name]
-    if not isinstance(model, VisionTransformer):
-        return f"{name}: not a plain ViT (timm's VisionTransformer)"
+    if not isinstance(model, (VisionTransformer, Eva)):
+        return f"{name}: not a plain ViT (timm's VisionTransformer or Eva)"
+    if rope_reason(getattr(model, "rope", None)):
+        return rope_reason(model.rope)
+    if getattr(model, "patch_drop", None) is not None:
+        return "patch dropout: ATME needs every patch token (create the model with patch_drop_rate=0)"
     if getattr(model, "dynamic_img_size", False):
         return "dynamic image size: ATME needs the token grid at every block (create the model with " \
                "dynamic_img_size=False)"

@@ -20,6 +20,7 @@ from math import prod
 import torch.nn as nn
 
 from .atme import MERGE_BLOCKS, model_token_grids, prefix_tokens
+from .parts import ffn_width
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class BlockSpec:
         v_dim: v width per head.
         ffn_dim: FFN hidden width D_f.
         merge_tokens: N_out, patch tokens produced by this block's merge (0 when it does not merge).
+        ffn_gated: a gated FFN (SwiGLU, EVA-02): two Linears ``C → D_f`` (gate and value) and ``D_f → C``, so
+            ``3·N·C·D_f`` instead of ``2·N·C·D_f``.
+        rope: q and k carry rotary position codes (Eva): CDCP keeps every q/k channel (a channel pairs with its
+            rotary partner; pruning in pairs is not implemented), and prunes v and the FFN.
     """
 
     tokens: int
@@ -43,11 +48,18 @@ class BlockSpec:
     v_dim: int
     ffn_dim: int
     merge_tokens: int = 0
+    ffn_gated: bool = False
+    rope: bool = False
+
+    @property
+    def ffn_linears(self) -> int:
+        """Linears of width D_f in the FFN: 2 (``fc1``, ``fc2``), 3 when gated."""
+        return 3 if self.ffn_gated else 2
 
     def flops(self) -> int:
         """FLOPs (multiply-adds) of this block for one image, docs/method.md: FLOPs."""
         N, C, Dqk, Dv, Df = self.tokens, self.dim, self.heads * self.qk_dim, self.heads * self.v_dim, self.ffn_dim
-        return (N * C * (2 * Dqk + Dv) + N * N * (Dqk + Dv) + N * Dv * C + 2 * N * C * Df
+        return (N * C * (2 * Dqk + Dv) + N * N * (Dqk + Dv) + N * Dv * C + self.ffn_linears * N * C * Df
                 + self.merge_tokens * 2 * C * C)
 
     # FLOPs removed by pruning one unit (used by the CDCP selection, docs/method.md: CDCP).
@@ -60,8 +72,8 @@ class BlockSpec:
         return 2 * self.tokens * self.dim + self.tokens ** 2
 
     def ffn_unit_flops(self) -> int:
-        """FLOPs saved by removing one FFN channel: its fc1 row and fc2 column."""
-        return 2 * self.tokens * self.dim
+        """FLOPs saved by removing one FFN channel: its fc1 row (gate and value rows when gated) and fc2 column."""
+        return self.ffn_linears * self.tokens * self.dim
 
 
 
@@ -97,26 +109,29 @@ class ModelSpec:
 def block_widths(block: nn.Module) -> tuple[int, int, int, int]:
     """``(heads, qk_dim, v_dim, ffn_dim)`` of a block: per-head q/k and v widths, FFN width.
 
-    Works for timm's Attention (with or without compactors) and for the pruned attention of :mod:`cait.prune`.
+    Works for timm's Attention and EvaAttention (with or without compactors) and for the pruned attention of
+    :mod:`cait.prune`.
     """
     attn = block.attn
     qk = getattr(attn, "qk_dim", None) or attn.head_dim
     v = getattr(attn, "v_dim", None) or attn.head_dim
-    return attn.num_heads, qk, v, block.mlp.fc1.out_features
+    return attn.num_heads, qk, v, ffn_width(block.mlp)[0]
 
 
 
 def describe(model: nn.Module) -> ModelSpec:
-    """Read a model's :class:`ModelSpec` from its modules (original, ATME, compactor or pruned DeiT)."""
+    """Read a model's :class:`ModelSpec` from its modules (original, ATME, compactor or pruned; timm
+    ``VisionTransformer`` or ``Eva``)."""
     grids = model_token_grids(model)
     pe = model.patch_embed.proj
     n_patches = prod(model.patch_embed.grid_size)
     embed = n_patches * (pe.weight.shape[1] * pe.weight.shape[2] * pe.weight.shape[3]) * pe.weight.shape[0]
     head = sum(h.in_features * h.out_features for h in (model.head, getattr(model, "head_dist", None))
                if isinstance(h, nn.Linear))                   # a distilled DeiT has two heads
-    P, blocks = prefix_tokens(model), []
+    P, blocks, rope = prefix_tokens(model), [], getattr(model, "rope", None) is not None
     for block, (h, w) in zip(model.blocks, grids):
         heads, qk, v, ffn = block_widths(block)
         blocks.append(BlockSpec(tokens=P + h * w, dim=block.norm1.normalized_shape[0], heads=heads, qk_dim=qk,
-                                v_dim=v, ffn_dim=ffn, merge_tokens=h * w if isinstance(block, MERGE_BLOCKS) else 0))
+                                v_dim=v, ffn_dim=ffn, merge_tokens=h * w if isinstance(block, MERGE_BLOCKS) else 0,
+                                ffn_gated=ffn_width(block.mlp)[1], rope=rope))
     return ModelSpec(tuple(blocks), embed, head, tuple(model.patch_embed.grid_size), P)
