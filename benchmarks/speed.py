@@ -55,10 +55,11 @@ def variants(name: str, round_to: int, keep: tuple[str, ...] = VARIANTS) -> dict
     original, _ = cait.create_model(name, pretrained=False)
     r = SETTINGS.get(name, 0.5)
     split = cait.split_budget(original, r)
-    out = {"original": original,
-           "atme": cait.apply_atme(cait.create_model(name, pretrained=False)[0], split.layout),
-           "cdcp": cait.compress(original, r, layout="", round_to=round_to),
-           "cait": cait.compress(original, r, round_to=round_to)}
+    out = {"original": original, "cait": cait.compress(original, r, round_to=round_to)}
+    if "atme" in keep or "tome_atme" in keep:
+        out["atme"] = cait.apply_atme(cait.create_model(name, pretrained=False)[0], split.layout)
+    if "cdcp" in keep:                     # built only when asked for (a RoPE model may not reach R by channels)
+        out["cdcp"] = cait.compress(original, r, layout="", round_to=round_to)
     base = cait.analytic_flops(original)
 
     def tome_at_flops_of(model: torch.nn.Module) -> torch.nn.Module:

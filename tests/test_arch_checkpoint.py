@@ -91,7 +91,10 @@ def test_a_model_the_record_cannot_describe_is_refused_before_anything_is_writte
         save_pretrained(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match="not a timm VisionTransformer"):
-        save_pretrained(timm.create_model("eva02_tiny_patch14_224", depth=1), tmp_path / "eva")
+        save_pretrained(timm.create_model("swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1)), tmp_path / "swin")
+    assert not (tmp_path / "swin").exists()
+    with pytest.raises(CheckpointError, match="would rebuild it with other tensors"):   # EVA-02 B: a norm in the FFN
+        save_pretrained(timm.create_model("eva02_base_patch14_224", depth=1, img_size=56), tmp_path / "eva")
     assert not (tmp_path / "eva").exists()
 
 

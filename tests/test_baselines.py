@@ -89,5 +89,5 @@ def test_apply_tome_refuses_what_it_cannot_patch(tiny):
     once = apply_tome(tiny(), 2)
     with pytest.raises(ValueError, match="already has ToMe"):
         apply_tome(once, 2)
-    with pytest.raises(TypeError, match="timm's Block with timm's Attention only"):
+    with pytest.raises(TypeError, match="ToMe patches timm's Block with timm's Attention, or EvaBlock"):
         apply_tome(cait.compress(tiny(), 0.3, layout=""), 2)

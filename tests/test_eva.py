@@ -169,3 +169,26 @@ def test_eva_qk_pruning_is_refused():
     mask.qk[0][:, 0] = True
     with pytest.raises(ValueError, match="rotary"):
         prune(model, mask)
+
+
+@pytest.mark.parametrize("family", EVA)
+def test_tome_on_eva_matches_fvcore_and_keeps_token_positions(family):
+    from cait.baselines.tome import apply_tome, tome_flops, tome_schedule
+    from cait.measure.flops import count_flops
+
+    original = small_eva(family)
+    x = torch.randn(2, 3, *original.patch_embed.img_size)
+    same = apply_tome(copy.deepcopy(original), 0)
+    schedule = tome_schedule(original, 0.3)
+    tome = apply_tome(copy.deepcopy(original), schedule)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), original(x))                       # r = 0: the original, exactly
+        tome.tome.trace_source = True
+        out = tome(x)
+    state = tome.tome
+    full = rope_coords(original.rope, tuple(original.patch_embed.grid_size)).flatten(0, 1)        # (L, 2)
+    centroid = state.source @ full / state.source.sum(-1, keepdim=True)       # each token: mean of its patches
+    torch.testing.assert_close(state.coords, centroid, rtol=1e-5, atol=1e-5)
+    assert state.coords.shape[1] < full.shape[0] and torch.isfinite(out).all()
+    tome.tome.trace_source = False
+    assert tome_flops(tome) == count_flops(tome)

@@ -195,10 +195,11 @@ def family_pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module, float]:
         import timm
         from cait.models.spec import describe
         torch.manual_seed(0)
-        patch = timm.create_model(name, pretrained=False, depth=1, device="meta").patch_embed.patch_size[0]
-        side = 5 if "dinov2" in name else 4
+        meta = timm.create_model(name, pretrained=False, depth=1, device="meta")
+        patch, side = meta.patch_embed.patch_size[0], 5 if "dinov2" in name else 4
+        fixed = {"dynamic_img_size": False} if getattr(meta, "dynamic_img_size", False) else {}   # DINOv3
         original = randomize_(timm.create_model(name, pretrained=False, depth=3, embed_dim=48, num_heads=3,
-                                                img_size=side * patch, num_classes=10).eval(), std=0.05)
+                                                img_size=side * patch, num_classes=10, **fixed).eval(), std=0.05)
         spec = describe(original)
         target = 0.5 * sum(b.flops() for b in spec.blocks) / spec.flops()
         _FAMILY_BUILT[name] = (original, cait.compress(original, target, round_to=4).eval(), target)
@@ -206,8 +207,8 @@ def family_pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module, float]:
 
 
 def test_the_registry_spans_the_families_the_issue_names():
-    assert len(FAMILY_NAMES) >= 20 and set(TESTED) >= {"vit", "deit", "deit_distilled", "deit3", "dinov2",
-                                                       "dinov2_registers", "clip", "siglip"}
+    assert len(FAMILY_NAMES) >= 24 and set(TESTED) >= {"vit", "deit", "deit_distilled", "deit3", "dinov2",
+                                                       "dinov2_registers", "clip", "siglip", "eva02", "dinov3"}
 
 
 @pytest.mark.parametrize("family,name", FAMILY_NAMES)

@@ -11,6 +11,9 @@ from cait.compress.select import ChannelMask
 from conftest import randomize_
 
 
+from cait.models.compactors import ffn_compactor  # noqa: E402
+
+
 def random_consistent_mask(spec, seed, p=0.4):
     """A random S that keeps head-level consistency: each head drops the same number of q/k and v channels."""
     g = torch.Generator().manual_seed(seed)
@@ -18,6 +21,7 @@ def random_consistent_mask(spec, seed, p=0.4):
     for b in spec.blocks:
         for out, d in ((qk, b.qk_dim), (v, b.v_dim)):
             n = int(torch.randint(0, int(p * d) + 1, (1,), generator=g))
+            n = 0 if out is qk and b.rope else n                               # RoPE: CDCP keeps q/k whole
             m = torch.zeros(b.heads, d, dtype=torch.bool)
             for h in range(b.heads):
                 m[h, torch.randperm(d, generator=g)[:n]] = True              # different channels per head
@@ -34,7 +38,7 @@ def zero_masked_rows_(model, mask):
             qkv.q[mask.qk[l]] = 0
             qkv.k[mask.qk[l]] = 0
             qkv.v[mask.v[l]] = 0
-            block.mlp.fc1.q[mask.ffn[l]] = 0
+            ffn_compactor(block.mlp).q[mask.ffn[l]] = 0
 
 
 @pytest.mark.parametrize("seed,layout", [(0, ""), (1, "h1,v3"), (2, "v0,h2,v4")])

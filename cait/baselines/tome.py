@@ -29,11 +29,14 @@ from math import prod
 import torch
 import torch.nn as nn
 from timm.layers import Attention
+from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block
 
 from ..models.atme import get_layout, prefix_tokens
 from ..models.deit import block_outputs
 from ..models.meta import meta_of
+from ..models.parts import fuse_eva_qkv_bias_
+from ..models.rope import rope_codes, rope_coords, rope_reason
 from ..models.spec import describe
 
 
@@ -123,6 +126,9 @@ class ToMeState:
     size: torch.Tensor | None = None                                   # (B, N, 1), prefix tokens included
     trace_source: bool = False                                         # keep `source` (dense outputs need it)
     source: torch.Tensor | None = None                                 # (B, N − prefix, L): token n holds patch l
+    rope: nn.Module | None = None                                      # Eva: the model's rotary module
+    grid: tuple[int, int] = (0, 0)                                     # Eva: the patch grid (H, W)
+    coords: torch.Tensor | None = None                                 # Eva: (B, N − prefix, 2) token positions
 
 
 def keep_output(module: nn.Module, args, output: torch.Tensor) -> None:
@@ -141,31 +147,74 @@ class ToMeBlock(Block):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
                 ) -> torch.Tensor:
-        state, i, P = self.tome, self.tome_index, self.tome.prefix
+        state, i = self.tome, self.tome_index
         if i == 0:                                                     # a new forward pass
-            state.size = None
-            L = x.shape[1] - P                                         # patch tokens
-            state.source = (torch.eye(L, device=x.device, dtype=x.dtype).expand(x.shape[0], L, L)
-                            if state.trace_source else None)
+            _start_pass(state, x, None)
         bias = None if state.size is None else state.size.log().transpose(1, 2)[:, None]   # (B, 1, 1, N)
         if attn_mask is not None:
             bias = attn_mask if bias is None else bias + attn_mask
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias, is_causal=is_causal)))
-        r = state.schedule[i]
-        if r > 0:
-            qkv = self.attn.qkv.kept_output                            # (B, N, 3·H·d), kept by keep_output
-            self.attn.qkv.kept_output = None
-            B, N, _ = qkv.shape
-            H = self.attn.num_heads
-            keys = qkv.reshape(B, N, 3, H, -1)[:, :, 1].mean(dim=2)    # (B, N, d): keys, mean over heads
-            size = state.size if state.size is not None else x.new_ones(B, N, 1)
-            match = bipartite_match(keys[:, P:], r)                   # the prefix tokens never merge
-            psize = match.merge(size[:, P:])
-            x = torch.cat([x[:, :P], match.merge(x[:, P:] * size[:, P:]) / psize], dim=1)   # (B, P + N' − r, C)
-            state.size = torch.cat([size[:, :P], psize], dim=1)
-            if state.source is not None:
-                state.source = match.merge(state.source)               # each patch stays in exactly one token
+        if state.schedule[i] > 0:
+            x = _merge_step(self, state, x)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class ToMeEvaBlock(EvaBlock):
+    """A timm ``EvaBlock`` (EVA-02, DINOv3) with ToMe, as :class:`ToMeBlock`. Each token also carries its position,
+    the size-weighted mean of the patch coordinates it stands for (in the model's RoPE convention), and attends with
+    the rotary code of that position (:func:`cait.models.rope.rope_codes`): a merged token is where its patches are,
+    as ATME's merged tokens are."""
+
+    tome: ToMeState
+    tome_index: int
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        state, i, P = self.tome, self.tome_index, self.tome.prefix
+        if i == 0:
+            _start_pass(state, x, rope)
+        bias = None if state.size is None else state.size.log().transpose(1, 2)[:, None]   # (B, 1, 1, N)
+        if attn_mask is not None:
+            bias = attn_mask if bias is None else bias + attn_mask
+        codes = rope if state.coords is None or state.size is None else \
+            rope_codes(state.rope, state.coords).to(rope.dtype)[:, None]                      # (B, 1, N − P, 2d)
+        x_attn = self.attn(self.norm1(x), rope=codes, attn_mask=bias, is_causal=is_causal)
+        x = x + self.drop_path1(x_attn if self.gamma_1 is None else self.gamma_1 * x_attn)
+        if state.schedule[i] > 0:
+            x = _merge_step(self, state, x)
+        x_mlp = self.mlp(self.norm2(x))
+        return x + self.drop_path2(x_mlp if self.gamma_2 is None else self.gamma_2 * x_mlp)
+
+
+def _start_pass(state: ToMeState, x: torch.Tensor, rope: torch.Tensor | None) -> None:
+    """Reset ``state`` for a new forward pass of ``x`` ``(B, P + L, C)``: sizes, sources and (RoPE) coordinates."""
+    state.size = None
+    B, L = x.shape[0], x.shape[1] - state.prefix
+    state.source = (torch.eye(L, device=x.device, dtype=x.dtype).expand(B, L, L) if state.trace_source else None)
+    state.coords = None
+    if rope is not None and state.rope is not None:
+        coords = rope_coords(state.rope, state.grid).flatten(0, 1).to(x.device)                # (L, 2)
+        state.coords = coords.expand(B, L, 2)
+
+
+def _merge_step(block: nn.Module, state: ToMeState, x: torch.Tensor) -> torch.Tensor:
+    """ToMe's merge of ``state.schedule[i]`` tokens of ``x`` ``(B, N, C)`` after ``block``'s attention, keys read
+    from its ``qkv`` output (kept by :func:`keep_output`); sizes, sources and coordinates follow the merge."""
+    P, r = state.prefix, state.schedule[block.tome_index]
+    qkv = block.attn.qkv.kept_output                                   # (B, N, 3·H·d), kept by keep_output
+    block.attn.qkv.kept_output = None
+    B, N, _ = qkv.shape
+    keys = qkv.reshape(B, N, 3, block.attn.num_heads, -1)[:, :, 1].mean(dim=2)   # (B, N, d): keys, mean over heads
+    size = state.size if state.size is not None else x.new_ones(B, N, 1)
+    match = bipartite_match(keys[:, P:], r)                           # the prefix tokens never merge
+    psize = match.merge(size[:, P:])
+    x = torch.cat([x[:, :P], match.merge(x[:, P:] * size[:, P:]) / psize], dim=1)   # (B, P + N' − r, C)
+    if state.coords is not None:
+        state.coords = match.merge(state.coords * size[:, P:].to(state.coords.dtype)) / psize.to(state.coords.dtype)
+    state.size = torch.cat([size[:, :P], psize], dim=1)
+    if state.source is not None:
+        state.source = match.merge(state.source)                       # each patch stays in exactly one token
+    return x
 
 
 def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
@@ -193,12 +242,18 @@ def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
         raise ValueError("model already has ToMe applied")
     if get_layout(model):
         raise ValueError("ToMe is a baseline for the uncompressed model; this one has an ATME layout")
-    state = ToMeState(schedule, prefix=prefix_tokens(model))
+    rope = getattr(model, "rope", None)
+    if rope_reason(rope):
+        raise TypeError(rope_reason(rope))
+    state = ToMeState(schedule, prefix=prefix_tokens(model), rope=rope, grid=tuple(model.patch_embed.grid_size))
     for i, block in enumerate(model.blocks):
-        if type(block) is not Block or type(block.attn) is not Attention:
+        if (type(block), type(block.attn)) not in ((Block, Attention), (EvaBlock, EvaAttention)) \
+                or getattr(block.attn, "qkv", None) is None:
             raise TypeError(f"block {i} is {type(block).__name__} with {type(block.attn).__name__}; ToMe patches "
-                            "timm's Block with timm's Attention only (an uncompressed DeiT)")
-        block.__class__ = ToMeBlock
+                            "timm's Block with timm's Attention, or EvaBlock with a fused EvaAttention, only (an "
+                            "uncompressed ViT)")
+        fuse_eva_qkv_bias_(block.attn)                                 # qkv runs as a module: its output is kept
+        block.__class__ = ToMeEvaBlock if isinstance(block, EvaBlock) else ToMeBlock
         block.tome, block.tome_index = state, i
         if schedule[i] > 0:
             block.attn.qkv.register_forward_hook(keep_output)
@@ -227,7 +282,8 @@ def tome_flops_by_block(model: nn.Module, schedule: Sequence[int] | None = None)
     counts = tome_token_counts(patches, schedule, spec.prefix)
     for i, (b, (n_attn, n_mlp), r) in enumerate(zip(spec.blocks, counts, schedule)):
         C, Dqk, Dv = b.dim, b.heads * b.qk_dim, b.heads * b.v_dim
-        f = n_attn * C * (2 * Dqk + Dv) + n_attn ** 2 * (Dqk + Dv) + n_attn * Dv * C + 2 * n_mlp * C * b.ffn_dim
+        f = (n_attn * C * (2 * Dqk + Dv) + n_attn ** 2 * (Dqk + Dv) + n_attn * Dv * C
+             + b.ffn_linears * n_mlp * C * b.ffn_dim)
         p = n_attn - spec.prefix                                       # patch tokens entering the merge
         if min(r, (p + 1) // 2) > 0:
             f += ((p + 1) // 2) * (p // 2) * b.qk_dim                      # |A|·|B|·d_h cosine similarities

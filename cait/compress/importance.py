@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
 
-from ..layers.compactor import CompactorLinear, CompactorQKV
+from ..layers.compactor import CompactorQKV
+from ..models.compactors import ffn_compactor
 from ..models.parts import attention_qkv, ffn_rows
 from ..models.spec import ModelSpec
 
@@ -67,8 +68,8 @@ def compactor_scores(model: nn.Module) -> ChannelScores:
     _check_blocks(model)
     q, k, v, f = [], [], [], []
     for i, block in enumerate(model.blocks):
-        qkv, fc1 = block.attn.qkv, block.mlp.fc1
-        if not isinstance(qkv, CompactorQKV) or not isinstance(fc1, CompactorLinear):
+        qkv, fc1 = block.attn.qkv, ffn_compactor(block.mlp)
+        if not isinstance(qkv, CompactorQKV) or fc1 is None:
             raise ValueError(f"block {i} has no compactors; call cait.add_compactors(model) first")
         with torch.no_grad():
             q.append(qkv.q.norm(dim=-1).float().cpu())

@@ -15,7 +15,7 @@ import torch.nn as nn
 from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from timm.models.eva import EvaAttention
 
-from ..layers.compactor import CompactorLinear, CompactorQKV
+from ..layers.compactor import BiasedQKV, CompactorGLU, CompactorLinear, CompactorQKV
 from ..layers.pruned_attention import PrunedAttention
 from ..models.parts import attention_qkv, ffn_width, folded as _folded, prunable_reason
 from .select import ChannelMask
@@ -33,13 +33,13 @@ def _prune_ffn(mlp: nn.Module, keep: torch.Tensor) -> None:
     """Keep hidden channels ``keep`` (bool ``(D_f,)``) of an FFN, in place: their ``fc1`` rows (gate and value rows
     when gated) and ``fc2`` columns."""
     if isinstance(mlp, GluMlp):
-        W1, b1 = mlp.fc1.weight, mlp.fc1.bias
+        W1, b1 = _folded(mlp.fc1)
         both = torch.cat([keep, keep])
         mlp.fc1 = _linear(W1[both], None if b1 is None else b1[both])
     elif isinstance(mlp, SwiGLU):
         for name in ("fc1_g", "fc1_x"):
-            lin = getattr(mlp, name)
-            setattr(mlp, name, _linear(lin.weight[keep], None if lin.bias is None else lin.bias[keep]))
+            W1, b1 = _folded(getattr(mlp, name))
+            setattr(mlp, name, _linear(W1[keep], None if b1 is None else b1[keep]))
     else:
         W1, b1 = _folded(mlp.fc1)
         mlp.fc1 = _linear(W1[keep], None if b1 is None else b1[keep])
@@ -108,45 +108,67 @@ def prune(model: nn.Module, mask: ChannelMask) -> nn.Module:
 def fold_compactors(model: nn.Module) -> nn.Module:
     """Fold every compactor into its Linear (``W' = QW``, ``b' = Qb``) without removing channels, in place.
 
-    The model keeps timm's Attention/Mlp, so it is again an ordinary (uncompressed or ATME) DeiT.
+    The model keeps timm's layers in their own layout (an EVA-02 attention gets back its separate q and v biases),
+    so it is again an ordinary (uncompressed or ATME) ViT or Eva.
     """
     for block in model.blocks:
-        for parent, name in ((block.attn, "qkv"), (block.mlp, "fc1")):
-            layer = getattr(parent, name)
-            if isinstance(layer, (CompactorQKV, CompactorLinear)):
-                setattr(parent, name, _linear(*layer.folded()))
+        attn, mlp = block.attn, block.mlp
+        qkv = getattr(attn, "qkv", None)
+        if isinstance(qkv, (CompactorQKV, BiasedQKV)):
+            W, b = _folded(qkv) if isinstance(qkv, CompactorQKV) else (qkv.weight, qkv.bias)
+            if isinstance(qkv, BiasedQKV) or isinstance(getattr(qkv, "linear", None), BiasedQKV):
+                q_bias, _, v_bias = b.detach().chunk(3)                # the k part is a zero buffer, never trained
+                attn.qkv = _linear(W, None)
+                attn.q_bias, attn.v_bias = nn.Parameter(q_bias.clone()), nn.Parameter(v_bias.clone())
+                attn.k_bias = torch.zeros_like(attn.q_bias)
+            else:
+                attn.qkv = _linear(W, b)
+        for name in ("fc1", "fc1_x"):
+            layer = getattr(mlp, name, None)
+            if isinstance(layer, (CompactorLinear, CompactorGLU)):
+                setattr(mlp, name, _linear(*layer.folded()))
     return model
 
 
 def restructure(model: nn.Module, widths: list[tuple[int, int, int]]) -> nn.Module:
-    """Give an unpruned DeiT the compact shapes ``[(qk_dim, v_dim, ffn_dim), ...]`` (per-head q/k, v), in place.
+    """Give an unpruned ViT or Eva the compact shapes ``[(qk_dim, v_dim, ffn_dim), ...]`` (per-head q/k, v), in
+    place.
 
     The new layers are freshly initialised on the model's device (``"meta"`` included: shapes only): this builds the
     skeleton that a compact checkpoint is loaded into.
 
     Raises:
         ValueError: if ``widths`` has the wrong length or a width exceeds the original.
-        TypeError: if a block is already pruned.
+        TypeError: if a block is already pruned or cannot be (:func:`cait.models.parts.prunable_reason`).
     """
     if len(widths) != len(model.blocks):
         raise ValueError(f"{len(widths)} block widths for a model with {len(model.blocks)} blocks")
     for l, (block, (qk, v, f)) in enumerate(zip(model.blocks, widths)):
         attn, mlp = block.attn, block.mlp
-        if type(attn) is not Attention or type(mlp) is not Mlp:
-            raise TypeError(f"block {l} is already pruned ({type(attn).__name__})")
-        H, d, D = attn.num_heads, attn.head_dim, mlp.fc1.out_features
+        if (reason := prunable_reason(attn, mlp)) is not None:
+            raise TypeError(f"block {l} cannot be restructured: {reason}")
+        H, d, D = attn.num_heads, attn.head_dim, ffn_width(mlp)[0]
         if not (1 <= qk <= d and 1 <= v <= d and 1 <= f <= D):
             raise ValueError(f"block {l}: widths (q/k {qk}, v {v}, ffn {f}) do not fit heads of {d} and FFN {D}")
-        C, ref = attn.proj.out_features, attn.proj.weight
+        ref = attn.proj.weight
         with torch.device(ref.device):
-            new = PrunedAttention(C, H, qk, v, attn.scale, qkv_bias=attn.qkv.bias is not None,
-                                  proj_bias=attn.proj.bias is not None, attn_drop=attn.attn_drop.p,
-                                  proj_drop=attn.proj_drop.p).to(ref.dtype)
-            new.fused_attn = attn.fused_attn
-            block.attn = new
-            mlp.fc1 = nn.Linear(C, f, bias=mlp.fc1.bias is not None, dtype=ref.dtype)
-            mlp.fc2 = nn.Linear(f, C, bias=mlp.fc2.bias is not None, dtype=ref.dtype)
+            block.attn = _pruned_attention(attn, qk, v, ref, attention_qkv(attn)[1] is not None)
+            _narrow_ffn(mlp, f, ref.dtype)
     return model
+
+
+def _narrow_ffn(mlp: nn.Module, f: int, dtype: torch.dtype) -> None:
+    """Fresh FFN Linears of hidden width ``f`` (gate and value rows when gated), in place, on the current device."""
+    C = mlp.fc2.out_features
+
+    def lin(n_in: int, n_out: int, like: nn.Linear) -> nn.Linear:
+        return nn.Linear(n_in, n_out, bias=like.bias is not None, dtype=dtype)
+
+    if isinstance(mlp, SwiGLU):
+        mlp.fc1_g, mlp.fc1_x = lin(C, f, mlp.fc1_g), lin(C, f, mlp.fc1_x)
+    else:
+        mlp.fc1 = lin(C, 2 * f if isinstance(mlp, GluMlp) else f, mlp.fc1)
+    mlp.fc2 = lin(f, C, mlp.fc2)
 
 
 def is_pruned(model: nn.Module) -> bool:

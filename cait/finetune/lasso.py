@@ -26,21 +26,24 @@ import torch
 import torch.nn as nn
 
 from ..compress.select import ChannelMask
-from ..layers.compactor import CompactorLinear, CompactorQKV
+from ..layers.compactor import CompactorQKV
+from ..models.compactors import ffn_compactor
 
 
 def compactor_rows(model: nn.Module, mask: ChannelMask | None) -> Iterator[tuple[nn.Parameter, torch.Tensor | None]]:
     """Each compactor with the boolean "row is in S" tensor of its rows: ``(H, d)`` for q/k/v, ``(D,)`` for FFN.
 
-    q and k share the mask of their q/k pair (attention-level consistency). With ``mask=None`` the row masks are None.
+    q and k share the mask of their q/k pair (attention-level consistency); a rotary model's fixed q/k compactors are
+    left out. With ``mask=None`` the row masks are None.
     """
     blocks = model.module.blocks if hasattr(model, "module") else model.blocks
     for l, block in enumerate(blocks):
-        qkv, fc1 = block.attn.qkv, block.mlp.fc1
-        if not isinstance(qkv, CompactorQKV) or not isinstance(fc1, CompactorLinear):
+        qkv, fc1 = block.attn.qkv, ffn_compactor(block.mlp)
+        if not isinstance(qkv, CompactorQKV) or fc1 is None:
             raise ValueError(f"block {l} has no compactors")
-        yield qkv.q, None if mask is None else mask.qk[l]
-        yield qkv.k, None if mask is None else mask.qk[l]
+        if isinstance(qkv.q, nn.Parameter):                   # RoPE: q/k compactors are fixed identities
+            yield qkv.q, None if mask is None else mask.qk[l]
+            yield qkv.k, None if mask is None else mask.qk[l]
         yield qkv.v, None if mask is None else mask.v[l]
         yield fc1.q, None if mask is None else mask.ffn[l]
 

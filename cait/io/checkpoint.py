@@ -43,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..compress.prune import is_pruned, restructure
-from ..models.arch import ViTArch
+from ..models.arch import arch_from_dict, arch_of
 from ..models.atme import apply_atme, get_layout
 from ..models.compactors import has_compactors
 from ..models.deit import PATCH_SIZES, architecture, update_cfg
@@ -77,7 +77,7 @@ def model_config(model: nn.Module) -> dict:
     return {
         "format": FORMAT,
         "base_model": architecture(model),
-        "architecture": ViTArch.of(model).to_dict(),
+        "architecture": arch_of(model).to_dict(),
         "data": {k: cfg[k] for k in DATA_KEYS if cfg.get(k) is not None},
         "img_size": int(model.patch_embed.img_size[0]),
         "num_classes": int(model.num_classes),
@@ -119,7 +119,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
     """Write ``path/model.safetensors`` and ``path/config.json`` (each atomically: temp file, then rename).
 
     Args:
-        model: an original, ATME or compact plain ViT (:class:`cait.models.arch.ViTArch`; compactors must be folded first with :func:`cait.prune`).
+        model: an original, ATME or compact plain ViT or Eva (:class:`cait.models.arch.ViTArch`,
+            :class:`~cait.models.arch.EvaArch`; compactors must be folded first with :func:`cait.prune`).
         path: a directory, created if needed.
         dtype: store floating tensors in this dtype (e.g. ``torch.float16`` halves the size); default: as is.
         meta: extra entries merged into ``config["meta"]``.
@@ -136,6 +137,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
         raise ValueError("fold the compactors first (cait.prune or cait.fold_compactors); a compactor model is a "
                          "training state")
     try:
+        arch_of(model)                                   # first: a model neither record describes is refused here
         config = model_config(model)
     except ValueError as e:
         raise CheckpointError(f"cannot save this model: {e}") from None
@@ -193,7 +195,7 @@ def _patch_size(config: dict, cfile: Path) -> int:
     if not isinstance(base, str) or not 0 < len(base) <= 200:
         raise CheckpointError(f"{cfile}: 'base_model' must be a model name (a string of 1 to 200 characters)")
     try:
-        arch = ViTArch.from_dict(arch)
+        arch = arch_from_dict(arch)
     except ValueError as e:
         raise CheckpointError(f"{cfile}: {e}") from None
     _check_data(config.get("data", {}), cfile)
@@ -283,7 +285,7 @@ def build_skeleton(config: dict, hub_id: str | None = None, device: str | torch.
     """
     S, classes = config["img_size"], config["num_classes"]
     if config.get("architecture") is not None:
-        model = ViTArch.from_dict(config["architecture"]).build(S, classes, device=device)
+        model = arch_from_dict(config["architecture"]).build(S, classes, device=device)
         update_cfg(model, architecture=config["base_model"], **config.get("data", {}))
     else:                                               # files from before the architecture record
         with torch.device(device or "cpu"):

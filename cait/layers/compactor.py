@@ -38,14 +38,17 @@ class CompactorQKV(_CompactedLinear):
     """The fused ``qkv`` Linear followed by per-head q, k and v compactors.
 
     Args:
-        linear: timm's ``attn.qkv``, ``Linear(C, 3·H·d_h)`` with output laid out as ``[q | k | v]``, heads contiguous.
+        linear: timm's ``attn.qkv``, ``Linear(C, 3·H·d_h)`` with output laid out as ``[q | k | v]``, heads contiguous
+            (or a :class:`BiasedQKV`).
         num_heads: H.
+        qk: train q and k compactors; False (rotary attention, whose q/k CDCP keeps whole) makes ``q`` and ``k``
+            fixed identity buffers.
 
     Attributes:
         q, k, v: ``(H, d_h, d_h)`` compactors, identity at construction.
     """
 
-    def __init__(self, linear: nn.Linear, num_heads: int) -> None:
+    def __init__(self, linear: nn.Module, num_heads: int, qk: bool = True) -> None:
         super().__init__()
         if linear.out_features % (3 * num_heads):
             raise ValueError(f"qkv has {linear.out_features} outputs, not divisible by 3 × {num_heads} heads")
@@ -54,8 +57,12 @@ class CompactorQKV(_CompactedLinear):
         self.head_dim = linear.out_features // (3 * num_heads)
         w = linear.weight
         eye = torch.eye(self.head_dim, device=w.device, dtype=w.dtype).expand(num_heads, -1, -1)
-        self.q = nn.Parameter(eye.clone())
-        self.k = nn.Parameter(eye.clone())
+        if qk:
+            self.q = nn.Parameter(eye.clone())
+            self.k = nn.Parameter(eye.clone())
+        else:                       # RoPE: q/k stay whole, their compactors are fixed identities (not trained)
+            self.register_buffer("q", eye.clone())
+            self.register_buffer("k", eye.clone())
         self.v = nn.Parameter(eye.clone())
 
     def stacked(self) -> torch.Tensor:
@@ -106,3 +113,72 @@ class CompactorLinear(_CompactedLinear):
         return self.q @ self.linear.weight, None if b is None else self.q @ b
 
 
+
+
+class CompactorGLU(_CompactedLinear):
+    """A gated FFN's packed input Linear (timm's ``GluMlp.fc1``: gate rows and value rows) with one ``(D, D)``
+    compactor on the value half. A hidden channel is ``act(gate_j) · value_j``, so a zero compactor row j zeroes it
+    whatever the gate: removing channel j removes gate row j, value row j and ``fc2`` column j together.
+
+    Args:
+        linear: ``Linear(C, 2·D)``.
+        value_first: the value rows come first (timm's ``gate_last=True``); Eva's ``GluMlp`` has them last.
+
+    Attributes:
+        q: ``(D, D)`` compactor, identity at construction.
+    """
+
+    def __init__(self, linear: nn.Linear, value_first: bool = False) -> None:
+        super().__init__()
+        self.linear, self.value_first = linear, value_first
+        w = linear.weight
+        self.q = nn.Parameter(torch.eye(linear.out_features // 2, device=w.device, dtype=w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.linear(x).chunk(2, dim=-1)                            # (B, N, D) each
+        if self.value_first:
+            return torch.cat([a @ self.q.T, b], dim=-1)
+        return torch.cat([a, b @ self.q.T], dim=-1)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W', b')`` of the packed Linear, value rows ``QW_v`` / ``Qb_v``: shapes ``(2·D, C)`` and ``(2·D,)``."""
+        W, b = self.linear.weight.chunk(2), None if self.linear.bias is None else self.linear.bias.chunk(2)
+        i = 0 if self.value_first else 1
+        Ws = list(W)
+        Ws[i] = self.q @ Ws[i]
+        if b is None:
+            return torch.cat(Ws), None
+        bs = list(b)
+        bs[i] = self.q @ bs[i]
+        return torch.cat(Ws), torch.cat(bs)
+
+
+class BiasedQKV(nn.Module):
+    """A bias-free ``qkv`` Linear with separate q and v biases and a zero k bias (timm's ``EvaAttention``, EVA-02) as
+    one module: ``forward(x) = x Wᵀ + [q_bias | 0 | v_bias]``, the same numbers timm computes, but called as a
+    module so a compactor can wrap it. The k bias stays a zero buffer: with RoPE a k bias would not cancel in the
+    softmax. ``weight`` and ``bias`` read like a Linear's."""
+
+    def __init__(self, linear: nn.Linear, q_bias: nn.Parameter, v_bias: nn.Parameter) -> None:
+        super().__init__()
+        self.linear, self.q_bias, self.v_bias = linear, q_bias, v_bias
+        self.register_buffer("k_bias", torch.zeros_like(q_bias), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return torch.cat([self.q_bias, self.k_bias, self.v_bias])
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.linear.weight, self.bias)

@@ -40,6 +40,29 @@ MAX_PARAMS = 3_000_000_000
 """A record describing more parameters than this is refused before anything is allocated (ViT-g has 1.0 B)."""
 
 
+def _check_fields(cls, d: dict, bounds: dict, flags: tuple, choices: dict) -> None:
+    """Raise ``ValueError`` naming the first key of a stored record that is missing, unknown, of the wrong type or
+    out of bounds: integers in ``bounds``, booleans in ``flags``, strings among ``choices``, ``norm_eps`` in
+    (0, 0.01]."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing, unknown = [n for n in names if n not in d], sorted(set(d) - set(names))
+    if missing or unknown:
+        raise ValueError(f"architecture keys missing {missing} or unknown {unknown[:5]}")
+    for key, (lo, hi) in bounds.items():
+        v = d[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ValueError(f"architecture {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    for key in flags:
+        if not isinstance(d[key], bool):
+            raise ValueError(f"architecture {key!r} must be true or false, got {d[key]!r}")
+    for key, allowed in choices.items():
+        if d[key] not in allowed:
+            raise ValueError(f"architecture {key!r} must be one of {list(allowed)}, got {d[key]!r}")
+    eps = d["norm_eps"]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps <= 1e-2:
+        raise ValueError(f"architecture 'norm_eps' must be a number in (0, 0.01], got {eps!r}")
+
+
 def _activation(act: nn.Module) -> str:
     """timm's name of an MLP activation module. Raises ValueError for any other activation."""
     if isinstance(act, QuickGELU):
@@ -151,24 +174,9 @@ class ViTArch:
         """
         if not isinstance(d, dict):
             raise ValueError(f"architecture must be an object, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing, unknown = [n for n in names if n not in d], sorted(set(d) - set(names))
-        if missing or unknown:
-            raise ValueError(f"architecture keys missing {missing} or unknown {unknown[:5]}")
-        for key, (lo, hi) in _BOUNDS.items():
-            v = d[key]
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                raise ValueError(f"architecture {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
-        for key in _FLAGS:
-            if not isinstance(d[key], bool):
-                raise ValueError(f"architecture {key!r} must be true or false, got {d[key]!r}")
-        choices = {"family": tuple(FAMILIES), "act": ACTIVATIONS, "global_pool": GLOBAL_POOLS}
-        for key, allowed in choices.items():
-            if d[key] not in allowed:
-                raise ValueError(f"architecture {key!r} must be one of {list(allowed)}, got {d[key]!r}")
+        _check_fields(cls, d, _BOUNDS, _FLAGS,
+                      {"family": tuple(FAMILIES), "act": ACTIVATIONS, "global_pool": GLOBAL_POOLS})
         eps = d["norm_eps"]
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps <= 1e-2:
-            raise ValueError(f"architecture 'norm_eps' must be a number in (0, 0.01], got {eps!r}")
         if d["embed_dim"] % d["num_heads"]:
             raise ValueError(f"architecture embed_dim {d['embed_dim']} is not divisible by num_heads {d['num_heads']}")
         if d["family"] == "VisionTransformerDistilled" and not d["class_token"]:
@@ -204,3 +212,193 @@ class ViTArch:
             norm_layer=partial(nn.LayerNorm, eps=self.norm_eps))
         with torch.device(device or "cpu"):
             return FAMILIES[self.family](**kwargs)
+
+
+_EVA_BOUNDS = dict(_BOUNDS)
+_EVA_FLAGS = ("qkv_bias", "qkv_fused", "layer_scale", "class_token", "no_embed_class", "abs_pos_embed", "pre_norm",
+              "final_norm", "fc_norm", "rope_rotate_half")
+FFN_KINDS = ("mlp", "glu", "swiglu")
+"""An Eva block's FFN: timm's ``Mlp`` (GELU), ``GluMlp`` (packed SwiGLU, EVA-02) or ``SwiGLU`` (separate gate and
+value Linears)."""
+ROPE_KINDS = ("cat", "dinov3")
+"""Eva's axial RoPE modules by timm's ``rope_type``: ``RotaryEmbeddingCat`` (EVA-02), ``RotaryEmbeddingDinoV3``."""
+
+
+@dataclass(frozen=True)
+class EvaArch:
+    """The options of a timm ``Eva`` (EVA-02, DINOv3) that decide its tensors and its function; the counterpart of
+    :class:`ViTArch` (``family == "Eva"``).
+
+    The sizes, tokens, norms, pooling and ``norm_eps`` mean what they mean in :class:`ViTArch`.
+
+    Attributes:
+        ffn: the FFN (:data:`FFN_KINDS`); ``qkv_bias``: q and v biases; ``qkv_fused``: one ``qkv`` Linear (else
+            ``q_proj``/``k_proj``/``v_proj``); ``layer_scale``: ``gamma_1``/``gamma_2``.
+        abs_pos_embed: a learned absolute position embedding (EVA-02 has one and RoPE; DINOv3 RoPE only).
+        rope: :data:`ROPE_KINDS`; ``rope_temperature``, ``rope_rotate_half``, ``rope_grid_offset``,
+            ``rope_grid_indexing`` and ``rope_ref_grid`` (EVA-02's reference grid, ``[]`` for none): its settings.
+    """
+
+    family: str
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_hidden: int
+    ffn: str
+    qkv_bias: bool
+    qkv_fused: bool
+    layer_scale: bool
+    class_token: bool
+    reg_tokens: int
+    no_embed_class: bool
+    abs_pos_embed: bool
+    pre_norm: bool
+    final_norm: bool
+    fc_norm: bool
+    global_pool: str
+    rope: str
+    rope_temperature: float
+    rope_rotate_half: bool
+    rope_grid_offset: float
+    rope_grid_indexing: str
+    rope_ref_grid: list
+    norm_eps: float
+
+    @property
+    def prefix_tokens(self) -> int:
+        """P: CLS + registers, as timm's ``num_prefix_tokens``."""
+        return int(self.class_token) + self.reg_tokens
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "EvaArch":
+        """Read the record from an Eva's modules (original, ATME or compact).
+
+        Raises:
+            ValueError: for a model the record cannot describe (no RoPE or another RoPE module, an attention-pooling
+                head, norms inside the blocks, mixed LayerNorm epsilons, a post-norm block).
+        """
+        from timm.layers import GluMlp, SwiGLU
+        from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
+        from timm.models.eva import EvaBlock
+        rope, block = model.rope, model.blocks[0]
+        if type(rope) not in (RotaryEmbeddingCat, RotaryEmbeddingDinoV3) or model.attn_pool is not None \
+                or not isinstance(block, EvaBlock):
+            raise ValueError("only an Eva with axial RoPE (EVA-02, DINOv3), pre-norm blocks and no attention-pooling "
+                             "head can be recorded")
+        eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+        if len(eps) > 1:
+            raise ValueError(f"LayerNorms with different epsilons ({sorted(eps)}) cannot be recorded")
+        mlps = [b.mlp for b in model.blocks]
+        ffn = "glu" if isinstance(mlps[0], GluMlp) else "swiglu" if isinstance(mlps[0], SwiGLU) else "mlp"
+        hidden = max((m.fc1_g.out_features if ffn == "swiglu" else m.fc1.out_features // (2 if ffn == "glu" else 1))
+                     for m in mlps)
+        attn, dinov3 = _eva_attention(block), isinstance(rope, RotaryEmbeddingDinoV3)
+        ref = getattr(rope, "ref_feat_shape", None)
+        return cls(
+            family="Eva", patch_size=int(model.patch_embed.patch_size[0]),
+            in_chans=int(model.patch_embed.proj.in_channels), embed_dim=int(model.embed_dim), depth=len(model.blocks),
+            num_heads=int(block.attn.num_heads), mlp_hidden=int(hidden), ffn=ffn, qkv_bias=attn["bias"],
+            qkv_fused=attn["fused"], layer_scale=block.gamma_1 is not None, class_token=model.cls_token is not None,
+            reg_tokens=0 if model.reg_token is None else int(model.reg_token.shape[1]),
+            no_embed_class=bool(model.no_embed_class), abs_pos_embed=model.pos_embed is not None,
+            pre_norm=not isinstance(model.norm_pre, nn.Identity), final_norm=not isinstance(model.norm, nn.Identity),
+            fc_norm=not isinstance(model.fc_norm, nn.Identity), global_pool=str(model.global_pool),
+            rope="dinov3" if dinov3 else "cat", rope_temperature=float(rope.temperature),
+            rope_rotate_half=bool(rope.rotate_half), rope_grid_offset=float(rope.grid_offset),
+            rope_grid_indexing=str(rope.grid_indexing), rope_ref_grid=[int(v) for v in ref] if ref else [],
+            norm_eps=float(eps.pop()) if eps else 1e-6)
+
+    def to_dict(self) -> dict:
+        """The JSON object stored in a checkpoint's ``config.json`` (``"architecture"``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: object) -> "EvaArch":
+        """Read and check a stored record, as :meth:`ViTArch.from_dict`.
+
+        Raises:
+            ValueError: naming the first key that is missing, of the wrong type or out of bounds.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"architecture must be an object, got {type(d).__name__}")
+        _check_fields(cls, d, _EVA_BOUNDS, _EVA_FLAGS,
+                      {"family": ("Eva",), "ffn": FFN_KINDS, "rope": ROPE_KINDS, "rope_grid_indexing": ("ij", "xy"),
+                       "global_pool": GLOBAL_POOLS + ("avgmax", "max")})
+        for key, (lo, hi) in {"rope_temperature": (1.0, 1e6), "rope_grid_offset": (-64.0, 64.0)}.items():
+            v = d[key]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"architecture {key!r} must be a number in [{lo}, {hi}], got {v!r}")
+        ref = d["rope_ref_grid"]
+        if not (isinstance(ref, list) and len(ref) in (0, 2)
+                and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024 for v in ref)):
+            raise ValueError(f"architecture 'rope_ref_grid' must be [] or two integers in [1, 1024], got {ref!r}")
+        if d["embed_dim"] % d["num_heads"] or (d["embed_dim"] // d["num_heads"]) % 4:
+            raise ValueError(f"architecture embed_dim {d['embed_dim']} must split into num_heads {d['num_heads']} "
+                             f"heads of a multiple of 4 channels (axial RoPE)")
+        return cls(**dict(d, norm_eps=float(d["norm_eps"]), rope_temperature=float(d["rope_temperature"]),
+                          rope_grid_offset=float(d["rope_grid_offset"])))
+
+    def approx_params(self) -> int:
+        """Parameters of the blocks alone, by formula, for refusing huge records."""
+        C, F = self.embed_dim, self.mlp_hidden
+        return self.depth * (4 * C * C + (3 if self.ffn != "mlp" else 2) * C * F)
+
+    def build(self, img_size: int, num_classes: int, device: str | torch.device | None = None) -> nn.Module:
+        """A randomly initialised ``Eva`` of this architecture at ``img_size`` pixels, fixed size.
+
+        Raises:
+            ValueError: for a record over :data:`MAX_PARAMS` parameters or an image size the patch does not divide.
+        """
+        from timm.models.eva import Eva
+        if self.approx_params() > MAX_PARAMS:
+            raise ValueError(f"architecture has ~{self.approx_params():,} parameters, more than {MAX_PARAMS:,}")
+        if img_size % self.patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {self.patch_size}")
+        kwargs = dict(
+            img_size=img_size, patch_size=self.patch_size, in_chans=self.in_chans, num_classes=num_classes,
+            global_pool=self.global_pool, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+            qkv_bias=self.qkv_bias, qkv_fused=self.qkv_fused, mlp_ratio=(self.mlp_hidden + 0.5) / self.embed_dim,
+            swiglu_mlp=self.ffn != "mlp", swiglu_align_to=1 if self.ffn == "swiglu" else 0,
+            init_values=1.0 if self.layer_scale else None, class_token=self.class_token,
+            num_reg_tokens=self.reg_tokens, no_embed_class=self.no_embed_class, use_abs_pos_emb=self.abs_pos_embed,
+            use_rot_pos_emb=True, rope_type=self.rope, rope_grid_offset=self.rope_grid_offset,
+            rope_grid_indexing=self.rope_grid_indexing, rope_temperature=self.rope_temperature,
+            rope_rotate_half=self.rope_rotate_half, use_pre_transformer_norm=self.pre_norm,
+            use_post_transformer_norm=self.final_norm, use_fc_norm=self.fc_norm,
+            ref_feat_shape=tuple(self.rope_ref_grid) or None, norm_layer=partial(nn.LayerNorm, eps=self.norm_eps))
+        with torch.device(device or "cpu"):
+            return Eva(**kwargs)
+
+
+def _eva_attention(block: nn.Module) -> dict:
+    """``{"fused": …, "bias": …}`` of an Eva block's attention, original (EvaAttention) or compact
+    (PrunedAttention: read from the block's recorded original layout, ``block.attn.qkv`` fused, bias if any)."""
+    attn = block.attn
+    if hasattr(attn, "q_proj"):
+        fused = attn.qkv is not None
+        bias = (attn.q_bias is not None) if fused else attn.q_proj.bias is not None
+        if fused and attn.q_bias is None and attn.qkv.bias is not None:            # biases fused into qkv (ToMe)
+            bias = True
+        return {"fused": fused, "bias": bias}
+    return {"fused": True, "bias": attn.qkv.bias is not None}
+
+
+def arch_of(model: nn.Module) -> "ViTArch | EvaArch":
+    """The architecture record of a timm ``VisionTransformer`` (:class:`ViTArch`) or ``Eva`` (:class:`EvaArch`).
+
+    Raises:
+        ValueError: for a model neither record can describe.
+    """
+    from timm.models.eva import Eva
+    return EvaArch.of(model) if isinstance(model, Eva) else ViTArch.of(model)
+
+
+def arch_from_dict(d: object) -> "ViTArch | EvaArch":
+    """Read a stored record of either kind, by its ``family``.
+
+    Raises:
+        ValueError: for a record that does not check (:meth:`ViTArch.from_dict`, :meth:`EvaArch.from_dict`).
+    """
+    return EvaArch.from_dict(d) if isinstance(d, dict) and d.get("family") == "Eva" else ViTArch.from_dict(d)

@@ -290,7 +290,8 @@ def apply_atme(model: nn.Module, layout: LayoutLike) -> nn.Module:
         raise ValueError(f"model already has an ATME layout ({get_layout(model)})")
     if getattr(model, "dynamic_img_size", False):
         raise ValueError("ATME needs a fixed image size (the token grid must be known at every block)")
-    if getattr(model, "patch_drop", None) is not None or rope_reason(getattr(model, "rope", None)):
+    if not isinstance(getattr(model, "patch_drop", None), (type(None), nn.Identity)) \
+            or rope_reason(getattr(model, "rope", None)):
         raise ValueError(rope_reason(getattr(model, "rope", None)) or "ATME needs every patch token: patch dropout "
                          "is on (create the model with patch_drop_rate=0)")
     grids_before = [patch_grid(model)] + token_grids(patch_grid(model), len(model.blocks), layout)[:-1]

@@ -157,7 +157,9 @@ def create_model(name: str, pretrained: bool = True, **kwargs) -> tuple[nn.Modul
         name: a timm model name, e.g. ``"deit_small_patch16_224"`` or :data:`TEST_MODEL`.
         pretrained: try timm's pretrained weights (Hugging Face Hub). When that fails (offline, no weights for this
             name), the model is randomly initialised and the returned `WeightsInfo` says why.
-        **kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``, ``img_size``).
+        **kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``, ``img_size``). A model whose timm default
+            is a dynamic image size (DINOv3) is built at its default size with ``dynamic_img_size=False`` (the same
+            weights; ATME needs a fixed grid) unless ``dynamic_img_size`` is given.
 
     Returns:
         ``(model, info)``; the model is in eval mode on the CPU.
@@ -167,6 +169,9 @@ def create_model(name: str, pretrained: bool = True, **kwargs) -> tuple[nn.Modul
     """
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r}; try one of {sorted(DEIT_MODELS)}")
+    if "dynamic_img_size" not in kwargs and getattr(timm.create_model(name, pretrained=False, device="meta"),
+                                                    "dynamic_img_size", False):
+        kwargs["dynamic_img_size"] = False       # e.g. DINOv3: the same weights at a fixed grid, which ATME needs
     info = WeightsInfo("random", "random initialisation (pretrained weights not requested)")
     model = None
     if pretrained:

@@ -33,6 +33,8 @@ TESTED: dict[str, tuple[str, ...]] = {
     "dinov2_registers": ("vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2"),
     "clip": ("vit_base_patch16_clip_224.openai", "vit_base_patch32_clip_224", "vit_base_patch16_clip_quickgelu_224"),
     "siglip": ("vit_base_patch16_siglip_gap_224", "vit_base_patch32_siglip_gap_256"),
+    "eva02": ("eva02_tiny_patch14_224", "eva02_small_patch14_224"),
+    "dinov3": ("vit_small_patch16_dinov3", "vit_small_plus_patch16_dinov3", "vit_base_patch16_dinov3"),
 }
 """The families CAIT supports, each with the timm names its contract matrix runs (``tests/test_model_contract.py``:
 small configurations of the real classes). Support itself is decided by the model's modules
@@ -91,7 +93,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return f"{name}: not a plain ViT (timm's VisionTransformer or Eva)"
     if rope_reason(getattr(model, "rope", None)):
         return rope_reason(model.rope)
-    if getattr(model, "patch_drop", None) is not None:
+    if not isinstance(getattr(model, "patch_drop", None), (type(None), nn.Identity)):
         return "patch dropout: ATME needs every patch token (create the model with patch_drop_rate=0)"
     if getattr(model, "dynamic_img_size", False):
         return "dynamic image size: ATME needs the token grid at every block (create the model with " \

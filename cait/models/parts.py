@@ -15,12 +15,12 @@ import torch.nn as nn
 from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from timm.models.eva import EvaAttention
 
-from ..layers.compactor import CompactorLinear, CompactorQKV
+from ..layers.compactor import CompactorGLU, CompactorLinear, CompactorQKV
 
 
 def folded(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(W', b')`` of a Linear, compactor folded in when there is one."""
-    if isinstance(layer, (CompactorQKV, CompactorLinear)):
+    if isinstance(layer, (CompactorQKV, CompactorLinear, CompactorGLU)):
         return layer.folded()
     return layer.weight, layer.bias
 
@@ -30,12 +30,11 @@ def attention_qkv(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     with heads contiguous, compactors folded in: timm's ``Attention`` (``qkv``) and ``EvaAttention`` (a fused
     ``qkv`` with separate ``q_bias``/``v_bias`` and a zero k bias, or three projections ``q_proj``/``k_proj``/
     ``v_proj``, EVA-02 B/L)."""
-    if not isinstance(attn, EvaAttention):
-        return folded(attn.qkv)
-    if attn.qkv is not None:
+    if isinstance(attn, EvaAttention) and attn.qkv is not None and attn.q_bias is not None:
         W = attn.qkv.weight
-        b = None if attn.q_bias is None else torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
-        return W, b
+        return W, torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    if not isinstance(attn, EvaAttention) or attn.qkv is not None:
+        return folded(attn.qkv)
     parts = (attn.q_proj, attn.k_proj, attn.v_proj)
     W = torch.cat([p.weight for p in parts])
     if all(p.bias is None for p in parts):
@@ -47,10 +46,9 @@ def ffn_rows(mlp: nn.Module) -> torch.Tensor:
     """``(D_f, C·k)``: the input weights that produce each FFN hidden channel (``fc1``'s row; a gated FFN's gate row
     and value row side by side), compactors folded in."""
     if isinstance(mlp, GluMlp):
-        gate, value = mlp.fc1.weight.chunk(2)
-        return torch.cat([gate, value], dim=1)
+        return torch.cat(folded(mlp.fc1)[0].chunk(2), dim=1)
     if isinstance(mlp, SwiGLU):
-        return torch.cat([mlp.fc1_g.weight, mlp.fc1_x.weight], dim=1)
+        return torch.cat([mlp.fc1_g.weight, folded(mlp.fc1_x)[0]], dim=1)
     return folded(mlp.fc1)[0]
 
 
@@ -79,3 +77,19 @@ def ffn_width(mlp: nn.Module) -> tuple[int, bool]:
     return mlp.fc1.out_features, False
 
 
+
+
+@torch.no_grad()
+def fuse_eva_qkv_bias_(attn: nn.Module) -> nn.Module:
+    """Give an ``EvaAttention`` whose fused ``qkv`` keeps its q and v biases apart (EVA-02) one ``qkv`` Linear with
+    the bias ``[q_bias | 0 | v_bias]``, in place, so that ``qkv`` runs as a module (hooks and compactors see it).
+    The output is unchanged: timm computes ``F.linear(x, qkv.weight, cat(q_bias, 0, v_bias))`` either way. Any other
+    attention is returned as it is."""
+    if not isinstance(attn, EvaAttention) or attn.qkv is None or attn.q_bias is None:
+        return attn
+    W, b = attention_qkv(attn)
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=True, device=W.device, dtype=W.dtype)
+    lin.weight.copy_(W)
+    lin.bias.copy_(b)
+    attn.qkv, attn.q_bias, attn.v_bias, attn.k_bias = lin, None, None, None
+    return attn
