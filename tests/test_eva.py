@@ -192,3 +192,56 @@ def test_tome_on_eva_matches_fvcore_and_keeps_token_positions(family):
     assert state.coords.shape[1] < full.shape[0] and torch.isfinite(out).all()
     tome.tome.trace_source = False
     assert tome_flops(tome) == count_flops(tome)
+
+
+@pytest.mark.parametrize("family", EVA)
+def test_cls_attention_of_eva_is_the_attention_the_block_computes(family):
+    """The probabilities read for the maps, applied to v and projected, give the attention module's own output, for
+    the original (EvaAttention) and a merged compact twin (PrunedAttention with RoPE) at a merged block."""
+    import cait
+    from cait.measure.attention import attention_probs, cls_attention
+    from cait.models.parts import attention_qkv
+
+    original = small_eva(family)
+    twin = cait.compress(original, 0.5, layout="h1", round_to=8)
+    x = torch.randn(2, 3, *original.patch_embed.img_size)
+    for model in (original, twin):
+        seen = {}
+        attn = model.blocks[2].attn
+        hook = attn.register_forward_hook(lambda m, a, kw, out: seen.update(x=a[0], out=out, **kw), with_kwargs=True)
+        with torch.no_grad():
+            model(x)
+            hook.remove()
+            probs = attention_probs(attn, seen["x"], seen["rope"])                       # (B, H, N, N)
+            W, b = attention_qkv(attn) if hasattr(attn, "q_bias") else (attn.qkv.weight, attn.qkv.bias)
+            B, N, _ = seen["x"].shape
+            v = torch.nn.functional.linear(seen["x"], W, b)[..., -attn.proj.in_features:]
+            v = v.reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+            out = attn.proj((probs @ v).transpose(1, 2).reshape(B, N, -1))
+            att = cls_attention(model, x, block=2)
+        torch.testing.assert_close(out, seen["out"], rtol=1e-4, atol=1e-5)
+        assert att.maps.shape[-2:] == model_token_grids(model)[2] and att.query == "cls"
+        torch.testing.assert_close(att.maps.flatten(2).sum(-1), probs[:, :, 0, 5 if family == "dinov3" else 1:].sum(-1))
+
+
+@pytest.mark.parametrize("family", EVA)
+def test_calibration_on_eva_runs_the_blocks_with_their_rotary_codes(family):
+    """The refit runs the original's and the twin's blocks itself: an unmerged, unpruned twin (the same function)
+    matches the original in every block (to float noise), which it cannot unless each block gets its rotary codes;
+    a merged twin's refit lowers the error of every block after the merge. Fisher scores read an EVA-02 attention through one qkv module."""
+    import cait
+    from cait.compress.prune import prune
+    from cait.compress.refit import refit_
+    from cait.compress.select import ChannelMask
+    from cait.models.spec import describe
+
+    original = small_eva(family)
+    images = torch.randn(24, 3, *original.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+    same = prune(copy.deepcopy(original), ChannelMask.keep_all(describe(original)))
+    report = refit_(same, original, images, batch_size=8)
+    assert max(b["mse_before"] for b in report["blocks"]) < 1e-4          # float noise; without the codes ~1e-2
+    twin = cait.compress(original, 0.4, layout="h1", calibration=images, calibration_size=24, batch_size=8)
+    assert twin.cait_meta.kind == "calibrated" and twin.cait_meta.calibration.channels in ("fisher", "weight")
+    merged = prune(cait.apply_atme(copy.deepcopy(original), "h1"), ChannelMask.keep_all(describe(original)))
+    for b in refit_(merged, original, images, batch_size=8)["blocks"][1:]:          # the blocks after the merge
+        assert b["mse_after"] < b["mse_before"]

@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.models.eva import EvaAttention
 
 from ..layers.compactor import CompactorQKV
 from ..models.compactors import ffn_compactor
-from ..models.parts import attention_qkv, ffn_rows
+from ..models.parts import attention_qkv, ffn_rows, fuse_eva_qkv_bias_
 from ..models.spec import ModelSpec
 
 Progress = Callable[[str], None] | None
@@ -104,7 +105,9 @@ def fisher_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     """Empirical Fisher of each prunable unit's mask (see module docstring), summed over the images.
 
     Args:
-        model: an unpruned DeiT (ATME allowed) with timm ``Attention`` and ``Mlp``, no compactors.
+        model: an unpruned ViT or Eva (ATME allowed) with timm ``Attention``/``EvaAttention``, no compactors. An
+            EVA-02 attention whose q and v biases are separate gets one ``qkv`` Linear first, in place
+            (:func:`cait.models.parts.fuse_eva_qkv_bias_`: the same function).
         images: ``(n, 3, S, S)`` calibration images, normalised for the model.
         labels: ``(n,)`` the labels to score against (the original model's predictions).
         batch_size: images per backward pass.
@@ -115,13 +118,16 @@ def fisher_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         ``(D_f,)`` per block (units: squared nats).
 
     Raises:
-        TypeError: if a block's attention is not timm's ``Attention`` (a pruned model, or compactors).
+        TypeError: if a block's attention is not timm's ``Attention``/``EvaAttention`` (a pruned model, or
+            compactors).
     """
     device = next(model.parameters()).device
     blocks = list(model.blocks)
     for i, b in enumerate(blocks):
-        if type(b.attn) is not Attention or type(b.attn.qkv) is not nn.Linear:
-            raise TypeError(f"block {i}: Fisher scores need timm's Attention with a plain qkv Linear")
+        fuse_eva_qkv_bias_(b.attn)                           # EVA-02: qkv called as a module (same function)
+        if type(b.attn) not in (Attention, EvaAttention) or type(b.attn.qkv) is not nn.Linear:
+            raise TypeError(f"block {i}: Fisher scores need timm's Attention or EvaAttention with a plain fused "
+                            "qkv Linear")
     acts: dict[tuple[int, str], torch.Tensor] = {}
 
     def keep(key):

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from timm.layers import LayerScale
+from timm.models.eva import Eva, EvaBlock
 
 from ..layers.token_merge import pair_tokens
-from ..models.atme import MergeBlock, get_layout, patch_grid, pool_tokens_to_block, prefix_tokens
+from ..models.atme import block_ropes, get_layout, patch_grid, pool_tokens_to_block, prefix_tokens
 from .importance import Progress, tensor_batches
 
 Batches = list[torch.Tensor]
@@ -67,13 +68,13 @@ def refit_(compact: nn.Module, original: nn.Module, images: torch.Tensor, batch_
     judge = None if held_out is None else _Judge(compact, original, held_out, batch_size, fit)
     kl = None if judge is None else judge.kl(0)
     report, kl_start = [], kl
-    for l, (bo, bc) in enumerate(zip(original.blocks, compact.blocks)):
+    for l, (bo, bc) in enumerate(zip(bound_blocks(original), bound_blocks(compact))):
         in_o, mid_o, out_o, xo = fit.original_block(bo, xo, l)
         unfit = [bc(x.to(fit.dev)).cpu() for x in xc]                  # the block as it is: the fallback
         before = fit.mse(unfit, out_o)
         saved = {name: (lin.weight.detach().clone(), lin.bias.detach().clone()) for name, lin in _linears(bc).items()}
         refit = []
-        if isinstance(bc, MergeBlock):          # (a) the merge fusion: pairs of tokens → the original's input, pooled
+        if bc.merge is not None:                # (a) the merge fusion: pairs of tokens → the original's input, pooled
             xc = fit.fuse(bc, xc, in_o)
             refit.append("fuse")
         # (b) proj: the attention's output before proj → the original's post-attention tokens minus the compact
@@ -92,12 +93,55 @@ def refit_(compact: nn.Module, original: nn.Module, images: torch.Tensor, batch_
     return {"blocks": report, "kl_start": kl_start, "kl_end": kl}
 
 
-def _linears(block: nn.Module) -> dict[str, nn.Linear]:
+def _linears(block: "_Bound") -> dict[str, nn.Linear]:
     """The Linears :func:`refit_` may change in a block: the merge fusion (if it merges), ``proj`` and ``fc2``."""
     out = {"proj": block.attn.proj, "fc2": block.mlp.fc2}
-    if isinstance(block, MergeBlock):
+    if block.merge is not None:
         out["fuse"] = block.merge.fuse
     return out
+
+
+class _Bound:
+    """A block as :func:`refit_` reads it, under a timm ``Block``'s names (``norm1``, ``attn``, ``ls1``, ``norm2``,
+    ``mlp``, ``ls2``, ``merge``): an Eva block gets its rotary codes bound (:func:`cait.models.atme.block_ropes`)
+    and its ``gamma_1``/``gamma_2`` read as LayerScales. Calling it runs the whole block."""
+
+    def __init__(self, block: nn.Module, rope: torch.Tensor | None) -> None:
+        self.block, self.rope, self.merge = block, rope, getattr(block, "merge", None)
+        self.norm1, self.norm2, self.mlp = block.norm1, block.norm2, block.mlp
+        if isinstance(block, EvaBlock):
+            self.ls1, self.ls2 = _layer_scale(block.gamma_1), _layer_scale(block.gamma_2)
+            self.attn = _BoundAttention(block.attn, rope)
+        else:
+            self.ls1, self.ls2, self.attn = block.ls1, block.ls2, block.attn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x, rope=self.rope) if isinstance(self.block, EvaBlock) else self.block(x)
+
+
+class _BoundAttention:
+    """An Eva block's attention with its rotary codes bound; ``proj`` is the module's."""
+
+    def __init__(self, attn: nn.Module, rope: torch.Tensor | None) -> None:
+        self.module, self.rope, self.proj = attn, rope, attn.proj
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x, rope=self.rope)
+
+
+def _layer_scale(gamma: torch.Tensor | None) -> nn.Module:
+    """An Eva ``gamma`` as a LayerScale sharing it (an identity for none)."""
+    if gamma is None:
+        return nn.Identity()
+    ls = LayerScale(gamma.shape[0], device="meta")
+    ls.gamma = gamma
+    return ls
+
+
+def bound_blocks(model: nn.Module) -> list[_Bound]:
+    """The model's blocks as :class:`_Bound`: an Eva's with the rotary codes each block uses (its own grid's)."""
+    rope = model.rope.get_embed() if isinstance(model, Eva) and model.rope is not None else None
+    return [_Bound(b, r) for b, r in zip(model.blocks, block_ropes(model, rope))]
 
 
 class _Judge:
@@ -115,10 +159,10 @@ class _Judge:
     def kl(self, start: int) -> float:
         """Mean KL(original ‖ compact) in nats over the held-out images, the compact model run from block
         ``start`` on its current stream."""
-        m, total = self.compact, 0.0
+        m, total, blocks = self.compact, 0.0, bound_blocks(self.compact)
         for x, ref in zip(self.stream, self.ref):
             x = x.to(self.dev)
-            for block in m.blocks[start:]:
+            for block in blocks[start:]:
                 x = block(x)
             out = m.forward_head(m.norm(x)).float().log_softmax(-1).cpu()
             total += float(torch.nn.functional.kl_div(out, ref, log_target=True, reduction="sum"))
@@ -160,8 +204,12 @@ class _Refit:
     def embed(self, m: nn.Module, images: torch.Tensor) -> Batches:
         """Tokens entering block 0, per batch, on the CPU."""
         dev = next(m.parameters()).device
-        return [m.norm_pre(m._pos_embed(m.patch_embed(x.to(dev)))).cpu()
-                for x in tensor_batches(images, self.batch_size)]
+
+        def tokens(x: torch.Tensor) -> torch.Tensor:
+            t = m._pos_embed(m.patch_embed(x.to(dev)))
+            return m.norm_pre(t[0] if isinstance(m, Eva) else t)          # Eva: (tokens, rotary codes)
+
+        return [tokens(x).cpu() for x in tensor_batches(images, self.batch_size)]
 
     def pooled(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """The original's tokens ``(B, P + H·W, C)`` pooled onto the grid block ``block`` of the twin sees."""
@@ -188,7 +236,7 @@ class _Refit:
             den += float(w.sum())
         return num / den
 
-    def fuse(self, bc: MergeBlock, xc: Batches, in_o: Batches) -> Batches:
+    def fuse(self, bc: "_Bound", xc: Batches, in_o: Batches) -> Batches:
         """Refit the merge's fusion Linear from pairs of the twin's tokens to the original's (pooled) input; return
         the merged tokens."""
         fit, (gh, gw), P = _Ridge(), bc.merge.in_grid, self.prefix

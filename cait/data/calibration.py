@@ -40,8 +40,9 @@ class _Preprocess:
     @classmethod
     def of(cls, model: torch.nn.Module) -> "_Preprocess":
         cfg = resolve_data_config({}, model=model)
-        return cls(cfg["input_size"][-1], cfg["mean"], cfg["std"], cfg.get("crop_pct", 0.875),
-                   cfg.get("interpolation", "bicubic"))
+        embed = getattr(model, "patch_embed", None)            # the size the model takes, if built at another one
+        size = int(embed.img_size[-1]) if getattr(embed, "img_size", None) else cfg["input_size"][-1]
+        return cls(size, cfg["mean"], cfg["std"], cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"))
 
     def check(self, x: torch.Tensor, what: str) -> torch.Tensor:
         """``x`` as float on the CPU if it is ``(N, 3, size, size)``, else a :class:`DataError`."""

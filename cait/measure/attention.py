@@ -12,18 +12,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+from timm.models.eva import EvaAttention
 
 from ..data.synthetic import SyntheticShapes
 from ..layers.pruned_attention import PrunedAttention
 from ..models.atme import model_token_grids, prefix_tokens, upsample_to_patch_grid
+from ..models.parts import attention_qkv
 
 
-def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def attention_probs(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention probabilities of one attention module for its input.
 
     Args:
-        attn: timm ``Attention`` (with or without compactors) or :class:`cait.layers.pruned_attention.PrunedAttention`.
+        attn: timm ``Attention`` or ``EvaAttention`` (with or without compactors) or
+            :class:`cait.layers.pruned_attention.PrunedAttention`.
         x: the module's input (after ``norm1``), ``(B, N, C)``.
+        rope: an Eva block's rotary codes ``(N − P, 2·d_h)`` (what the block was called with), applied to q and k
+            after the prefix tokens as the module does.
 
     Returns:
         ``(B, H, N, N)``; each row sums to 1.
@@ -31,16 +37,22 @@ def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Raises:
         TypeError: for another attention type.
     """
+    B, N, _ = x.shape
     if isinstance(attn, PrunedAttention):
         q, k, _ = attn.qkv_heads(x)
-    elif isinstance(attn, Attention):
-        B, N, _ = x.shape
-        qkv = attn.qkv(x)
+        P, half = attn.rope_prefix, attn.rotate_half
+    elif isinstance(attn, (Attention, EvaAttention)):
+        W, b = attention_qkv(attn)
+        qkv = F.linear(x, W, b)
         head_dim = qkv.shape[-1] // (3 * attn.num_heads)   # from the output, not C // H
         q, k, _ = qkv.reshape(B, N, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
+        P, half = getattr(attn, "num_prefix_tokens", 0), getattr(attn, "rotate_half", False)
     else:
         raise TypeError(f"cannot read attention from {type(attn).__name__}")
+    if rope is not None:
+        q = torch.cat([q[:, :, :P], apply_rot_embed_cat(q[:, :, P:], rope, half=half)], dim=2)
+        k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], rope, half=half)], dim=2)
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
@@ -89,7 +101,8 @@ def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> Cl
     (``query="mean"``).
 
     Args:
-        model: any plain ViT built by this package (original, ATME, compactor or compact).
+        model: any plain ViT or Eva built by this package (original, ATME, compactor or compact; an Eva's rotary
+            codes are the ones its block was called with).
         images: ``(B, 3, S, S)``, normalised as the model expects (see :func:`cait.data.photos.preprocess`).
         block: block index, negative from the end (default: the last block).
 
@@ -105,12 +118,13 @@ def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> Cl
     block %= depth
     attn = model.blocks[block].attn
     captured: dict[str, torch.Tensor] = {}
-    handle = attn.register_forward_hook(lambda mod, args, out: captured.__setitem__("x", args[0]))
+    handle = attn.register_forward_hook(lambda mod, args, kwargs, out: captured.update(x=args[0], **kwargs),
+                                        with_kwargs=True)
     try:
         logits = model(images)
     finally:
         handle.remove()
-    probs = attention_probs(attn, captured["x"])                    # (B, H, N, N)
+    probs = attention_probs(attn, captured["x"], captured.get("rope"))    # (B, H, N, N)
     h, w = model_token_grids(model)[block]
     P, has_cls = prefix_tokens(model), getattr(model, "cls_token", None) is not None
     rows = probs[:, :, 0, P:] if has_cls else probs[:, :, :, P:].mean(dim=2)   # (B, H, h·w)

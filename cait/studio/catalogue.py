@@ -32,9 +32,11 @@ CURATED: dict[str, str] = {
     "vit_small_patch16_224.augreg_in21k_ft_in1k": "ViT-S AugReg (ImageNet-21k → 1k)",
     "vit_base_patch16_clip_224.openai_ft_in1k": "CLIP ViT-B/16 (OpenAI, fine-tuned on ImageNet-1k; pre-norm)",
     "vit_base_patch16_siglip_gap_224": "SigLIP-B/16 (no class token, average pooling; a feature backbone)",
+    "vit_small_patch16_dinov3.lvd1689m": "DINOv3-S (RoPE, 4 registers, 256 px; a feature backbone)",
+    "eva02_tiny_patch14_336.mim_in22k_ft_in1k": "EVA-02-T (RoPE, SwiGLU; ImageNet-1k head, 336 px)",
 }
 """Other plain ViTs the Model list offers beside the paper's DeiTs, timm name → label (every one compresses:
-``tests/test_app.py`` builds each). EVA-02 and DINOv3 (timm's Eva class) are not supported yet."""
+``tests/test_app.py`` builds each), timm's ``VisionTransformer`` and ``Eva`` (EVA-02, DINOv3) classes."""
 MODEL_NAMES = {**DEIT_MODELS, **CURATED}
 """Every timm name the list offers, with its label."""
 _LISTED_KIND = {**{name: "deit" for name in (*DEIT_MODELS, TEST_MODEL)}, **{name: "timm" for name in CURATED}}
