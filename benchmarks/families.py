@@ -1,7 +1,9 @@
 """Which timm ViTs CAIT compresses: every architecture of timm's ``vision_transformer``, ``deit`` and ``eva`` modules,
 built on the ``meta`` device (shapes only, no weights, nothing downloaded), judged by its modules
 (:func:`cait.models.family.unsupported_reason`), and, when supported, checked to save: its architecture record
-(:class:`cait.models.arch.ViTArch`) must rebuild the same tensors. Prints one JSON object: counts, and the names
+(:class:`cait.models.arch.ViTArch` or :class:`~cait.models.arch.EvaArch`) must rebuild the same tensors. A model
+whose timm default is a dynamic image size (DINOv3) is built at its fixed default size, as ``cait.create_model``
+builds it. Prints one JSON object: counts, and the names
 grouped by what they lack.
 
     python benchmarks/families.py                   # ~1 min on a 2-core CPU
@@ -20,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from cait.models.arch import ViTArch  # noqa: E402
+from cait.models.arch import arch_of  # noqa: E402
 from cait.models.family import unsupported_reason  # noqa: E402
 
 MODULES = ("vision_transformer", "deit", "eva")
@@ -31,12 +33,14 @@ def judge(name: str) -> tuple[str | None, int | None]:
     try:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
+            if getattr(model, "dynamic_img_size", False):          # as cait.create_model builds it
+                model = timm.create_model(name, pretrained=False, dynamic_img_size=False)
     except Exception as e:  # an architecture timm cannot build without downloads or extra packages
         return f"timm cannot build it here ({type(e).__name__})", None
     reason = unsupported_reason(model)
     if reason is None:
         try:
-            arch = ViTArch.of(model)
+            arch = arch_of(model)
             rebuilt = arch.build(model.patch_embed.img_size[0], model.num_classes, device="meta").state_dict()
         except ValueError as e:
             return f"compresses, but its checkpoint cannot record it: {e}", None

@@ -245,3 +245,20 @@ def test_calibration_on_eva_runs_the_blocks_with_their_rotary_codes(family):
     merged = prune(cait.apply_atme(copy.deepcopy(original), "h1"), ChannelMask.keep_all(describe(original)))
     for b in refit_(merged, original, images, batch_size=8)["blocks"][1:]:          # the blocks after the merge
         assert b["mse_after"] < b["mse_before"]
+
+
+@pytest.mark.parametrize("family", EVA)
+def test_tome_dense_intermediates_on_eva_cover_the_patch_grid(family):
+    from cait.baselines.tome import apply_tome, tome_dense_intermediates
+    from cait.models.deit import block_outputs
+
+    original = small_eva(family)
+    x = torch.randn(2, 3, *original.patch_embed.img_size)
+    with torch.no_grad():
+        P = original.num_prefix_tokens
+        unmerged = block_outputs(original, x, [1])[0][:, P:]                         # (B, 64, C)
+        expected = original.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+        torch.testing.assert_close(unmerged.transpose(1, 2).reshape(expected.shape), expected)
+        tome = apply_tome(copy.deepcopy(original), [4, 4, 4])
+        dense = tome_dense_intermediates(tome, x, [0, 2])
+    assert [tuple(t.shape) for t in dense] == [(2, 96, 8, 8)] * 2 and all(torch.isfinite(t).all() for t in dense)

@@ -22,7 +22,10 @@ from timm.models import (
     get_pretrained_cfg,
     register_model,
 )
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from .atme import block_ropes
 
 DEIT_MODELS: dict[str, str] = {
     "deit_tiny_patch16_224": "DeiT-Tiny",
@@ -205,10 +208,14 @@ def block_outputs(model: nn.Module, x: torch.Tensor, indices: list[int]) -> list
     wanted = sorted({i % depth for i in indices}) if all(-depth <= i < depth for i in indices) else None
     if wanted is None:
         raise ValueError(f"block indices {indices} are outside 0..{depth - 1}")
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    if isinstance(model, Eva):                                # Eva: each block also takes its rotary codes
+        x, rope = model._pos_embed(model.patch_embed(x))
+        x, ropes = model.norm_pre(x), block_ropes(model, rope)
+    else:
+        x, ropes = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))), None
     out = []
     for i, block in enumerate(model.blocks[: wanted[-1] + 1]):
-        x = block(x)
+        x = block(x) if ropes is None else block(x, rope=ropes[i])
         if i in wanted:
             out.append(x)
     return out
