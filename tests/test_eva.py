@@ -262,3 +262,66 @@ def test_tome_dense_intermediates_on_eva_cover_the_patch_grid(family):
         tome = apply_tome(copy.deepcopy(original), [4, 4, 4])
         dense = tome_dense_intermediates(tome, x, [0, 2])
     assert [tuple(t.shape) for t in dense] == [(2, 96, 8, 8)] * 2 and all(torch.isfinite(t).all() for t in dense)
+
+
+def test_cdcp_fine_tuning_of_an_eva_by_name_then_label_free_from_its_checkpoint(tmp_path):
+    """A labelled CDCP run of EVA-02-T (SwiGLU, q/v biases, RoPE) by its timm name, then a label-free run taught by
+    the checkpoint it wrote: each ends at the FLOPs target, S at exactly zero, the compact model equal to the
+    masked one, q/k of every head kept whole, and a compact checkpoint that loads."""
+    import cait
+    from cait.finetune.config import FinetuneConfig
+    from cait.finetune.engine import finetune
+
+    common = dict(data="synthetic", flops_reduction=0.5, steps=6, batch_size=4, img_size=56, eval_interval=6,
+                  log_interval=3, ckpt_interval=6, val_size=16, synthetic_size=64, mask_interval=1, cdcp_warmup=0.2,
+                  cdcp_ramp=0.5, lr=1e-3, device="cpu")
+    first = finetune(FinetuneConfig(model="eva02_tiny_patch14_224", pretrained=False, output=str(tmp_path / "a"),
+                                    **common))
+    second = finetune(FinetuneConfig(model=str(tmp_path / "a" / "teacher"), labels="none",
+                                     output=str(tmp_path / "b"), **common))
+    for summary, run in ((first, "a"), (second, "b")):
+        assert summary.flops_reduction >= 0.5 and summary.max_removed_row_norm == 0.0
+        assert summary.top1_student == summary.top1_masked
+        compact = cait.load_pretrained(tmp_path / run / "compact")
+        assert type(compact).__name__ == "ATMEEva" and cait.count_flops(compact) == summary.flops
+        assert all(b.attn.qk_dim == 64 for b in compact.blocks)                 # EVA-02-T heads of 64
+    assert second.agreement is not None
+
+
+def test_a_dinov3_saved_by_timm_on_the_hub_fine_tunes_by_its_hf_hub_id(tmp_path, monkeypatch):
+    """``python -m cait.finetune --model hf-hub:…`` (issue "CAIT for the ViTs people compress today", item 4: one
+    model source for the library, the command lines and the app): a DINOv3 fine-tuned elsewhere and saved by timm
+    into the local Hugging Face cache, offline, is the teacher of a label-free run; its size and classes come from
+    the repository."""
+    from timm.models._hub import save_for_hf
+    from cait.finetune.config import FinetuneConfig
+    from cait.finetune.engine import finetune
+    from conftest import randomize_
+    from test_hub import _cache_repo
+
+    snapshot = _cache_repo(tmp_path, monkeypatch, "someone/dinov3-finetuned")
+    model = randomize_(timm.create_model("vit_small_patch16_dinov3", depth=2, embed_dim=96, num_heads=3, img_size=64,
+                                         num_classes=8, dynamic_img_size=False).eval(), std=0.05)
+    save_for_hf(model, str(snapshot), safe_serialization=True)
+    summary = finetune(FinetuneConfig(model="hf-hub:someone/dinov3-finetuned", data="synthetic", labels="none",
+                                      flops_reduction=0.4, steps=4, batch_size=4, eval_interval=4, log_interval=2,
+                                      ckpt_interval=4, val_size=16, synthetic_size=48, mask_interval=1,
+                                      cdcp_warmup=0.25, cdcp_ramp=0.5, device="cpu", output=str(tmp_path / "run")))
+    assert summary.flops_reduction >= 0.4 and summary.agreement is not None and summary.held_out == 16
+
+
+@pytest.mark.parametrize("family", EVA)
+def test_dense_features_of_an_eva_and_its_twins_lie_on_the_patch_grid(family):
+    """What a segmenter reads (cait.dense.features): the original, its CAIT twin and ToMe, each block's output on the
+    full 8 × 8 patch grid."""
+    import cait
+    from cait.baselines.tome import apply_tome, tome_schedule
+    from cait.dense.features import dense_features
+
+    original = small_eva(family)
+    x = torch.randn(2, 3, *original.patch_embed.img_size)
+    models = {"original": original, "cait": cait.compress(original, 0.5, round_to=8),
+              "tome": apply_tome(copy.deepcopy(original), tome_schedule(original, 0.3))}
+    with torch.no_grad():
+        shapes = {k: [tuple(t.shape) for t in dense_features(m, x, [0, -1])] for k, m in models.items()}
+    assert all(v == [(2, 96, 8, 8)] * 2 for v in shapes.values()), shapes

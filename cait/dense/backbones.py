@@ -12,7 +12,6 @@ baseline made from an uncompressed one at a FLOPs reduction (paper §IV-B1, Tab.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch.nn as nn
 
@@ -23,16 +22,16 @@ from ..compress.plan import atme_reduction
 from ..compress.prune import is_pruned
 from ..io.bundled import bundled_pair
 from ..io.checkpoint import load_checkpoint
+from ..io.source import create_model as create_source_model
 from ..models.atme import get_layout
-from ..models.deit import create_model
 from ..models.layout import Layout
 
 BASELINES = ("none", "tome", "token_pruning", "atme", "cdcp")
 
 
 def load_backbone(name: str) -> nn.Module:
-    """``bundled:original``, ``bundled:cait``, a checkpoint directory, or a timm DeiT name (timm weights when the Hub
-    is reachable).
+    """``bundled:original``, ``bundled:cait``, or any :class:`cait.io.source.ModelSource` spelling: a timm name
+    (timm weights when the Hub is reachable), ``hf-hub:owner/name``, a checkpoint directory.
 
     Raises:
         ValueError: for a name that is none of these, or a bundled pair that is not in this checkout.
@@ -45,9 +44,7 @@ def load_backbone(name: str) -> nn.Module:
             raise ValueError(f"{name!r}: the bundled pair is 'bundled:original' or 'bundled:cait'"
                              + ("" if pair is not None else ", and it is not in this checkout (assets/)"))
         return load_checkpoint(pair.original_dir if which == "original" else pair.twin_dir)
-    if Path(name).is_dir():
-        return load_checkpoint(name)
-    return create_model(name)[0]
+    return create_source_model(name)[0]                 # a timm name, hf-hub:owner/name, a checkpoint directory
 
 
 def make_backbone(model: nn.Module, baseline: str, flops_reduction: float, merge: str | None = None,

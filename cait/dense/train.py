@@ -43,7 +43,8 @@ from .segmenter import DecoderConfig, Segmenter
 class SegmentConfig:
     """Every option of a segmentation run; the command line has one flag per field."""
 
-    backbone: str = option("bundled:original", "bundled:original, bundled:cait, a checkpoint directory or a DeiT name")
+    backbone: str = option("bundled:original", "bundled:original, bundled:cait, a timm name, hf-hub:owner/name or a "
+                           "checkpoint directory")
     baseline: str = option("none", "none, or a training-free baseline made from the (uncompressed) backbone: tome, "
                            "token_pruning, atme, cdcp")
     flops_reduction: float = option(0.5, "FLOPs reduction of the tome, token_pruning and cdcp baselines")

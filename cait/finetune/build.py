@@ -28,12 +28,13 @@ from ..compress.prune import is_pruned
 from ..compress.oneshot import calibrate_merges, compress
 from ..compress.select import ChannelMask, select_channels
 from ..data.datasets import DataError, StepBatchSampler, Unlabelled, build_datasets
-from ..io.checkpoint import CheckpointError, load_checkpoint, read_config, save_pretrained
+from ..io.checkpoint import CheckpointError, load_checkpoint, save_pretrained
+from ..io.source import ModelSource
 from ..measure.accuracy import Agreement, agreement, evaluate
 from ..models.atme import apply_atme, get_layout
 from ..models.compactors import add_compactors, iter_compactors
 from ..models.deit import architecture, create_model, resize_input, update_cfg
-from ..models.meta import ModelMeta
+from ..models.meta import ModelMeta, meta_of
 from ..models.spec import ModelSpec, describe
 from .config import CALIBRATE_STARTS, TOKEN_DISTILL_BLOCKS, FinetuneConfig, FinetuneError
 from .lasso import FlopsSchedule
@@ -305,10 +306,26 @@ def shrink_per_step(cfg: FinetuneConfig, schedule: FlopsSchedule) -> float:
     return 2.0 / max(1, cfg.steps - schedule.hold_step)
 
 
+def _stored(spec: str) -> nn.Module | None:
+    """The model a stored spelling names (a checkpoint directory, ``hf-hub:owner/name`` from the Hub or the local
+    cache, ``bundled``), loaded; None for a timm name (:class:`cait.io.source.ModelSource`)."""
+    try:
+        source = ModelSource.parse(spec)
+    except ValueError as e:
+        raise FinetuneError(f"unknown model {spec!r}: {e}") from None
+    if source.kind == "timm":
+        return None
+    try:
+        return source.load()[0]
+    except (CheckpointError, ValueError) as e:
+        raise FinetuneError(str(e)) from None
+
+
 def _teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, bool, str]:
     """The uncompressed model; returns (model, whether it can teach these classes, where it came from)."""
-    if Path(cfg.model).is_dir():
-        return _checkpoint_teacher(cfg, num_classes)
+    stored = _stored(str(cfg.model))
+    if stored is not None:
+        return _checkpoint_teacher(cfg, num_classes, stored)
     kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
     try:
         model, info = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
@@ -321,12 +338,9 @@ def _teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, bool, st
     return model, teaches, info.detail
 
 
-def _checkpoint_teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, bool, str]:
-    """An uncompressed checkpoint as the teacher, resized (FixRes-style) when ``--img-size`` asks for another size."""
-    try:
-        model = load_checkpoint(cfg.model)
-    except CheckpointError as e:
-        raise FinetuneError(str(e)) from None
+def _checkpoint_teacher(cfg: FinetuneConfig, num_classes: int, model: nn.Module) -> tuple[nn.Module, bool, str]:
+    """An uncompressed stored model (a checkpoint directory, a Hub repository, the bundled original) as the teacher,
+    resized (FixRes-style) when ``--img-size`` asks for another size."""
     if get_layout(model) or is_pruned(model):
         raise FinetuneError(f"{cfg.model}: fine-tuning starts from an uncompressed model; this checkpoint is "
                             "already merged or pruned")
@@ -366,23 +380,19 @@ def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
 
 def _teacher_classes(cfg: FinetuneConfig) -> list[str]:
     """The class names (or indices as text) the teacher's head predicts, for data that has no labels."""
-    if Path(cfg.model).is_dir():
-        try:
-            config = read_config(cfg.model)
-        except CheckpointError as e:
-            raise FinetuneError(str(e)) from None
-        names = (config.get("meta") or {}).get("classes")
-        return list(names) if names else [str(i) for i in range(int(config["num_classes"]))]
-    return [str(i) for i in range(1000)]                  # timm's DeiTs: the ImageNet-1k head
+    stored = _stored(str(cfg.model))
+    if stored is not None:
+        names = meta_of(stored).classes
+        return list(names) if names else [str(i) for i in range(int(stored.num_classes))]
+    return [str(i) for i in range(1000)]                  # timm's ImageNet-1k heads
 
 
 def _default_img_size(cfg: FinetuneConfig) -> int:
-    if Path(cfg.model).is_dir():
-        try:
-            return read_config(cfg.model)["img_size"]
-        except CheckpointError as e:
-            raise FinetuneError(str(e)) from None
+    stored = _stored(str(cfg.model))
+    if stored is not None:
+        return int(stored.patch_embed.img_size[0])
     if not timm.is_model(cfg.model):
-        raise FinetuneError(f"unknown model {cfg.model!r} (neither a timm name nor a checkpoint directory)")
+        raise FinetuneError(f"unknown model {cfg.model!r} (neither a timm name, an hf-hub: id, a checkpoint "
+                            "directory nor 'bundled')")
     pretrained_cfg = timm.models.get_pretrained_cfg(cfg.model)
     return int(pretrained_cfg.input_size[-1]) if pretrained_cfg else 224

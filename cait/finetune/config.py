@@ -29,7 +29,8 @@ CALIBRATE_STARTS = ("twin", "merges")
 class FinetuneConfig:
     """Every option of a run; the command line has one flag per field (``--flops-reduction`` for flops_reduction)."""
 
-    model: str = option("deit_tiny_patch16_224", "timm DeiT name, or a checkpoint directory of an uncompressed model")
+    model: str = option("deit_tiny_patch16_224", "the uncompressed model: a timm name (DeiT, DINOv2, EVA-02, ...), "
+                        "hf-hub:owner/name, a checkpoint directory, or 'bundled'")
     pretrained: bool = option(False, "start from timm's ImageNet weights when the Hub is reachable")
     data: str = option("synthetic", "'synthetic' or an ImageFolder root with train/ and val/")
     flops_reduction: float = option(0.5, "total FLOPs reduction R (ATME planned first, CDCP the rest)")
