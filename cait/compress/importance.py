@@ -122,12 +122,7 @@ def fisher_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             compactors).
     """
     device = next(model.parameters()).device
-    blocks = list(model.blocks)
-    for i, b in enumerate(blocks):
-        fuse_eva_qkv_bias_(b.attn)                           # EVA-02: qkv called as a module (same function)
-        if type(b.attn) not in (Attention, EvaAttention) or type(b.attn.qkv) is not nn.Linear:
-            raise TypeError(f"block {i}: Fisher scores need timm's Attention or EvaAttention with a plain fused "
-                            "qkv Linear")
+    blocks = _fisher_blocks(model)
     acts: dict[tuple[int, str], torch.Tensor] = {}
 
     def keep(key):
@@ -162,6 +157,22 @@ def fisher_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     qk = [s[0] for s in sums]
     return ChannelScores(q=qk, k=[t.clone() for t in qk], v=[s[1] for s in sums], ffn=[s[2] for s in sums])
 
+
+
+def _fisher_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks, each with one fused ``qkv`` Linear whose output a hook can read (an EVA-02 attention's
+    separate q/v biases folded into it first: :func:`cait.models.parts.fuse_eva_qkv_bias_`, the same function).
+
+    Raises:
+        TypeError: for another attention, or a ``qkv`` that is not a plain Linear (compactors, a pruned model).
+    """
+    blocks = list(model.blocks)
+    for i, b in enumerate(blocks):
+        fuse_eva_qkv_bias_(b.attn)
+        if type(b.attn) not in (Attention, EvaAttention) or type(b.attn.qkv) is not nn.Linear:
+            raise TypeError(f"block {i}: Fisher scores need timm's Attention or EvaAttention with a plain fused "
+                            "qkv Linear")
+    return blocks
 
 
 @torch.no_grad()
