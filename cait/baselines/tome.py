@@ -170,7 +170,7 @@ class ToMeEvaBlock(EvaBlock):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
-        state, i, P = self.tome, self.tome_index, self.tome.prefix
+        state, i = self.tome, self.tome_index
         if i == 0:
             _start_pass(state, x, rope)
         bias = None if state.size is None else state.size.log().transpose(1, 2)[:, None]   # (B, 1, 1, N)
@@ -221,8 +221,9 @@ def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
     """Turn a timm DeiT into its ToMe version, in place (no training; ToMe §3).
 
     Args:
-        model: a timm ``VisionTransformer`` (any prefix tokens: CLS, a distillation token, registers, or none; read
-            from ``num_prefix_tokens``), timm ``Block``s, no ATME merges and no pruning. Without a class token, timm's
+        model: a timm ``VisionTransformer`` or ``Eva`` (any prefix tokens: CLS, a distillation token, registers, or
+            none; read from ``num_prefix_tokens``), timm ``Block``s or ``EvaBlock``s with a fused ``qkv``, no ATME
+            merges and no pruning. An Eva's tokens carry their positions for RoPE (:class:`ToMeEvaBlock`). Without a class token, timm's
             average pooling averages the merged tokens, each once (ToMe's proportional attention only weighs keys).
         r: tokens merged per block: one int for every block (the paper's constant schedule), or one per block.
 
@@ -232,7 +233,8 @@ def apply_tome(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
     Raises:
         ValueError: for a negative ``r``, a schedule of the wrong length, a model with merges, or one already
             patched.
-        TypeError: if a block is not a timm ``Block`` with timm's ``Attention`` (e.g. a pruned model).
+        TypeError: if a block is not a timm ``Block`` with timm's ``Attention`` or an ``EvaBlock`` with a fused
+            ``EvaAttention`` (e.g. a pruned model), or for a per-depth or multimodal RoPE.
     """
     depth = len(model.blocks)
     schedule = [int(r)] * depth if isinstance(r, (int, float)) else [int(v) for v in r]

@@ -42,6 +42,9 @@ class PrunedAttention(nn.Module):
         scale: the attention scale, normally the original ``d_h^-1/2``; it is *not* recomputed from ``qk_dim``.
         qkv_bias, proj_bias: whether the Linears have biases.
         attn_drop, proj_drop: dropout probabilities.
+
+    An Eva's compact attention also rotates q and k by the rotary codes its block passes (``rope``), after its
+    ``rope_prefix`` prefix tokens, in timm's layout (``rotate_half``); its q/k keep their full width.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float, qkv_bias: bool = True,

@@ -1,11 +1,12 @@
-"""A plain ViT's architecture as a JSON record: what a checkpoint needs to rebuild the model without its name.
+"""A ViT's architecture as a JSON record: what a checkpoint needs to rebuild the model without its name.
 
 A timm name says which architecture a model was built from, not which options it was built with: a DINOv2 with
 registers, a DeiT III with LayerScale, a CLIP ViT with a pre-norm, or any of them created with another ``depth`` or
 ``embed_dim``. :class:`ViTArch` reads those options from the model's own modules (:meth:`ViTArch.of`), checks every
 value against a bound when read back from JSON (:meth:`ViTArch.from_dict`), and builds the skeleton with timm's own
 class (:meth:`ViTArch.build`). The prefix tokens are ``class_token + reg_tokens`` (+1 for a distilled DeiT's
-distillation token), as timm's ``num_prefix_tokens`` counts them.
+distillation token), as timm's ``num_prefix_tokens`` counts them. An ``Eva`` (EVA-02, DINOv3) has its own record,
+:class:`EvaArch` (its FFN kind and rotary settings); :func:`arch_of` and :func:`arch_from_dict` pick the right one.
 
 >>> import timm
 >>> arch = ViTArch.of(timm.create_model("vit_small_patch14_reg4_dinov2", depth=2, img_size=70))
@@ -17,6 +18,9 @@ True
 Traceback (most recent call last):
     ...
 ValueError: architecture 'depth' must be an integer in [1, 64], got 1000
+>>> eva = arch_of(timm.create_model("vit_small_patch16_dinov3", depth=2, dynamic_img_size=False))
+>>> eva.family, eva.rope, eva.reg_tokens, eva.abs_pos_embed, arch_from_dict(eva.to_dict()) == eva
+('Eva', 'dinov3', 4, False, True)
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import LayerScale
+from timm.layers import GluMlp, LayerScale, SwiGLU
 from timm.layers.activations import GELU, GELUTanh, QuickGELU
+from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.eva import Eva, EvaBlock
 from timm.models.vision_transformer import VisionTransformer
 
 FAMILIES = {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
@@ -279,9 +285,6 @@ class EvaArch:
             ValueError: for a model the record cannot describe (no RoPE or another RoPE module, an attention-pooling
                 head, norms inside the blocks, mixed LayerNorm epsilons, a post-norm block).
         """
-        from timm.layers import GluMlp, SwiGLU
-        from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
-        from timm.models.eva import EvaBlock
         rope, block = model.rope, model.blocks[0]
         if type(rope) not in (RotaryEmbeddingCat, RotaryEmbeddingDinoV3) or model.attn_pool is not None \
                 or not isinstance(block, EvaBlock):
@@ -351,7 +354,6 @@ class EvaArch:
         Raises:
             ValueError: for a record over :data:`MAX_PARAMS` parameters or an image size the patch does not divide.
         """
-        from timm.models.eva import Eva
         if self.approx_params() > MAX_PARAMS:
             raise ValueError(f"architecture has ~{self.approx_params():,} parameters, more than {MAX_PARAMS:,}")
         if img_size % self.patch_size:
@@ -391,7 +393,6 @@ def arch_of(model: nn.Module) -> "ViTArch | EvaArch":
     Raises:
         ValueError: for a model neither record can describe.
     """
-    from timm.models.eva import Eva
     return EvaArch.of(model) if isinstance(model, Eva) else ViTArch.of(model)
 
 
