@@ -325,3 +325,14 @@ def test_dense_features_of_an_eva_and_its_twins_lie_on_the_patch_grid(family):
     with torch.no_grad():
         shapes = {k: [tuple(t.shape) for t in dense_features(m, x, [0, -1])] for k, m in models.items()}
     assert all(v == [(2, 96, 8, 8)] * 2 for v in shapes.values()), shapes
+
+
+def test_an_eva_twin_exports_to_onnx_with_parity(tmp_path):
+    """ONNX through ``cait.export`` (the dynamo exporter, run under ONNX Runtime): the merged tokens' rotary codes
+    are computed inside the graph, and the outputs agree with PyTorch's."""
+    import cait
+    from cait.io.export import export_model
+
+    pytest.importorskip("onnxruntime")
+    report = export_model(cait.compress(small_eva("dinov3"), 0.5, round_to=8), "onnx", tmp_path / "twin.onnx")
+    assert report["relative_diff"] < 1e-4 and report["top1_agreement"] == 1.0
