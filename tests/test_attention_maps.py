@@ -65,3 +65,32 @@ def test_attention_in_mask_bounds_and_uniform_baseline():
         assert cait.attention_in_mask(att, masks, heads=True).shape == (B, H)
     with pytest.raises(ValueError, match="1 masks for 2"):
         cait.attention_in_mask(att, masks[:1])
+
+
+def test_a_map_head_s_attention_is_what_it_pools_with():
+    """SigLIP's attention-pooling (MAP) head: the maps of a model without a class token at its last block are the
+    head's query's attention, and those probabilities, applied to its values and run through its projection and MLP,
+    give the head's own output; earlier blocks show the attention each patch receives."""
+    import timm
+    import cait
+    from cait.measure.attention import cls_attention, map_attention_probs
+    from conftest import randomize_
+
+    model = randomize_(timm.create_model("vit_base_patch16_siglip_224", depth=2, embed_dim=48, num_heads=3,
+                                         img_size=64, num_classes=5).eval(), std=0.2)
+    twin = cait.compress(model, 0.3, layout="h1", round_to=4)
+    x = torch.randn(2, 3, 64, 64)
+    for m in (model, twin):
+        pool, seen = m.attn_pool, {}
+        hook = pool.register_forward_hook(lambda mod, a, out: seen.update(x=a[0], out=out))
+        with torch.no_grad():
+            att, first = cls_attention(m, x, block=-1), cls_attention(m, x, block=0)
+            hook.remove()
+            probs = map_attention_probs(pool, seen["x"])                                   # (B, H, 1, N)
+            B, N, C = seen["x"].shape
+            v = pool.kv(seen["x"]).reshape(B, N, 2, pool.num_heads, -1)[:, :, 1].transpose(1, 2)
+            y = pool.proj((probs @ v).transpose(1, 2).reshape(B, 1, C))
+            y = (y + pool.mlp(pool.norm(y)))[:, 0]
+        torch.testing.assert_close(y, seen["out"], rtol=1e-4, atol=1e-5)
+        assert att.query == "map" and first.query == "mean"
+        torch.testing.assert_close(att.maps.flatten(2).sum(-1), torch.ones(2, 3))

@@ -290,7 +290,7 @@ def tome_flops_by_block(model: nn.Module, schedule: Sequence[int] | None = None)
         if min(r, (p + 1) // 2) > 0:
             f += ((p + 1) // 2) * (p // 2) * b.qk_dim                      # |A|·|B|·d_h cosine similarities
         out[f"blocks.{i}"] = f
-    out["head"] = spec.head_flops
+    out["head"] = spec.head_flops + spec.pool_flops(counts[-1][1] if counts else None)    # a MAP head: ToMe's tokens
     return out
 
 

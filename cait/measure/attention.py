@@ -68,8 +68,9 @@ class ClsAttention:
         logits: ``(B, num_classes)``, the model's output for the images.
         block: the block index (non-negative).
         grid: ``(h, w)``.
-        query: ``"cls"`` (the CLS token's row), or ``"mean"`` for a model without a class token (average pooling):
-            the attention each patch receives, averaged over every query token.
+        query: ``"cls"`` (the CLS token's row); without a class token, ``"map"`` at the last block of a model with
+            an attention-pooling (MAP) head (its latent query's attention over the tokens it pools), else
+            ``"mean"``: the attention each patch receives, averaged over every query token.
     """
 
     maps: torch.Tensor
@@ -97,8 +98,9 @@ def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> Cl
 
     Prefix tokens (a distillation token, registers) are read from the model and left out of the maps, so a map covers
     the patches alone; registers take some of the CLS token's attention, so its patch maps sum to less. A model
-    without a class token has no CLS row: its maps are the attention each patch receives, averaged over all queries
-    (``query="mean"``).
+    without a class token has no CLS row: at the last block of a model with an attention-pooling head (SigLIP's MAP)
+    its maps are that head's query's attention over the tokens (``query="map"``, :func:`map_attention_probs`);
+    otherwise the attention each patch receives, averaged over all queries (``query="mean"``).
 
     Args:
         model: any plain ViT or Eva built by this package (original, ATME, compactor or compact; an Eva's rotary
@@ -116,24 +118,50 @@ def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> Cl
     if not -depth <= block < depth:
         raise IndexError(f"block {block} out of range for a model with {depth} blocks")
     block %= depth
-    attn = model.blocks[block].attn
+    attn, pool = model.blocks[block].attn, getattr(model, "attn_pool", None)
+    P, has_cls = prefix_tokens(model), getattr(model, "cls_token", None) is not None
+    query = "cls" if has_cls else "map" if pool is not None and block == depth - 1 else "mean"
     captured: dict[str, torch.Tensor] = {}
-    handle = attn.register_forward_hook(lambda mod, args, kwargs, out: captured.update(x=args[0], **kwargs),
-                                        with_kwargs=True)
+    handles = [attn.register_forward_hook(lambda mod, args, kwargs, out: captured.update(x=args[0], **kwargs),
+                                          with_kwargs=True)]
+    if query == "map":                                   # the MAP head reads the normed output of the last block
+        handles.append(pool.register_forward_hook(lambda mod, args, out: captured.update(pooled=args[0])))
     try:
         logits = model(images)
     finally:
-        handle.remove()
-    probs = attention_probs(attn, captured["x"], captured.get("rope"))    # (B, H, N, N)
+        for h in handles:
+            h.remove()
+    if query == "map":
+        probs = map_attention_probs(pool, captured["pooled"])[:, :, :1]    # (B, H, 1, N): the first latent query
+    else:
+        probs = attention_probs(attn, captured["x"], captured.get("rope"))  # (B, H, N, N)
     h, w = model_token_grids(model)[block]
-    P, has_cls = prefix_tokens(model), getattr(model, "cls_token", None) is not None
-    rows = probs[:, :, 0, P:] if has_cls else probs[:, :, :, P:].mean(dim=2)   # (B, H, h·w)
+    rows = probs[:, :, 0, P:] if query in ("cls", "map") else probs[:, :, :, P:].mean(dim=2)   # (B, H, h·w)
     maps = rows.reshape(probs.shape[0], probs.shape[1], h, w)
     return ClsAttention(maps=maps, patch_maps=upsample_to_patch_grid(maps, model, block=block), logits=logits,
-                        block=block, grid=(h, w), query="cls" if has_cls else "mean")
+                        block=block, grid=(h, w), query=query)
 
 
-__all__ = ["ClsAttention", "attention_in_mask", "attention_probs", "cls_attention", "localisation_score"]
+def map_attention_probs(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The attention of an attention-pooling (MAP) head's latent queries over the tokens it pools.
+
+    Args:
+        pool: timm's ``AttentionPoolLatent`` (SigLIP's MAP head).
+        x: its input, the model's normed output tokens ``(B, N, C)``.
+
+    Returns:
+        ``(B, H, L, N)`` for L latent queries; each row sums to 1.
+    """
+    B, N, C = x.shape
+    H, d, L = pool.num_heads, pool.head_dim, pool.latent_len
+    q = pool.q(pool.latent).reshape(1, L, H, d).transpose(1, 2)                    # (1, H, L, d)
+    k = pool.kv(x).reshape(B, N, 2, H, d)[:, :, 0].transpose(1, 2)                 # (B, H, N, d)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    return ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+__all__ = ["ClsAttention", "attention_in_mask", "attention_probs", "cls_attention", "localisation_score",
+           "map_attention_probs"]
 
 
 def attention_in_mask(att: ClsAttention, masks: torch.Tensor, heads: bool = False) -> torch.Tensor:

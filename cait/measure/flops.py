@@ -99,10 +99,13 @@ def count_flops(model: nn.Module, img_size: int | None = None) -> int:
 
 
 def flops_by_block(model: nn.Module, img_size: int | None = None) -> dict[str, int]:
-    """fvcore FLOPs per top-level part: ``patch_embed``, ``blocks.0`` … ``blocks.{L-1}``, ``head``."""
+    """fvcore FLOPs per top-level part: ``patch_embed``, ``blocks.0`` … ``blocks.{L-1}``, ``head`` (an
+    attention-pooling head's FLOPs included)."""
     by_module = flop_analysis(model, img_size).by_module()
-    names = ["patch_embed"] + [f"blocks.{i}" for i in range(len(model.blocks))] + ["head"]
-    return {n: int(by_module.get(n, 0)) for n in names}
+    names = ["patch_embed"] + [f"blocks.{i}" for i in range(len(model.blocks))]
+    out = {n: int(by_module.get(n, 0)) for n in names}
+    out["head"] = int(by_module.get("head", 0)) + int(by_module.get("attn_pool", 0))
+    return out
 
 
 def count_params(model: nn.Module) -> int:

@@ -41,7 +41,7 @@ FAMILIES = {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled"
 """The timm classes a record can name (the ATME and compact models are these classes, patched)."""
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 """MLP activations by timm's names (``timm.layers.get_act_layer``)."""
-GLOBAL_POOLS = ("token", "avg", "")
+GLOBAL_POOLS = ("token", "avg", "", "map")
 MAX_PARAMS = 3_000_000_000
 """A record describing more parameters than this is refused before anything is allocated (ViT-g has 1.0 B)."""
 
@@ -103,7 +103,8 @@ class ViTArch:
             embedding at all (False: none).
         pre_norm: a LayerNorm before the blocks (CLIP); ``final_norm``: one after them, on the tokens or, with
             ``fc_norm``, on the pooled feature (timm's meaning of the two flags).
-        global_pool: ``"token"`` (CLS), ``"avg"`` or ``""``; ``pool_include_prefix``: average the prefix tokens too.
+        global_pool: ``"token"`` (CLS), ``"avg"``, ``"map"`` (SigLIP's attention-pooling head) or ``""``;
+            ``pool_include_prefix``: average the prefix tokens too.
         act: the MLP activation (:data:`ACTIVATIONS`); ``norm_eps``: every LayerNorm's epsilon (1e-6 DeiT, 1e-5 CLIP).
     """
 
@@ -140,14 +141,16 @@ class ViTArch:
 
         Raises:
             ValueError: for a model that is not one of :data:`FAMILIES` or has a part the record cannot describe
-                (a patch-embedding norm, an attention-pooling head, another activation, mixed LayerNorm epsilons).
+                (a patch-embedding norm, another activation, mixed LayerNorm epsilons).
         """
         if not isinstance(model, VisionTransformer):
             raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer; its architecture cannot be "
                              f"recorded")
         block = model.blocks[0]
-        if not isinstance(model.patch_embed.norm, nn.Identity) or getattr(model, "attn_pool", None) is not None:
-            raise ValueError("a patch-embedding norm or an attention-pooling head cannot be recorded yet")
+        if not isinstance(model.patch_embed.norm, nn.Identity):
+            raise ValueError("a patch-embedding norm cannot be recorded yet")
+        pool = getattr(model, "attn_pool", None)                 # MAP: timm builds it from mlp_ratio too
+        pool_hidden = 0 if pool is None or pool.mlp is None else int(pool.mlp.fc1.out_features)
         eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
         if len(eps) > 1:
             raise ValueError(f"LayerNorms with different epsilons ({sorted(eps)}) cannot be recorded")
@@ -157,7 +160,7 @@ class ViTArch:
             "VisionTransformer",
             patch_size=int(model.patch_embed.patch_size[0]), in_chans=int(model.patch_embed.proj.in_channels),
             embed_dim=int(model.embed_dim), depth=len(model.blocks), num_heads=int(attn.num_heads),
-            mlp_hidden=max(int(b.mlp.fc1.out_features) for b in model.blocks),
+            mlp_hidden=max(pool_hidden, *(int(b.mlp.fc1.out_features) for b in model.blocks)),
             qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
             layer_scale=isinstance(block.ls1, LayerScale), class_token=model.cls_token is not None,
             reg_tokens=int(model.num_reg_tokens), no_embed_class=bool(model.no_embed_class),

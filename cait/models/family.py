@@ -16,7 +16,7 @@ True
 from __future__ import annotations
 
 import torch.nn as nn
-from timm.layers import Attention, GluMlp, Mlp, SwiGLU
+from timm.layers import Attention, AttentionPoolLatent, GluMlp, Mlp, SwiGLU
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -32,7 +32,8 @@ TESTED: dict[str, tuple[str, ...]] = {
     "dinov2": ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2"),
     "dinov2_registers": ("vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2"),
     "clip": ("vit_base_patch16_clip_224.openai", "vit_base_patch32_clip_224", "vit_base_patch16_clip_quickgelu_224"),
-    "siglip": ("vit_base_patch16_siglip_gap_224", "vit_base_patch32_siglip_gap_256"),
+    "siglip": ("vit_base_patch16_siglip_gap_224", "vit_base_patch32_siglip_gap_256", "vit_base_patch16_siglip_224",
+               "vit_base_patch16_siglip_256"),
     "eva02": ("eva02_tiny_patch14_224", "eva02_small_patch14_224"),
     "dinov3": ("vit_small_patch16_dinov3", "vit_small_plus_patch16_dinov3", "vit_base_patch16_dinov3"),
 }
@@ -42,8 +43,8 @@ small configurations of the real classes). Support itself is decided by the mode
 timm ViT name."""
 
 NOT_YET: dict[str, tuple[str, ...]] = {
-    "siglip_map": ("vit_base_patch16_siglip_224",),
     "eva02_scale_norm": ("eva02_base_patch14_224",),
+    "beit3_qk_norm": ("beit3_base_patch16_224",),
 }
 """Families refused today, each with a name whose refusal the tests check."""
 
@@ -98,9 +99,11 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if getattr(model, "dynamic_img_size", False):
         return "dynamic image size: ATME needs the token grid at every block (create the model with " \
                "dynamic_img_size=False)"
-    if getattr(model, "attn_pool", None) is not None:
-        return "attention-pooling (MAP) head: its FLOPs and attention maps are not supported yet; use " \
-               "global_pool='avg' or a model with a class token"
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and (type(pool) is not AttentionPoolLatent or pool.pos_embed is not None
+                             or not isinstance(pool.q_norm, nn.Identity)):
+        return f"attention-pooling head {type(pool).__name__} with a position embedding or q/k norm: not " \
+               "supported yet (timm's plain AttentionPoolLatent, SigLIP's MAP head, is)"
     for i, block in enumerate(model.blocks):
         reason = _block_reason(i, block)
         if reason:

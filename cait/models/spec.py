@@ -79,14 +79,26 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The shape of a whole ViT: its blocks, patch embedding and head FLOPs, its patch grid ``(H, W)`` and its
-    prefix tokens P (CLS, distillation token, registers: every block sees ``P + h·w`` tokens)."""
+    """The shape of a whole ViT: its blocks, patch embedding and head FLOPs, its patch grid ``(H, W)``, its
+    prefix tokens P (CLS, distillation token, registers: every block sees ``P + h·w`` tokens) and, for an
+    attention-pooling (MAP) head, its shape (:meth:`pool_flops`)."""
 
     blocks: tuple[BlockSpec, ...]
     embed_flops: int
     head_flops: int
     grid: tuple[int, int] | None = None
     prefix: int = 1
+    pool: tuple[int, int, int] | None = None
+
+    def pool_flops(self, tokens: int | None = None) -> int:
+        """FLOPs of an attention-pooling (MAP) head over ``tokens`` tokens (default: the last block's): with
+        ``pool = (L, C, D)`` (latent queries, width, MLP width), ``L·(2C² + 2·C·D) + 2N·C² + 2·L·N·C`` (its q and kv
+        projections, the two attention matmuls, ``proj`` and its MLP). 0 without one."""
+        if self.pool is None:
+            return 0
+        L, C, D = self.pool
+        N = self.blocks[-1].tokens if tokens is None else tokens
+        return L * (2 * C * C + 2 * C * D) + 2 * N * C * C + 2 * L * N * C
 
     @property
     def merged(self) -> bool:
@@ -95,7 +107,7 @@ class ModelSpec:
 
     def flops(self) -> int:
         """Total FLOPs (multiply-adds) for one image."""
-        return self.embed_flops + self.head_flops + sum(b.flops() for b in self.blocks)
+        return self.embed_flops + self.head_flops + self.pool_flops() + sum(b.flops() for b in self.blocks)
 
     def with_widths(self, widths: list[tuple[int, int, int]]) -> "ModelSpec":
         """The same model with per-block ``(qk_dim, v_dim, ffn_dim)`` replaced (per-head dims for q/k and v)."""
@@ -134,4 +146,13 @@ def describe(model: nn.Module) -> ModelSpec:
         blocks.append(BlockSpec(tokens=P + h * w, dim=block.norm1.normalized_shape[0], heads=heads, qk_dim=qk,
                                 v_dim=v, ffn_dim=ffn, merge_tokens=h * w if isinstance(block, MERGE_BLOCKS) else 0,
                                 ffn_gated=ffn_width(block.mlp)[1], rope=rope))
-    return ModelSpec(tuple(blocks), embed, head, tuple(model.patch_embed.grid_size), P)
+    return ModelSpec(tuple(blocks), embed, head, tuple(model.patch_embed.grid_size), P, map_pool(model))
+
+
+def map_pool(model: nn.Module) -> tuple[int, int, int] | None:
+    """``(latent queries, width, MLP width)`` of a model's attention-pooling (MAP) head, None without one."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is None:
+        return None
+    mlp = getattr(pool, "mlp", None)
+    return int(pool.latent_len), int(pool.kv.in_features), 0 if mlp is None else int(mlp.fc1.out_features)

@@ -33,15 +33,17 @@ class AttentionView:
     true_label: str | None = None                     # known for synthetic samples
     classes_note: str = ""                            # what the model's classes are
     shared_range: tuple[float, float] | None = None   # the one colour scale of both head-mean maps, or None
-    query: str = "cls"                                # "mean" for a model without a class token
+    query: str = "cls"                                # "map" / "mean" for a model without a class token
 
     def scale_text(self) -> str:
         """Which colour scale the head-mean maps are on."""
         if self.shared_range is None:
             return "**Colour scale:** each map on its own range (min to max), so their colours do not compare."
         lo, hi = self.shared_range
-        what = ("the CLS token's attention" if self.query == "cls" else
-                "the attention each patch receives, averaged over all tokens (this model has no class token)")
+        what = {"cls": "the CLS token's attention",
+                "map": "the attention of the attention-pooling (MAP) head's query (this model has no class token)"
+                }.get(self.query, "the attention each patch receives, averaged over all tokens (this model has no "
+                                  "class token)")
         return (f"**Colour scale:** shared by both maps, {100 * lo:.1f}% to {100 * hi:.1f}% of {what} per patch: "
                 "a flatter map looks flatter.")
 
