@@ -153,7 +153,7 @@ class CompactorGLU(_CompactedLinear):
         return torch.cat(Ws), torch.cat(bs)
 
 
-class BiasedQKV(nn.Module):
+class BiasedQKV(_CompactedLinear):
     """A bias-free ``qkv`` Linear with separate q and v biases and a zero k bias (timm's ``EvaAttention``, EVA-02) as
     one module: ``forward(x) = x Wᵀ + [q_bias | 0 | v_bias]``, the same numbers timm computes, but called as a
     module so a compactor can wrap it. The k bias stays a zero buffer: with RoPE a k bias would not cancel in the
@@ -171,14 +171,6 @@ class BiasedQKV(nn.Module):
     @property
     def bias(self) -> torch.Tensor:
         return torch.cat([self.q_bias, self.k_bias, self.v_bias])
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.linear.weight, self.bias)
