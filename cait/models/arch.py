@@ -46,10 +46,12 @@ MAX_PARAMS = 3_000_000_000
 """A record describing more parameters than this is refused before anything is allocated (ViT-g has 1.0 B)."""
 
 
-def _check_fields(cls, d: dict, bounds: dict, flags: tuple, choices: dict) -> None:
-    """Raise ``ValueError`` naming the first key of a stored record that is missing, unknown, of the wrong type or
-    out of bounds: integers in ``bounds``, booleans in ``flags``, strings among ``choices``, ``norm_eps`` in
-    (0, 0.01]."""
+def _check_fields(cls, d: object, bounds: dict, flags: tuple, choices: dict) -> None:
+    """Raise ``ValueError`` unless a stored record is an object, naming the first key that is missing, unknown, of
+    the wrong type or out of bounds: integers in ``bounds``, booleans in ``flags``, strings among ``choices``,
+    ``norm_eps`` in (0, 0.01]."""
+    if not isinstance(d, dict):
+        raise ValueError(f"architecture must be an object, got {type(d).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
     missing, unknown = [n for n in names if n not in d], sorted(set(d) - set(names))
     if missing or unknown:
@@ -86,8 +88,24 @@ _FLAGS = ("qkv_bias", "proj_bias", "layer_scale", "class_token", "no_embed_class
           "fc_norm", "pool_include_prefix", "learned_pos_embed")
 
 
+class _Record:
+    """What both records share: their JSON form and the checks before a build."""
+
+    def to_dict(self) -> dict:
+        """The JSON object stored in a checkpoint's ``config.json`` (``"architecture"``)."""
+        return dataclasses.asdict(self)
+
+    def _check_build(self, img_size: int) -> None:
+        """Raise ``ValueError`` for a record over :data:`MAX_PARAMS` parameters or an image size the patch does
+        not divide."""
+        if self.approx_params() > MAX_PARAMS:
+            raise ValueError(f"architecture has ~{self.approx_params():,} parameters, more than {MAX_PARAMS:,}")
+        if img_size % self.patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {self.patch_size}")
+
+
 @dataclass(frozen=True)
-class ViTArch:
+class ViTArch(_Record):
     """The options of a timm ``VisionTransformer`` (or distilled DeiT) that decide its tensors and its function.
 
     Attributes:
@@ -170,10 +188,6 @@ class ViTArch:
             global_pool=str(model.global_pool), pool_include_prefix=bool(model.pool_include_prefix),
             act=_activation(block.mlp.act), norm_eps=float(eps.pop()) if eps else 1e-6)
 
-    def to_dict(self) -> dict:
-        """The JSON object stored in a checkpoint's ``config.json`` (``"architecture"``)."""
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d: object) -> "ViTArch":
         """Read and check a stored record: every key present and typed, every number in its bound.
@@ -181,8 +195,6 @@ class ViTArch:
         Raises:
             ValueError: naming the first key that is missing, of the wrong type or out of bounds.
         """
-        if not isinstance(d, dict):
-            raise ValueError(f"architecture must be an object, got {type(d).__name__}")
         _check_fields(cls, d, _BOUNDS, _FLAGS,
                       {"family": tuple(FAMILIES), "act": ACTIVATIONS, "global_pool": GLOBAL_POOLS})
         eps = d["norm_eps"]
@@ -206,10 +218,7 @@ class ViTArch:
         Raises:
             ValueError: for a record over :data:`MAX_PARAMS` parameters or an image size the patch does not divide.
         """
-        if self.approx_params() > MAX_PARAMS:
-            raise ValueError(f"architecture has ~{self.approx_params():,} parameters, more than {MAX_PARAMS:,}")
-        if img_size % self.patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {self.patch_size}")
+        self._check_build(img_size)
         kwargs = dict(
             img_size=img_size, patch_size=self.patch_size, in_chans=self.in_chans, num_classes=num_classes,
             global_pool=self.global_pool, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
@@ -234,7 +243,7 @@ ROPE_KINDS = ("cat", "dinov3")
 
 
 @dataclass(frozen=True)
-class EvaArch:
+class EvaArch(_Record):
     """The options of a timm ``Eva`` (EVA-02, DINOv3) that decide its tensors and its function; the counterpart of
     :class:`ViTArch` (``family == "Eva"``).
 
@@ -316,10 +325,6 @@ class EvaArch:
             rope_grid_indexing=str(rope.grid_indexing), rope_ref_grid=[int(v) for v in ref] if ref else [],
             norm_eps=float(eps.pop()) if eps else 1e-6)
 
-    def to_dict(self) -> dict:
-        """The JSON object stored in a checkpoint's ``config.json`` (``"architecture"``)."""
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d: object) -> "EvaArch":
         """Read and check a stored record, as :meth:`ViTArch.from_dict`.
@@ -327,8 +332,6 @@ class EvaArch:
         Raises:
             ValueError: naming the first key that is missing, of the wrong type or out of bounds.
         """
-        if not isinstance(d, dict):
-            raise ValueError(f"architecture must be an object, got {type(d).__name__}")
         _check_fields(cls, d, _EVA_BOUNDS, _EVA_FLAGS,
                       {"family": ("Eva",), "ffn": FFN_KINDS, "rope": ROPE_KINDS, "rope_grid_indexing": ("ij", "xy"),
                        "global_pool": GLOBAL_POOLS + ("avgmax", "max")})
@@ -357,10 +360,7 @@ class EvaArch:
         Raises:
             ValueError: for a record over :data:`MAX_PARAMS` parameters or an image size the patch does not divide.
         """
-        if self.approx_params() > MAX_PARAMS:
-            raise ValueError(f"architecture has ~{self.approx_params():,} parameters, more than {MAX_PARAMS:,}")
-        if img_size % self.patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {self.patch_size}")
+        self._check_build(img_size)
         kwargs = dict(
             img_size=img_size, patch_size=self.patch_size, in_chans=self.in_chans, num_classes=num_classes,
             global_pool=self.global_pool, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
