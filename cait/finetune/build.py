@@ -143,8 +143,9 @@ def build_run(cfg: FinetuneConfig, rank: int, world: int, device: torch.device) 
     """
     _check(cfg, world)
     out = prepare_output(cfg.output, cfg.resume) if rank == 0 else Path(cfg.output)
-    data = _data(cfg)
-    nets = _networks(cfg, data, device, out, rank)
+    stored = _stored(str(cfg.model))                      # a checkpoint, Hub or bundled teacher: loaded once
+    data = _data(cfg, stored)
+    nets = _networks(cfg, data, device, out, rank, stored)
     optim = _optimisation(cfg, nets, len(data.classes))
     start, mask, history = 0, None, {}
     if cfg.resume:                                         # every rank: each holds its own optimizer state
@@ -201,15 +202,16 @@ def _check(cfg: FinetuneConfig, world: int) -> None:
                             "(--mixup 0 --cutmix 0)")
 
 
-def _data(cfg: FinetuneConfig) -> RunData:
-    """Training and held-out images (first: the teacher's head must match their classes)."""
-    train_set, val_set, classes = build_datasets(cfg.data, cfg.img_size or _default_img_size(cfg), cfg.seed,
+def _data(cfg: FinetuneConfig, stored: nn.Module | None) -> RunData:
+    """Training and held-out images (first: the teacher's head must match their classes); ``stored``: the teacher
+    when it is a stored model (:func:`_stored`)."""
+    train_set, val_set, classes = build_datasets(cfg.data, cfg.img_size or _default_img_size(cfg, stored), cfg.seed,
                                                  cfg.synthetic_size, cfg.val_size)
     labelled = True
     if not classes:                                       # photos, an unlabelled Hub dataset: the teacher's classes
         if cfg.labels != "none":
             raise FinetuneError(f"{cfg.data}: these images have no labels; learn from the teacher with --labels none")
-        classes, labelled = _teacher_classes(cfg), False
+        classes, labelled = _teacher_classes(stored), False
     if cfg.token_labels > 0:
         train_set.masks = True                            # batches carry the object masks
     if cfg.labels == "none":
@@ -217,10 +219,11 @@ def _data(cfg: FinetuneConfig) -> RunData:
     return RunData(train_set, val_set, classes, labelled)
 
 
-def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device, out: Path, rank: int = 0) -> Networks:
+def _networks(cfg: FinetuneConfig, data: RunData, device: torch.device, out: Path, rank: int,
+              stored: nn.Module | None) -> Networks:
     """The teacher, the budget split, and the student: ATME layout, plus compactors when CDCP has a budget."""
     torch.manual_seed(cfg.seed)                           # the same student initialisation on every rank
-    teacher, teaches, source = _teacher(cfg, len(data.classes))
+    teacher, teaches, source = _teacher(cfg, len(data.classes), stored)
     try:
         split = split_budget(teacher, cfg.flops_reduction, cfg.merge, cfg.atme_share)
     except ValueError as e:
@@ -321,9 +324,9 @@ def _stored(spec: str) -> nn.Module | None:
         raise FinetuneError(str(e)) from None
 
 
-def _teacher(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, bool, str]:
-    """The uncompressed model; returns (model, whether it can teach these classes, where it came from)."""
-    stored = _stored(str(cfg.model))
+def _teacher(cfg: FinetuneConfig, num_classes: int, stored: nn.Module | None) -> tuple[nn.Module, bool, str]:
+    """The uncompressed model (``stored``, when it is one, else made from its timm name); returns (model, whether it
+    can teach these classes, where it came from)."""
     if stored is not None:
         return _checkpoint_teacher(cfg, num_classes, stored)
     kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
@@ -378,17 +381,15 @@ def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
     ]
 
 
-def _teacher_classes(cfg: FinetuneConfig) -> list[str]:
+def _teacher_classes(stored: nn.Module | None) -> list[str]:
     """The class names (or indices as text) the teacher's head predicts, for data that has no labels."""
-    stored = _stored(str(cfg.model))
     if stored is not None:
         names = meta_of(stored).classes
         return list(names) if names else [str(i) for i in range(int(stored.num_classes))]
     return [str(i) for i in range(1000)]                  # timm's ImageNet-1k heads
 
 
-def _default_img_size(cfg: FinetuneConfig) -> int:
-    stored = _stored(str(cfg.model))
+def _default_img_size(cfg: FinetuneConfig, stored: nn.Module | None) -> int:
     if stored is not None:
         return int(stored.patch_embed.img_size[0])
     if not timm.is_model(cfg.model):
