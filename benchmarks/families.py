@@ -23,6 +23,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from cait.models.arch import arch_of  # noqa: E402
+from cait.models.deit import fixed_grid_kwargs  # noqa: E402
 from cait.models.family import unsupported_reason  # noqa: E402
 
 MODULES = ("vision_transformer", "deit", "eva")
@@ -33,8 +34,8 @@ def judge(name: str) -> tuple[str | None, int | None]:
     try:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
-            if getattr(model, "dynamic_img_size", False):          # as cait.create_model builds it
-                model = timm.create_model(name, pretrained=False, dynamic_img_size=False)
+            if fixed_grid_kwargs(model):                             # as cait.create_model builds it
+                model = timm.create_model(name, pretrained=False, **fixed_grid_kwargs(model))
     except Exception as e:  # an architecture timm cannot build without downloads or extra packages
         return f"timm cannot build it here ({type(e).__name__})", None
     reason = unsupported_reason(model)

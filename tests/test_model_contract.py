@@ -193,11 +193,12 @@ def family_pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     it, and the FLOPs reduction asked for (half of the blocks' share)."""
     if name not in _FAMILY_BUILT:
         import timm
+        from cait.models.deit import fixed_grid_kwargs
         from cait.models.spec import describe
         torch.manual_seed(0)
         meta = timm.create_model(name, pretrained=False, depth=1, device="meta")
         patch, side = meta.patch_embed.patch_size[0], 5 if "dinov2" in name else 4
-        fixed = {"dynamic_img_size": False} if getattr(meta, "dynamic_img_size", False) else {}   # DINOv3
+        fixed = fixed_grid_kwargs(meta)                                          # DINOv3
         original = randomize_(timm.create_model(name, pretrained=False, depth=3, embed_dim=48, num_heads=3,
                                                 img_size=side * patch, num_classes=10, **fixed).eval(), std=0.05)
         spec = describe(original)

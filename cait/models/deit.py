@@ -153,6 +153,13 @@ def missing_weights_reason(name: str, hub_reason: str | None) -> str | None:
     return f"{name}'s weights are not in the local cache and the Hub is out of reach ({hub_reason})"
 
 
+def fixed_grid_kwargs(model: nn.Module) -> dict:
+    """The ``timm.create_model`` arguments that build ``model``'s architecture at a fixed grid: ``{"dynamic_img_size":
+    False}`` for a model built with a dynamic image size (DINOv3's default; the same weights, and ATME needs the grid
+    at every block), else ``{}``. ``model`` may be on the ``meta`` device."""
+    return {"dynamic_img_size": False} if getattr(model, "dynamic_img_size", False) else {}
+
+
 def create_model(name: str, pretrained: bool = True, **kwargs) -> tuple[nn.Module, WeightsInfo]:
     """Create a timm DeiT, with ImageNet weights when the Hub is reachable.
 
@@ -172,9 +179,8 @@ def create_model(name: str, pretrained: bool = True, **kwargs) -> tuple[nn.Modul
     """
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r}; try one of {sorted(DEIT_MODELS)}")
-    if "dynamic_img_size" not in kwargs and getattr(timm.create_model(name, pretrained=False, device="meta"),
-                                                    "dynamic_img_size", False):
-        kwargs["dynamic_img_size"] = False       # e.g. DINOv3: the same weights at a fixed grid, which ATME needs
+    if "dynamic_img_size" not in kwargs:
+        kwargs.update(fixed_grid_kwargs(timm.create_model(name, pretrained=False, device="meta")))
     info = WeightsInfo("random", "random initialisation (pretrained weights not requested)")
     model = None
     if pretrained:
