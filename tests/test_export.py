@@ -27,6 +27,9 @@ def test_every_format_exports_with_parity(checkpoint, fmt, capsys):
     assert out["runtime"] == {"onnx": "onnxruntime", "onnx-int8": "onnxruntime", "torchscript": "torch.jit",
                               "exported": "torch.export"}[fmt]
     if fmt == "onnx-int8":                  # int8 weights (the tiny model is mostly embeddings), within the bound
+        if not (checkpoint / "model.onnx").exists():    # the fp32 case ran on another worker, or not yet
+            assert main([str(checkpoint), "--format", "onnx"]) == 0
+            capsys.readouterr()
         assert 0 < out["relative_diff"] <= 0.05 and out["bytes"] < 0.75 * (checkpoint / "model.onnx").stat().st_size
         assert sorted(p.name for p in checkpoint.glob("*.onnx*")) == ["model.int8.onnx", "model.onnx"]
     else:
