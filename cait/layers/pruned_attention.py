@@ -28,6 +28,13 @@ import torch.nn.functional as F
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
 
+def rotate_patches(t: torch.Tensor, rope: torch.Tensor, prefix: int, half: bool) -> torch.Tensor:
+    """q or k ``(B, H, N, d)`` with its patch tokens (all but the first ``prefix``) rotated by their rotary codes
+    ``rope`` (``(N − prefix, 2·d)`` or broadcastable, ``[sin | cos]``), as timm's ``EvaAttention`` does; ``half``:
+    timm's rotate-half layout (DINOv3) instead of interleaved pairs (EVA-02)."""
+    return torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=half)], dim=2)
+
+
 class PrunedAttention(nn.Module):
     """Multi-head self-attention with per-head q/k width ``qk_dim`` and v width ``v_dim``.
 
@@ -77,10 +84,8 @@ class PrunedAttention(nn.Module):
         B, N, _ = x.shape
         q, k, v = self.qkv_heads(x)
         if rope is not None:
-            P = self.rope_prefix
-            q = torch.cat([q[:, :, :P], apply_rot_embed_cat(q[:, :, P:], rope, half=self.rotate_half)], dim=2)
-            k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], rope, half=self.rotate_half)], dim=2)
-            q, k = q.type_as(v), k.type_as(v)
+            q, k = rotate_patches(q, rope, self.rope_prefix, self.rotate_half).type_as(v), \
+                rotate_patches(k, rope, self.rope_prefix, self.rotate_half).type_as(v)
         if self.fused_attn:
             d = max(self.qk_dim, self.v_dim) if self.pad_to_kernel else 0
             if d > self.qk_dim:                                                # zero q/k channels: q·kᵀ unchanged

@@ -12,11 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.eva import EvaAttention
 
 from ..data.synthetic import SyntheticShapes
-from ..layers.pruned_attention import PrunedAttention
+from ..layers.pruned_attention import PrunedAttention, rotate_patches
 from ..models.atme import model_token_grids, prefix_tokens, upsample_to_patch_grid
 from ..models.parts import attention_qkv
 
@@ -51,8 +50,7 @@ def attention_probs(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None 
     else:
         raise TypeError(f"cannot read attention from {type(attn).__name__}")
     if rope is not None:
-        q = torch.cat([q[:, :, :P], apply_rot_embed_cat(q[:, :, P:], rope, half=half)], dim=2)
-        k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], rope, half=half)], dim=2)
+        q, k = rotate_patches(q, rope, P, half), rotate_patches(k, rope, P, half)
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
