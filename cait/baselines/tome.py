@@ -150,9 +150,7 @@ class ToMeBlock(Block):
         state, i = self.tome, self.tome_index
         if i == 0:                                                     # a new forward pass
             _start_pass(state, x, None)
-        bias = None if state.size is None else state.size.log().transpose(1, 2)[:, None]   # (B, 1, 1, N)
-        if attn_mask is not None:
-            bias = attn_mask if bias is None else bias + attn_mask
+        bias = _proportional_bias(state, attn_mask)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias, is_causal=is_causal)))
         if state.schedule[i] > 0:
             x = _merge_step(self, state, x)
@@ -173,9 +171,7 @@ class ToMeEvaBlock(EvaBlock):
         state, i = self.tome, self.tome_index
         if i == 0:
             _start_pass(state, x, rope)
-        bias = None if state.size is None else state.size.log().transpose(1, 2)[:, None]   # (B, 1, 1, N)
-        if attn_mask is not None:
-            bias = attn_mask if bias is None else bias + attn_mask
+        bias = _proportional_bias(state, attn_mask)
         codes = rope if state.coords is None or state.size is None else \
             rope_codes(state.rope, state.coords).to(rope.dtype)[:, None]                      # (B, 1, N − P, 2d)
         x_attn = self.attn(self.norm1(x), rope=codes, attn_mask=bias, is_causal=is_causal)
@@ -184,6 +180,15 @@ class ToMeEvaBlock(EvaBlock):
             x = _merge_step(self, state, x)
         x_mlp = self.mlp(self.norm2(x))
         return x + self.drop_path2(x_mlp if self.gamma_2 is None else self.gamma_2 * x_mlp)
+
+
+def _proportional_bias(state: ToMeState, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """ToMe's proportional attention as an additive mask ``log s`` ``(B, 1, 1, N)`` over the keys (None before any
+    merge), plus the caller's ``attn_mask`` if any."""
+    bias = None if state.size is None else state.size.log().transpose(1, 2)[:, None]
+    if attn_mask is not None:
+        bias = attn_mask if bias is None else bias + attn_mask
+    return bias
 
 
 def _start_pass(state: ToMeState, x: torch.Tensor, rope: torch.Tensor | None) -> None:
